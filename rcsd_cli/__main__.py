@@ -1,0 +1,3 @@
+from rcsd_cli.cli import main
+
+main()

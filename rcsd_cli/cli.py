@@ -1,0 +1,53 @@
+"""The ``rcsd`` command: a Typer app whose subcommands live in ``rcsd_cli/commands``."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from rcsd_cli import __version__
+from rcsd_cli.commands import demo, eval as eval_cmd, gen_rubrics, inspect, sample, score, train
+from rcsd_cli.commands.common import example
+from rcsd_cli.errors import EXIT_BAD_INPUT, RcsdError
+
+app = typer.Typer(name="rcsd", no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False,
+                  add_completion=False,
+                  help="Rubric-Conditioned Self-Distillation: every stage reads and writes Parquet.")
+
+PIPELINE, TOOLS = "Pipeline stages", "Tools"
+app.command("gen-rubrics", rich_help_panel=PIPELINE,
+            epilog=example("rcsd gen-rubrics examples/data.jsonl -o rubrics.parquet --generator reference"))(
+    gen_rubrics.command)
+app.command("sample", rich_help_panel=PIPELINE,
+            epilog=example("rcsd sample rubrics.parquet -o samples.parquet --n 4 --max-new-tokens 128"))(sample.command)
+app.command("score", rich_help_panel=PIPELINE,
+            epilog=example("rcsd score samples.parquet --rubrics rubrics.parquet -o scores.parquet"))(score.command)
+app.command("train", rich_help_panel=PIPELINE,
+            epilog=example("rcsd train --rubrics rubrics.parquet -o model --steps 20 --batch-size 8"))(train.command)
+app.command("eval", rich_help_panel=PIPELINE,
+            epilog=example("rcsd eval --bench arc-easy --limit 100 -o eval.parquet --model model"))(eval_cmd.command)
+app.command("demo", rich_help_panel=TOOLS, epilog=example("rcsd demo -o rcsd-demo"))(demo.command)
+app.command("inspect", rich_help_panel=TOOLS, epilog=example("rcsd inspect scores.parquet --rows 3"))(inspect.command)
+
+
+def _version(value: bool):
+    if value:
+        print(f"rcsd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show version.")):
+    """Rubric-Conditioned Self-Distillation: every stage reads and writes Parquet."""
+
+
+def main() -> None:
+    try:
+        app()
+    except RcsdError as exc:
+        print(f"rcsd: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        print("rcsd: interrupted; finished work is kept and a rerun resumes it", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,35 @@
+"""Options shared by several subcommands, so every stage spells them the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from rcsd_cli.models import DEFAULT_MODEL
+from rcsd_cli.schemas import GenerationConfig
+
+Output = Annotated[Path, typer.Option("-o", "--output", help="Where to write the result.")]
+Model = Annotated[str, typer.Option("--model", help="HF model id, local folder, or the embedded default.")]
+Limit = Annotated[Optional[int], typer.Option("--limit", min=1, help="Use at most N problems.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed (sampling, shuffles).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub.")]
+MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate at most.")]
+Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")]
+TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
+TopK = Annotated[int, typer.Option("--top-k", min=0, help="0 = no top-k filtering.")]
+BatchSize = Annotated[int, typer.Option("--gen-batch-size", min=1, help="Prompts per generation batch.")]
+
+DEFAULT = DEFAULT_MODEL
+
+
+def gen_config(max_new_tokens: int, temperature: float, top_p: float, top_k: int, batch_size: int) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            batch_size=batch_size)
+
+
+def example(text: str) -> str:
+    """Help epilog with a usage example (rich markup keeps the line breaks)."""
+    return f"[bold]Example[/bold]\n\n  {text}"

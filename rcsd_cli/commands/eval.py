@@ -1,0 +1,135 @@
+"""``rcsd eval``: generative evaluation with answer extraction, accuracy with a 95% interval,
+avg@n, and the rubric score of every completion (the item's own rubric for ``--bench rubric``,
+the reference rubric built from the gold answer otherwise)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from rcsd_cli.answers import answers_match, extract_answer
+from rcsd_cli.artifacts import ensure_writable, read_artifact, write_artifact
+from rcsd_cli.benchmarks import ALL_BENCHES, load_bench, select
+from rcsd_cli.commands import common as c
+from rcsd_cli.commands.score import judge_and_score
+from rcsd_cli.errors import RcsdError
+from rcsd_cli.generation import generate
+from rcsd_cli.models import load_model
+from rcsd_cli.prompts import student_prompt_ids
+from rcsd_cli.rubric_gen import reference_rubric
+from rcsd_cli.schemas import EvalConfig, EvalItem, GenerationConfig
+from rcsd_cli.stats import mean_interval, wilson_interval
+from rcsd_cli.ui import console, progress
+
+
+def load_eval_items(bench: str, data: str | None, seed: int, offset: int, limit: int | None):
+    """(problem, rubric) pairs of a benchmark split."""
+    if bench == "rubric":
+        if not data:
+            raise RcsdError("--bench rubric needs --data rubrics.parquet")
+        rows, _ = read_artifact(data, "rubrics")
+        pairs = [(r, r.rubric) for r in rows]
+    else:
+        pairs = [(p, reference_rubric(p)) for p in load_bench(bench, data, seed)]
+    return select(pairs, seed, offset, limit)
+
+
+def summarise(items: list[EvalItem], n: int, seconds: float) -> dict:
+    correct = sum(it.accuracy for it in items)
+    if n == 1:
+        acc = correct / len(items)
+        lo, hi = wilson_interval(correct, len(items))
+    else:
+        acc, lo, hi = mean_interval([it.accuracy for it in items])
+    scores = [it.rubric_score for it in items if it.rubric_score is not None]
+    rs, rlo, rhi = mean_interval(scores) if scores else (None, None, None)
+    tokens = [t for it in items for t in it.completion_tokens]
+    return {"items": len(items), "n": n, "accuracy": acc, "accuracy_ci": [lo, hi], "rubric_score": rs,
+            "rubric_score_ci": [rlo, rhi], "mean_completion_tokens": sum(tokens) / max(len(tokens), 1),
+            "seconds": seconds}
+
+
+def summary_table(rows: dict[str, dict], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("model", "items", "accuracy [95% CI]", "rubric score [95% CI]", "tokens/answer", "seconds"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, s in rows.items():
+        lo, hi = s["accuracy_ci"]
+        acc = f"{s['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+        rs = "n/a" if s["rubric_score"] is None else (
+            f"{s['rubric_score']:.3f} [{s['rubric_score_ci'][0]:.3f}, {s['rubric_score_ci'][1]:.3f}]")
+        table.add_row(name, str(s["items"]), acc, rs, f"{s['mean_completion_tokens']:.0f}", f"{s['seconds']:.0f}")
+    return table
+
+
+def run_eval(bench: str, output: Path, *, data: str | None = None, model: str = c.DEFAULT, n: int = 1,
+             limit: int | None = None, offset: int = 0, seed: int = 0, judge_model: str | None = None,
+             generation: GenerationConfig | None = None, overwrite: bool = False,
+             trust_remote_code: bool = False, show: bool = True) -> dict:
+    ensure_writable(output, overwrite)
+    if bench not in ALL_BENCHES:
+        raise RcsdError(f"--bench: unknown benchmark {bench!r}; choose from {', '.join(ALL_BENCHES)}")
+    generation = generation or GenerationConfig(temperature=0.0)
+    cfg = EvalConfig(bench=bench, data=data, model=model, n=n, limit=limit, offset=offset, seed=seed,
+                     judge_model=judge_model, generation=generation)
+    pairs = load_eval_items(bench, data, seed, offset, limit)
+    if not pairs:
+        raise RcsdError(f"{bench}: no items selected (offset {offset}, limit {limit})")
+    t0 = time.perf_counter()
+    loaded = load_model(model, trust_remote_code)
+    prompts = [student_prompt_ids(loaded.tokenizer, p) for p, _ in pairs for _ in range(n)]
+    with progress(f"eval {bench}", len(prompts)) as advance:
+        gens = generate(loaded.model, loaded.tokenizer, prompts, generation, seed,
+                        on_batch=lambda start, batch: advance(len(batch)))
+    scored = [(f"{p.id}:{k}", p, rubric, gens[i * n + k].text) for i, (p, rubric) in enumerate(pairs)
+              for k in range(n) if rubric]
+    scores = {s.sample_id: s for s in judge_and_score(scored, judge_model, GenerationConfig(temperature=0.0,
+              max_new_tokens=192), seed=seed, trust_remote_code=trust_remote_code)}
+    items = []
+    for i, (p, rubric) in enumerate(pairs):
+        g = gens[i * n:(i + 1) * n]
+        sc = [scores.get(f"{p.id}:{k}") for k in range(n)]
+        preds = [extract_answer(x.text, p.choices) for x in g]
+        correct = [answers_match(pr, p.answer, p.choices) for pr in preds]
+        rscores = [s.score if s else None for s in sc]
+        known = [x for x in rscores if x is not None]
+        items.append(EvalItem(id=p.id, bench=bench, question=p.question, choices=p.choices, gold=p.answer,
+                              completions=[x.text for x in g], completion_tokens=[len(x.token_ids) for x in g],
+                              predictions=preds, correct=correct, accuracy=sum(correct) / n,
+                              rubric_scores=rscores, rubric_score=sum(known) / len(known) if known else None))
+    summary = summarise(items, n, time.perf_counter() - t0)
+    write_artifact(output, "eval", items, stage="eval", config=cfg, model_id=model,
+                   inputs=[data] if data else [], overwrite=overwrite, extra={"summary": summary})
+    if show:
+        console.print(summary_table({model: summary}, f"{bench}: {len(items)} items, avg@{n}"))
+    return summary
+
+
+def command(
+    bench: Annotated[str, typer.Option("--bench", help=f"One of: {', '.join(ALL_BENCHES)}.")],
+    output: c.Output = Path("eval.parquet"),
+    data: Annotated[Optional[str], typer.Option("--data", help="GPQA CSV, or rubrics.parquet for --bench rubric.")]
+    = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Completions per item (avg@n).")] = 1,
+    offset: Annotated[int, typer.Option("--offset", min=0, help="Skip N items after the seeded shuffle.")] = 0,
+    judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="Judge for unchecked criteria.")]
+    = None,
+    model: c.Model = c.DEFAULT,
+    limit: c.Limit = None,
+    seed: c.Seed = 0,
+    max_new_tokens: c.MaxNewTokens = 256,
+    temperature: c.Temperature = 0.0,
+    top_p: c.TopP = 1.0,
+    top_k: c.TopK = 0,
+    batch_size: c.BatchSize = 16,
+    overwrite: c.Overwrite = False,
+    trust_remote_code: c.TrustRemoteCode = False,
+):
+    """Evaluate a model on a benchmark: per-item Parquet plus a summary table."""
+    run_eval(bench, output, data=data, model=model, n=n, limit=limit, offset=offset, seed=seed,
+             judge_model=judge_model, generation=c.gen_config(max_new_tokens, temperature, top_p, top_k, batch_size),
+             overwrite=overwrite, trust_remote_code=trust_remote_code)

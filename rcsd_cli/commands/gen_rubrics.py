@@ -1,0 +1,131 @@
+"""``rcsd gen-rubrics``: import, build or generate one rubric per problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from rcsd_cli.artifacts import ensure_writable, write_artifact
+from rcsd_cli.benchmarks import BENCHES, load_bench, select
+from rcsd_cli.commands import common as c
+from rcsd_cli.errors import RcsdError
+from rcsd_cli.inputs import InputRow, load_problems
+from rcsd_cli.rubric_gen import InvalidRubric, parse_rubric_output, reference_rubric
+from rcsd_cli.schemas import GenerationConfig, GenRubricsConfig, RejectedRubric, Rubric
+from rcsd_cli.ui import info, progress
+
+
+def load_sources(data: str, limit: int | None, seed: int, offset: int = 0) -> list[InputRow]:
+    """A problems file, or a bundled benchmark by name (seeded shuffle, then offset/limit)."""
+    if not Path(data).exists() and data in BENCHES:
+        problems = select(load_bench(data), seed, offset, limit)
+        return [InputRow(p, None) for p in problems]
+    rows = load_problems(data)
+    return rows[offset:][:limit] if limit else rows[offset:]
+
+
+def _llm_rubrics(todo: list[InputRow], cfg: GenRubricsConfig, trust_remote_code: bool):
+    from rcsd_cli.generation import generate
+    from rcsd_cli.models import load_model
+    from rcsd_cli.prompts import chat_prompt_ids, rubric_designer_message
+
+    loaded = load_model(cfg.model, trust_remote_code)
+    accepted: dict[str, Rubric] = {}
+    rejected: list[RejectedRubric] = []
+    pending = todo
+    with progress("gen-rubrics (llm)", len(todo)) as advance:
+        for attempt in range(cfg.retries + 1):
+            if not pending:
+                break
+            prompts = [chat_prompt_ids(loaded.tokenizer, rubric_designer_message(r.problem)) for r in pending]
+            outs = generate(loaded.model, loaded.tokenizer, prompts, cfg.generation, cfg.seed + 104_729 * attempt)
+            retry = []
+            for row, out in zip(pending, outs):
+                try:
+                    crit = parse_rubric_output(out.text)
+                    accepted[row.problem.id] = Rubric(**row.problem.model_dump(), rubric=crit, rubric_origin="llm")
+                    advance(1)
+                except InvalidRubric as exc:
+                    rejected.append(RejectedRubric(problem_id=row.problem.id, attempt=attempt, reason=str(exc),
+                                                   raw_output=out.text))
+                    retry.append(row)
+            pending = retry
+        advance(len(pending))
+    return accepted, rejected
+
+
+def run_gen_rubrics(data: str, output: Path, *, generator: Literal["auto", "llm", "reference"] = "auto",
+                    model: str = c.DEFAULT, regenerate: bool = False, retries: int = 3, limit: int | None = None,
+                    seed: int = 0, offset: int = 0, generation: GenerationConfig | None = None,
+                    overwrite: bool = False, trust_remote_code: bool = False) -> tuple[int, int]:
+    """Write ``output`` (rubrics) and, if any were dropped, ``<output stem>.rejected.parquet``."""
+    ensure_writable(output, overwrite)
+    generation = generation or GenerationConfig(temperature=0.7, max_new_tokens=512)
+    cfg = GenRubricsConfig(data=data, generator=generator, regenerate=regenerate, model=model, retries=retries,
+                           limit=limit, seed=seed, generation=generation)
+    rows = load_sources(data, limit, seed, offset)
+    out: dict[str, Rubric] = {}
+    rejected: list[RejectedRubric] = []
+    todo = []
+    for row in rows:
+        if row.rubric and not regenerate:
+            out[row.problem.id] = Rubric(**row.problem.model_dump(), rubric=row.rubric, rubric_origin="imported")
+        else:
+            todo.append(row)
+    kind = "llm" if generator == "auto" else generator
+    if todo and kind == "reference":
+        for row in todo:
+            crit = reference_rubric(row.problem)
+            if crit is None:
+                rejected.append(RejectedRubric(problem_id=row.problem.id, attempt=0, raw_output="",
+                                               reason="no gold answer to build a reference rubric from"))
+            else:
+                out[row.problem.id] = Rubric(**row.problem.model_dump(), rubric=crit, rubric_origin="reference")
+    elif todo:
+        accepted, rejected = _llm_rubrics(todo, cfg, trust_remote_code)
+        out.update(accepted)
+    ordered = [out[r.problem.id] for r in rows if r.problem.id in out]
+    rejected_path = output.with_name(output.name.removesuffix(".parquet") + ".rejected.parquet")
+    inputs = [data] if Path(data).exists() else []
+    if rejected:
+        write_artifact(rejected_path, "rejected-rubrics", rejected, stage="gen-rubrics", config=cfg,
+                       model_id=model if kind == "llm" else None, inputs=inputs, overwrite=True)
+    if not ordered:
+        raise RcsdError(f"{data}: no valid rubric for any of {len(rows)} problems"
+                        + (f"; reasons in {rejected_path}" if rejected else ""))
+    write_artifact(output, "rubrics", ordered, stage="gen-rubrics", config=cfg,
+                   model_id=model if todo and kind == "llm" else None, inputs=inputs, overwrite=overwrite)
+    dropped = len({r.problem_id for r in rejected} - set(out))
+    info(f"wrote {len(ordered)} rubrics to {output}" + (f"; {dropped} problems dropped, "
+                                                       f"{len(rejected)} rejected outputs in {rejected_path}"
+                                                       if rejected else ""))
+    return len(ordered), len(rejected)
+
+
+def command(
+    data: Annotated[str, typer.Argument(help="Problems (JSONL, Parquet, CSV) or a bundled benchmark name.")],
+    output: c.Output = Path("rubrics.parquet"),
+    generator: Annotated[str, typer.Option("--generator", help="auto (import, else llm), llm or reference.")] = "auto",
+    regenerate: Annotated[bool, typer.Option("--regenerate", help="Ignore rubrics already in the data.")] = False,
+    retries: Annotated[int, typer.Option("--retries", min=0, help="Extra LLM attempts per invalid rubric.")] = 3,
+    offset: Annotated[int, typer.Option("--offset", min=0, help="Skip this many problems first.")] = 0,
+    model: c.Model = c.DEFAULT,
+    limit: c.Limit = None,
+    seed: c.Seed = 0,
+    max_new_tokens: c.MaxNewTokens = 512,
+    temperature: c.Temperature = 0.7,
+    top_p: c.TopP = 0.95,
+    top_k: c.TopK = 20,
+    batch_size: c.BatchSize = 8,
+    overwrite: c.Overwrite = False,
+    trust_remote_code: c.TrustRemoteCode = False,
+):
+    """Write one rubric per problem: imported, generated by an LLM, or built from the reference answer."""
+    if generator not in ("auto", "llm", "reference"):
+        raise RcsdError(f"--generator: {generator!r} is not one of auto, llm, reference")
+    run_gen_rubrics(data, output, generator=generator, model=model, regenerate=regenerate, retries=retries,
+                    limit=limit, seed=seed, offset=offset,
+                    generation=c.gen_config(max_new_tokens, temperature, top_p, top_k, batch_size),
+                    overwrite=overwrite, trust_remote_code=trust_remote_code)

@@ -1,0 +1,81 @@
+"""``rcsd sample``: K completions per problem from the student prompt, kept as token ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rcsd_cli.artifacts import PartialLog, ensure_writable, read_artifact, read_metadata, write_artifact
+from rcsd_cli.commands import common as c
+from rcsd_cli.generation import generate
+from rcsd_cli.inputs import load_problems
+from rcsd_cli.models import load_model
+from rcsd_cli.prompts import student_prompt_ids
+from rcsd_cli.schemas import GenerationConfig, Problem, Sample, SampleConfig
+from rcsd_cli.ui import info, progress
+
+
+def load_rubric_or_problems(path: str | Path) -> list[Problem]:
+    """Rubric rows from an rcsd rubrics file; plain problem files are accepted too."""
+    if str(path).endswith(".parquet") and read_metadata(path) is not None:
+        rows, _ = read_artifact(path, "rubrics")
+        return rows
+    return [r.problem for r in load_problems(path)]
+
+
+def run_sample(rubrics: Path, output: Path, *, model: str = c.DEFAULT, n: int = 1, limit: int | None = None,
+               seed: int = 0, generation: GenerationConfig | None = None, overwrite: bool = False,
+               trust_remote_code: bool = False) -> list[Sample]:
+    ensure_writable(output, overwrite)
+    generation = generation or GenerationConfig()
+    cfg = SampleConfig(rubrics=str(rubrics), model=model, n=n, limit=limit, seed=seed, generation=generation)
+    problems = load_rubric_or_problems(rubrics)[:limit] if limit else load_rubric_or_problems(rubrics)
+    partial = PartialLog(output, Sample, cfg.model_dump(), fresh=overwrite)
+    done = {s.id: s for s in partial.load()}
+    jobs = [(p, k) for p in problems for k in range(n) if f"{p.id}:{k}" not in done]
+    if done:
+        info(f"resuming: {len(done)} samples already in {partial.path}")
+    if jobs:
+        loaded = load_model(model, trust_remote_code)
+        tok = loaded.tokenizer
+        prompts = [student_prompt_ids(tok, p) for p, _ in jobs]
+        with progress("sample", len(jobs)) as advance:
+            def keep(start, batch):
+                rows = [Sample(id=f"{p.id}:{k}", problem_id=p.id, sample_index=k, prompt_token_ids=prompts[start + i],
+                               completion_token_ids=g.token_ids, completion=g.text, finish_reason=g.finish_reason)
+                        for i, ((p, k), g) in enumerate(zip(jobs[start:start + len(batch)], batch))]
+                partial.append(rows)
+                done.update({r.id: r for r in rows})
+                advance(len(rows))
+
+            generate(loaded.model, tok, prompts, generation, seed, on_batch=keep)
+    samples = [done[f"{p.id}:{k}"] for p in problems for k in range(n)]
+    write_artifact(output, "samples", samples, stage="sample", config=cfg, model_id=model, inputs=[rubrics],
+                   overwrite=overwrite)
+    partial.finish()
+    tokens = sum(len(s.completion_token_ids) for s in samples)
+    info(f"wrote {len(samples)} samples ({tokens} completion tokens) to {output}")
+    return samples
+
+
+def command(
+    rubrics: Annotated[Path, typer.Argument(help="rubrics.parquet (or a problems file).")],
+    output: c.Output = Path("samples.parquet"),
+    n: Annotated[int, typer.Option("--n", min=1, help="Completions per problem.")] = 1,
+    model: c.Model = c.DEFAULT,
+    limit: c.Limit = None,
+    seed: c.Seed = 0,
+    max_new_tokens: c.MaxNewTokens = 256,
+    temperature: c.Temperature = 1.0,
+    top_p: c.TopP = 0.95,
+    top_k: c.TopK = 20,
+    batch_size: c.BatchSize = 16,
+    overwrite: c.Overwrite = False,
+    trust_remote_code: c.TrustRemoteCode = False,
+):
+    """Sample student completions (question only, the model's chat template); resumes if interrupted."""
+    run_sample(rubrics, output, model=model, n=n, limit=limit, seed=seed,
+               generation=c.gen_config(max_new_tokens, temperature, top_p, top_k, batch_size),
+               overwrite=overwrite, trust_remote_code=trust_remote_code)

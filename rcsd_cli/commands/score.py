@@ -1,0 +1,81 @@
+"""``rcsd score``: per-criterion verdicts, weighted rubric score and correctness per sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from rcsd_cli.artifacts import ensure_writable, read_artifact, write_artifact
+from rcsd_cli.commands import common as c
+from rcsd_cli.errors import RcsdError, where
+from rcsd_cli.schemas import Criterion, GenerationConfig, Problem, Score, ScoreConfig
+from rcsd_cli.scoring import JudgeRequest, run_judge, score_completion
+from rcsd_cli.stats import mean_interval
+from rcsd_cli.ui import info, progress
+
+
+def judge_and_score(items: list[tuple[str, Problem, list[Criterion], str]], judge_model: str | None,
+                    generation: GenerationConfig, retries: int = 2, seed: int = 0,
+                    trust_remote_code: bool = False) -> list[Score]:
+    """Score (sample id, problem, rubric, completion) tuples; criteria without checks go to the judge."""
+    requests = [JudgeRequest((sid, cr.id), prob, text, cr) for sid, prob, rubric, text in items
+                for cr in rubric if cr.check is None]
+    verdicts: dict = {}
+    if requests and judge_model:
+        from rcsd_cli.models import load_model
+
+        judge = load_model(judge_model, trust_remote_code)
+        with progress("judge", len(requests)) as advance:
+            verdicts = run_judge(judge.model, judge.tokenizer, requests, generation, retries, seed, on_done=advance)
+    per_sample: dict[str, dict] = {}
+    for (sid, cid), v in verdicts.items():
+        per_sample.setdefault(sid, {})[cid] = v
+    return [score_completion(sid, prob, rubric, text, per_sample.get(sid)) for sid, prob, rubric, text in items]
+
+
+def run_score(samples_path: Path, rubrics_path: Path, output: Path, *, judge_model: str | None = None,
+              judge_retries: int = 2, seed: int = 0, generation: GenerationConfig | None = None,
+              overwrite: bool = False, trust_remote_code: bool = False) -> list[Score]:
+    ensure_writable(output, overwrite)
+    generation = generation or GenerationConfig(temperature=0.0, max_new_tokens=192)
+    cfg = ScoreConfig(samples=str(samples_path), rubrics=str(rubrics_path), judge_model=judge_model,
+                      judge_retries=judge_retries, seed=seed, generation=generation)
+    samples, _ = read_artifact(samples_path, "samples")
+    rubrics, _ = read_artifact(rubrics_path, "rubrics")
+    by_id = {r.id: r for r in rubrics}
+    items = []
+    for i, s in enumerate(samples):
+        if s.problem_id not in by_id:
+            raise RcsdError(f"{where(samples_path, i)}: problem_id {s.problem_id!r} is not in {rubrics_path}")
+        r = by_id[s.problem_id]
+        items.append((s.id, r, r.rubric, s.completion))
+    scores = judge_and_score(items, judge_model, generation, judge_retries, seed, trust_remote_code)
+    write_artifact(output, "scores", scores, stage="score", config=cfg, model_id=judge_model,
+                   inputs=[samples_path, rubrics_path], overwrite=overwrite)
+    vals = [s.score for s in scores if s.score is not None]
+    mean, lo, hi = mean_interval(vals)
+    unjudged = sum(s.n_unjudged for s in scores)
+    info(f"wrote {len(scores)} scores to {output}: mean rubric score {mean:.3f} [{lo:.3f}, {hi:.3f}]"
+         + (f", {unjudged} criteria unjudged" if unjudged else ""))
+    return scores
+
+
+def command(
+    samples: Annotated[Path, typer.Argument(help="samples.parquet from rcsd sample.")],
+    rubrics: Annotated[Path, typer.Option("--rubrics", help="rubrics.parquet the samples were drawn from.")],
+    output: c.Output = Path("scores.parquet"),
+    judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="LLM judge for criteria "
+                                                       "without a machine check (unset: they stay unjudged).")] = None,
+    judge_retries: Annotated[int, typer.Option("--judge-retries", min=0)] = 2,
+    seed: c.Seed = 0,
+    max_new_tokens: c.MaxNewTokens = 192,
+    batch_size: c.BatchSize = 16,
+    overwrite: c.Overwrite = False,
+    trust_remote_code: c.TrustRemoteCode = False,
+):
+    """Score samples against their rubrics: checks in code, other criteria by an LLM judge, never guessed."""
+    run_score(samples, rubrics, output, judge_model=judge_model, judge_retries=judge_retries, seed=seed,
+              generation=c.gen_config(max_new_tokens, 0.0, 1.0, 0, batch_size), overwrite=overwrite,
+              trust_remote_code=trust_remote_code)

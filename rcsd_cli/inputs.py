@@ -1,0 +1,272 @@
+"""Read problems from JSONL, Parquet or CSV and normalise the common rubric layouts.
+
+Recognised row layouts (keys are matched case-insensitively where noted):
+
+- plain: ``{question, answer}`` (aliases: problem/prompt for the question; reference_answer/solution)
+- RaR: ``{question, reference_answer, rubric: [{title, description, weight}]}``
+- HealthBench: ``{prompt: [{role, content}, ...], rubrics: [{criterion, points, tags}]}``
+- RubricHub variants: criteria under rubric/rubrics/criteria, text under
+  description/criterion/criteria, weight under weight/points/score
+- GPQA CSV: ``Question, Correct Answer, Incorrect Answer 1..3, Explanation, Record ID``;
+  choices are shuffled with a seed stored in the problem's metadata
+- multiple choice: ``choices`` as a list, or as ``{text: [...], label: [...]}``, with
+  ``answer``/``answerKey`` as a letter, an index or the correct choice's text
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from rcsd_cli.errors import RcsdError, describe_validation_error, where
+from rcsd_cli.schemas import MAX_QUESTION_CHARS, Criterion, Problem
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+GPQA_COLUMNS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
+
+
+@dataclass
+class InputRow:
+    """A normalised problem and the rubric it came with, if any."""
+
+    problem: Problem
+    rubric: list[Criterion] | None
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Raw rows of a JSONL, JSON, Parquet or CSV file, with clean errors for unreadable input."""
+    path = Path(path)
+    if not path.exists():
+        raise RcsdError(f"{path}: file not found")
+    if path.is_dir():
+        raise RcsdError(f"{path}: is a folder, expected a JSONL, Parquet or CSV file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise RcsdError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0][:80]})")
+    else:
+        raw = path.read_bytes()
+        if b"\x00" in raw[:8192]:
+            raise RcsdError(f"{path}: binary file, expected UTF-8 text (JSONL or CSV)")
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise RcsdError(f"{path}: not UTF-8 text (byte {exc.start})")
+        if suffix == ".csv":
+            rows = [dict(r) for r in csv.DictReader(text.splitlines())]
+        elif suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise RcsdError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno})")
+            rows = data if isinstance(data, list) else [data]
+        else:
+            rows = []
+            for lineno, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise RcsdError(f"{path}:line {lineno}: malformed JSON ({exc.msg})")
+    if not rows:
+        raise RcsdError(f"{path}: no rows")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise RcsdError(f"{where(path, i)}: expected an object, got {type(r).__name__}")
+    return rows
+
+
+def _first(rec: dict[str, Any], *keys: str) -> Any:
+    lower = {k.lower(): k for k in rec}
+    for k in keys:
+        if k in rec and rec[k] not in (None, ""):
+            return rec[k]
+        real = lower.get(k.lower())
+        if real is not None and rec[real] not in (None, ""):
+            return rec[real]
+    return None
+
+
+def _question_from_messages(messages: list) -> str:
+    """HealthBench keeps the conversation in ``prompt``; earlier turns become context."""
+    turns = [m for m in messages if isinstance(m, dict) and m.get("content")]
+    if not turns:
+        raise ValueError("field 'prompt' has no message with content")
+    if len(turns) == 1:
+        return str(turns[-1]["content"])
+    history = "\n".join(f"{m.get('role', 'user')}: {m['content']}" for m in turns[:-1])
+    return f"Conversation so far:\n{history}\n\n{turns[-1]['content']}"
+
+
+def _criteria_from(raw: Any) -> list[Criterion]:
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"field 'rubric' is not valid JSON ({exc.msg})")
+    if not isinstance(raw, list):
+        raise ValueError(f"field 'rubric' must be a list of criteria, got {type(raw).__name__}")
+    if not raw:
+        raise ValueError("rubric has no criteria")
+    out = []
+    for j, item in enumerate(raw):
+        if isinstance(item, str):
+            item = {"description": item, "weight": 1}
+        if not isinstance(item, dict):
+            raise ValueError(f"field 'rubric.{j}': expected an object, got {type(item).__name__}")
+        text = _first(item, "description", "criterion", "criteria", "text")
+        title = _first(item, "title", "name")
+        weight = _first(item, "weight", "points", "score")
+        if text is None and title is None:
+            raise ValueError(f"field 'rubric.{j}.description' is missing")
+        if weight is None:
+            raise ValueError(f"field 'rubric.{j}.weight' is missing")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            try:
+                weight = float(str(weight).strip())
+            except ValueError:
+                raise ValueError(f"field 'rubric.{j}.weight': {weight!r} is not a number")
+        tags = item.get("tags") or []
+        if isinstance(tags, str):
+            tags = [tags]
+        title = str(title) if title else " ".join(str(text).split()[:5])
+        try:
+            out.append(Criterion(id=f"c{j + 1}", title=title, description=str(text or title),
+                                 weight=weight, tags=[str(t) for t in tags]))
+        except ValidationError as err:
+            raise ValueError(describe_validation_error(err).replace("field '", f"field 'rubric.{j}.", 1))
+    return out
+
+
+def _choices_from(rec: dict[str, Any]) -> tuple[list[str] | None, list[str] | None]:
+    raw = _first(rec, "choices", "options")
+    if raw is None:
+        return None, None
+    if isinstance(raw, dict) and "text" in raw:
+        return [str(t) for t in raw["text"]], [str(lab) for lab in raw.get("label") or []] or None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ValueError("field 'choices' must be a list")
+    if isinstance(raw, dict):
+        labels = sorted(raw)
+        return [str(raw[k]) for k in labels], labels
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("field 'choices' must be a non-empty list")
+    return [str(c) for c in raw], None
+
+
+def _gold_letter(answer: Any, choices: list[str], labels: list[str] | None) -> str:
+    letters = LETTERS[: len(choices)]
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
+        return letters[answer]
+    text = str(answer).strip()
+    if labels and text in labels:
+        return letters[labels.index(text)]
+    if len(text) == 1 and text.upper() in letters:
+        return text.upper()
+    if text.isdigit() and int(text) < len(choices):
+        return letters[int(text)]
+    for i, c in enumerate(choices):
+        if c.strip().lower() == text.lower():
+            return letters[i]
+    raise ValueError(f"field 'answer': {text[:40]!r} is not one of the choices")
+
+
+def gpqa_problem(rec: dict[str, Any], row: int, shuffle_seed: int = 0) -> Problem:
+    """GPQA's CSV layout; the correct answer's position comes from a seeded shuffle."""
+    missing = [c for c in GPQA_COLUMNS if not str(rec.get(c) or "").strip()]
+    if missing:
+        raise ValueError(f"field '{missing[0]}' is missing")
+    rid = str(rec.get("Record ID") or f"gpqa-{row}")
+    options = [str(rec[c]).strip() for c in GPQA_COLUMNS[1:]]
+    order = list(range(4))
+    random.Random(f"{shuffle_seed}:{rid}").shuffle(order)
+    choices = [options[i] for i in order]
+    gold = LETTERS[order.index(0)]
+    explanation = str(rec.get("Explanation") or "").strip()
+    reference = f"{explanation}\n\nThe correct answer is {gold}) {options[0]}".strip()
+    meta = {"shuffle_seed": shuffle_seed}
+    for k in ("High-level domain", "Subdomain"):
+        if rec.get(k):
+            meta[k] = str(rec[k])
+    return Problem(id=rid, question=str(rec["Question"]).strip(), reference_answer=reference,
+                   choices=choices, answer=gold, source="gpqa", metadata=meta)
+
+
+def normalise_record(rec: dict[str, Any], row: int, default_source: str, shuffle_seed: int = 0) -> InputRow:
+    """Turn one raw row of any supported layout into a Problem (+ imported rubric)."""
+    if all(c in rec for c in GPQA_COLUMNS[:2]):
+        return InputRow(gpqa_problem(rec, row, shuffle_seed), None)
+    question = _first(rec, "question", "problem", "question_stem", "input")
+    prompt = _first(rec, "prompt")
+    if question is None and isinstance(prompt, list):
+        question = _question_from_messages(prompt)
+    elif question is None and isinstance(prompt, str):
+        question = prompt
+    if question is None:
+        raise ValueError("field 'question' is missing")
+    if not isinstance(question, str):
+        raise ValueError(f"field 'question' must be text, got {type(question).__name__}")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ValueError(f"field 'question' is {len(question)} characters, over the {MAX_QUESTION_CHARS} limit")
+    choices, labels = _choices_from(rec)
+    answer = _first(rec, "answer", "answerKey", "correct_answer", "gold", "label")
+    if choices is None and isinstance(rec.get("correct_answer"), str) and rec.get("distractor1"):
+        # SciQ layout: a correct answer plus distractors, without a letter.
+        choices = [rec["correct_answer"]] + [rec[f"distractor{i}"] for i in (1, 2, 3) if rec.get(f"distractor{i}")]
+        order = list(range(len(choices)))
+        random.Random(f"{shuffle_seed}:{question}").shuffle(order)
+        choices = [choices[i] for i in order]
+        answer = LETTERS[order.index(0)]
+    if choices is not None and answer is not None:
+        answer = _gold_letter(answer, choices, labels)
+    elif answer is not None:
+        answer = str(answer).strip()
+    reference = _first(rec, "reference_answer", "solution", "explanation", "ideal_completion")
+    if reference is None and answer is not None:
+        reference = f"{answer}) {choices[LETTERS.index(answer)]}" if choices else str(answer)
+    rid = _first(rec, "id", "prompt_id", "uid", "Record ID", "problem_id")
+    metadata = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
+    raw_rubric = _first(rec, "rubric", "rubrics", "criteria", "Rubrics")
+    rubric = _criteria_from(raw_rubric) if raw_rubric is not None else None
+    try:
+        problem = Problem(id=str(rid if rid is not None else f"{default_source}-{row}"), question=question,
+                          reference_answer=None if reference is None else str(reference), choices=choices,
+                          answer=answer, source=str(_first(rec, "source", "data_source") or default_source),
+                          metadata=metadata)
+    except ValidationError as err:
+        raise ValueError(describe_validation_error(err))
+    return InputRow(problem, rubric)
+
+
+def load_problems(path: str | Path, limit: int | None = None, shuffle_seed: int = 0) -> list[InputRow]:
+    """All rows of a problems file, normalised, with duplicate ids rejected."""
+    path = Path(path)
+    records = read_records(path)
+    out: list[InputRow] = []
+    seen: dict[str, int] = {}
+    for i, rec in enumerate(records):
+        try:
+            item = normalise_record(rec, i, path.stem, shuffle_seed)
+        except ValueError as exc:
+            raise RcsdError(f"{where(path, i)}: {exc}")
+        pid = item.problem.id
+        if pid in seen:
+            raise RcsdError(f"{where(path, i)}: duplicate id {pid!r} (first at row {seen[pid]})")
+        seen[pid] = i
+        out.append(item)
+    return out[:limit] if limit else out

@@ -1,0 +1,113 @@
+"""Distillation losses: pure functions, no side effects, tested against hand-computed values.
+
+All per-token losses take logits shaped [..., V] and return [...] (one value per token);
+the caller masks prompt and padding positions and normalises by the token count it wants
+(the trainer uses the total number of completion tokens across all micro-batches).
+
+- ``distill_token_loss``: generalized JSD with mixing coefficient ``beta`` (0 = forward
+  KL(teacher||student), 1 = reverse KL(student||teacher); in between, TRL's convention
+  beta*KL(T||M) + (1-beta)*KL(S||M) with M = beta*T + (1-beta)*S), on the full vocabulary
+  or on the teacher's top-k entries with both distributions renormalised over them. Logits
+  are divided by ``temperature`` first and each (token, entry) term is optionally clipped
+  from above at ``clip`` — the reference RCSD run uses forward KL, top-20, T=1.2, clip 0.05.
+- ``sampled_token_reverse_kl``: REINFORCE-style estimator on the sampled token only, with
+  advantage log p_T - log p_S held constant; O(1) memory per token.
+- ``chunked_distill_loss``: evaluates the above over completion positions in chunks, so
+  [batch, time, vocab] logits never exist at once; each chunk's logits are recomputed in
+  the backward pass (activation checkpointing) instead of kept.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _restrict(student_logits, teacher_logits, top_k: int | None):
+    if top_k is None or top_k >= teacher_logits.shape[-1]:
+        return student_logits, teacher_logits
+    idx = teacher_logits.topk(top_k, dim=-1).indices
+    return student_logits.gather(-1, idx), teacher_logits.gather(-1, idx)
+
+
+def distill_token_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: float = 0.0,
+                       top_k: int | None = None, temperature: float = 1.0, clip: float | None = None) -> torch.Tensor:
+    """Per-token generalized JSD between teacher and student next-token distributions."""
+    s, t = _restrict(student_logits.float() / temperature, teacher_logits.float() / temperature, top_k)
+    log_s, log_t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+    if beta == 0.0:
+        terms = log_t.exp() * (log_t - log_s)
+    elif beta == 1.0:
+        terms = log_s.exp() * (log_s - log_t)
+    else:
+        log_m = torch.logsumexp(torch.stack([log_s + math.log(1 - beta), log_t + math.log(beta)]), dim=0)
+        terms = beta * log_t.exp() * (log_t - log_m) + (1 - beta) * log_s.exp() * (log_s - log_m)
+    if clip is not None:
+        terms = terms.clamp(max=clip)
+    return terms.sum(-1)
+
+
+def sampled_token_reverse_kl(student_token_logp: torch.Tensor, teacher_token_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token loss whose gradient is the sampled estimate of reverse KL's gradient.
+
+    loss = -(log p_T(x) - log p_S(x)).detach() * log p_S(x): the student is pushed up on
+    tokens the teacher likes more than it does, and down otherwise.
+    """
+    advantage = (teacher_token_logp - student_token_logp).detach()
+    return -advantage * student_token_logp
+
+
+def topk_kl_and_agreement(student_logits, teacher_logits, top_k: int, temperature: float):
+    """Diagnostics per token: unclipped top-k forward KL and whether both argmaxes agree."""
+    kl = distill_token_loss(student_logits, teacher_logits, beta=0.0, top_k=top_k, temperature=temperature)
+    agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float()
+    return kl, agree
+
+
+def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head, teacher_head,
+                         mask: torch.Tensor, targets: torch.Tensor, *, kind: str = "topk_kl", chunk_size: int = 128,
+                         beta: float = 0.0, top_k: int | None = 20, temperature: float = 1.0,
+                         clip: float | None = None, diag_top_k: int = 20):
+    """Sum of masked per-token losses over [B, T] completion positions, chunked over T.
+
+    ``student_hidden``/``teacher_hidden``: final hidden states aligned so position t predicts
+    ``targets[:, t]``. Returns (loss_sum, kl_sum, agree_sum): the caller divides by its token
+    count. Peak logits memory is O(B * chunk_size * V) instead of O(B * T * V).
+    """
+    mask = mask.float()
+    loss_sum = student_hidden.new_zeros(())
+    kl_sum = torch.zeros(())
+    agree_sum = torch.zeros(())
+
+    def chunk_loss(h_s, h_t, m, y):
+        s_logits = student_head(h_s)
+        with torch.no_grad():
+            t_logits = teacher_head(h_t)
+        if kind == "sampled_rkl":
+            s_lp = F.log_softmax(s_logits.float() / temperature, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            t_lp = F.log_softmax(t_logits.float() / temperature, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            per_tok = sampled_token_reverse_kl(s_lp, t_lp)
+        else:
+            per_tok = distill_token_loss(s_logits, t_logits, beta=beta, top_k=top_k if kind == "topk_kl" else None,
+                                         temperature=temperature, clip=clip)
+        with torch.no_grad():
+            kl, agree = topk_kl_and_agreement(s_logits.detach(), t_logits, diag_top_k, temperature)
+        return (per_tok * m).sum(), (kl * m).sum(), (agree * m).sum()
+
+    for start in range(0, student_hidden.shape[1], chunk_size):
+        sl = slice(start, start + chunk_size)
+        m = mask[:, sl]
+        if m.sum() == 0:
+            continue
+        args = (student_hidden[:, sl], teacher_hidden[:, sl].detach(), m, targets[:, sl])
+        if torch.is_grad_enabled() and student_hidden.requires_grad:
+            loss, kl, agree = checkpoint(chunk_loss, *args, use_reentrant=False)
+        else:
+            loss, kl, agree = chunk_loss(*args)
+        loss_sum = loss_sum + loss
+        kl_sum += kl.detach().cpu()
+        agree_sum += agree.detach().cpu()
+    return loss_sum, kl_sum, agree_sum

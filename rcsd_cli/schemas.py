@@ -1,0 +1,304 @@
+"""Pydantic v2 models: the single source of truth for every artifact and stage config.
+
+Every Parquet file rcsd writes holds rows of exactly one of the *row* models below, and
+its key-value metadata holds the stage's *config* model.  `schemas/` carries the JSON
+Schema export of each; `tests/test_schemas.py` fails when the two drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_QUESTION_CHARS = 32_000
+CheckKind = Literal["answer_equals", "regex", "max_words"]
+
+
+class _Row(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Check(_Row):
+    """A machine-checkable criterion, scored in code instead of by a judge.
+
+    ``answer_equals``: the extracted final answer equals ``value`` (letters for multiple
+    choice, normalised text or numbers otherwise). ``regex``: ``value`` matches anywhere in the
+    completion (case-insensitive, multi-line). ``max_words``: the completion has at most
+    ``int(value)`` words.
+    """
+
+    kind: CheckKind
+    value: str
+
+    @model_validator(mode="after")
+    def _value_is_usable(self) -> Check:
+        if self.kind == "max_words" and not self.value.strip().isdigit():
+            raise ValueError("max_words check needs an integer value")
+        if self.kind == "regex":
+            import re
+
+            try:
+                re.compile(self.value)
+            except re.error as exc:
+                raise ValueError(f"invalid regex: {exc}") from exc
+        return self
+
+
+class Criterion(_Row):
+    """One weighted rubric item; a negative weight marks a pitfall (points lost when met)."""
+
+    id: str = Field(min_length=1)
+    title: str = Field(min_length=1)
+    description: str = ""
+    weight: float
+    tags: list[str] = Field(default_factory=list)
+    check: Check | None = None
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("weight must be a finite number")
+        return v
+
+
+class Problem(_Row):
+    """A question to answer, with whatever gold information the source provides."""
+
+    id: str = Field(min_length=1)
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
+    reference_answer: str | None = None
+    choices: list[str] | None = None
+    answer: str | None = Field(default=None, description="Gold final answer: a letter for multiple choice.")
+    source: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class Rubric(Problem):
+    """A problem together with its rubric: one row of ``rubrics.parquet``."""
+
+    rubric: list[Criterion] = Field(min_length=1)
+    rubric_origin: Literal["imported", "llm", "reference"]
+
+    @field_validator("rubric")
+    @classmethod
+    def _unique_ids(cls, v: list[Criterion]) -> list[Criterion]:
+        ids = [c.id for c in v]
+        if len(set(ids)) != len(ids):
+            raise ValueError("criterion ids must be unique within a rubric")
+        return v
+
+
+class RejectedRubric(_Row):
+    """A generated rubric that failed validation, kept with the reason it was dropped."""
+
+    problem_id: str
+    attempt: int
+    reason: str
+    raw_output: str
+
+
+class Sample(_Row):
+    """One completion; token ids (not re-decoded text) carry it to later stages."""
+
+    id: str
+    problem_id: str
+    sample_index: int = Field(ge=0)
+    prompt_token_ids: list[int]
+    completion_token_ids: list[int]
+    completion: str
+    finish_reason: Literal["stop", "length"]
+    backend: str = "hf"
+
+
+class CriterionVerdict(_Row):
+    """Whether one criterion was met; ``met`` is None when no verdict could be obtained."""
+
+    criterion_id: str
+    weight: float
+    met: bool | None
+    method: Literal["check", "judge", "unjudged"]
+    explanation: str = ""
+
+
+class Score(_Row):
+    """Rubric score of one sample: points met / positive points, clipped to [0, 1]."""
+
+    sample_id: str
+    problem_id: str
+    verdicts: list[CriterionVerdict]
+    score: float | None = Field(description="None when no positive criterion could be judged.")
+    points_met: float
+    points_possible: float
+    n_unjudged: int
+    extracted_answer: str | None
+    correct: bool | None
+
+
+class EvalItem(_Row):
+    """One benchmark item with its n completions; accuracy is avg@n over them."""
+
+    id: str
+    bench: str
+    question: str
+    choices: list[str] | None
+    gold: str | None
+    completions: list[str]
+    completion_tokens: list[int]
+    predictions: list[str | None]
+    correct: list[bool]
+    accuracy: float
+    rubric_scores: list[float | None]
+    rubric_score: float | None
+
+
+class MetricsRow(_Row):
+    """One optimizer step of ``rcsd train``."""
+
+    step: int
+    loss: float
+    kl: float = Field(description="Forward KL(teacher||student) on the teacher's top-k, unclipped.")
+    top1_agreement: float
+    grad_norm: float
+    lr: float
+    completion_tokens: int
+    mean_completion_length: float
+    tokens_per_second: float
+    seconds: float
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerationConfig(_Config):
+    """Sampling settings shared by every generating stage."""
+
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, ge=0.0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k filtering.")
+    batch_size: int = Field(16, ge=1)
+
+
+class GenRubricsConfig(_Config):
+    data: str
+    generator: Literal["auto", "llm", "reference"] = "auto"
+    regenerate: bool = Field(False, description="Regenerate rubrics even for rows that carry one.")
+    model: str
+    retries: int = Field(3, ge=0, description="Extra attempts after an invalid LLM rubric.")
+    limit: int | None = None
+    seed: int = 0
+    generation: GenerationConfig
+
+
+class SampleConfig(_Config):
+    rubrics: str
+    model: str
+    n: int = Field(1, ge=1, description="Completions per problem.")
+    limit: int | None = None
+    seed: int = 0
+    generation: GenerationConfig
+
+
+class ScoreConfig(_Config):
+    samples: str
+    rubrics: str
+    judge_model: str | None = None
+    judge_retries: int = 2
+    seed: int = 0
+    generation: GenerationConfig
+
+
+class TrainConfig(_Config):
+    """Settings of one ``rcsd train`` run; stored in every checkpoint and in metrics.parquet."""
+
+    rubrics: str
+    model: str
+    method: Literal["rcsd", "opsd"] = Field("rcsd", description="opsd: teacher sees the reference answer only.")
+    teacher: Literal["frozen", "live"] = Field("frozen", description="frozen: initial weights; live: current.")
+    teacher_context: Literal["rubric", "rubric+reference"] = "rubric+reference"
+    steps: int = Field(10, ge=1)
+    batch_size: int = Field(4, ge=1, description="Prompts per optimizer step (one rollout each).")
+    micro_batch_size: int = Field(4, ge=1)
+    lr: float = Field(5e-6, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    loss: Literal["topk_kl", "jsd", "sampled_rkl"] = "topk_kl"
+    top_k_loss: int = Field(20, ge=1, description="Teacher top-k tokens the loss is computed on.")
+    beta: float = Field(0.0, ge=0.0, le=1.0, description="Generalized JSD mixing: 0 forward KL, 1 reverse KL.")
+    loss_temperature: float = Field(1.2, gt=0)
+    clip: float | None = Field(0.05, description="Per (token, entry) clip of the loss terms; None disables.")
+    chunk_size: int = Field(128, ge=1, description="Completion tokens per loss chunk (bounds logits memory).")
+    save_every: int = Field(0, ge=0)
+    limit: int | None = None
+    seed: int = 0
+    generation: GenerationConfig
+
+
+class EvalConfig(_Config):
+    bench: str
+    data: str | None = None
+    model: str
+    n: int = Field(1, ge=1, description="Completions per item (avg@n).")
+    limit: int | None = None
+    offset: int = Field(0, ge=0, description="Skip this many items after the seeded shuffle.")
+    seed: int = 0
+    judge_model: str | None = None
+    generation: GenerationConfig
+
+
+ROW_MODELS: dict[str, type[BaseModel]] = {
+    "problems": Problem,
+    "rubrics": Rubric,
+    "rejected-rubrics": RejectedRubric,
+    "samples": Sample,
+    "scores": Score,
+    "eval": EvalItem,
+    "metrics": MetricsRow,
+}
+CONFIG_MODELS: dict[str, type[BaseModel]] = {
+    "gen-rubrics": GenRubricsConfig,
+    "sample": SampleConfig,
+    "score": ScoreConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+EXTRA_MODELS: dict[str, type[BaseModel]] = {"criterion": Criterion, "criterion-verdict": CriterionVerdict}
+
+
+def export_json_schemas() -> dict[str, dict]:
+    """JSON Schema of every row and config model, keyed by the file name in ``schemas/``."""
+    out = {}
+    for name, model in {**ROW_MODELS, **EXTRA_MODELS}.items():
+        out[f"{name}.schema.json"] = model.model_json_schema()
+    for name, model in CONFIG_MODELS.items():
+        out[f"{name}-config.schema.json"] = model.model_json_schema()
+    return out
+
+
+def write_json_schemas(folder) -> list:
+    """Regenerate ``schemas/``: ``python -m rcsd_cli.schemas``."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fname, schema in export_json_schemas().items():
+        (folder / fname).write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+        written.append(folder / fname)
+    return written
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    for p in write_json_schemas(sys.argv[1] if len(sys.argv) > 1 else "schemas"):
+        print(p)

@@ -1,0 +1,114 @@
+"""Rubric scoring: machine checks in code, other criteria by an LLM judge, never guessed.
+
+Score (HealthBench convention): the sum of the weights of the criteria that were met
+(pitfalls, with negative weight, subtract when met) divided by the sum of positive weights,
+clipped to [0, 1]. Criteria that could not be judged are left out of both sums and counted
+in ``n_unjudged``; when no positive criterion was judged the score is None.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from rcsd_cli.answers import answers_match, extract_answer
+from rcsd_cli.schemas import Check, Criterion, CriterionVerdict, Problem, Score
+
+
+def check_met(check: Check, completion: str, choices: list[str] | None) -> tuple[bool, str]:
+    """Evaluate one machine check; returns (met, explanation)."""
+    if check.kind == "answer_equals":
+        pred = extract_answer(completion, choices)
+        met = answers_match(pred, check.value, choices)
+        return met, f"extracted answer {pred!r} vs {check.value!r}"
+    if check.kind == "regex":
+        met = re.search(check.value, completion, re.IGNORECASE | re.MULTILINE) is not None
+        return met, f"pattern {'found' if met else 'not found'}"
+    words = len(completion.split())
+    return words <= int(check.value), f"{words} words (limit {check.value})"
+
+
+def rubric_score(verdicts: list[CriterionVerdict]) -> tuple[float | None, float, float]:
+    """(score, points met, positive points) over judged criteria."""
+    judged = [v for v in verdicts if v.met is not None]
+    possible = sum(v.weight for v in judged if v.weight > 0)
+    met = sum(v.weight for v in judged if v.met)
+    if possible <= 0:
+        return None, met, possible
+    return min(1.0, max(0.0, met / possible)), met, possible
+
+
+def parse_judge_reply(text: str) -> tuple[bool, str] | None:
+    """``(criteria_met, explanation)`` from the first JSON object in a reply, or None if malformed."""
+    text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL)
+    start = text.find("{")
+    while start != -1:
+        try:
+            obj, _ = json.JSONDecoder().raw_decode(text[start:])
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("criteria_met"), bool):
+            return obj["criteria_met"], str(obj.get("explanation", ""))[:500]
+        start = text.find("{", start + 1)
+    return None
+
+
+@dataclass
+class JudgeRequest:
+    key: tuple[str, str]  # (sample id, criterion id)
+    problem: Problem
+    completion: str
+    criterion: Criterion
+
+
+def score_completion(sample_id: str, problem: Problem, rubric: list[Criterion], completion: str,
+                     judged: dict[str, tuple[bool, str] | None] | None = None) -> Score:
+    """Combine check results and judge verdicts (by criterion id) into a Score row."""
+    judged = judged or {}
+    verdicts = []
+    for c in rubric:
+        if c.check is not None:
+            met, why = check_met(c.check, completion, problem.choices)
+            verdicts.append(CriterionVerdict(criterion_id=c.id, weight=c.weight, met=met, method="check",
+                                             explanation=why))
+        elif judged.get(c.id) is not None:
+            met, why = judged[c.id]
+            verdicts.append(CriterionVerdict(criterion_id=c.id, weight=c.weight, met=met, method="judge",
+                                             explanation=why))
+        else:
+            verdicts.append(CriterionVerdict(criterion_id=c.id, weight=c.weight, met=None, method="unjudged",
+                                             explanation="no judge" if c.id not in judged else "judge output malformed"))
+    score, met, possible = rubric_score(verdicts)
+    pred = extract_answer(completion, problem.choices)
+    correct = answers_match(pred, problem.answer, problem.choices) if problem.answer is not None else None
+    return Score(sample_id=sample_id, problem_id=problem.id, verdicts=verdicts, score=score, points_met=met,
+                 points_possible=possible, n_unjudged=sum(v.met is None for v in verdicts),
+                 extracted_answer=pred, correct=correct)
+
+
+def run_judge(model, tokenizer, requests: list[JudgeRequest], gen_cfg, retries: int, seed: int,
+              on_done=None) -> dict[tuple[str, str], tuple[bool, str] | None]:
+    """Ask the judge model about each request; retry malformed replies, then give up (None)."""
+    from rcsd_cli.generation import generate
+    from rcsd_cli.prompts import chat_prompt_ids, judge_message
+
+    results: dict[tuple[str, str], tuple[bool, str] | None] = {r.key: None for r in requests}
+    pending = list(requests)
+    for attempt in range(retries + 1):
+        if not pending:
+            break
+        prompts = [chat_prompt_ids(tokenizer, judge_message(r.problem, r.completion, r.criterion)) for r in pending]
+        outs = generate(model, tokenizer, prompts, gen_cfg, seed + 7919 * attempt)
+        still = []
+        for r, out in zip(pending, outs):
+            parsed = parse_judge_reply(out.text)
+            if parsed is None:
+                still.append(r)
+            else:
+                results[r.key] = parsed
+        if on_done:
+            on_done(len(pending) - len(still))
+        pending = still
+    return results
