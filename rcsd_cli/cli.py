@@ -43,6 +43,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def main() -> None:
+    from rcsd_cli.ui import quiet_libraries
+
+    quiet_libraries()
     try:
         app()
     except RcsdError as exc:

@@ -26,6 +26,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits are computed in fp32; fp64 stays fp64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _restrict(student_logits, teacher_logits, top_k: int | None):
     if top_k is None or top_k >= teacher_logits.shape[-1]:
         return student_logits, teacher_logits
@@ -36,7 +41,7 @@ def _restrict(student_logits, teacher_logits, top_k: int | None):
 def distill_token_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: float = 0.0,
                        top_k: int | None = None, temperature: float = 1.0, clip: float | None = None) -> torch.Tensor:
     """Per-token generalized JSD between teacher and student next-token distributions."""
-    s, t = _restrict(student_logits.float() / temperature, teacher_logits.float() / temperature, top_k)
+    s, t = _restrict(_upcast(student_logits) / temperature, _upcast(teacher_logits) / temperature, top_k)
     log_s, log_t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
     if beta == 0.0:
         terms = log_t.exp() * (log_t - log_s)

@@ -80,6 +80,33 @@ def save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, step: in
     tmp.rename(path)
 
 
+def distill_backward(student, teacher, tok, s_prompts, t_prompts, completions, cfg: TrainConfig):
+    """Accumulate gradients of the step's loss; returns summed (loss, KL, top-1 agreement) over tokens.
+
+    Each micro-batch's summed token loss is divided by the step's *total* completion tokens, so the
+    gradient does not depend on how the batch is split.
+    """
+    total_tokens = max(sum(len(c) for c in completions), 1)
+    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    loss_total = kl_total = agree_total = 0.0
+    for j in range(0, len(completions), cfg.micro_batch_size):
+        sl = slice(j, j + cfg.micro_batch_size)
+        pb = build_pair_batch(s_prompts[sl], t_prompts[sl], completions[sl], tok.pad_token_id)
+        with torch.no_grad():
+            t_hidden = aligned_hidden(teacher, pb.teacher)
+        s_hidden = aligned_hidden(student, pb.student)
+        dev = s_hidden.device
+        loss_sum, kl_sum, agree_sum = chunked_distill_loss(
+            s_hidden, t_hidden, s_head, t_head, pb.mask.to(dev), pb.targets.to(dev), kind=cfg.loss,
+            chunk_size=cfg.chunk_size, beta=cfg.beta, top_k=cfg.top_k_loss, temperature=cfg.loss_temperature,
+            clip=cfg.clip, diag_top_k=cfg.top_k_loss)
+        (loss_sum / total_tokens).backward()
+        loss_total += loss_sum.item()
+        kl_total += kl_sum.item()
+        agree_total += agree_sum.item()
+    return loss_total, kl_total, agree_total
+
+
 def train(cfg: TrainConfig, rows: list[Rubric], out: Path, *, resume: bool = False, trust_remote_code: bool = False,
           inputs: list[str] = ()) -> list[MetricsRow]:
     """Run the online loop and leave a Hugging Face checkpoint plus metrics.parquet in ``out``."""
@@ -104,7 +131,6 @@ def train(cfg: TrainConfig, rows: list[Rubric], out: Path, *, resume: bool = Fal
         optimizer.load_state_dict(opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
     context = TEACHER_CONTEXTS[cfg.method]
-    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
     with progress(f"train ({cfg.method})", cfg.steps) as advance:
         advance(start_step)
         for step in range(start_step, cfg.steps):
@@ -119,22 +145,8 @@ def train(cfg: TrainConfig, rows: list[Rubric], out: Path, *, resume: bool = Fal
             completions = [g.token_ids for g in gens]
             total_tokens = sum(len(c) for c in completions)
             optimizer.zero_grad(set_to_none=True)
-            loss_total, kl_total, agree_total = 0.0, 0.0, 0.0
-            for j in range(0, len(batch), cfg.micro_batch_size):
-                sl = slice(j, j + cfg.micro_batch_size)
-                pb = build_pair_batch(s_prompts[sl], t_prompts[sl], completions[sl], tok.pad_token_id)
-                with torch.no_grad():
-                    t_hidden = aligned_hidden(teacher, pb.teacher)
-                s_hidden = aligned_hidden(student, pb.student)
-                dev = s_hidden.device
-                loss_sum, kl_sum, agree_sum = chunked_distill_loss(
-                    s_hidden, t_hidden, s_head, t_head, pb.mask.to(dev), pb.targets.to(dev), kind=cfg.loss,
-                    chunk_size=cfg.chunk_size, beta=cfg.beta, top_k=cfg.top_k_loss,
-                    temperature=cfg.loss_temperature, clip=cfg.clip, diag_top_k=cfg.top_k_loss)
-                (loss_sum / max(total_tokens, 1)).backward()
-                loss_total += loss_sum.item()
-                kl_total += kl_sum.item()
-                agree_total += agree_sum.item()
+            loss_total, kl_total, agree_total = distill_backward(student, teacher, tok, s_prompts, t_prompts,
+                                                                 completions, cfg)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
             lr = scheduler.get_last_lr()[0]
             if math.isfinite(grad_norm):

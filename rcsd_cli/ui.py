@@ -8,6 +8,22 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
+if not console.is_terminal:
+    console = Console(stderr=True, width=140)
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' own progress bars and info logs; rcsd shows its own."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 @contextmanager

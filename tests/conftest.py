@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny random Llama with the default model's real tokenizer, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    from rcsd_cli.models import default_model_dir
+
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 2-layer random Llama (~1.6M parameters) saved as safetensors with SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def run_cli():
+    """Run ``python -m rcsd_cli ARGS`` in a real subprocess."""
+
+    def run(*args, cwd=None, check=False):
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run([sys.executable, "-m", "rcsd_cli", *map(str, args)], capture_output=True, text=True,
+                              cwd=cwd, env=env, timeout=600)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"rcsd {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
+        return proc
+
+    return run
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+MC_ROWS = [
+    {"id": "q1", "question": "Which gas do plants absorb for photosynthesis?",
+     "choices": ["Oxygen", "Carbon dioxide", "Nitrogen", "Helium"], "answer": "B"},
+    {"id": "q2", "question": "What is the SI unit of force?", "choices": ["Joule", "Watt", "Newton", "Pascal"],
+     "answer": "C"},
+    {"id": "q3", "question": "What is 12 * 12?", "answer": "144"},
+]

@@ -1,0 +1,94 @@
+"""Answer extraction, machine checks, score maths and judge-reply parsing."""
+
+import pytest
+
+from rcsd_cli.answers import answers_match, extract_answer
+from rcsd_cli.rubric_gen import reference_rubric
+from rcsd_cli.schemas import Check, Criterion, CriterionVerdict, Problem
+from rcsd_cli.scoring import check_met, parse_judge_reply, rubric_score, score_completion
+
+CHOICES = ["Oxygen", "Carbon dioxide", "Nitrogen", "Helium"]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Plants take in CO2.\nAnswer: B", "B"),
+    ("Answer: A\nOn reflection...\nAnswer: (C)", "C"),
+    ("**Final answer:** b) Carbon dioxide", "B"),
+    ("The answer is \\boxed{D}", "D"),
+    ("So the answer is (A).", "A"),
+    ("They absorb carbon dioxide from air.", "B"),
+    ("Answer: Carbon dioxide", "B"),
+    ("I am not sure.", None),
+    ("Answer: E", None),
+])
+def test_extract_multiple_choice(text, expected):
+    assert extract_answer(text, CHOICES) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("12*12 = 144\nAnswer: 144", "144"),
+    ("so we get \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("first 3, then 7, total 10", "10"),
+])
+def test_extract_open(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_answers_match_numbers_and_text():
+    assert answers_match("1,000", "1000")
+    assert answers_match("0.5", "1/2")
+    assert answers_match("  Paris. ", "paris")
+    assert not answers_match("145", "144")
+    assert not answers_match(None, "144")
+    assert answers_match("b", "B", CHOICES)
+
+
+def test_checks():
+    assert check_met(Check(kind="answer_equals", value="B"), "Answer: B", CHOICES)[0]
+    assert not check_met(Check(kind="answer_equals", value="B"), "Answer: C", CHOICES)[0]
+    assert check_met(Check(kind="regex", value=r"^answer:"), "text\nANSWER: x", None)[0]
+    assert check_met(Check(kind="max_words", value="3"), "one two three", None)[0]
+    assert not check_met(Check(kind="max_words", value="2"), "one two three", None)[0]
+
+
+def v(weight, met):
+    return CriterionVerdict(criterion_id=f"c{weight}{met}", weight=weight, met=met,
+                            method="unjudged" if met is None else "check")
+
+
+def test_rubric_score_hand_values():
+    # met: 10 and 3 of positives 10+3+2=15, pitfall -1 met -> (13-1)/15 = 0.8
+    assert rubric_score([v(10, True), v(3, True), v(2, False), v(-1, True)]) == (pytest.approx(0.8), 12, 15)
+    # pitfalls alone can push below zero: clipped to 0
+    assert rubric_score([v(2, False), v(-5, True)])[0] == 0.0
+    # unjudged criteria leave both sums; no judged positive criterion -> None
+    assert rubric_score([v(10, None), v(2, True)]) == (1.0, 2, 2)
+    assert rubric_score([v(10, None), v(-1, False)])[0] is None
+
+
+def test_reference_rubric_scoring_end_to_end():
+    p = Problem(id="q", question="Which gas?", choices=CHOICES, answer="B")
+    rubric = reference_rubric(p)
+    assert [c.weight for c in rubric] == [10, -1, -1, -1, 3, 2]
+    good = score_completion("s", p, rubric, "Plants absorb CO2.\nAnswer: B")
+    assert good.score == pytest.approx(1.0) and good.correct is True and good.n_unjudged == 0
+    bad = score_completion("s", p, rubric, "Answer: A")
+    # answer line (3) + concise (2) met, distractor A (-1) met: (5 - 1) / 15
+    assert bad.score == pytest.approx(4 / 15) and bad.correct is False
+
+
+def test_unchecked_criteria_stay_unjudged_without_a_judge():
+    p = Problem(id="q", question="Explain", answer=None)
+    rubric = [Criterion(id="a", title="Explains the idea", weight=5),
+              Criterion(id="b", title="Answer line", weight=1, check=Check(kind="regex", value="answer:"))]
+    s = score_completion("s", p, rubric, "Answer: it works")
+    assert s.n_unjudged == 1 and s.verdicts[0].met is None and s.score == 1.0 and s.correct is None
+    s2 = score_completion("s", p, rubric, "Answer: it works", {"a": (False, "misses the idea")})
+    assert s2.score == pytest.approx(1 / 6) and s2.verdicts[0].method == "judge"
+
+
+def test_parse_judge_reply():
+    assert parse_judge_reply('sure {"explanation": "ok", "criteria_met": true}') == (True, "ok")
+    assert parse_judge_reply('<think>{"criteria_met": true}</think>{"criteria_met": false}') == (False, "")
+    assert parse_judge_reply('{"criteria_met": "yes"}') is None
+    assert parse_judge_reply("no json here") is None

@@ -1,0 +1,111 @@
+"""Problem files in every supported layout normalise to the same Problem/Criterion model."""
+
+import csv
+import json
+
+import pytest
+
+from rcsd_cli.errors import RcsdError
+from rcsd_cli.inputs import load_problems
+from tests.conftest import write_jsonl
+
+
+def test_rar_layout_keeps_weights_and_signs(tmp_path):
+    f = write_jsonl(tmp_path / "rar.jsonl", [{
+        "question": "Why is the sky blue?", "reference_answer": "Rayleigh scattering.",
+        "rubric": [{"title": "Names Rayleigh scattering", "description": "Mentions Rayleigh", "weight": 5},
+                   {"title": "Blames reflection", "description": "Says the sea reflects", "weight": -2}]}])
+    (row,) = load_problems(f)
+    assert row.problem.reference_answer == "Rayleigh scattering."
+    assert [(c.title, c.weight) for c in row.rubric] == [("Names Rayleigh scattering", 5), ("Blames reflection", -2)]
+
+
+def test_healthbench_layout(tmp_path):
+    f = write_jsonl(tmp_path / "hb.jsonl", [{
+        "prompt_id": "hb-1",
+        "prompt": [{"role": "user", "content": "I have a headache"}, {"role": "assistant", "content": "How long?"},
+                   {"role": "user", "content": "Two days. What should I do?"}],
+        "rubrics": [{"criterion": "Advises seeing a doctor if severe", "points": 6, "tags": ["axis:completeness"]},
+                    {"criterion": "Prescribes opioids", "points": -8, "tags": ["axis:accuracy"]}]}])
+    (row,) = load_problems(f)
+    assert row.problem.id == "hb-1"
+    assert row.problem.question.endswith("Two days. What should I do?")
+    assert "assistant: How long?" in row.problem.question
+    assert [c.weight for c in row.rubric] == [6, -8]
+    assert row.rubric[0].tags == ["axis:completeness"]
+
+
+@pytest.mark.parametrize("text_key,weight_key", [("description", "weight"), ("criterion", "points"),
+                                                  ("criteria", "score")])
+def test_rubrichub_variants(tmp_path, text_key, weight_key):
+    f = write_jsonl(tmp_path / "hub.jsonl", [{"id": "h", "question": "Q?", "rubrics": [
+        {text_key: "States the result clearly", weight_key: "3"}]}])
+    (row,) = load_problems(f)
+    assert row.rubric[0].weight == 3 and row.rubric[0].description == "States the result clearly"
+
+
+def test_gpqa_csv_shuffles_choices_reproducibly(tmp_path):
+    f = tmp_path / "gpqa.csv"
+    cols = ["Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3",
+            "Explanation", "Record ID", "High-level domain"]
+    with open(f, "w", newline="") as fh:
+        w = csv.DictWriter(fh, cols)
+        w.writeheader()
+        for i in range(6):
+            w.writerow({"Question": f"Made-up question {i}?", "Correct Answer": f"right {i}",
+                        "Incorrect Answer 1": "w1", "Incorrect Answer 2": "w2", "Incorrect Answer 3": "w3",
+                        "Explanation": "because", "Record ID": f"rec{i}", "High-level domain": "Physics"})
+    rows = load_problems(f, shuffle_seed=3)
+    again = load_problems(f, shuffle_seed=3)
+    for r, r2 in zip(rows, again):
+        p = r.problem
+        assert p.choices[ord(p.answer) - 65] == p.choices[ord(p.answer) - 65] and p.choices == r2.problem.choices
+        assert p.choices["ABCD".index(p.answer)].startswith("right")
+        assert p.metadata == {"shuffle_seed": 3, "High-level domain": "Physics"}
+    assert len({r.problem.answer for r in rows}) > 1  # the gold is not always in the same slot
+
+
+def test_plain_and_multiple_choice_layouts(tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [
+        {"question": "2+2?", "answer": 4},
+        {"question": "Pick", "choices": {"text": ["x", "y"], "label": ["1", "2"]}, "answerKey": "2"},
+        {"question": "Pick", "choices": ["x", "y", "z"], "answer": 2},
+        {"question": "Pick", "choices": ["x", "y", "z"], "answer": "z"}])
+    rows = load_problems(f)
+    assert rows[0].problem.answer == "4" and rows[0].problem.id == "p-0"
+    assert [r.problem.answer for r in rows[1:]] == ["B", "C", "C"]
+    assert rows[0].rubric is None
+
+
+def test_parquet_and_csv_inputs(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"id": "a", "question": "Q?", "answer": "1"}]), tmp_path / "p.parquet")
+    assert load_problems(tmp_path / "p.parquet")[0].problem.id == "a"
+    (tmp_path / "p.csv").write_text("id,question,answer\nb,What?,2\n")
+    assert load_problems(tmp_path / "p.csv")[0].problem.answer == "2"
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"question": "ok"}\n{bad json\n', "p.jsonl:line 2: malformed JSON"),
+    ('{"answer": "x"}\n', "p.jsonl:row 0: field 'question' is missing"),
+    ('{"question": "q", "rubric": [{"title": "t", "weight": "ten"}]}\n', "field 'rubric.0.weight': 'ten'"),
+    ('{"question": "q", "rubric": []}\n', "rubric has no criteria"),
+    ('{"id": 1, "question": "a"}\n{"id": 1, "question": "b"}\n', "row 1: duplicate id '1' (first at row 0)"),
+    ("", "no rows"),
+    ('{"question": "' + "x" * 40_000 + '"}\n', "over the 32000 limit"),
+    ('{"question": 5}\n', "field 'question' must be text"),
+])
+def test_bad_input_messages_name_file_row_and_field(tmp_path, content, message):
+    f = tmp_path / "p.jsonl"
+    f.write_text(content)
+    with pytest.raises(RcsdError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_problems(f)
+
+
+def test_binary_file(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(b"\x89PNG\x00\x01\x02")
+    with pytest.raises(RcsdError, match="binary file"):
+        load_problems(f)

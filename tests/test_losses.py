@@ -1,0 +1,102 @@
+"""Losses against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from rcsd_cli.losses import chunked_distill_loss, distill_token_loss, sampled_token_reverse_kl
+
+
+def kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
+def logits_of(probs):
+    return torch.log(torch.tensor(probs, dtype=torch.float64))
+
+
+P_T = [0.7, 0.2, 0.1]
+P_S = [0.5, 0.3, 0.2]
+
+
+def test_forward_kl_full_vocab_matches_hand_value():
+    got = distill_token_loss(logits_of(P_S), logits_of(P_T), beta=0.0).item()
+    assert got == pytest.approx(kl(P_T, P_S), abs=1e-9)  # 0.7ln1.4 + 0.2ln(2/3) + 0.1ln0.5 = 0.0851...
+    assert got == pytest.approx(0.08512, abs=1e-4)
+
+
+def test_reverse_kl_is_beta_one():
+    got = distill_token_loss(logits_of(P_S), logits_of(P_T), beta=1.0).item()
+    assert got == pytest.approx(kl(P_S, P_T), abs=1e-9)
+
+
+def test_generalized_jsd_half():
+    m = [(a + b) / 2 for a, b in zip(P_T, P_S)]
+    expected = 0.5 * kl(P_T, m) + 0.5 * kl(P_S, m)
+    got = distill_token_loss(logits_of(P_S), logits_of(P_T), beta=0.5).item()
+    assert got == pytest.approx(expected, abs=1e-9)
+
+
+def test_top_k_renormalises_both_over_teacher_top_entries():
+    t = [0.5, 0.3, 0.15, 0.05]
+    s = [0.1, 0.2, 0.3, 0.4]
+    # teacher's top-2 are entries 0 and 1: renormalised t = (5/8, 3/8), s = (1/3, 2/3)
+    expected = kl([5 / 8, 3 / 8], [1 / 3, 2 / 3])
+    got = distill_token_loss(logits_of(s), logits_of(t), top_k=2).item()
+    assert got == pytest.approx(expected, abs=1e-9)
+
+
+def test_temperature_divides_logits():
+    t_logits = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    s_logits = torch.tensor([0.0, 0.0], dtype=torch.float64)
+    pt = 1 / (1 + math.exp(-2.0 / 2.0))
+    expected = kl([pt, 1 - pt], [0.5, 0.5])
+    assert distill_token_loss(s_logits, t_logits, temperature=2.0).item() == pytest.approx(expected, abs=1e-9)
+
+
+def test_clip_caps_each_entry_term():
+    # terms: 0.7ln1.4=0.2355, 0.2ln(2/3)=-0.0811, 0.1ln0.5=-0.0693; clip 0.05 caps only the first
+    expected = 0.05 + 0.2 * math.log(0.2 / 0.3) + 0.1 * math.log(0.1 / 0.2)
+    got = distill_token_loss(logits_of(P_S), logits_of(P_T), clip=0.05).item()
+    assert got == pytest.approx(expected, abs=1e-9)
+
+
+def test_identical_distributions_give_zero():
+    x = torch.randn(3, 5, 11)
+    assert distill_token_loss(x, x.clone(), top_k=4).abs().max().item() < 1e-6
+
+
+def test_sampled_token_estimator_value_and_gradient():
+    s = torch.tensor([math.log(0.25)], requires_grad=True)
+    t = torch.tensor([math.log(0.5)])
+    loss = sampled_token_reverse_kl(s, t)
+    assert loss.item() == pytest.approx(-(math.log(0.5) - math.log(0.25)) * math.log(0.25))
+    loss.backward()
+    assert s.grad.item() == pytest.approx(-(math.log(0.5) - math.log(0.25)))  # advantage is held constant
+
+
+@pytest.mark.parametrize("kind", ["topk_kl", "jsd", "sampled_rkl"])
+def test_chunked_equals_unchunked_in_value_and_gradient(kind):
+    torch.manual_seed(0)
+    B, T, H, V = 2, 9, 8, 30
+    head_s = torch.nn.Linear(H, V, bias=False)
+    head_t = torch.nn.Linear(H, V, bias=False)
+    h_t = torch.randn(B, T, H)
+    mask = torch.ones(B, T)
+    mask[1, 6:] = 0
+    targets = torch.randint(0, V, (B, T))
+    results = []
+    for chunk in (T, 4, 1):
+        h_s = torch.randn(B, T, H, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        head_s.zero_grad()
+        loss, kl_sum, agree = chunked_distill_loss(h_s, h_t, head_s, head_t, mask, targets, kind=kind,
+                                                   chunk_size=chunk, beta=0.3, top_k=5, temperature=1.2, clip=0.05)
+        loss.backward()
+        results.append((loss.item(), kl_sum.item(), h_s.grad.clone(), head_s.weight.grad.clone()))
+    for other in results[1:]:
+        assert other[0] == pytest.approx(results[0][0], rel=1e-5)
+        assert other[1] == pytest.approx(results[0][1], rel=1e-5)
+        assert torch.allclose(other[2], results[0][2], atol=1e-6)
+        assert torch.allclose(other[3], results[0][3], atol=1e-6)
+    assert results[0][2][1, 6:].abs().sum().item() == 0  # masked positions get no gradient

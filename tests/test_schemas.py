@@ -1,0 +1,31 @@
+"""The JSON Schemas in schemas/ are generated from the Pydantic models and must not drift."""
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from rcsd_cli.schemas import Check, Criterion, export_json_schemas
+
+SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
+
+
+def test_schema_files_match_models():
+    expected = export_json_schemas()
+    on_disk = {p.name for p in SCHEMAS.glob("*.json")}
+    assert on_disk == set(expected), "run: python -m rcsd_cli.schemas schemas"
+    for name, schema in expected.items():
+        assert json.loads((SCHEMAS / name).read_text()) == schema, f"{name} is stale: python -m rcsd_cli.schemas"
+
+
+def test_criterion_validation():
+    assert Criterion(id="a", title="t", weight="7").weight == 7.0
+    with pytest.raises(ValidationError):
+        Criterion(id="a", title="t", weight="ten")
+    with pytest.raises(ValidationError):
+        Criterion(id="a", title="t", weight=float("nan"))
+    with pytest.raises(ValidationError):
+        Check(kind="regex", value="(unclosed")
+    with pytest.raises(ValidationError):
+        Check(kind="max_words", value="many")
