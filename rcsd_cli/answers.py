@@ -45,6 +45,9 @@ def extract_answer(text: str, choices: list[str] | None = None) -> str | None:
         m = list(_ANSWER_IS.finditer(text))
         if m and m[-1].group(1).upper() in LETTERS[:n]:
             return m[-1].group(1).upper()
+        leading = {m.group(1) for m in re.finditer(r"(?m)^\s*\(?([A-Z])[\):\.]\s", text)}
+        if len(leading) == 1 and next(iter(leading)) in LETTERS[:n]:
+            return next(iter(leading))  # "B) ..." as the reply; several labels mean the choices were listed
         tail = re.search(r"(?:^|\s|\()([A-Z])\)?\.?\s*$", text.strip())
         if tail and tail.group(1) in LETTERS[:n]:
             return tail.group(1)

@@ -160,6 +160,9 @@ def train(cfg: TrainConfig, rows: list[Rubric], out: Path, *, resume: bool = Fal
                                       mean_completion_length=total_tokens / len(batch),
                                       tokens_per_second=total_tokens / seconds, seconds=seconds))
             advance(1)
+            m = metrics[-1]
+            info(f"step {m.step}/{cfg.steps}  loss {m.loss:.4f}  kl {m.kl:.4f}  top1 {m.top1_agreement:.3f}  "
+                 f"grad {m.grad_norm:.3f}  tokens {m.completion_tokens}  {m.seconds:.1f}s")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 save_checkpoint(out / f"checkpoint-{step + 1}", student, tok, optimizer, scheduler, step + 1, cfg,
                                 metrics)

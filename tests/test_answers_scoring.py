@@ -19,6 +19,8 @@ CHOICES = ["Oxygen", "Carbon dioxide", "Nitrogen", "Helium"]
     ("They absorb carbon dioxide from air.", "B"),
     ("Answer: Carbon dioxide", "B"),
     ("I am not sure.", None),
+    ("C: nitrogen is inert", "C"),
+    ("A) Oxygen\nB) Carbon dioxide\nC) Nitrogen\nD) Helium", None),
     ("Answer: E", None),
 ])
 def test_extract_multiple_choice(text, expected):

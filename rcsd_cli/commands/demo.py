@@ -27,8 +27,8 @@ from rcsd_cli.schemas import GenerationConfig, TrainConfig
 from rcsd_cli.ui import console, info
 
 
-def run_demo(out: Path, *, bench: str = "arc-easy", model: str = c.DEFAULT, train_items: int = 32,
-             eval_items: int = 64, steps: int = 8, batch_size: int = 4, lr: float = 5e-6, max_new_tokens: int = 128,
+def run_demo(out: Path, *, bench: str = "arc-easy", model: str = c.DEFAULT, train_items: int = 80,
+             eval_items: int = 100, steps: int = 10, batch_size: int = 8, lr: float = 5e-6, max_new_tokens: int = 128,
              seed: int = 0, overwrite: bool = False) -> dict:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -83,10 +83,10 @@ def run_demo(out: Path, *, bench: str = "arc-easy", model: str = c.DEFAULT, trai
 def command(
     output: c.Output = Path("rcsd-demo"),
     bench: Annotated[str, typer.Option("--bench", help="Bundled benchmark to split into train and eval.")] = "arc-easy",
-    train_items: Annotated[int, typer.Option("--train-items", min=1)] = 32,
-    eval_items: Annotated[int, typer.Option("--eval-items", min=1)] = 64,
-    steps: Annotated[int, typer.Option("--steps", min=1)] = 8,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
+    train_items: Annotated[int, typer.Option("--train-items", min=1)] = 80,
+    eval_items: Annotated[int, typer.Option("--eval-items", min=1)] = 100,
+    steps: Annotated[int, typer.Option("--steps", min=1)] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
     lr: Annotated[float, typer.Option("--lr")] = 5e-6,
     max_new_tokens: c.MaxNewTokens = 128,
     model: c.Model = c.DEFAULT,

@@ -1,0 +1,172 @@
+"""The CLI in real subprocesses: the pipeline end to end on a tiny model, and clean failures."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from rcsd_cli.artifacts import read_artifact, read_metadata
+from tests.conftest import MC_ROWS, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_model):
+    """gen-rubrics -> sample -> score -> train -> eval with the tiny model, run once for the module."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    d = tmp_path_factory.mktemp("pipeline")
+    data = write_jsonl(d / "data.jsonl", MC_ROWS + [{
+        "id": "rar1", "question": "Why is the sky blue?", "reference_answer": "Rayleigh scattering",
+        "rubric": [{"title": "Names Rayleigh scattering", "description": "Mentions Rayleigh", "weight": 5},
+                   {"title": "Blames the sea", "description": "Says the sea reflects", "weight": -1}]}])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    tiny = str(tiny_model)
+    steps = [
+        ["gen-rubrics", data, "-o", d / "rubrics.parquet", "--generator", "reference"],
+        ["sample", d / "rubrics.parquet", "-o", d / "samples.parquet", "--n", "2", "--model", tiny,
+         "--max-new-tokens", "8", "--seed", "1"],
+        ["score", d / "samples.parquet", "--rubrics", d / "rubrics.parquet", "-o", d / "scores.parquet"],
+        ["train", "--rubrics", d / "rubrics.parquet", "-o", d / "model", "--model", tiny, "--steps", "2",
+         "--batch-size", "2", "--max-new-tokens", "8", "--lr", "1e-3"],
+        ["eval", "--bench", "rubric", "--data", d / "rubrics.parquet", "-o", d / "eval.parquet", "--model",
+         d / "model", "--max-new-tokens", "8", "--n", "2", "--temperature", "1.0"],
+    ]
+    procs = []
+    for args in steps:
+        p = subprocess.run([sys.executable, "-m", "rcsd_cli", *map(str, args)], capture_output=True, text=True,
+                           env=env, timeout=600)
+        assert p.returncode == 0, f"{args[0]} failed:\n{p.stderr[-3000:]}"
+        procs.append(p)
+    return d, procs
+
+
+def test_rubrics_file(pipeline):
+    d, _ = pipeline
+    rows, meta = read_artifact(d / "rubrics.parquet", "rubrics")
+    assert [r.id for r in rows] == ["q1", "q2", "q3", "rar1"]
+    assert [r.rubric_origin for r in rows] == ["reference"] * 3 + ["imported"]
+    assert [c.weight for c in rows[3].rubric] == [5, -1]
+    table = pq.read_table(d / "rubrics.parquet")
+    assert {"id", "rubric"} <= set(table.column_names)
+    assert meta["stage"] == "gen-rubrics" and meta["inputs"]
+
+
+def test_samples_carry_token_ids(pipeline, tiny_model):
+    from transformers import AutoTokenizer
+
+    d, _ = pipeline
+    samples, meta = read_artifact(d / "samples.parquet", "samples")
+    assert len(samples) == 8 and meta["model"] == str(tiny_model)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    for s in samples:
+        assert 1 <= len(s.completion_token_ids) <= 8
+        assert s.completion == tok.decode(s.completion_token_ids, skip_special_tokens=True)
+        assert tok.decode(s.prompt_token_ids).startswith("<|im_start|>")  # chat template kept
+    assert not list(d.glob("*.partial.jsonl"))
+
+
+def test_scores(pipeline):
+    d, _ = pipeline
+    scores, _ = read_artifact(d / "scores.parquet", "scores")
+    assert len(scores) == 8
+    assert "score" in pq.read_table(d / "scores.parquet").column_names
+    for s in scores:
+        assert s.score is None or 0.0 <= s.score <= 1.0
+        if s.problem_id == "rar1":  # no checks and no judge: unjudged, never guessed
+            assert s.n_unjudged == 2 and s.score is None
+        else:
+            assert s.n_unjudged == 0 and s.correct is not None
+
+
+def test_train_output(pipeline):
+    d, _ = pipeline
+    assert (d / "model" / "model.safetensors").is_file() and (d / "model" / "config.json").is_file()
+    metrics = pq.read_table(d / "model" / "metrics.parquet").to_pylist()
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["loss"] == m["loss"] for m in metrics)
+
+
+def test_eval_rows_and_summary(pipeline):
+    d, procs = pipeline
+    items, meta = read_artifact(d / "eval.parquet", "eval")
+    assert len(items) == 4 and all(len(it.completions) == 2 for it in items)
+    s = meta["summary"]
+    assert s["items"] == 4 and 0 <= s["accuracy"] <= 1 and s["accuracy_ci"][0] <= s["accuracy"] <= s["accuracy_ci"][1]
+    assert "accuracy" in procs[-1].stderr
+
+
+def test_eval_offline_bench_and_inspect(run_cli, tiny_model, tmp_path):
+    run_cli("eval", "--bench", "arc-challenge", "--limit", "3", "--model", tiny_model, "--max-new-tokens", "4",
+            "-o", tmp_path / "arc.parquet", check=True)
+    items, meta = read_artifact(tmp_path / "arc.parquet", "eval")
+    assert len(items) == 3 and all(it.gold in "ABCDE" for it in items)
+    proc = run_cli("inspect", tmp_path / "arc.parquet", check=True)
+    assert '"kind": "eval"' in proc.stderr and "completions" in proc.stderr
+
+
+def test_llm_generator_records_rejections(run_cli, tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", MC_ROWS[:2])
+    out = tmp_path / "r.parquet"
+    proc = run_cli("gen-rubrics", data, "-o", out, "--generator", "llm", "--model", tiny_model, "--retries", "1",
+                   "--max-new-tokens", "16")
+    # a random model never writes a valid rubric: every attempt is recorded, no rubric file is written
+    assert proc.returncode == 2 and "no valid rubric" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+    rejected = pq.read_table(tmp_path / "r.rejected.parquet").to_pylist()
+    assert len(rejected) == 4 and {r["attempt"] for r in rejected} == {0, 1}
+    assert all(r["reason"] for r in rejected)
+
+
+def test_help_shows_examples(run_cli):
+    for cmd in ("gen-rubrics", "sample", "score", "train", "eval", "demo", "inspect"):
+        proc = run_cli(cmd, "--help", check=True)
+        assert "Example" in proc.stdout, cmd
+
+
+BAD = {
+    "malformed.jsonl": ('{"question": "ok"}\n{oops\n', "malformed.jsonl:line 2: malformed JSON"),
+    "missing.jsonl": ('{"answer": "B"}\n', "missing.jsonl:row 0: field 'question' is missing"),
+    "weight.jsonl": ('{"question": "q", "rubric": [{"title": "t", "weight": "ten"}]}\n',
+                     "weight.jsonl:row 0: field 'rubric.0.weight': 'ten' is not a number"),
+    "empty_rubric.jsonl": ('{"question": "q", "rubric": []}\n', "empty_rubric.jsonl:row 0: rubric has no criteria"),
+    "empty.jsonl": ("", "empty.jsonl: no rows"),
+    "dup.jsonl": ('{"id": "a", "question": "q"}\n{"id": "a", "question": "r"}\n',
+                  "dup.jsonl:row 1: duplicate id 'a' (first at row 0)"),
+    "long.jsonl": ('{"question": "' + "x" * 33_000 + '"}\n', "long.jsonl:row 0: field 'question' is 33000 characters"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_input_fails_cleanly(run_cli, tmp_path, name):
+    content, message = BAD[name]
+    (tmp_path / name).write_text(content)
+    out = tmp_path / "out.parquet"
+    proc = run_cli("gen-rubrics", tmp_path / name, "-o", out, "--generator", "reference")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / name]
+
+
+def test_binary_wrong_kind_and_missing_model(run_cli, tmp_path, tiny_model):
+    (tmp_path / "bin.jsonl").write_bytes(bytes(range(256)))
+    p = run_cli("gen-rubrics", tmp_path / "bin.jsonl", "-o", tmp_path / "o.parquet")
+    assert p.returncode == 2 and "bin.jsonl: binary file" in p.stderr
+    rubrics = tmp_path / "r.parquet"
+    run_cli("gen-rubrics", write_jsonl(tmp_path / "d.jsonl", MC_ROWS), "-o", rubrics, "--generator", "reference",
+            check=True)
+    p = run_cli("score", rubrics, "--rubrics", rubrics, "-o", tmp_path / "s.parquet")
+    assert p.returncode == 2 and "r.parquet: holds rubrics rows, expected a samples file" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "s.parquet").exists()
+    p = run_cli("sample", rubrics, "-o", tmp_path / "s.parquet", "--model", tmp_path / "no-such-model")
+    assert p.returncode == 2 and "no-such-model: model path does not exist" in p.stderr
+    assert not (tmp_path / "s.parquet").exists()
+    p = run_cli("gen-rubrics", tmp_path / "d.jsonl", "-o", rubrics, "--generator", "reference")
+    assert p.returncode == 2 and "already exists; pass --overwrite" in p.stderr
+    assert read_metadata(rubrics)["kind"] == "rubrics"
+    p = run_cli("train", "--rubrics", rubrics, "-o", tmp_path / "m", "--model", tiny_model, "--lr", "-1")
+    assert p.returncode == 2 and "lr" in p.stderr and not (tmp_path / "m").exists()
+    json.dumps(p.stderr)
