@@ -148,8 +148,8 @@ class EvalItem(_Row):
     completions: list[str]
     completion_tokens: list[int]
     predictions: list[str | None]
-    correct: list[bool]
-    accuracy: float
+    correct: list[bool | None] = Field(description="None when the item has no gold answer.")
+    accuracy: float | None
     rubric_scores: list[float | None]
     rubric_score: float | None
 

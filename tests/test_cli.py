@@ -94,7 +94,9 @@ def test_eval_rows_and_summary(pipeline):
     items, meta = read_artifact(d / "eval.parquet", "eval")
     assert len(items) == 4 and all(len(it.completions) == 2 for it in items)
     s = meta["summary"]
-    assert s["items"] == 4 and 0 <= s["accuracy"] <= 1 and s["accuracy_ci"][0] <= s["accuracy"] <= s["accuracy_ci"][1]
+    assert s["items"] == 4 and s["graded_items"] == 3  # rar1 has no gold answer: not counted as wrong
+    assert 0 <= s["accuracy"] <= 1 and s["accuracy_ci"][0] <= s["accuracy"] <= s["accuracy_ci"][1]
+    assert [it.accuracy is None for it in items] == [False, False, False, True]
     assert "accuracy" in procs[-1].stderr
 
 

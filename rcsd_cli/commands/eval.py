@@ -39,16 +39,18 @@ def load_eval_items(bench: str, data: str | None, seed: int, offset: int, limit:
 
 
 def summarise(items: list[EvalItem], n: int, seconds: float) -> dict:
-    correct = sum(it.accuracy for it in items)
-    if n == 1:
-        acc = correct / len(items)
-        lo, hi = wilson_interval(correct, len(items))
+    graded = [it.accuracy for it in items if it.accuracy is not None]
+    if not graded:
+        acc, lo, hi = None, None, None
+    elif n == 1:
+        acc = sum(graded) / len(graded)
+        lo, hi = wilson_interval(sum(graded), len(graded))
     else:
-        acc, lo, hi = mean_interval([it.accuracy for it in items])
+        acc, lo, hi = mean_interval(graded)
     scores = [it.rubric_score for it in items if it.rubric_score is not None]
     rs, rlo, rhi = mean_interval(scores) if scores else (None, None, None)
     tokens = [t for it in items for t in it.completion_tokens]
-    return {"items": len(items), "n": n, "accuracy": acc, "accuracy_ci": [lo, hi], "rubric_score": rs,
+    return {"items": len(items), "graded_items": len(graded), "n": n, "accuracy": acc, "accuracy_ci": [lo, hi], "rubric_score": rs,
             "rubric_score_ci": [rlo, rhi], "mean_completion_tokens": sum(tokens) / max(len(tokens), 1),
             "seconds": seconds}
 
@@ -59,7 +61,7 @@ def summary_table(rows: dict[str, dict], title: str) -> Table:
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, s in rows.items():
         lo, hi = s["accuracy_ci"]
-        acc = f"{s['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+        acc = "n/a" if s["accuracy"] is None else f"{s['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
         rs = "n/a" if s["rubric_score"] is None else (
             f"{s['rubric_score']:.3f} [{s['rubric_score_ci'][0]:.3f}, {s['rubric_score_ci'][1]:.3f}]")
         table.add_row(name, str(s["items"]), acc, rs, f"{s['mean_completion_tokens']:.0f}", f"{s['seconds']:.0f}")
@@ -94,12 +96,13 @@ def run_eval(bench: str, output: Path, *, data: str | None = None, model: str = 
         g = gens[i * n:(i + 1) * n]
         sc = [scores.get(f"{p.id}:{k}") for k in range(n)]
         preds = [extract_answer(x.text, p.choices) for x in g]
-        correct = [answers_match(pr, p.answer, p.choices) for pr in preds]
+        correct = [answers_match(pr, p.answer, p.choices) if p.answer is not None else None for pr in preds]
         rscores = [s.score if s else None for s in sc]
         known = [x for x in rscores if x is not None]
         items.append(EvalItem(id=p.id, bench=bench, question=p.question, choices=p.choices, gold=p.answer,
                               completions=[x.text for x in g], completion_tokens=[len(x.token_ids) for x in g],
-                              predictions=preds, correct=correct, accuracy=sum(correct) / n,
+                              predictions=preds, correct=correct,
+                              accuracy=None if p.answer is None else sum(correct) / n,
                               rubric_scores=rscores, rubric_score=sum(known) / len(known) if known else None))
     summary = summarise(items, n, time.perf_counter() - t0)
     write_artifact(output, "eval", items, stage="eval", config=cfg, model_id=model,

@@ -1,0 +1,37 @@
+"""Opt-in tests on the real embedded default model (pytest -m slow): the demo and the Makefile."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from rcsd_cli.artifacts import read_artifact
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_small_run(run_cli, tmp_path):
+    out = tmp_path / "demo"
+    proc = run_cli("demo", "-o", out, "--train-items", "6", "--eval-items", "8", "--steps", "2", "--batch-size", "3",
+                   "--max-new-tokens", "48")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("rubrics", "samples", "scores", "eval_before", "eval_after"):
+        assert (out / f"{name}.parquet").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["before"]["items"] == summary["after"]["items"] == 8
+    train_ids = {r.id for r in read_artifact(out / "rubrics.parquet", "rubrics")[0]}
+    eval_ids = {r.id for r in read_artifact(out / "eval_after.parquet", "eval")[0]}
+    assert train_ids.isdisjoint(eval_ids)
+    assert "after RCSD" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_examples_makefile(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(["make", "-C", str(ROOT / "examples"), f"OUT={out}", "STEPS=2", "TOKENS=48"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    items, meta = read_artifact(out / "eval_after.parquet", "eval")
+    assert len(items) == 8 and meta["summary"]["items"] == 8
