@@ -10,6 +10,7 @@ the caller masks prompt and padding positions and normalises by the token count 
   or on the teacher's top-k entries with both distributions renormalised over them. Logits
   are divided by ``temperature`` first and each (token, entry) term is optionally clipped
   from above at ``clip`` — the reference RCSD run uses forward KL, top-20, T=1.2, clip 0.05.
+  ``tail=True`` keeps the mass outside the top-k as one extra entry instead of renormalising.
 - ``sampled_token_reverse_kl``: REINFORCE-style estimator on the sampled token only, with
   advantage log p_T - log p_S held constant; O(1) memory per token.
 - ``chunked_distill_loss``: evaluates the above over completion positions in chunks, so
@@ -31,17 +32,31 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _restrict(student_logits, teacher_logits, top_k: int | None):
+def _restrict(student_logits, teacher_logits, top_k: int | None, tail: bool = False):
+    """Logits over the teacher's top-k entries (renormalised later by log_softmax).
+
+    With ``tail`` the remaining vocabulary is kept as one extra entry holding its total mass,
+    so the k+1 entries are exact marginals of the full distributions instead of a renormalisation.
+    """
     if top_k is None or top_k >= teacher_logits.shape[-1]:
         return student_logits, teacher_logits
     idx = teacher_logits.topk(top_k, dim=-1).indices
-    return student_logits.gather(-1, idx), teacher_logits.gather(-1, idx)
+    if not tail:
+        return student_logits.gather(-1, idx), teacher_logits.gather(-1, idx)
+    in_top = torch.zeros_like(teacher_logits, dtype=torch.bool).scatter_(-1, idx, True)
+    out = []
+    for logits in (student_logits, teacher_logits):
+        logp = F.log_softmax(logits, dim=-1)
+        rest = torch.logsumexp(logp.masked_fill(in_top, float("-inf")), dim=-1, keepdim=True)
+        out.append(torch.cat([logp.gather(-1, idx), rest], dim=-1))
+    return out[0], out[1]
 
 
 def distill_token_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: float = 0.0,
-                       top_k: int | None = None, temperature: float = 1.0, clip: float | None = None) -> torch.Tensor:
+                       top_k: int | None = None, temperature: float = 1.0, clip: float | None = None,
+                       tail: bool = False) -> torch.Tensor:
     """Per-token generalized JSD between teacher and student next-token distributions."""
-    s, t = _restrict(_upcast(student_logits) / temperature, _upcast(teacher_logits) / temperature, top_k)
+    s, t = _restrict(_upcast(student_logits) / temperature, _upcast(teacher_logits) / temperature, top_k, tail)
     log_s, log_t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
     if beta == 0.0:
         terms = log_t.exp() * (log_t - log_s)
@@ -75,7 +90,7 @@ def topk_kl_and_agreement(student_logits, teacher_logits, top_k: int, temperatur
 def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head, teacher_head,
                          mask: torch.Tensor, targets: torch.Tensor, *, kind: str = "topk_kl", chunk_size: int = 128,
                          beta: float = 0.0, top_k: int | None = 20, temperature: float = 1.0,
-                         clip: float | None = None, diag_top_k: int = 20):
+                         clip: float | None = None, diag_top_k: int = 20, tail: bool = False):
     """Sum of masked per-token losses over [B, T] completion positions, chunked over T.
 
     ``student_hidden``/``teacher_hidden``: final hidden states aligned so position t predicts
@@ -97,7 +112,7 @@ def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
             per_tok = sampled_token_reverse_kl(s_lp, t_lp)
         else:
             per_tok = distill_token_loss(s_logits, t_logits, beta=beta, top_k=top_k if kind == "topk_kl" else None,
-                                         temperature=temperature, clip=clip)
+                                         temperature=temperature, clip=clip, tail=tail)
         with torch.no_grad():
             kl, agree = topk_kl_and_agreement(s_logits.detach(), t_logits, diag_top_k, temperature)
         return (per_tok * m).sum(), (kl * m).sum(), (agree * m).sum()

@@ -109,6 +109,43 @@ def test_eval_offline_bench_and_inspect(run_cli, tiny_model, tmp_path):
     assert '"kind": "eval"' in proc.stderr and "completions" in proc.stderr
 
 
+def test_unseen_layouts_through_the_stages(run_cli, tiny_model, tmp_path):
+    """HealthBench rows and a GPQA-layout CSV go through gen-rubrics, sample, score and eval."""
+    import csv
+
+    hb = write_jsonl(tmp_path / "hb.jsonl", [{"prompt_id": "hb1", "prompt": [
+        {"role": "user", "content": "My child has a mild fever. What should I watch for?"}],
+        "rubrics": [{"criterion": "Mentions dehydration signs", "points": 5, "tags": ["axis:completeness"]},
+                    {"criterion": "Recommends adult aspirin for the child", "points": -8, "tags": []}]}])
+    run_cli("gen-rubrics", hb, "-o", tmp_path / "hb.parquet", check=True)  # imported: no model needed
+    rows, _ = read_artifact(tmp_path / "hb.parquet", "rubrics")
+    assert rows[0].rubric_origin == "imported" and [c.weight for c in rows[0].rubric] == [5, -8]
+    gpqa = tmp_path / "gpqa.csv"
+    with open(gpqa, "w", newline="") as fh:
+        w = csv.DictWriter(fh, ["Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
+                                "Incorrect Answer 3", "Explanation", "Record ID"])
+        w.writeheader()
+        for i in range(3):
+            w.writerow({"Question": f"Invented question {i}?", "Correct Answer": f"yes {i}", "Incorrect Answer 1": "a",
+                        "Incorrect Answer 2": "b", "Incorrect Answer 3": "c", "Explanation": "e", "Record ID": f"r{i}"})
+    run_cli("gen-rubrics", gpqa, "-o", tmp_path / "g.parquet", "--generator", "reference", check=True)
+    run_cli("sample", tmp_path / "g.parquet", "-o", tmp_path / "gs.parquet", "--model", tiny_model,
+            "--max-new-tokens", "4", check=True)
+    run_cli("score", tmp_path / "gs.parquet", "--rubrics", tmp_path / "g.parquet", "-o", tmp_path / "gsc.parquet",
+            check=True)
+    assert len(read_artifact(tmp_path / "gsc.parquet", "scores")[0]) == 3
+    run_cli("eval", "--bench", "gpqa", "--data", gpqa, "--model", tiny_model, "--max-new-tokens", "4",
+            "-o", tmp_path / "ge.parquet", check=True)
+    items, _ = read_artifact(tmp_path / "ge.parquet", "eval")
+    assert sorted(it.id for it in items) == ["r0", "r1", "r2"] and all(it.gold in "ABCD" for it in items)
+
+
+def test_gpqa_without_data_or_hub_fails_cleanly(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    p = run_cli("eval", "--bench", "gpqa", "-o", tmp_path / "e.parquet")
+    assert p.returncode == 2 and "pass --data gpqa.csv" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_llm_generator_records_rejections(run_cli, tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", MC_ROWS[:2])
     out = tmp_path / "r.parquet"

@@ -100,3 +100,11 @@ def test_chunked_equals_unchunked_in_value_and_gradient(kind):
         assert torch.allclose(other[2], results[0][2], atol=1e-6)
         assert torch.allclose(other[3], results[0][3], atol=1e-6)
     assert results[0][2][1, 6:].abs().sum().item() == 0  # masked positions get no gradient
+
+
+def test_top_k_with_tail_bucket_keeps_the_rest_as_one_entry():
+    t = [0.5, 0.3, 0.15, 0.05]
+    s = [0.1, 0.2, 0.3, 0.4]
+    expected = kl([0.5, 0.3, 0.2], [0.1, 0.2, 0.7])  # top-2 entries plus tail mass, no renormalisation
+    got = distill_token_loss(logits_of(s), logits_of(t), top_k=2, tail=True).item()
+    assert got == pytest.approx(expected, abs=1e-9)
