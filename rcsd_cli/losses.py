@@ -131,3 +131,57 @@ def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
         kl_sum += kl.detach().cpu()
         agree_sum += agree.detach().cpu()
     return loss_sum, kl_sum, agree_sum
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO advantages: rewards [B, G] normalised within each group of G rollouts of one prompt."""
+    mean = rewards.mean(dim=-1, keepdim=True)
+    std = rewards.std(dim=-1, keepdim=True) if rewards.shape[-1] > 1 else torch.zeros_like(mean)
+    return (rewards - mean) / (std + eps)
+
+
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                        clip_eps: float = 0.2) -> torch.Tensor:
+    """Per-token PPO/GRPO surrogate: -min(r A, clip(r, 1-eps, 1+eps) A) with r = p / p_old."""
+    ratio = torch.exp(logp - old_logp)
+    return -torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token unbiased, non-negative estimator of KL(policy || reference) on sampled tokens."""
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1
+
+
+def chunked_token_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_size: int = 128,
+                           temperature: float = 1.0) -> torch.Tensor:
+    """log p(targets) [B, T] from hidden states, one chunk of vocabulary logits at a time."""
+
+    def chunk(h, y):
+        logits = _upcast(head(h)) / temperature
+        return F.log_softmax(logits, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+    out = []
+    for start in range(0, hidden.shape[1], chunk_size):
+        sl = slice(start, start + chunk_size)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            out.append(checkpoint(chunk, hidden[:, sl], targets[:, sl], use_reentrant=False))
+        else:
+            out.append(chunk(hidden[:, sl], targets[:, sl]))
+    return torch.cat(out, dim=1)
+
+
+def stored_topk_distill_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logp: torch.Tensor,
+                             *, temperature: float = 1.0, clip: float | None = None) -> torch.Tensor:
+    """Forward KL on a teacher's stored top-k (ids, log-probs), both renormalised over those k entries.
+
+    Dividing log-probs by T and renormalising over k entries equals doing so with the logits,
+    so top-k log-probs stored at T=1 serve any training temperature.
+    """
+    s = _upcast(student_logits).gather(-1, teacher_ids) / temperature
+    log_s = F.log_softmax(s, dim=-1)
+    log_t = F.log_softmax(_upcast(teacher_logp) / temperature, dim=-1)
+    terms = log_t.exp() * (log_t - log_s)
+    if clip is not None:
+        terms = terms.clamp(max=clip)
+    return terms.sum(-1)

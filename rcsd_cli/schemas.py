@@ -135,6 +135,10 @@ class Score(_Row):
     n_unjudged: int
     extracted_answer: str | None
     correct: bool | None
+    teacher_topk_ids: list[list[int]] | None = Field(
+        None, description="score --teacher-logprobs: the teacher's top-k token ids per completion token.")
+    teacher_topk_logprobs: list[list[float]] | None = Field(
+        None, description="Log-probabilities (temperature 1) matching teacher_topk_ids.")
 
 
 class EvalItem(_Row):
@@ -158,13 +162,17 @@ class MetricsRow(_Row):
     """One optimizer step of ``rcsd train``."""
 
     step: int
+    method: str
     loss: float
-    kl: float = Field(description="Forward KL(teacher||student) on the teacher's top-k, unclipped.")
-    top1_agreement: float
+    kl: float | None = Field(description="Forward KL(teacher||student) on the teacher's top-k, unclipped "
+                             "(GRPO: k3 KL to the initial model).")
+    top1_agreement: float | None
+    reward: float | None = Field(description="Mean rubric score (or correctness) of the step's rollouts.")
     grad_norm: float
     lr: float
     completion_tokens: int
     mean_completion_length: float
+    rollout_tokens: int = Field(description="Rollout tokens used so far, this step included.")
     tokens_per_second: float
     seconds: float
 
@@ -211,6 +219,11 @@ class ScoreConfig(_Config):
     rubrics: str
     judge_model: str | None = None
     judge_retries: int = 2
+    teacher_logprobs: bool = Field(False, description="Store the teacher's top-k log-probs per completion token.")
+    teacher_model: str | None = None
+    teacher_top_k: int = Field(20, ge=1)
+    teacher_method: Literal["rcsd", "opsd"] = "rcsd"
+    teacher_context: Literal["rubric", "rubric+reference"] = "rubric+reference"
     seed: int = 0
     generation: GenerationConfig
 
@@ -218,23 +231,41 @@ class ScoreConfig(_Config):
 class TrainConfig(_Config):
     """Settings of one ``rcsd train`` run; stored in every checkpoint and in metrics.parquet."""
 
-    rubrics: str
+    rubrics: str | None = None
+    samples: str | None = Field(None, description="Offline round: samples.parquet to train on (no resampling).")
+    scores: str | None = Field(None, description="Offline round: scores.parquet with teacher top-k log-probs.")
     model: str
-    method: Literal["rcsd", "opsd"] = Field("rcsd", description="opsd: teacher sees the reference answer only.")
-    teacher: Literal["frozen", "live"] = Field("frozen", description="frozen: initial weights; live: current.")
+    task: Literal["reasoner", "rubric-generator"] = Field(
+        "reasoner", description="rubric-generator: stage I, the student writes rubrics, the teacher sees the reference.")
+    method: Literal["rcsd", "opsd", "grpo", "sft"] = Field(
+        "rcsd", description="rcsd: rubric teacher; opsd: reference-answer teacher; grpo: rubric/correctness "
+        "reward; sft: cross-entropy on reference answers.")
+    teacher: Literal["frozen", "live", "ema"] = Field("frozen", description="frozen: initial weights; live: "
+                                                     "current weights; ema: moving average of the student.")
+    ema_decay: float = Field(0.99, gt=0.0, lt=1.0)
     teacher_context: Literal["rubric", "rubric+reference"] = "rubric+reference"
     steps: int = Field(10, ge=1)
-    batch_size: int = Field(4, ge=1, description="Prompts per optimizer step (one rollout each).")
-    micro_batch_size: int = Field(4, ge=1)
+    max_rollout_tokens: int | None = Field(None, ge=1, description="Stop once this many rollout tokens were used.")
+    batch_size: int = Field(4, ge=1, description="Prompts per optimizer step.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per forward/backward pass.")
+    group_size: int = Field(4, ge=1, description="GRPO: rollouts per prompt.")
+    reward: Literal["rubric", "correct"] = Field("rubric", description="GRPO reward: rubric score or correctness.")
+    clip_eps: float = Field(0.2, gt=0.0, description="GRPO ratio clip.")
+    kl_coef: float = Field(0.0, ge=0.0, description="GRPO: weight of the k3 KL to the frozen initial model.")
     lr: float = Field(5e-6, gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = Field(1.0, gt=0)
+    lora_rank: int = Field(0, ge=0, description="0: full fine-tuning; >0: LoRA adapters on all linear layers.")
+    lora_alpha: float = Field(16.0, gt=0)
     loss: Literal["topk_kl", "jsd", "sampled_rkl"] = "topk_kl"
     top_k_loss: int = Field(20, ge=1, description="Teacher top-k tokens the loss is computed on.")
+    tail_bucket: bool = Field(False, description="Keep the mass outside the top-k as one extra entry.")
     beta: float = Field(0.0, ge=0.0, le=1.0, description="Generalized JSD mixing: 0 forward KL, 1 reverse KL.")
     loss_temperature: float = Field(1.2, gt=0)
     clip: float | None = Field(0.05, description="Per (token, entry) clip of the loss terms; None disables.")
+    skip_first_tokens: int = Field(0, ge=0, description="Leave the first N completion tokens out of the loss.")
     chunk_size: int = Field(128, ge=1, description="Completion tokens per loss chunk (bounds logits memory).")
     save_every: int = Field(0, ge=0)
     limit: int | None = None

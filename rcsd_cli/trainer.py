@@ -1,15 +1,13 @@
-"""The online self-distillation loop behind ``rcsd train``.
+"""The training loop behind ``rcsd train``: data order, teacher, optimizer, checkpoints, metrics.
 
-One step: take ``batch_size`` problems (a seeded order, epoch after epoch), sample one
-completion per problem from the *current* student with the student prompt (question only),
-then score the student's own tokens against the teacher — the same network at its initial
-weights (``frozen``) or current weights (``live``), run without gradients — whose prompt also
-holds the rubric and, by default, the reference answer. The loss on each completion token is
-computed from hidden states in chunks (see ``losses.chunked_distill_loss``), summed across
-micro-batches and divided by the step's total number of completion tokens, so gradient
-accumulation does not change the objective.
+Per step it takes ``batch_size`` items in a seeded order (epoch after epoch), lets the method's
+objective (``objectives.py``) accumulate gradients, clips them and steps AdamW. Teacher kinds:
+``frozen`` keeps the initial weights (with LoRA: the base model with adapters disabled, no
+copy), ``live`` is the current student under no-grad, ``ema`` a moving average of the student.
 
-Methods differ only in the teacher's context (``TEACHER_CONTEXTS``), so new ones plug in there.
+Checkpoints (``--save-every``) hold the model (or LoRA adapter), the EMA teacher, optimizer and
+scheduler states and the metrics so far. Sampling seeds and the data order are functions of
+(seed, step), so a resumed run reproduces an uninterrupted one exactly on CPU.
 """
 
 from __future__ import annotations
@@ -21,26 +19,16 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from rcsd_cli.artifacts import write_artifact
-from rcsd_cli.batching import aligned_hidden, build_pair_batch
+from rcsd_cli.batching import aligned_hidden
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.generation import generate_batch
-from rcsd_cli.losses import chunked_distill_loss
 from rcsd_cli.models import load_model
-from rcsd_cli.prompts import student_prompt_ids, teacher_prompt_ids
-from rcsd_cli.schemas import MetricsRow, Rubric, TrainConfig
+from rcsd_cli.objectives import OBJECTIVES, StepContext
+from rcsd_cli.schemas import MetricsRow, TrainConfig
 from rcsd_cli.ui import info, progress
-
-TeacherContext = Callable[[object, Rubric, TrainConfig], list[int]]
-
-TEACHER_CONTEXTS: dict[str, TeacherContext] = {
-    "rcsd": lambda tok, row, cfg: teacher_prompt_ids(tok, row, row.rubric, cfg.teacher_context == "rubric+reference"),
-    "opsd": lambda tok, row, cfg: teacher_prompt_ids(tok, row, None, True),
-}
 
 
 def batch_order(n_items: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -57,8 +45,16 @@ def batch_order(n_items: int, batch_size: int, step: int, seed: int) -> list[int
     return out
 
 
-def lr_factor(step: int, warmup: int) -> float:
-    return min(1.0, (step + 1) / warmup) if warmup else 1.0
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then constant, linear decay or cosine decay to zero at ``cfg.steps``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress_frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.lr_schedule == "linear":
+        return max(0.0, 1.0 - progress_frac)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_frac)))
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -67,12 +63,21 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, step: int, cfg: TrainConfig,
+def _lm(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def save_checkpoint(path: Path, student, teacher, tokenizer, optimizer, scheduler, step: int, cfg: TrainConfig,
                     metrics: list[MetricsRow]) -> None:
+    """Write everything a resume needs into ``path`` atomically (temporary folder, then rename)."""
+    from safetensors.torch import save_file
+
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    student.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if cfg.teacher == "ema":
+        save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, tmp / "ema_teacher.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     state = {"step": step, "config": cfg.model_dump(mode="json"), "metrics": [m.model_dump() for m in metrics]}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
@@ -80,93 +85,111 @@ def save_checkpoint(path: Path, model, tokenizer, optimizer, scheduler, step: in
     tmp.rename(path)
 
 
-def distill_backward(student, teacher, tok, s_prompts, t_prompts, completions, cfg: TrainConfig):
-    """Accumulate gradients of the step's loss; returns summed (loss, KL, top-1 agreement) over tokens.
-
-    Each micro-batch's summed token loss is divided by the step's *total* completion tokens, so the
-    gradient does not depend on how the batch is split.
-    """
-    total_tokens = max(sum(len(c) for c in completions), 1)
-    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-    loss_total = kl_total = agree_total = 0.0
-    for j in range(0, len(completions), cfg.micro_batch_size):
-        sl = slice(j, j + cfg.micro_batch_size)
-        pb = build_pair_batch(s_prompts[sl], t_prompts[sl], completions[sl], tok.pad_token_id)
-        with torch.no_grad():
-            t_hidden = aligned_hidden(teacher, pb.teacher)
-        s_hidden = aligned_hidden(student, pb.student)
-        dev = s_hidden.device
-        loss_sum, kl_sum, agree_sum = chunked_distill_loss(
-            s_hidden, t_hidden, s_head, t_head, pb.mask.to(dev), pb.targets.to(dev), kind=cfg.loss,
-            chunk_size=cfg.chunk_size, beta=cfg.beta, top_k=cfg.top_k_loss, temperature=cfg.loss_temperature,
-            clip=cfg.clip, diag_top_k=cfg.top_k_loss)
-        (loss_sum / total_tokens).backward()
-        loss_total += loss_sum.item()
-        kl_total += kl_sum.item()
-        agree_total += agree_sum.item()
-    return loss_total, kl_total, agree_total
-
-
-def train(cfg: TrainConfig, rows: list[Rubric], out: Path, *, resume: bool = False, trust_remote_code: bool = False,
-          inputs: list[str] = ()) -> list[MetricsRow]:
-    """Run the online loop and leave a Hugging Face checkpoint plus metrics.parquet in ``out``."""
-    torch.manual_seed(cfg.seed)
+def _build_models(cfg: TrainConfig, ckpt: Path | None, trust_remote_code: bool):
+    """(student, teacher module or None, tokenizer); the teacher is None when it is the student itself."""
     loaded = load_model(cfg.model, trust_remote_code)
-    student, tok = loaded.model, loaded.tokenizer
-    start_step, metrics = 0, []
+    base, tok = loaded.model, loaded.tokenizer
+    if cfg.lora_rank:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if cfg.teacher == "ema":
+            raise RcsdError("--teacher ema is not supported with LoRA; use frozen or live")
+        if ckpt is not None:
+            student = PeftModel.from_pretrained(base, ckpt, is_trainable=True)
+        else:
+            student = get_peft_model(base, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                      target_modules="all-linear"))
+        return student, None, tok
+    teacher = None if cfg.teacher == "live" else copy.deepcopy(base)
+    student = load_model(str(ckpt), trust_remote_code).model if ckpt is not None else base
+    if teacher is not None and cfg.teacher == "ema" and ckpt is not None:
+        from safetensors.torch import load_file
+
+        teacher.load_state_dict(load_file(ckpt / "ema_teacher.safetensors"))
+    if teacher is not None:
+        teacher.requires_grad_(False).eval()
+    return student, teacher, tok
+
+
+def _teacher_view(cfg: TrainConfig, student, teacher):
+    """(hidden-state function, output head) of the teacher, all under no-grad."""
+    if teacher is not None:
+        return (lambda side: aligned_hidden(teacher, side)), teacher.get_output_embeddings()
+    if cfg.lora_rank and cfg.teacher == "frozen":
+        def frozen_base(side):
+            with student.disable_adapter():
+                return aligned_hidden(student, side)
+
+        return frozen_base, student.get_output_embeddings()
+    return (lambda side: aligned_hidden(student, side)), student.get_output_embeddings()
+
+
+@torch.no_grad()
+def _ema_update(teacher, student, decay: float) -> None:
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(decay).add_(s.detach(), alpha=1 - decay)
+
+
+def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trust_remote_code: bool = False,
+          inputs: list[str] = (), objective=None) -> list[MetricsRow]:
+    """Run the loop and leave a Hugging Face checkpoint plus metrics.parquet in ``out``."""
+    torch.manual_seed(cfg.seed)
     ckpt = latest_checkpoint(out) if resume else None
+    start_step, metrics = 0, []
     if ckpt is not None:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         start_step, metrics = state["step"], [MetricsRow(**m) for m in state["metrics"]]
-        student = load_model(str(ckpt), trust_remote_code).model
         info(f"resuming from {ckpt} (step {start_step})")
-    teacher = student if cfg.teacher == "live" else copy.deepcopy(loaded.model)
-    teacher.requires_grad_(False).eval()
+    student, teacher, tok = _build_models(cfg, ckpt, trust_remote_code)
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     if ckpt is not None:
         opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
         optimizer.load_state_dict(opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
-    context = TEACHER_CONTEXTS[cfg.method]
+    teacher_hidden, teacher_head = _teacher_view(cfg, student, teacher)
+    objective = objective or OBJECTIVES[cfg.method]
+    used = metrics[-1].rollout_tokens if metrics else 0
     with progress(f"train ({cfg.method})", cfg.steps) as advance:
         advance(start_step)
         for step in range(start_step, cfg.steps):
+            if cfg.max_rollout_tokens and used >= cfg.max_rollout_tokens:
+                info(f"rollout budget of {cfg.max_rollout_tokens} tokens reached after {step} steps")
+                break
             t0 = time.perf_counter()
             batch = [rows[i] for i in batch_order(len(rows), cfg.batch_size, step, cfg.seed)]
-            s_prompts = [student_prompt_ids(tok, r) for r in batch]
-            t_prompts = [context(tok, r, cfg) for r in batch]
-            gens = []
-            for j in range(0, len(batch), cfg.generation.batch_size):
-                gens += generate_batch(student, tok, s_prompts[j: j + cfg.generation.batch_size], cfg.generation,
-                                       seed=cfg.seed * 7_919 + step * 1_000 + j)
-            completions = [g.token_ids for g in gens]
-            total_tokens = sum(len(c) for c in completions)
+            ctx = StepContext(student, tok, teacher_hidden, teacher_head, cfg, step)
             optimizer.zero_grad(set_to_none=True)
-            loss_total, kl_total, agree_total = distill_backward(student, teacher, tok, s_prompts, t_prompts,
-                                                                 completions, cfg)
+            res = objective(ctx, batch)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
             lr = scheduler.get_last_lr()[0]
             if math.isfinite(grad_norm):
                 optimizer.step()
             scheduler.step()
+            if cfg.teacher == "ema" and teacher is not None:
+                _ema_update(teacher, student, cfg.ema_decay)
             seconds = time.perf_counter() - t0
-            n = max(total_tokens, 1)
-            metrics.append(MetricsRow(step=step + 1, loss=loss_total / n, kl=kl_total / n,
-                                      top1_agreement=agree_total / n, grad_norm=grad_norm, lr=lr,
-                                      completion_tokens=total_tokens,
-                                      mean_completion_length=total_tokens / len(batch),
-                                      tokens_per_second=total_tokens / seconds, seconds=seconds))
+            used += res.rollout_tokens
+            n = max(res.tokens, 1)
+            metrics.append(MetricsRow(
+                step=step + 1, method=cfg.method, loss=res.loss_sum / n,
+                kl=None if res.kl_sum is None else res.kl_sum / n,
+                top1_agreement=None if res.agree_sum is None else res.agree_sum / n, reward=res.reward,
+                grad_norm=grad_norm, lr=lr, completion_tokens=res.tokens, mean_completion_length=res.tokens / len(batch),
+                rollout_tokens=used, tokens_per_second=res.tokens / seconds, seconds=seconds))
             advance(1)
             m = metrics[-1]
-            info(f"step {m.step}/{cfg.steps}  loss {m.loss:.4f}  kl {m.kl:.4f}  top1 {m.top1_agreement:.3f}  "
-                 f"grad {m.grad_norm:.3f}  tokens {m.completion_tokens}  {m.seconds:.1f}s")
+            extras = "".join(f"  {k} {v:.4f}" for k, v in (("kl", m.kl), ("top1", m.top1_agreement),
+                                                           ("reward", m.reward)) if v is not None)
+            info(f"step {m.step}/{cfg.steps}  loss {m.loss:.4f}{extras}  grad {m.grad_norm:.3f}  "
+                 f"tokens {m.completion_tokens}  {m.seconds:.1f}s")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                save_checkpoint(out / f"checkpoint-{step + 1}", student, tok, optimizer, scheduler, step + 1, cfg,
-                                metrics)
-    student.save_pretrained(out, safe_serialization=True)
+                save_checkpoint(out / f"checkpoint-{step + 1}", student, teacher, tok, optimizer, scheduler, step + 1,
+                                cfg, metrics)
+    final = student.merge_and_unload() if cfg.lora_rank else student
+    final.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     (out / "rcsd_train_config.json").write_text(cfg.model_dump_json(indent=2))
     write_artifact(out / "metrics.parquet", "metrics", metrics, stage="train", config=cfg, model_id=cfg.model,

@@ -108,3 +108,47 @@ def test_top_k_with_tail_bucket_keeps_the_rest_as_one_entry():
     expected = kl([0.5, 0.3, 0.2], [0.1, 0.2, 0.7])  # top-2 entries plus tail mass, no renormalisation
     got = distill_token_loss(logits_of(s), logits_of(t), top_k=2, tail=True).item()
     assert got == pytest.approx(expected, abs=1e-9)
+
+
+def test_group_advantages_hand_values():
+    from rcsd_cli.losses import group_advantages
+
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]], dtype=torch.float64)
+    adv = group_advantages(r, eps=0.0 + 1e-12)
+    std = math.sqrt(1 / 3)  # unbiased std of (1, 0, 0, 1)
+    assert adv[0].tolist() == pytest.approx([0.5 / std, -0.5 / std, -0.5 / std, 0.5 / std])
+    assert adv[1].abs().max().item() == 0  # identical rewards carry no signal
+
+
+def test_clipped_policy_loss_and_k3():
+    from rcsd_cli.losses import clipped_policy_loss, k3_kl
+
+    logp = torch.tensor([math.log(0.6), math.log(0.3)], dtype=torch.float64)
+    old = torch.tensor([math.log(0.4), math.log(0.4)], dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    # ratios 1.5 and 0.75: positive advantage clipped at 1.2; negative advantage takes max(0.75, 0.8) -> 0.8
+    assert clipped_policy_loss(logp, old, adv, 0.2).tolist() == pytest.approx([-1.2, 0.8])
+    assert k3_kl(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])).item() == pytest.approx(
+        0.5 - math.log(0.5) - 1)
+
+
+def test_stored_topk_matches_online_topk():
+    from rcsd_cli.losses import stored_topk_distill_loss
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 50, dtype=torch.float64), torch.randn(2, 3, 50, dtype=torch.float64)
+    top = torch.log_softmax(t, -1).topk(5, -1)
+    stored = stored_topk_distill_loss(s, top.indices, top.values, temperature=1.2, clip=0.05)
+    online = distill_token_loss(s, t, top_k=5, temperature=1.2, clip=0.05)
+    assert torch.allclose(stored, online, atol=1e-12)
+
+
+def test_chunked_token_logprobs_matches_full():
+    from rcsd_cli.losses import chunked_token_logprobs
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 11, bias=False)
+    h = torch.randn(2, 7, 4)
+    y = torch.randint(0, 11, (2, 7))
+    full = torch.log_softmax(head(h), -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(chunked_token_logprobs(h, head, y, chunk_size=3), full, atol=1e-6)

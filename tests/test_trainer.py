@@ -11,7 +11,8 @@ from rcsd_cli.batching import aligned_hidden, build_pair_batch
 from rcsd_cli.models import load_model
 from rcsd_cli.rubric_gen import reference_rubric
 from rcsd_cli.schemas import GenerationConfig, Problem, Rubric, TrainConfig
-from rcsd_cli.trainer import batch_order, distill_backward, train
+from rcsd_cli.objectives import StepContext, distill_backward
+from rcsd_cli.trainer import batch_order, train
 
 
 def rubric_rows():
@@ -59,9 +60,11 @@ def test_gradient_does_not_depend_on_micro_batching(tiny_model):
     grads = []
     for micro in (3, 2, 1):
         lm.model.zero_grad()
-        loss, kl, _ = distill_backward(lm.model, teacher, lm.tokenizer, s_prompts, t_prompts, completions,
-                                       config(tiny_model, micro_batch_size=micro, chunk_size=2, clip=None))
-        grads.append((loss, [p.grad.clone() for p in lm.model.parameters()]))
+        ctx = StepContext(lm.model, lm.tokenizer, lambda side: aligned_hidden(teacher, side),
+                          teacher.get_output_embeddings(), config(tiny_model, micro_batch_size=micro, chunk_size=2,
+                                                                  clip=None), 0)
+        res = distill_backward(ctx, s_prompts, t_prompts, completions)
+        grads.append((res.loss_sum, [p.grad.clone() for p in lm.model.parameters()]))
     assert grads[0][0] > 0
     for loss, g in grads[1:]:
         assert loss == pytest.approx(grads[0][0], rel=1e-5)

@@ -61,7 +61,7 @@ def run_demo(out: Path, *, bench: str = "arc-easy", model: str = c.DEFAULT, trai
                       micro_batch_size=batch_size, lr=lr, seed=seed,
                       generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=1.2, top_p=0.95,
                                                   top_k=20, batch_size=16))
-    metrics = run_train(rubrics, out / "model", cfg)
+    metrics = run_train(cfg, out / "model")
     stage("eval after")
     after = run_eval(bench, out / "eval_after.parquet", model=str(out / "model"), limit=eval_items,
                      offset=train_items, seed=seed, generation=greedy, show=False)

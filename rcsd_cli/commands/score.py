@@ -35,14 +35,44 @@ def judge_and_score(items: list[tuple[str, Problem, list[Criterion], str]], judg
     return [score_completion(sid, prob, rubric, text, per_sample.get(sid)) for sid, prob, rubric, text in items]
 
 
+def add_teacher_logprobs(scores: list[Score], samples, by_id: dict, cfg: ScoreConfig, model_name: str,
+                         trust_remote_code: bool) -> list[Score]:
+    """Attach the teacher's top-k log-probs over each sample's own completion ids."""
+    from types import SimpleNamespace
+
+    from rcsd_cli.models import load_model
+    from rcsd_cli.objectives import teacher_prompt, teacher_topk
+
+    loaded = load_model(model_name, trust_remote_code)
+    view = SimpleNamespace(task="reasoner", method=cfg.teacher_method, teacher_context=cfg.teacher_context)
+    prompts = [teacher_prompt(loaded.tokenizer, by_id[s.problem_id], view) for s in samples]
+    ids, lps = [], []
+    with progress("teacher log-probs", len(samples)) as advance:
+        for j in range(0, len(samples), 8):
+            part = samples[j: j + 8]
+            i, lp = teacher_topk(loaded.model, loaded.tokenizer, prompts[j: j + 8],
+                                 [s.completion_token_ids for s in part], cfg.teacher_top_k)
+            ids += i
+            lps += lp
+            advance(len(part))
+    return [sc.model_copy(update={"teacher_topk_ids": i, "teacher_topk_logprobs": lp})
+            for sc, i, lp in zip(scores, ids, lps)]
+
+
 def run_score(samples_path: Path, rubrics_path: Path, output: Path, *, judge_model: str | None = None,
               judge_retries: int = 2, seed: int = 0, generation: GenerationConfig | None = None,
+              teacher_logprobs: bool = False, teacher_model: str | None = None, teacher_top_k: int = 20,
+              teacher_method: str = "rcsd", teacher_context: str = "rubric+reference",
               overwrite: bool = False, trust_remote_code: bool = False) -> list[Score]:
     ensure_writable(output, overwrite)
     generation = generation or GenerationConfig(temperature=0.0, max_new_tokens=192)
+    samples, samples_meta = read_artifact(samples_path, "samples")
+    if teacher_logprobs:
+        teacher_model = teacher_model or samples_meta.get("model") or c.DEFAULT
     cfg = ScoreConfig(samples=str(samples_path), rubrics=str(rubrics_path), judge_model=judge_model,
-                      judge_retries=judge_retries, seed=seed, generation=generation)
-    samples, _ = read_artifact(samples_path, "samples")
+                      judge_retries=judge_retries, seed=seed, generation=generation,
+                      teacher_logprobs=teacher_logprobs, teacher_model=teacher_model, teacher_top_k=teacher_top_k,
+                      teacher_method=teacher_method, teacher_context=teacher_context)
     rubrics, _ = read_artifact(rubrics_path, "rubrics")
     by_id = {r.id: r for r in rubrics}
     items = []
@@ -52,6 +82,8 @@ def run_score(samples_path: Path, rubrics_path: Path, output: Path, *, judge_mod
         r = by_id[s.problem_id]
         items.append((s.id, r, r.rubric, s.completion))
     scores = judge_and_score(items, judge_model, generation, judge_retries, seed, trust_remote_code)
+    if teacher_logprobs:
+        scores = add_teacher_logprobs(scores, samples, by_id, cfg, teacher_model, trust_remote_code)
     write_artifact(output, "scores", scores, stage="score", config=cfg, model_id=judge_model,
                    inputs=[samples_path, rubrics_path], overwrite=overwrite)
     vals = [s.score for s in scores if s.score is not None]
@@ -69,6 +101,14 @@ def command(
     judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="LLM judge for criteria "
                                                        "without a machine check (unset: they stay unjudged).")] = None,
     judge_retries: Annotated[int, typer.Option("--judge-retries", min=0)] = 2,
+    teacher_logprobs: Annotated[bool, typer.Option("--teacher-logprobs", help="Store the teacher's top-k "
+                                                   "log-probs per completion token (for train --samples).")] = False,
+    teacher_model: Annotated[Optional[str], typer.Option("--teacher-model", help="Default: the samples' model.")]
+    = None,
+    teacher_top_k: Annotated[int, typer.Option("--teacher-top-k", min=1)] = 20,
+    teacher_method: Annotated[str, typer.Option("--teacher-method", help="rcsd or opsd teacher context.")] = "rcsd",
+    teacher_context: Annotated[str, typer.Option("--teacher-context", help="rubric or rubric+reference.")]
+    = "rubric+reference",
     seed: c.Seed = 0,
     max_new_tokens: c.MaxNewTokens = 192,
     batch_size: c.BatchSize = 16,
@@ -76,6 +116,9 @@ def command(
     trust_remote_code: c.TrustRemoteCode = False,
 ):
     """Score samples against their rubrics: checks in code, other criteria by an LLM judge, never guessed."""
+    c.check_choice("--teacher-method", teacher_method, ("rcsd", "opsd"))
+    c.check_choice("--teacher-context", teacher_context, ("rubric", "rubric+reference"))
     run_score(samples, rubrics, output, judge_model=judge_model, judge_retries=judge_retries, seed=seed,
-              generation=c.gen_config(max_new_tokens, 0.0, 1.0, 0, batch_size), overwrite=overwrite,
-              trust_remote_code=trust_remote_code)
+              generation=c.gen_config(max_new_tokens, 0.0, 1.0, 0, batch_size), teacher_logprobs=teacher_logprobs,
+              teacher_model=teacher_model, teacher_top_k=teacher_top_k, teacher_method=teacher_method,
+              teacher_context=teacher_context, overwrite=overwrite, trust_remote_code=trust_remote_code)

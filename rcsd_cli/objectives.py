@@ -1,0 +1,281 @@
+"""What one optimizer step computes, per method; the loop around it lives in ``trainer.py``.
+
+- ``rcsd`` / ``opsd`` (self-distillation): one rollout per prompt from the current student; the
+  teacher scores the same completion ids behind its privileged prompt (rubric + reference for
+  RCSD, the reference answer only for OPSD); loss from ``losses.chunked_distill_loss``.
+- ``grpo``: ``group_size`` rollouts per prompt, reward = rubric score from machine checks (or
+  answer correctness), group-normalised advantages, clipped-ratio surrogate, optional k3 KL to
+  the frozen initial model. One policy update per batch of rollouts (on-policy), so the ratio
+  starts at 1 and the clip guards the estimator rather than several epochs of reuse.
+- ``sft``: cross-entropy on the reference answer after the student prompt.
+
+Every objective sums per-token losses and divides by the step's total token count before
+``backward`` — never by a micro-batch's own count — so accumulation leaves the gradient unchanged.
+Tasks: ``reasoner`` answers questions; ``rubric-generator`` (stage I) writes rubrics, its teacher
+additionally seeing the reference rubric.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from rcsd_cli.batching import SideBatch, aligned_hidden, build_pair_batch
+from rcsd_cli.generation import generate_batch
+from rcsd_cli.losses import chunked_distill_loss, chunked_token_logprobs, clipped_policy_loss, group_advantages, k3_kl
+from rcsd_cli.prompts import (answer_instruction, chat_prompt_ids, rubric_designer_message, student_prompt_ids,
+                              teacher_prompt_ids)
+from rcsd_cli.rubric_gen import InvalidRubric, parse_rubric_output
+from rcsd_cli.schemas import Rubric, TrainConfig
+from rcsd_cli.scoring import score_completion
+
+
+@dataclass
+class StepResult:
+    loss_sum: float
+    tokens: int
+    kl_sum: float | None
+    agree_sum: float | None
+    reward: float | None
+    rollout_tokens: int
+
+
+@dataclass
+class StepContext:
+    student: object
+    tokenizer: object
+    teacher_hidden: Callable[[SideBatch], torch.Tensor]  # no-grad hidden states of the teacher
+    teacher_head: object
+    cfg: TrainConfig
+    step: int
+
+
+# ----------------------------------------------------------------------------- prompts per task
+
+
+def rubric_json(rubric) -> str:
+    return json.dumps([{"title": c.title, "description": c.description, "weight": int(c.weight)
+                        if float(c.weight).is_integer() else c.weight} for c in rubric])
+
+
+def student_prompt(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
+    if cfg.task == "rubric-generator":
+        return chat_prompt_ids(tok, rubric_designer_message(row))
+    return student_prompt_ids(tok, row)
+
+
+def teacher_prompt(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
+    if cfg.task == "rubric-generator":
+        return chat_prompt_ids(tok, rubric_designer_message(row) + "\n\nAn expert wrote this rubric for the "
+                               f"question; use it as your guide:\n{rubric_json(row.rubric)}")
+    if cfg.method == "opsd":
+        return teacher_prompt_ids(tok, row, None, True)
+    return teacher_prompt_ids(tok, row, row.rubric, cfg.teacher_context == "rubric+reference")
+
+
+def reference_target(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
+    """SFT target ids: the reference answer (ending in the answer line the prompt asks for), then EOS."""
+    if cfg.task == "rubric-generator":
+        text = rubric_json(row.rubric)
+    else:
+        text = (row.reference_answer or row.answer or "").strip()
+        if row.answer and "answer:" not in text.lower():
+            text += f"\nAnswer: {row.answer}"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+
+
+def rollout_reward(row: Rubric, text: str, cfg: TrainConfig) -> float:
+    """Reasoner: rubric score from machine checks (unjudgeable -> 0) or correctness; stage I: valid rubric."""
+    if cfg.task == "rubric-generator":
+        try:
+            parse_rubric_output(text)
+            return 1.0
+        except InvalidRubric:
+            return 0.0
+    s = score_completion("rollout", row, row.rubric, text)
+    if cfg.reward == "correct":
+        return float(bool(s.correct))
+    return s.score if s.score is not None else 0.0
+
+
+def rollouts(ctx: StepContext, prompts: list[list[int]]):
+    cfg, gens = ctx.cfg, []
+    for j in range(0, len(prompts), cfg.generation.batch_size):
+        gens += generate_batch(ctx.student, ctx.tokenizer, prompts[j: j + cfg.generation.batch_size], cfg.generation,
+                               seed=cfg.seed * 7_919 + ctx.step * 1_000 + j)
+    return gens
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+def distill_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
+    cfg, tok = ctx.cfg, ctx.tokenizer
+    s_prompts = [student_prompt(tok, r, cfg) for r in rows]
+    t_prompts = [teacher_prompt(tok, r, cfg) for r in rows]
+    gens = rollouts(ctx, s_prompts)
+    completions = [g.token_ids for g in gens]
+    rewards = [rollout_reward(r, g.text, cfg) for r, g in zip(rows, gens)]
+    res = distill_backward(ctx, s_prompts, t_prompts, completions)
+    res.reward = sum(rewards) / len(rewards)
+    return res
+
+
+def distill_backward(ctx: StepContext, s_prompts, t_prompts, completions) -> StepResult:
+    """Accumulate the distillation gradient over micro-batches; returns token sums."""
+    cfg, tok = ctx.cfg, ctx.tokenizer
+    total = max(sum(max(len(c) - cfg.skip_first_tokens, 0) for c in completions), 1)
+    s_head = ctx.student.get_output_embeddings()
+    loss_total = kl_total = agree_total = 0.0
+    for j in range(0, len(completions), cfg.micro_batch_size):
+        sl = slice(j, j + cfg.micro_batch_size)
+        pb = build_pair_batch(s_prompts[sl], t_prompts[sl], completions[sl], tok.pad_token_id, cfg.skip_first_tokens)
+        with torch.no_grad():
+            t_hidden = ctx.teacher_hidden(pb.teacher)
+        s_hidden = aligned_hidden(ctx.student, pb.student)
+        dev = s_hidden.device
+        loss_sum, kl_sum, agree_sum = chunked_distill_loss(
+            s_hidden, t_hidden, s_head, ctx.teacher_head, pb.mask.to(dev), pb.targets.to(dev), kind=cfg.loss,
+            chunk_size=cfg.chunk_size, beta=cfg.beta, top_k=cfg.top_k_loss, temperature=cfg.loss_temperature,
+            clip=cfg.clip, diag_top_k=cfg.top_k_loss, tail=cfg.tail_bucket)
+        (loss_sum / total).backward()
+        loss_total += loss_sum.item()
+        kl_total += kl_sum.item()
+        agree_total += agree_sum.item()
+    return StepResult(loss_total, total, kl_total, agree_total, None, sum(len(c) for c in completions))
+
+
+def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
+    cfg, tok, G = ctx.cfg, ctx.tokenizer, ctx.cfg.group_size
+    group_rows = [r for r in rows for _ in range(G)]
+    prompts = [student_prompt(tok, r, cfg) for r in group_rows]
+    gens = rollouts(ctx, prompts)
+    completions = [g.token_ids for g in gens]
+    rewards = torch.tensor([rollout_reward(r, g.text, cfg) for r, g in zip(group_rows, gens)], dtype=torch.float32)
+    advantages = group_advantages(rewards.view(len(rows), G)).view(-1)
+    total = max(sum(len(c) for c in completions), 1)
+    head = ctx.student.get_output_embeddings()
+    loss_total, kl_total = 0.0, 0.0
+    for j in range(0, len(completions), cfg.micro_batch_size):
+        sl = slice(j, j + cfg.micro_batch_size)
+        pb = build_pair_batch(prompts[sl], prompts[sl], completions[sl], tok.pad_token_id)
+        hidden = aligned_hidden(ctx.student, pb.student)
+        dev = hidden.device
+        targets, mask = pb.targets.to(dev), pb.mask.to(dev).float()
+        logp = chunked_token_logprobs(hidden, head, targets, cfg.chunk_size)
+        per_tok = clipped_policy_loss(logp, logp.detach(), advantages[sl].to(dev).unsqueeze(-1), cfg.clip_eps)
+        if cfg.kl_coef > 0:
+            with torch.no_grad():
+                ref_logp = chunked_token_logprobs(ctx.teacher_hidden(pb.student), ctx.teacher_head, targets,
+                                                  cfg.chunk_size)
+            kl = k3_kl(logp, ref_logp)
+            per_tok = per_tok + cfg.kl_coef * kl
+            kl_total += (kl.detach() * mask).sum().item()
+        loss_sum = (per_tok * mask).sum()
+        (loss_sum / total).backward()
+        loss_total += loss_sum.item()
+    return StepResult(loss_total, total, kl_total if cfg.kl_coef > 0 else None, None, rewards.mean().item(),
+                      sum(len(c) for c in completions))
+
+
+def sft_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
+    cfg, tok = ctx.cfg, ctx.tokenizer
+    prompts = [student_prompt(tok, r, cfg) for r in rows]
+    targets_ids = [reference_target(tok, r, cfg) for r in rows]
+    total = max(sum(len(t) for t in targets_ids), 1)
+    head = ctx.student.get_output_embeddings()
+    loss_total = 0.0
+    for j in range(0, len(rows), cfg.micro_batch_size):
+        sl = slice(j, j + cfg.micro_batch_size)
+        pb = build_pair_batch(prompts[sl], prompts[sl], targets_ids[sl], tok.pad_token_id)
+        hidden = aligned_hidden(ctx.student, pb.student)
+        dev = hidden.device
+        logp = chunked_token_logprobs(hidden, head, pb.targets.to(dev), cfg.chunk_size)
+        loss_sum = -(logp * pb.mask.to(dev).float()).sum()
+        (loss_sum / total).backward()
+        loss_total += loss_sum.item()
+    return StepResult(loss_total, total, None, None, None, 0)
+
+
+OBJECTIVES = {"rcsd": distill_step, "opsd": distill_step, "grpo": grpo_step, "sft": sft_step}
+
+__all__ = ["OBJECTIVES", "StepContext", "StepResult", "answer_instruction"]
+
+
+# ----------------------------------------------------------------------------- offline round
+
+
+@dataclass
+class OfflineItem:
+    """A stored sample with its teacher's top-k (ids, log-probs) per completion token."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    teacher_ids: list[list[int]]
+    teacher_logprobs: list[list[float]]
+
+
+def offline_step(ctx: StepContext, items: list[OfflineItem]) -> StepResult:
+    """Distil towards stored teacher top-k log-probs: no sampling and no teacher forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    from rcsd_cli.losses import stored_topk_distill_loss
+
+    cfg, tok = ctx.cfg, ctx.tokenizer
+    total = max(sum(max(len(it.completion_ids) - cfg.skip_first_tokens, 0) for it in items), 1)
+    head = ctx.student.get_output_embeddings()
+    loss_total = 0.0
+    for j in range(0, len(items), cfg.micro_batch_size):
+        part = items[j: j + cfg.micro_batch_size]
+        prompts = [it.prompt_ids for it in part]
+        pb = build_pair_batch(prompts, prompts, [it.completion_ids for it in part], tok.pad_token_id,
+                              cfg.skip_first_tokens)
+        hidden = aligned_hidden(ctx.student, pb.student)
+        dev = hidden.device
+        k = len(part[0].teacher_ids[0])
+        t_ids = torch.zeros((len(part), hidden.shape[1], k), dtype=torch.long)
+        t_lp = torch.zeros((len(part), hidden.shape[1], k))
+        for i, it in enumerate(part):
+            t_ids[i, : len(it.teacher_ids)] = torch.tensor(it.teacher_ids)
+            t_lp[i, : len(it.teacher_logprobs)] = torch.tensor(it.teacher_logprobs)
+        mask = pb.mask.to(dev).float()
+
+        def chunk(h, ids, lp, m):
+            per_tok = stored_topk_distill_loss(head(h), ids, lp, temperature=cfg.loss_temperature, clip=cfg.clip)
+            return (per_tok * m).sum()
+
+        loss_sum = hidden.new_zeros(())
+        for start in range(0, hidden.shape[1], cfg.chunk_size):
+            sl = slice(start, start + cfg.chunk_size)
+            loss_sum = loss_sum + checkpoint(chunk, hidden[:, sl], t_ids[:, sl].to(dev), t_lp[:, sl].to(dev),
+                                             mask[:, sl], use_reentrant=False)
+        (loss_sum / total).backward()
+        loss_total += loss_sum.item()
+    return StepResult(loss_total, total, None, None, None, 0)
+
+
+@torch.no_grad()
+def teacher_topk(model, tok, teacher_prompts: list[list[int]], completions: list[list[int]], k: int,
+                 micro_batch_size: int = 8, chunk_size: int = 128):
+    """Per completion token, the teacher's top-k (ids, log-probs at temperature 1)."""
+    head = model.get_output_embeddings()
+    ids_out, lp_out = [], []
+    for j in range(0, len(completions), micro_batch_size):
+        sl = slice(j, j + micro_batch_size)
+        pb = build_pair_batch(teacher_prompts[sl], teacher_prompts[sl], completions[sl], tok.pad_token_id)
+        hidden = aligned_hidden(model, pb.teacher)
+        parts_i, parts_v = [], []
+        for start in range(0, hidden.shape[1], chunk_size):
+            logp = torch.log_softmax(head(hidden[:, start: start + chunk_size]).float(), -1)
+            top = logp.topk(k, dim=-1)
+            parts_i.append(top.indices)
+            parts_v.append(top.values)
+        idx, val = torch.cat(parts_i, 1).cpu(), torch.cat(parts_v, 1).cpu()
+        for i, c in enumerate(completions[sl]):
+            ids_out.append(idx[i, : len(c)].tolist())
+            lp_out.append([[round(x, 5) for x in row] for row in val[i, : len(c)].tolist()])
+    return ids_out, lp_out
