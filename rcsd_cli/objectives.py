@@ -25,9 +25,21 @@ import torch
 
 from rcsd_cli.batching import SideBatch, aligned_hidden, build_pair_batch
 from rcsd_cli.generation import generate_batch
-from rcsd_cli.losses import chunked_distill_loss, chunked_token_logprobs, clipped_policy_loss, group_advantages, k3_kl
-from rcsd_cli.prompts import (answer_instruction, chat_prompt_ids, rubric_designer_message, student_prompt_ids,
-                              teacher_prompt_ids)
+from rcsd_cli.losses import (
+    chunked_distill_loss,
+    chunked_token_logprobs,
+    clipped_policy_loss,
+    group_advantages,
+    k3_kl,
+)
+from rcsd_cli.prompts import (
+    answer_instruction,
+    chat_prompt_ids,
+    rubric_analysis_message,
+    rubric_designer_message,
+    student_prompt_ids,
+    teacher_prompt_ids,
+)
 from rcsd_cli.rubric_gen import InvalidRubric, parse_rubric_output
 from rcsd_cli.schemas import Rubric, TrainConfig
 from rcsd_cli.scoring import score_completion
@@ -51,6 +63,7 @@ class StepContext:
     teacher_head: object
     cfg: TrainConfig
     step: int
+    teacher_generate: Callable | None = None  # (prompts, generation config, seed) -> generations, no grad
 
 
 # ----------------------------------------------------------------------------- prompts per task
@@ -61,19 +74,25 @@ def rubric_json(rubric) -> str:
                         if float(c.weight).is_integer() else c.weight} for c in rubric])
 
 
+def _thinking(cfg) -> bool | None:
+    gen = getattr(cfg, "generation", None)
+    return getattr(gen, "enable_thinking", None)
+
+
 def student_prompt(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
     if cfg.task == "rubric-generator":
-        return chat_prompt_ids(tok, rubric_designer_message(row))
-    return student_prompt_ids(tok, row)
+        return chat_prompt_ids(tok, rubric_designer_message(row), _thinking(cfg))
+    return student_prompt_ids(tok, row, _thinking(cfg))
 
 
-def teacher_prompt(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
+def teacher_prompt(tok, row: Rubric, cfg: TrainConfig, analysis: str | None = None) -> list[int]:
+    """The teacher's privileged prompt; both sides share the chat template and thinking mode."""
     if cfg.task == "rubric-generator":
         return chat_prompt_ids(tok, rubric_designer_message(row) + "\n\nAn expert wrote this rubric for the "
-                               f"question; use it as your guide:\n{rubric_json(row.rubric)}")
+                               f"question; use it as your guide:\n{rubric_json(row.rubric)}", _thinking(cfg))
     if cfg.method == "opsd":
-        return teacher_prompt_ids(tok, row, None, True)
-    return teacher_prompt_ids(tok, row, row.rubric, cfg.teacher_context == "rubric+reference")
+        return teacher_prompt_ids(tok, row, None, True, _thinking(cfg))
+    return teacher_prompt_ids(tok, row, row.rubric, cfg.teacher_context != "rubric", _thinking(cfg), analysis)
 
 
 def reference_target(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
@@ -116,7 +135,12 @@ def rollouts(ctx: StepContext, prompts: list[list[int]]):
 def distill_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     cfg, tok = ctx.cfg, ctx.tokenizer
     s_prompts = [student_prompt(tok, r, cfg) for r in rows]
-    t_prompts = [teacher_prompt(tok, r, cfg) for r in rows]
+    analyses = [None] * len(rows)
+    if cfg.teacher_context == "reason-first" and cfg.method == "rcsd" and cfg.task == "reasoner":
+        asks = [chat_prompt_ids(tok, rubric_analysis_message(r, r.rubric), _thinking(cfg)) for r in rows]
+        analysis_cfg = cfg.generation.model_copy(update={"temperature": 0.0, "max_new_tokens": 128})
+        analyses = [g.text for g in ctx.teacher_generate(asks, analysis_cfg, cfg.seed + ctx.step)]
+    t_prompts = [teacher_prompt(tok, r, cfg, a) for r, a in zip(rows, analyses)]
     gens = rollouts(ctx, s_prompts)
     completions = [g.token_ids for g in gens]
     rewards = [rollout_reward(r, g.text, cfg) for r, g in zip(rows, gens)]

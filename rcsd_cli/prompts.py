@@ -39,7 +39,8 @@ def student_message(problem: Problem) -> str:
     return f"{format_question(problem)}\n\n{answer_instruction(problem)}"
 
 
-def teacher_message(problem: Problem, rubric: list[Criterion] | None, include_reference: bool) -> str:
+def teacher_message(problem: Problem, rubric: list[Criterion] | None, include_reference: bool,
+                    analysis: str | None = None) -> str:
     """The privileged teacher context: question, rubric and/or reference, then the same instruction."""
     parts = [format_question(problem)]
     if rubric:
@@ -47,8 +48,16 @@ def teacher_message(problem: Problem, rubric: list[Criterion] | None, include_re
                      "pitfalls to avoid):\n" + format_rubric(rubric))
     if include_reference and problem.reference_answer:
         parts.append(f"Reference answer:\n{problem.reference_answer.strip()}")
+    if analysis:
+        parts.append(f"Analysis of the rubric:\n{analysis.strip()}")
     parts.append(answer_instruction(problem))
     return "\n\n".join(parts)
+
+
+def rubric_analysis_message(problem: Problem, rubric: list[Criterion]) -> str:
+    """Reason-first teacher: ask for an analysis of what the rubric rewards before answering."""
+    return (teacher_message(problem, rubric, True).rsplit("\n\n", 1)[0] + "\n\nDo not answer yet. In at most "
+            "80 words, analyse what this rubric rewards and which pitfalls a strong answer must avoid.")
 
 
 def rubric_designer_message(problem: Problem) -> str:
@@ -85,9 +94,11 @@ def chat_prompt_ids(tokenizer, user_text: str, enable_thinking: bool | None = No
     return tokenizer(f"{user_text}\n\nResponse:", add_special_tokens=True)["input_ids"]
 
 
-def student_prompt_ids(tokenizer, problem: Problem) -> list[int]:
-    return chat_prompt_ids(tokenizer, student_message(problem))
+def student_prompt_ids(tokenizer, problem: Problem, enable_thinking: bool | None = None) -> list[int]:
+    return chat_prompt_ids(tokenizer, student_message(problem), enable_thinking)
 
 
-def teacher_prompt_ids(tokenizer, problem: Problem, rubric: list[Criterion] | None, include_reference: bool):
-    return chat_prompt_ids(tokenizer, teacher_message(problem, rubric, include_reference))
+def teacher_prompt_ids(tokenizer, problem: Problem, rubric: list[Criterion] | None, include_reference: bool,
+                       enable_thinking: bool | None = None, analysis: str | None = None) -> list[int]:
+    """Rendered with the same ``enable_thinking`` as the student so the first completion token lines up."""
+    return chat_prompt_ids(tokenizer, teacher_message(problem, rubric, include_reference, analysis), enable_thinking)

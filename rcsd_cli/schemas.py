@@ -192,6 +192,8 @@ class GenerationConfig(_Config):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k filtering.")
     batch_size: int = Field(16, ge=1)
+    enable_thinking: bool | None = Field(None, description="Passed to chat templates that support it (e.g. "
+                                         "Qwen3); None keeps the template's default. Applied to every prompt.")
 
 
 class GenRubricsConfig(_Config):
@@ -236,14 +238,17 @@ class TrainConfig(_Config):
     scores: str | None = Field(None, description="Offline round: scores.parquet with teacher top-k log-probs.")
     model: str
     task: Literal["reasoner", "rubric-generator"] = Field(
-        "reasoner", description="rubric-generator: stage I, the student writes rubrics, the teacher sees the reference.")
+        "reasoner", description="rubric-generator: stage I, the student writes rubrics, the teacher also sees the "
+        "reference rubric.")
     method: Literal["rcsd", "opsd", "grpo", "sft"] = Field(
         "rcsd", description="rcsd: rubric teacher; opsd: reference-answer teacher; grpo: rubric/correctness "
         "reward; sft: cross-entropy on reference answers.")
     teacher: Literal["frozen", "live", "ema"] = Field("frozen", description="frozen: initial weights; live: "
                                                      "current weights; ema: moving average of the student.")
     ema_decay: float = Field(0.99, gt=0.0, lt=1.0)
-    teacher_context: Literal["rubric", "rubric+reference"] = "rubric+reference"
+    teacher_context: Literal["rubric", "rubric+reference", "reason-first"] = Field(
+        "rubric+reference", description="reason-first: the teacher first writes an analysis of the rubric, "
+        "which is then added to its context (with the reference answer).")
     steps: int = Field(10, ge=1)
     max_rollout_tokens: int | None = Field(None, ge=1, description="Stop once this many rollout tokens were used.")
     batch_size: int = Field(4, ge=1, description="Prompts per optimizer step.")

@@ -79,7 +79,7 @@ def score_completion(sample_id: str, problem: Problem, rubric: list[Criterion], 
                                              explanation=why))
         else:
             verdicts.append(CriterionVerdict(criterion_id=c.id, weight=c.weight, met=None, method="unjudged",
-                                             explanation="no judge" if c.id not in judged else "judge output malformed"))
+                                             explanation="judge output malformed" if c.id in judged else "no judge"))
     score, met, possible = rubric_score(verdicts)
     pred = extract_answer(completion, problem.choices)
     correct = answers_match(pred, problem.answer, problem.choices) if problem.answer is not None else None

@@ -111,17 +111,28 @@ def _build_models(cfg: TrainConfig, ckpt: Path | None, trust_remote_code: bool):
     return student, teacher, tok
 
 
-def _teacher_view(cfg: TrainConfig, student, teacher):
-    """(hidden-state function, output head) of the teacher, all under no-grad."""
-    if teacher is not None:
-        return (lambda side: aligned_hidden(teacher, side)), teacher.get_output_embeddings()
-    if cfg.lora_rank and cfg.teacher == "frozen":
-        def frozen_base(side):
-            with student.disable_adapter():
-                return aligned_hidden(student, side)
+def _teacher_view(cfg: TrainConfig, student, teacher, tok):
+    """(hidden-state function, output head, generate function) of the teacher, all under no-grad."""
+    from contextlib import nullcontext
 
-        return frozen_base, student.get_output_embeddings()
-    return (lambda side: aligned_hidden(student, side)), student.get_output_embeddings()
+    from rcsd_cli.generation import generate
+
+    if teacher is not None:
+        module, head, scope = teacher, teacher.get_output_embeddings(), nullcontext
+    elif cfg.lora_rank and cfg.teacher == "frozen":
+        module, head, scope = student, student.get_output_embeddings(), student.disable_adapter
+    else:
+        module, head, scope = student, student.get_output_embeddings(), nullcontext
+
+    def hidden(side):
+        with scope():
+            return aligned_hidden(module, side)
+
+    def gen(prompts, gen_cfg, seed):
+        with scope():
+            return generate(module, tok, prompts, gen_cfg, seed)
+
+    return hidden, head, gen
 
 
 @torch.no_grad()
@@ -149,7 +160,7 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
         opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
         optimizer.load_state_dict(opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
-    teacher_hidden, teacher_head = _teacher_view(cfg, student, teacher)
+    teacher_hidden, teacher_head, teacher_generate = _teacher_view(cfg, student, teacher, tok)
     objective = objective or OBJECTIVES[cfg.method]
     used = metrics[-1].rollout_tokens if metrics else 0
     with progress(f"train ({cfg.method})", cfg.steps) as advance:
@@ -160,7 +171,7 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
                 break
             t0 = time.perf_counter()
             batch = [rows[i] for i in batch_order(len(rows), cfg.batch_size, step, cfg.seed)]
-            ctx = StepContext(student, tok, teacher_hidden, teacher_head, cfg, step)
+            ctx = StepContext(student, tok, teacher_hidden, teacher_head, cfg, step, teacher_generate)
             optimizer.zero_grad(set_to_none=True)
             res = objective(ctx, batch)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
@@ -177,7 +188,8 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
                 step=step + 1, method=cfg.method, loss=res.loss_sum / n,
                 kl=None if res.kl_sum is None else res.kl_sum / n,
                 top1_agreement=None if res.agree_sum is None else res.agree_sum / n, reward=res.reward,
-                grad_norm=grad_norm, lr=lr, completion_tokens=res.tokens, mean_completion_length=res.tokens / len(batch),
+                grad_norm=grad_norm, lr=lr, completion_tokens=res.tokens,
+                mean_completion_length=res.tokens / len(batch),
                 rollout_tokens=used, tokens_per_second=res.tokens / seconds, seconds=seconds))
             advance(1)
             m = metrics[-1]

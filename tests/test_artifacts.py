@@ -8,7 +8,7 @@ import pytest
 from rcsd_cli import __version__
 from rcsd_cli.artifacts import PartialLog, read_artifact, read_metadata, write_artifact
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.schemas import Check, Criterion, Rubric, Sample, SampleConfig, GenerationConfig
+from rcsd_cli.schemas import Check, Criterion, GenerationConfig, Rubric, Sample, SampleConfig
 
 
 def rubric_row(i=0):

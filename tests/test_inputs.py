@@ -1,7 +1,6 @@
 """Problem files in every supported layout normalise to the same Problem/Criterion model."""
 
 import csv
-import json
 
 import pytest
 

@@ -112,3 +112,38 @@ def test_offline_round_through_the_cli(run_cli, tiny_model, tmp_path):
     p = run_cli("train", "--samples", tmp_path / "s.parquet", "--scores", tmp_path / "s.parquet", "-o",
                 tmp_path / "m2", "--model", tiny_model)
     assert p.returncode == 2 and "holds samples rows, expected a scores file" in p.stderr
+
+
+QWEN3_LIKE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+              "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+@pytest.mark.parametrize("thinking,suffix", [(False, "<think>\n\n</think>\n\n"), (None, "assistant\n")])
+def test_thinking_templates_render_both_sides_alike(tiny_model, thinking, suffix):
+    from transformers import AutoTokenizer
+
+    from rcsd_cli.objectives import student_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = QWEN3_LIKE
+    c = cfg(tiny_model, generation=GenerationConfig(max_new_tokens=4, enable_thinking=thinking))
+    row = rubric_rows()[0]
+    s, t = tok.decode(student_prompt(tok, row, c)), tok.decode(teacher_prompt(tok, row, c))
+    assert s.endswith("<|im_start|>assistant\n" + suffix.removeprefix("assistant\n"))
+    assert t.endswith("<|im_start|>assistant\n" + suffix.removeprefix("assistant\n"))
+
+
+def test_reason_first_teacher_adds_its_analysis(tiny_model, tmp_path, monkeypatch):
+    import rcsd_cli.objectives as objectives
+
+    seen = []
+    original = objectives.teacher_prompt
+
+    def spy(tok, row, c, analysis=None):
+        seen.append(analysis)
+        return original(tok, row, c, analysis)
+
+    monkeypatch.setattr(objectives, "teacher_prompt", spy)
+    metrics = train(cfg(tiny_model, teacher_context="reason-first"), rubric_rows(), tmp_path)
+    assert len(metrics) == 2 and len(seen) == 4 and all(isinstance(a, str) for a in seen)

@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rcsd_cli.artifacts import read_artifact, write_artifact
+from rcsd_cli.artifacts import read_artifact
 from rcsd_cli.batching import aligned_hidden, build_pair_batch
 from rcsd_cli.models import load_model
+from rcsd_cli.objectives import StepContext, distill_backward
 from rcsd_cli.rubric_gen import reference_rubric
 from rcsd_cli.schemas import GenerationConfig, Problem, Rubric, TrainConfig
-from rcsd_cli.objectives import StepContext, distill_backward
 from rcsd_cli.trainer import batch_order, train
 
 

@@ -21,13 +21,16 @@ Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = 
 TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
 TopK = Annotated[int, typer.Option("--top-k", min=0, help="0 = no top-k filtering.")]
 BatchSize = Annotated[int, typer.Option("--gen-batch-size", min=1, help="Prompts per generation batch.")]
+Thinking = Annotated[Optional[bool], typer.Option("--thinking/--no-thinking", help="enable_thinking for chat "
+                                                  "templates that have it (default: the template's own).")]
 
 DEFAULT = DEFAULT_MODEL
 
 
-def gen_config(max_new_tokens: int, temperature: float, top_p: float, top_k: int, batch_size: int) -> GenerationConfig:
+def gen_config(max_new_tokens: int, temperature: float, top_p: float, top_k: int, batch_size: int,
+               thinking: bool | None = None) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            batch_size=batch_size)
+                            batch_size=batch_size, enable_thinking=thinking)
 
 
 def example(text: str) -> str:

@@ -50,7 +50,8 @@ def summarise(items: list[EvalItem], n: int, seconds: float) -> dict:
     scores = [it.rubric_score for it in items if it.rubric_score is not None]
     rs, rlo, rhi = mean_interval(scores) if scores else (None, None, None)
     tokens = [t for it in items for t in it.completion_tokens]
-    return {"items": len(items), "graded_items": len(graded), "n": n, "accuracy": acc, "accuracy_ci": [lo, hi], "rubric_score": rs,
+    return {"items": len(items), "graded_items": len(graded), "n": n, "accuracy": acc, "accuracy_ci": [lo, hi],
+            "rubric_score": rs,
             "rubric_score_ci": [rlo, rhi], "mean_completion_tokens": sum(tokens) / max(len(tokens), 1),
             "seconds": seconds}
 
@@ -83,7 +84,7 @@ def run_eval(bench: str, output: Path, *, data: str | None = None, model: str = 
         raise RcsdError(f"{bench}: no items selected (offset {offset}, limit {limit})")
     t0 = time.perf_counter()
     loaded = load_model(model, trust_remote_code)
-    prompts = [student_prompt_ids(loaded.tokenizer, p) for p, _ in pairs for _ in range(n)]
+    prompts = [student_prompt_ids(loaded.tokenizer, p, generation.enable_thinking) for p, _ in pairs for _ in range(n)]
     with progress(f"eval {bench}", len(prompts)) as advance:
         gens = generate(loaded.model, loaded.tokenizer, prompts, generation, seed,
                         on_batch=lambda start, batch: advance(len(batch)))
@@ -129,10 +130,12 @@ def command(
     top_p: c.TopP = 1.0,
     top_k: c.TopK = 0,
     batch_size: c.BatchSize = 16,
+    thinking: c.Thinking = None,
     overwrite: c.Overwrite = False,
     trust_remote_code: c.TrustRemoteCode = False,
 ):
     """Evaluate a model on a benchmark: per-item Parquet plus a summary table."""
     run_eval(bench, output, data=data, model=model, n=n, limit=limit, offset=offset, seed=seed,
-             judge_model=judge_model, generation=c.gen_config(max_new_tokens, temperature, top_p, top_k, batch_size),
+             judge_model=judge_model,
+             generation=c.gen_config(max_new_tokens, temperature, top_p, top_k, batch_size, thinking),
              overwrite=overwrite, trust_remote_code=trust_remote_code)

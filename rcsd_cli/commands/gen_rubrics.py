@@ -39,7 +39,9 @@ def _llm_rubrics(todo: list[InputRow], cfg: GenRubricsConfig, trust_remote_code:
         for attempt in range(cfg.retries + 1):
             if not pending:
                 break
-            prompts = [chat_prompt_ids(loaded.tokenizer, rubric_designer_message(r.problem)) for r in pending]
+            think = cfg.generation.enable_thinking
+            prompts = [chat_prompt_ids(loaded.tokenizer, rubric_designer_message(r.problem), think)
+                       for r in pending]
             outs = generate(loaded.model, loaded.tokenizer, prompts, cfg.generation, cfg.seed + 104_729 * attempt)
             retry = []
             for row, out in zip(pending, outs):
@@ -119,6 +121,7 @@ def command(
     top_p: c.TopP = 0.95,
     top_k: c.TopK = 20,
     batch_size: c.BatchSize = 8,
+    thinking: c.Thinking = None,
     overwrite: c.Overwrite = False,
     trust_remote_code: c.TrustRemoteCode = False,
 ):
@@ -127,5 +130,5 @@ def command(
         raise RcsdError(f"--generator: {generator!r} is not one of auto, llm, reference")
     run_gen_rubrics(data, output, generator=generator, model=model, regenerate=regenerate, retries=retries,
                     limit=limit, seed=seed, offset=offset,
-                    generation=c.gen_config(max_new_tokens, temperature, top_p, top_k, batch_size),
+                    generation=c.gen_config(max_new_tokens, temperature, top_p, top_k, batch_size, thinking),
                     overwrite=overwrite, trust_remote_code=trust_remote_code)

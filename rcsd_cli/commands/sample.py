@@ -40,7 +40,7 @@ def run_sample(rubrics: Path, output: Path, *, model: str = c.DEFAULT, n: int = 
     if jobs:
         loaded = load_model(model, trust_remote_code)
         tok = loaded.tokenizer
-        prompts = [student_prompt_ids(tok, p) for p, _ in jobs]
+        prompts = [student_prompt_ids(tok, p, generation.enable_thinking) for p, _ in jobs]
         with progress("sample", len(jobs)) as advance:
             def keep(start, batch):
                 rows = [Sample(id=f"{p.id}:{k}", problem_id=p.id, sample_index=k, prompt_token_ids=prompts[start + i],
@@ -72,10 +72,11 @@ def command(
     top_p: c.TopP = 0.95,
     top_k: c.TopK = 20,
     batch_size: c.BatchSize = 16,
+    thinking: c.Thinking = None,
     overwrite: c.Overwrite = False,
     trust_remote_code: c.TrustRemoteCode = False,
 ):
     """Sample student completions (question only, the model's chat template); resumes if interrupted."""
     run_sample(rubrics, output, model=model, n=n, limit=limit, seed=seed,
-               generation=c.gen_config(max_new_tokens, temperature, top_p, top_k, batch_size),
+               generation=c.gen_config(max_new_tokens, temperature, top_p, top_k, batch_size, thinking),
                overwrite=overwrite, trust_remote_code=trust_remote_code)

@@ -36,7 +36,7 @@ def judge_and_score(items: list[tuple[str, Problem, list[Criterion], str]], judg
 
 
 def add_teacher_logprobs(scores: list[Score], samples, by_id: dict, cfg: ScoreConfig, model_name: str,
-                         trust_remote_code: bool) -> list[Score]:
+                         trust_remote_code: bool, enable_thinking: bool | None = None) -> list[Score]:
     """Attach the teacher's top-k log-probs over each sample's own completion ids."""
     from types import SimpleNamespace
 
@@ -44,7 +44,8 @@ def add_teacher_logprobs(scores: list[Score], samples, by_id: dict, cfg: ScoreCo
     from rcsd_cli.objectives import teacher_prompt, teacher_topk
 
     loaded = load_model(model_name, trust_remote_code)
-    view = SimpleNamespace(task="reasoner", method=cfg.teacher_method, teacher_context=cfg.teacher_context)
+    view = SimpleNamespace(task="reasoner", method=cfg.teacher_method, teacher_context=cfg.teacher_context,
+                           generation=SimpleNamespace(enable_thinking=enable_thinking))
     prompts = [teacher_prompt(loaded.tokenizer, by_id[s.problem_id], view) for s in samples]
     ids, lps = [], []
     with progress("teacher log-probs", len(samples)) as advance:
@@ -83,7 +84,8 @@ def run_score(samples_path: Path, rubrics_path: Path, output: Path, *, judge_mod
         items.append((s.id, r, r.rubric, s.completion))
     scores = judge_and_score(items, judge_model, generation, judge_retries, seed, trust_remote_code)
     if teacher_logprobs:
-        scores = add_teacher_logprobs(scores, samples, by_id, cfg, teacher_model, trust_remote_code)
+        thinking = samples_meta.get("config", {}).get("generation", {}).get("enable_thinking")
+        scores = add_teacher_logprobs(scores, samples, by_id, cfg, teacher_model, trust_remote_code, thinking)
     write_artifact(output, "scores", scores, stage="score", config=cfg, model_id=judge_model,
                    inputs=[samples_path, rubrics_path], overwrite=overwrite)
     vals = [s.score for s in scores if s.score is not None]

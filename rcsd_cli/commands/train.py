@@ -111,6 +111,7 @@ def command(
     top_p: c.TopP = 0.95,
     top_k: c.TopK = 20,
     batch_size_gen: c.BatchSize = 16,
+    thinking: c.Thinking = None,
     overwrite: c.Overwrite = False,
     trust_remote_code: c.TrustRemoteCode = False,
 ):
@@ -125,7 +126,7 @@ def command(
             max_grad_norm=max_grad_norm, lora_rank=lora_rank, lora_alpha=lora_alpha, loss=loss, top_k_loss=top_k_loss,
             tail_bucket=tail_bucket, beta=beta, loss_temperature=loss_temperature, clip=None if no_clip else clip,
             skip_first_tokens=skip_first_tokens, chunk_size=chunk_size, save_every=save_every, limit=limit, seed=seed,
-            generation=c.gen_config(max_new_tokens, temperature, top_p, top_k, batch_size_gen))
+            generation=c.gen_config(max_new_tokens, temperature, top_p, top_k, batch_size_gen, thinking))
     except ValidationError as exc:
         raise RcsdError(f"train options: {describe_validation_error(exc)}")
     run_train(cfg, output, overwrite=overwrite, resume=resume, trust_remote_code=trust_remote_code)
