@@ -7,7 +7,7 @@ import sys
 import typer
 
 from rcsd_cli import __version__
-from rcsd_cli.commands import demo, gen_rubrics, inspect, plot, sample, score, train
+from rcsd_cli.commands import demo, export, gen_rubrics, inspect, plot, sample, score, train
 from rcsd_cli.commands import eval as eval_cmd
 from rcsd_cli.commands.common import example
 from rcsd_cli.errors import EXIT_BAD_INPUT, RcsdError
@@ -29,6 +29,8 @@ app.command("train", rich_help_panel=PIPELINE,
 app.command("eval", rich_help_panel=PIPELINE,
             epilog=example("rcsd eval --bench arc-easy --limit 100 -o eval.parquet --model model"))(eval_cmd.command)
 app.command("demo", rich_help_panel=TOOLS, epilog=example("rcsd demo -o rcsd-demo"))(demo.command)
+app.command("export", rich_help_panel=TOOLS,
+            epilog=example("rcsd export --format verl rubrics.parquet -o verl_train.parquet"))(export.command)
 app.command("plot", rich_help_panel=TOOLS,
             epilog=example("rcsd plot rcsd-model/metrics.parquet grpo-model/metrics.parquet -o curves.png"))(
     plot.command)
