@@ -7,7 +7,7 @@ import sys
 import typer
 
 from rcsd_cli import __version__
-from rcsd_cli.commands import demo, export, gen_rubrics, inspect, plot, sample, score, train
+from rcsd_cli.commands import demo, export, gen_rubrics, inspect, plot, sample, score, serve, train
 from rcsd_cli.commands import eval as eval_cmd
 from rcsd_cli.commands.common import example
 from rcsd_cli.errors import EXIT_BAD_INPUT, RcsdError
@@ -29,6 +29,9 @@ app.command("train", rich_help_panel=PIPELINE,
 app.command("eval", rich_help_panel=PIPELINE,
             epilog=example("rcsd eval --bench arc-easy --limit 100 -o eval.parquet --model model"))(eval_cmd.command)
 app.command("demo", rich_help_panel=TOOLS, epilog=example("rcsd demo -o rcsd-demo"))(demo.command)
+app.command("serve", rich_help_panel=TOOLS,
+            epilog=example("rcsd serve --model Qwen/Qwen3-8B --port 8000   # then: --backend openai "
+                           "--base-url http://127.0.0.1:8000/v1"))(serve.command)
 app.command("export", rich_help_panel=TOOLS,
             epilog=example("rcsd export --format verl rubrics.parquet -o verl_train.parquet"))(export.command)
 app.command("plot", rich_help_panel=TOOLS,

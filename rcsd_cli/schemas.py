@@ -196,6 +196,22 @@ class GenerationConfig(_Config):
                                          "Qwen3); None keeps the template's default. Applied to every prompt.")
 
 
+class BackendConfig(_Config):
+    """Which engine generates: transformers in-process, vLLM, or an OpenAI-compatible server."""
+
+    kind: Literal["hf", "vllm", "openai"] = "hf"
+    base_url: str | None = Field(None, description="openai: e.g. http://127.0.0.1:8000/v1")
+    served_model: str | None = Field(None, description="openai: model name the server expects (default --model).")
+    tokenizer: str | None = Field(None, description="Local tokenizer for prompts (default --model).")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
+    concurrency: int = Field(8, ge=1, description="openai: requests in flight at once.")
+    max_retries: int = Field(5, ge=0)
+    backoff_s: float = Field(0.5, ge=0.0, description="First retry delay; doubles each attempt.")
+    timeout_s: float = Field(300.0, gt=0)
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine.")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+
+
 class GenRubricsConfig(_Config):
     data: str
     generator: Literal["auto", "llm", "reference"] = "auto"
@@ -205,6 +221,7 @@ class GenRubricsConfig(_Config):
     limit: int | None = None
     seed: int = 0
     generation: GenerationConfig
+    backend: BackendConfig = Field(default_factory=BackendConfig)
 
 
 class SampleConfig(_Config):
@@ -214,6 +231,7 @@ class SampleConfig(_Config):
     limit: int | None = None
     seed: int = 0
     generation: GenerationConfig
+    backend: BackendConfig = Field(default_factory=BackendConfig)
 
 
 class ScoreConfig(_Config):
@@ -228,6 +246,7 @@ class ScoreConfig(_Config):
     teacher_context: Literal["rubric", "rubric+reference"] = "rubric+reference"
     seed: int = 0
     generation: GenerationConfig
+    backend: BackendConfig = Field(default_factory=BackendConfig, description="Judge and teacher engine.")
 
 
 class TrainConfig(_Config):
@@ -288,6 +307,7 @@ class EvalConfig(_Config):
     seed: int = 0
     judge_model: str | None = None
     generation: GenerationConfig
+    backend: BackendConfig = Field(default_factory=BackendConfig)
 
 
 ROW_MODELS: dict[str, type[BaseModel]] = {

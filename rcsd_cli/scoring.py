@@ -88,11 +88,12 @@ def score_completion(sample_id: str, problem: Problem, rubric: list[Criterion], 
                  extracted_answer=pred, correct=correct)
 
 
-def run_judge(model, tokenizer, requests: list[JudgeRequest], gen_cfg, retries: int, seed: int,
+def run_judge(backend, requests: list[JudgeRequest], gen_cfg, retries: int, seed: int,
               on_done=None) -> dict[tuple[str, str], tuple[bool, str] | None]:
-    """Ask the judge model about each request; retry malformed replies, then give up (None)."""
-    from rcsd_cli.generation import generate
+    """Ask the judge (any backend) about each request; retry malformed replies, then give up (None)."""
     from rcsd_cli.prompts import chat_prompt_ids, judge_message
+
+    tokenizer = backend.tokenizer
 
     results: dict[tuple[str, str], tuple[bool, str] | None] = {r.key: None for r in requests}
     pending = list(requests)
@@ -100,7 +101,7 @@ def run_judge(model, tokenizer, requests: list[JudgeRequest], gen_cfg, retries: 
         if not pending:
             break
         prompts = [chat_prompt_ids(tokenizer, judge_message(r.problem, r.completion, r.criterion)) for r in pending]
-        outs = generate(model, tokenizer, prompts, gen_cfg, seed + 7919 * attempt)
+        outs = backend.generate(prompts, gen_cfg, seed + 7919 * attempt)
         still = []
         for r, out in zip(pending, outs):
             parsed = parse_judge_reply(out.text)

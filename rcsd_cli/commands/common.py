@@ -24,7 +24,34 @@ BatchSize = Annotated[int, typer.Option("--gen-batch-size", min=1, help="Prompts
 Thinking = Annotated[Optional[bool], typer.Option("--thinking/--no-thinking", help="enable_thinking for chat "
                                                   "templates that have it (default: the template's own).")]
 
+BackendKind = Annotated[str, typer.Option("--backend", help="hf (default), vllm or openai.",
+                                          rich_help_panel="Backend")]
+BaseUrl = Annotated[Optional[str], typer.Option("--base-url", help="openai: server URL, e.g. "
+                                                "http://127.0.0.1:8000/v1", rich_help_panel="Backend")]
+ServedModel = Annotated[Optional[str], typer.Option("--served-model", help="openai: model name on the server.",
+                                                    rich_help_panel="Backend")]
+ApiKeyEnv = Annotated[str, typer.Option("--api-key-env", help="Environment variable with the API key.",
+                                        rich_help_panel="Backend")]
+Concurrency = Annotated[int, typer.Option("--concurrency", min=1, help="openai: requests in flight.",
+                                          rich_help_panel="Backend")]
+MaxRetries = Annotated[int, typer.Option("--max-retries", min=0, help="openai: retries per request.",
+                                         rich_help_panel="Backend")]
+Timeout = Annotated[float, typer.Option("--request-timeout", help="openai: seconds per request.",
+                                        rich_help_panel="Backend")]
+TensorParallel = Annotated[int, typer.Option("--tensor-parallel-size", min=1, help="vllm: GPUs per engine.",
+                                             rich_help_panel="Backend")]
+
 DEFAULT = DEFAULT_MODEL
+
+
+def backend_config(backend: str, base_url: str | None, served_model: str | None, api_key_env: str,
+                   concurrency: int, max_retries: int, timeout: float, tensor_parallel_size: int):
+    from rcsd_cli.schemas import BackendConfig
+
+    check_choice("--backend", backend, ("hf", "vllm", "openai"))
+    return BackendConfig(kind=backend, base_url=base_url, served_model=served_model, api_key_env=api_key_env,
+                         concurrency=concurrency, max_retries=max_retries, timeout_s=timeout,
+                         tensor_parallel_size=tensor_parallel_size)
 
 
 def gen_config(max_new_tokens: int, temperature: float, top_p: float, top_k: int, batch_size: int,

@@ -13,15 +13,14 @@ from rich.table import Table
 
 from rcsd_cli.answers import answers_match, extract_answer
 from rcsd_cli.artifacts import ensure_writable, read_artifact, write_artifact
+from rcsd_cli.backends import open_backend
 from rcsd_cli.benchmarks import ALL_BENCHES, load_bench, select
 from rcsd_cli.commands import common as c
 from rcsd_cli.commands.score import judge_and_score
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.generation import generate
-from rcsd_cli.models import load_model
 from rcsd_cli.prompts import student_prompt_ids
 from rcsd_cli.rubric_gen import reference_rubric
-from rcsd_cli.schemas import EvalConfig, EvalItem, GenerationConfig
+from rcsd_cli.schemas import BackendConfig, EvalConfig, EvalItem, GenerationConfig
 from rcsd_cli.stats import mean_interval, wilson_interval
 from rcsd_cli.ui import console, progress
 
@@ -71,27 +70,26 @@ def summary_table(rows: dict[str, dict], title: str) -> Table:
 
 def run_eval(bench: str, output: Path, *, data: str | None = None, model: str = c.DEFAULT, n: int = 1,
              limit: int | None = None, offset: int = 0, seed: int = 0, judge_model: str | None = None,
-             generation: GenerationConfig | None = None, overwrite: bool = False,
-             trust_remote_code: bool = False, show: bool = True) -> dict:
+             generation: GenerationConfig | None = None, backend: BackendConfig | None = None,
+             overwrite: bool = False, trust_remote_code: bool = False, show: bool = True) -> dict:
     ensure_writable(output, overwrite)
     if bench not in ALL_BENCHES:
         raise RcsdError(f"--bench: unknown benchmark {bench!r}; choose from {', '.join(ALL_BENCHES)}")
     generation = generation or GenerationConfig(temperature=0.0)
     cfg = EvalConfig(bench=bench, data=data, model=model, n=n, limit=limit, offset=offset, seed=seed,
-                     judge_model=judge_model, generation=generation)
+                     judge_model=judge_model, generation=generation, backend=backend or BackendConfig())
     pairs = load_eval_items(bench, data, seed, offset, limit)
     if not pairs:
         raise RcsdError(f"{bench}: no items selected (offset {offset}, limit {limit})")
     t0 = time.perf_counter()
-    loaded = load_model(model, trust_remote_code)
-    prompts = [student_prompt_ids(loaded.tokenizer, p, generation.enable_thinking) for p, _ in pairs for _ in range(n)]
+    engine = open_backend(cfg.backend, model, trust_remote_code)
+    prompts = [student_prompt_ids(engine.tokenizer, p, generation.enable_thinking) for p, _ in pairs for _ in range(n)]
     with progress(f"eval {bench}", len(prompts)) as advance:
-        gens = generate(loaded.model, loaded.tokenizer, prompts, generation, seed,
-                        on_batch=lambda start, batch: advance(len(batch)))
+        gens = engine.generate(prompts, generation, seed, on_done=lambda idx, batch: advance(len(batch)))
     scored = [(f"{p.id}:{k}", p, rubric, gens[i * n + k].text) for i, (p, rubric) in enumerate(pairs)
               for k in range(n) if rubric]
     scores = {s.sample_id: s for s in judge_and_score(scored, judge_model, GenerationConfig(temperature=0.0,
-              max_new_tokens=192), seed=seed, trust_remote_code=trust_remote_code)}
+              max_new_tokens=192), seed=seed, trust_remote_code=trust_remote_code, backend=cfg.backend)}
     items = []
     for i, (p, rubric) in enumerate(pairs):
         g = gens[i * n:(i + 1) * n]
@@ -131,6 +129,14 @@ def command(
     top_k: c.TopK = 0,
     batch_size: c.BatchSize = 16,
     thinking: c.Thinking = None,
+    backend: c.BackendKind = "hf",
+    base_url: c.BaseUrl = None,
+    served_model: c.ServedModel = None,
+    api_key_env: c.ApiKeyEnv = "OPENAI_API_KEY",
+    concurrency: c.Concurrency = 8,
+    max_retries: c.MaxRetries = 5,
+    request_timeout: c.Timeout = 300.0,
+    tensor_parallel_size: c.TensorParallel = 1,
     overwrite: c.Overwrite = False,
     trust_remote_code: c.TrustRemoteCode = False,
 ):
@@ -138,4 +144,6 @@ def command(
     run_eval(bench, output, data=data, model=model, n=n, limit=limit, offset=offset, seed=seed,
              judge_model=judge_model,
              generation=c.gen_config(max_new_tokens, temperature, top_p, top_k, batch_size, thinking),
-             overwrite=overwrite, trust_remote_code=trust_remote_code)
+             overwrite=overwrite, trust_remote_code=trust_remote_code,
+             backend=c.backend_config(backend, base_url, served_model, api_key_env, concurrency, max_retries,
+                                       request_timeout, tensor_parallel_size))

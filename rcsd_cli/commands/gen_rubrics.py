@@ -13,7 +13,7 @@ from rcsd_cli.commands import common as c
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.inputs import InputRow, load_problems
 from rcsd_cli.rubric_gen import InvalidRubric, parse_rubric_output, reference_rubric
-from rcsd_cli.schemas import GenerationConfig, GenRubricsConfig, RejectedRubric, Rubric
+from rcsd_cli.schemas import BackendConfig, GenerationConfig, GenRubricsConfig, RejectedRubric, Rubric
 from rcsd_cli.ui import info, progress
 
 
@@ -27,11 +27,10 @@ def load_sources(data: str, limit: int | None, seed: int, offset: int = 0) -> li
 
 
 def _llm_rubrics(todo: list[InputRow], cfg: GenRubricsConfig, trust_remote_code: bool):
-    from rcsd_cli.generation import generate
-    from rcsd_cli.models import load_model
+    from rcsd_cli.backends import open_backend
     from rcsd_cli.prompts import chat_prompt_ids, rubric_designer_message
 
-    loaded = load_model(cfg.model, trust_remote_code)
+    engine = open_backend(cfg.backend, cfg.model, trust_remote_code)
     accepted: dict[str, Rubric] = {}
     rejected: list[RejectedRubric] = []
     pending = todo
@@ -40,9 +39,9 @@ def _llm_rubrics(todo: list[InputRow], cfg: GenRubricsConfig, trust_remote_code:
             if not pending:
                 break
             think = cfg.generation.enable_thinking
-            prompts = [chat_prompt_ids(loaded.tokenizer, rubric_designer_message(r.problem), think)
+            prompts = [chat_prompt_ids(engine.tokenizer, rubric_designer_message(r.problem), think)
                        for r in pending]
-            outs = generate(loaded.model, loaded.tokenizer, prompts, cfg.generation, cfg.seed + 104_729 * attempt)
+            outs = engine.generate(prompts, cfg.generation, cfg.seed + 104_729 * attempt)
             retry = []
             for row, out in zip(pending, outs):
                 try:
@@ -61,12 +60,13 @@ def _llm_rubrics(todo: list[InputRow], cfg: GenRubricsConfig, trust_remote_code:
 def run_gen_rubrics(data: str, output: Path, *, generator: Literal["auto", "llm", "reference"] = "auto",
                     model: str = c.DEFAULT, regenerate: bool = False, retries: int = 3, limit: int | None = None,
                     seed: int = 0, offset: int = 0, generation: GenerationConfig | None = None,
-                    overwrite: bool = False, trust_remote_code: bool = False) -> tuple[int, int]:
+                    backend: BackendConfig | None = None, overwrite: bool = False,
+                    trust_remote_code: bool = False) -> tuple[int, int]:
     """Write ``output`` (rubrics) and, if any were dropped, ``<output stem>.rejected.parquet``."""
     ensure_writable(output, overwrite)
     generation = generation or GenerationConfig(temperature=0.7, max_new_tokens=512)
     cfg = GenRubricsConfig(data=data, generator=generator, regenerate=regenerate, model=model, retries=retries,
-                           limit=limit, seed=seed, generation=generation)
+                           limit=limit, seed=seed, generation=generation, backend=backend or BackendConfig())
     rows = load_sources(data, limit, seed, offset)
     out: dict[str, Rubric] = {}
     rejected: list[RejectedRubric] = []
@@ -122,6 +122,14 @@ def command(
     top_k: c.TopK = 20,
     batch_size: c.BatchSize = 8,
     thinking: c.Thinking = None,
+    backend: c.BackendKind = "hf",
+    base_url: c.BaseUrl = None,
+    served_model: c.ServedModel = None,
+    api_key_env: c.ApiKeyEnv = "OPENAI_API_KEY",
+    concurrency: c.Concurrency = 8,
+    max_retries: c.MaxRetries = 5,
+    request_timeout: c.Timeout = 300.0,
+    tensor_parallel_size: c.TensorParallel = 1,
     overwrite: c.Overwrite = False,
     trust_remote_code: c.TrustRemoteCode = False,
 ):
@@ -131,4 +139,6 @@ def command(
     run_gen_rubrics(data, output, generator=generator, model=model, regenerate=regenerate, retries=retries,
                     limit=limit, seed=seed, offset=offset,
                     generation=c.gen_config(max_new_tokens, temperature, top_p, top_k, batch_size, thinking),
-                    overwrite=overwrite, trust_remote_code=trust_remote_code)
+                    overwrite=overwrite, trust_remote_code=trust_remote_code,
+                    backend=c.backend_config(backend, base_url, served_model, api_key_env, concurrency, max_retries,
+                                       request_timeout, tensor_parallel_size))

@@ -8,12 +8,11 @@ from typing import Annotated
 import typer
 
 from rcsd_cli.artifacts import PartialLog, ensure_writable, read_artifact, read_metadata, write_artifact
+from rcsd_cli.backends import open_backend
 from rcsd_cli.commands import common as c
-from rcsd_cli.generation import generate
 from rcsd_cli.inputs import load_problems
-from rcsd_cli.models import load_model
 from rcsd_cli.prompts import student_prompt_ids
-from rcsd_cli.schemas import GenerationConfig, Problem, Sample, SampleConfig
+from rcsd_cli.schemas import BackendConfig, GenerationConfig, Problem, Sample, SampleConfig
 from rcsd_cli.ui import info, progress
 
 
@@ -26,31 +25,35 @@ def load_rubric_or_problems(path: str | Path) -> list[Problem]:
 
 
 def run_sample(rubrics: Path, output: Path, *, model: str = c.DEFAULT, n: int = 1, limit: int | None = None,
-               seed: int = 0, generation: GenerationConfig | None = None, overwrite: bool = False,
-               trust_remote_code: bool = False) -> list[Sample]:
+               seed: int = 0, generation: GenerationConfig | None = None, backend: BackendConfig | None = None,
+               overwrite: bool = False, trust_remote_code: bool = False) -> list[Sample]:
     ensure_writable(output, overwrite)
     generation = generation or GenerationConfig()
-    cfg = SampleConfig(rubrics=str(rubrics), model=model, n=n, limit=limit, seed=seed, generation=generation)
+    cfg = SampleConfig(rubrics=str(rubrics), model=model, n=n, limit=limit, seed=seed, generation=generation,
+                       backend=backend or BackendConfig())
     problems = load_rubric_or_problems(rubrics)[:limit] if limit else load_rubric_or_problems(rubrics)
-    partial = PartialLog(output, Sample, cfg.model_dump(), fresh=overwrite)
+    # Where and how fast requests go does not change results: a rerun against another server resumes.
+    operational = {"base_url", "concurrency", "max_retries", "backoff_s", "timeout_s", "api_key_env"}
+    partial = PartialLog(output, Sample, cfg.model_dump(exclude={"backend": operational}), fresh=overwrite)
     done = {s.id: s for s in partial.load()}
     jobs = [(p, k) for p in problems for k in range(n) if f"{p.id}:{k}" not in done]
     if done:
         info(f"resuming: {len(done)} samples already in {partial.path}")
     if jobs:
-        loaded = load_model(model, trust_remote_code)
-        tok = loaded.tokenizer
+        engine = open_backend(cfg.backend, model, trust_remote_code)
+        tok = engine.tokenizer
         prompts = [student_prompt_ids(tok, p, generation.enable_thinking) for p, _ in jobs]
         with progress("sample", len(jobs)) as advance:
-            def keep(start, batch):
-                rows = [Sample(id=f"{p.id}:{k}", problem_id=p.id, sample_index=k, prompt_token_ids=prompts[start + i],
-                               completion_token_ids=g.token_ids, completion=g.text, finish_reason=g.finish_reason)
-                        for i, ((p, k), g) in enumerate(zip(jobs[start:start + len(batch)], batch))]
+            def keep(indices, gens):
+                rows = [Sample(id=f"{jobs[i][0].id}:{jobs[i][1]}", problem_id=jobs[i][0].id, sample_index=jobs[i][1],
+                               prompt_token_ids=prompts[i], completion_token_ids=g.token_ids, completion=g.text,
+                               finish_reason=g.finish_reason, backend=engine.name) for i, g in zip(indices, gens)]
                 partial.append(rows)
                 done.update({r.id: r for r in rows})
                 advance(len(rows))
 
-            generate(loaded.model, tok, prompts, generation, seed, on_batch=keep)
+            # Seeds follow the position in the full job list, so a resumed run samples what it would have.
+            engine.generate(prompts, generation, seed, on_done=keep)
     samples = [done[f"{p.id}:{k}"] for p in problems for k in range(n)]
     write_artifact(output, "samples", samples, stage="sample", config=cfg, model_id=model, inputs=[rubrics],
                    overwrite=overwrite)
@@ -73,10 +76,20 @@ def command(
     top_k: c.TopK = 20,
     batch_size: c.BatchSize = 16,
     thinking: c.Thinking = None,
+    backend: c.BackendKind = "hf",
+    base_url: c.BaseUrl = None,
+    served_model: c.ServedModel = None,
+    api_key_env: c.ApiKeyEnv = "OPENAI_API_KEY",
+    concurrency: c.Concurrency = 8,
+    max_retries: c.MaxRetries = 5,
+    request_timeout: c.Timeout = 300.0,
+    tensor_parallel_size: c.TensorParallel = 1,
     overwrite: c.Overwrite = False,
     trust_remote_code: c.TrustRemoteCode = False,
 ):
     """Sample student completions (question only, the model's chat template); resumes if interrupted."""
     run_sample(rubrics, output, model=model, n=n, limit=limit, seed=seed,
                generation=c.gen_config(max_new_tokens, temperature, top_p, top_k, batch_size, thinking),
-               overwrite=overwrite, trust_remote_code=trust_remote_code)
+               overwrite=overwrite, trust_remote_code=trust_remote_code,
+               backend=c.backend_config(backend, base_url, served_model, api_key_env, concurrency, max_retries,
+                                       request_timeout, tensor_parallel_size))

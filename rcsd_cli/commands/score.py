@@ -10,7 +10,7 @@ import typer
 from rcsd_cli.artifacts import ensure_writable, read_artifact, write_artifact
 from rcsd_cli.commands import common as c
 from rcsd_cli.errors import RcsdError, where
-from rcsd_cli.schemas import Criterion, GenerationConfig, Problem, Score, ScoreConfig
+from rcsd_cli.schemas import BackendConfig, Criterion, GenerationConfig, Problem, Score, ScoreConfig
 from rcsd_cli.scoring import JudgeRequest, run_judge, score_completion
 from rcsd_cli.stats import mean_interval
 from rcsd_cli.ui import info, progress
@@ -18,17 +18,17 @@ from rcsd_cli.ui import info, progress
 
 def judge_and_score(items: list[tuple[str, Problem, list[Criterion], str]], judge_model: str | None,
                     generation: GenerationConfig, retries: int = 2, seed: int = 0,
-                    trust_remote_code: bool = False) -> list[Score]:
+                    trust_remote_code: bool = False, backend: BackendConfig | None = None) -> list[Score]:
     """Score (sample id, problem, rubric, completion) tuples; criteria without checks go to the judge."""
     requests = [JudgeRequest((sid, cr.id), prob, text, cr) for sid, prob, rubric, text in items
                 for cr in rubric if cr.check is None]
     verdicts: dict = {}
     if requests and judge_model:
-        from rcsd_cli.models import load_model
+        from rcsd_cli.backends import open_backend
 
-        judge = load_model(judge_model, trust_remote_code)
+        judge = open_backend(backend or BackendConfig(), judge_model, trust_remote_code)
         with progress("judge", len(requests)) as advance:
-            verdicts = run_judge(judge.model, judge.tokenizer, requests, generation, retries, seed, on_done=advance)
+            verdicts = run_judge(judge, requests, generation, retries, seed, on_done=advance)
     per_sample: dict[str, dict] = {}
     for (sid, cid), v in verdicts.items():
         per_sample.setdefault(sid, {})[cid] = v
@@ -40,10 +40,13 @@ def add_teacher_logprobs(scores: list[Score], samples, by_id: dict, cfg: ScoreCo
     """Attach the teacher's top-k log-probs over each sample's own completion ids."""
     from types import SimpleNamespace
 
-    from rcsd_cli.models import load_model
+    from rcsd_cli.backends import open_backend
     from rcsd_cli.objectives import teacher_prompt, teacher_topk
 
-    loaded = load_model(model_name, trust_remote_code)
+    if cfg.backend.kind == "openai":
+        raise RcsdError("--teacher-logprobs needs the hf or vllm backend (prompt log-probs of given tokens)")
+    engine = open_backend(cfg.backend, model_name, trust_remote_code)
+    loaded = SimpleNamespace(tokenizer=engine.tokenizer, model=getattr(engine, "model", None))
     view = SimpleNamespace(task="reasoner", method=cfg.teacher_method, teacher_context=cfg.teacher_context,
                            generation=SimpleNamespace(enable_thinking=enable_thinking))
     prompts = [teacher_prompt(loaded.tokenizer, by_id[s.problem_id], view) for s in samples]
@@ -51,8 +54,11 @@ def add_teacher_logprobs(scores: list[Score], samples, by_id: dict, cfg: ScoreCo
     with progress("teacher log-probs", len(samples)) as advance:
         for j in range(0, len(samples), 8):
             part = samples[j: j + 8]
-            i, lp = teacher_topk(loaded.model, loaded.tokenizer, prompts[j: j + 8],
-                                 [s.completion_token_ids for s in part], cfg.teacher_top_k)
+            completions = [s.completion_token_ids for s in part]
+            if cfg.backend.kind == "vllm":
+                i, lp = engine.teacher_topk(prompts[j: j + 8], completions, cfg.teacher_top_k)
+            else:
+                i, lp = teacher_topk(loaded.model, loaded.tokenizer, prompts[j: j + 8], completions, cfg.teacher_top_k)
             ids += i
             lps += lp
             advance(len(part))
@@ -64,7 +70,8 @@ def run_score(samples_path: Path, rubrics_path: Path, output: Path, *, judge_mod
               judge_retries: int = 2, seed: int = 0, generation: GenerationConfig | None = None,
               teacher_logprobs: bool = False, teacher_model: str | None = None, teacher_top_k: int = 20,
               teacher_method: str = "rcsd", teacher_context: str = "rubric+reference",
-              overwrite: bool = False, trust_remote_code: bool = False) -> list[Score]:
+              backend: BackendConfig | None = None, overwrite: bool = False,
+              trust_remote_code: bool = False) -> list[Score]:
     ensure_writable(output, overwrite)
     generation = generation or GenerationConfig(temperature=0.0, max_new_tokens=192)
     samples, samples_meta = read_artifact(samples_path, "samples")
@@ -73,7 +80,8 @@ def run_score(samples_path: Path, rubrics_path: Path, output: Path, *, judge_mod
     cfg = ScoreConfig(samples=str(samples_path), rubrics=str(rubrics_path), judge_model=judge_model,
                       judge_retries=judge_retries, seed=seed, generation=generation,
                       teacher_logprobs=teacher_logprobs, teacher_model=teacher_model, teacher_top_k=teacher_top_k,
-                      teacher_method=teacher_method, teacher_context=teacher_context)
+                      teacher_method=teacher_method, teacher_context=teacher_context,
+                      backend=backend or BackendConfig())
     rubrics, _ = read_artifact(rubrics_path, "rubrics")
     by_id = {r.id: r for r in rubrics}
     items = []
@@ -82,7 +90,7 @@ def run_score(samples_path: Path, rubrics_path: Path, output: Path, *, judge_mod
             raise RcsdError(f"{where(samples_path, i)}: problem_id {s.problem_id!r} is not in {rubrics_path}")
         r = by_id[s.problem_id]
         items.append((s.id, r, r.rubric, s.completion))
-    scores = judge_and_score(items, judge_model, generation, judge_retries, seed, trust_remote_code)
+    scores = judge_and_score(items, judge_model, generation, judge_retries, seed, trust_remote_code, cfg.backend)
     if teacher_logprobs:
         thinking = samples_meta.get("config", {}).get("generation", {}).get("enable_thinking")
         scores = add_teacher_logprobs(scores, samples, by_id, cfg, teacher_model, trust_remote_code, thinking)
@@ -114,6 +122,14 @@ def command(
     seed: c.Seed = 0,
     max_new_tokens: c.MaxNewTokens = 192,
     batch_size: c.BatchSize = 16,
+    backend: c.BackendKind = "hf",
+    base_url: c.BaseUrl = None,
+    served_model: c.ServedModel = None,
+    api_key_env: c.ApiKeyEnv = "OPENAI_API_KEY",
+    concurrency: c.Concurrency = 8,
+    max_retries: c.MaxRetries = 5,
+    request_timeout: c.Timeout = 300.0,
+    tensor_parallel_size: c.TensorParallel = 1,
     overwrite: c.Overwrite = False,
     trust_remote_code: c.TrustRemoteCode = False,
 ):
@@ -123,4 +139,6 @@ def command(
     run_score(samples, rubrics, output, judge_model=judge_model, judge_retries=judge_retries, seed=seed,
               generation=c.gen_config(max_new_tokens, 0.0, 1.0, 0, batch_size), teacher_logprobs=teacher_logprobs,
               teacher_model=teacher_model, teacher_top_k=teacher_top_k, teacher_method=teacher_method,
-              teacher_context=teacher_context, overwrite=overwrite, trust_remote_code=trust_remote_code)
+              teacher_context=teacher_context, overwrite=overwrite, trust_remote_code=trust_remote_code,
+              backend=c.backend_config(backend, base_url, served_model, api_key_env, concurrency, max_retries,
+                                       request_timeout, tensor_parallel_size))

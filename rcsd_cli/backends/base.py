@@ -1,0 +1,50 @@
+"""The backend interface and the factory that picks one from a ``BackendConfig``."""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+from rcsd_cli.generation import Generation
+from rcsd_cli.schemas import BackendConfig, GenerationConfig
+
+OnDone = Callable[[list[int], list[Generation]], None]  # (prompt indices, their generations)
+
+
+class Backend(Protocol):
+    name: str
+    tokenizer: object
+
+    def generate(self, prompts: list[list[int]], cfg: GenerationConfig, seed: int,
+                 on_done: OnDone | None = None) -> list[Generation]:
+        """One completion per prompt; ``on_done`` sees finished ones as they complete (for resumability)."""
+
+
+class HFBackend:
+    name = "hf"
+
+    def __init__(self, model_name: str, trust_remote_code: bool = False):
+        from rcsd_cli.models import load_model
+
+        loaded = load_model(model_name, trust_remote_code)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+
+    def generate(self, prompts, cfg, seed, on_done=None):
+        from rcsd_cli.generation import generate
+
+        def relay(start, batch):
+            if on_done:
+                on_done(list(range(start, start + len(batch))), batch)
+
+        return generate(self.model, self.tokenizer, prompts, cfg, seed, on_batch=relay)
+
+
+def open_backend(cfg: BackendConfig, model_name: str, trust_remote_code: bool = False) -> Backend:
+    if cfg.kind == "hf":
+        return HFBackend(model_name, trust_remote_code)
+    if cfg.kind == "openai":
+        from rcsd_cli.backends.openai import OpenAIBackend
+
+        return OpenAIBackend(cfg, model_name, trust_remote_code)
+    from rcsd_cli.backends.vllm import VLLMBackend
+
+    return VLLMBackend(cfg, model_name, trust_remote_code)

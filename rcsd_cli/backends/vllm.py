@@ -1,0 +1,94 @@
+"""vLLM offline engine backend (``pip install rcsd[vllm]``; see the README for the CPU recipe).
+
+Before the engine starts, one line says what is loaded and how much memory it may take. The
+engine receives prompt token ids (``TokensPrompt``) and returns completion token ids, so
+artifacts match the other backends. ``teacher_topk`` scores given completions with prompt
+log-probs, for ``score --teacher-logprobs``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from rcsd_cli.errors import RcsdError
+from rcsd_cli.generation import Generation
+from rcsd_cli.schemas import BackendConfig
+from rcsd_cli.ui import info
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, cfg: BackendConfig, model_name: str, trust_remote_code: bool = False):
+        if not vllm_available():
+            raise RcsdError("--backend vllm needs vLLM: pip install 'rcsd[vllm]' (see README, 'Scaling out')")
+        from vllm import LLM
+
+        from rcsd_cli.models import load_tokenizer, resolve_model
+
+        path = resolve_model(model_name)
+        self.tokenizer = load_tokenizer(model_name, trust_remote_code)
+        try:
+            import torch
+
+            gpu = torch.cuda.is_available()
+            total = torch.cuda.get_device_properties(0).total_memory / 2**30 if gpu else 0.0
+        except Exception:  # noqa: BLE001 - memory report only
+            gpu, total = False, 0.0
+        if gpu:
+            info(f"vllm: loading {path} (tensor parallel {cfg.tensor_parallel_size}); it may take up to "
+                 f"{cfg.gpu_memory_utilization:.0%} of each GPU's {total:.1f} GiB")
+        else:
+            info(f"vllm: loading {path} on CPU; KV cache VLLM_CPU_KVCACHE_SPACE="
+                 f"{os.environ.get('VLLM_CPU_KVCACHE_SPACE', '4')} GiB plus the weights")
+        self.llm = LLM(model=path, tokenizer=path, trust_remote_code=trust_remote_code,
+                       tensor_parallel_size=cfg.tensor_parallel_size,
+                       gpu_memory_utilization=cfg.gpu_memory_utilization, seed=0)
+
+    def _params(self, cfg, seed, **extra):
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                              top_k=cfg.top_k if cfg.top_k else -1, seed=seed, **extra)
+
+    def generate(self, prompts, cfg, seed, on_done=None):
+        from vllm.inputs import TokensPrompt
+
+        results = []
+        for start in range(0, len(prompts), max(cfg.batch_size, 64)):
+            chunk = prompts[start: start + max(cfg.batch_size, 64)]
+            params = [self._params(cfg, seed + start + i) for i in range(len(chunk))]
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in chunk], params, use_tqdm=False)
+            batch = []
+            for out in outs:
+                o = out.outputs[0]
+                batch.append(Generation(list(o.token_ids), o.text, "stop" if o.finish_reason == "stop" else "length"))
+            results.extend(batch)
+            if on_done:
+                on_done(list(range(start, start + len(batch))), batch)
+        return results
+
+    def teacher_topk(self, teacher_prompts, completions, k):
+        """Top-k (ids, log-probs) of the teacher at every completion position, from prompt log-probs."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k, temperature=0.0)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p + c) for p, c in zip(teacher_prompts, completions)],
+                                 params, use_tqdm=False)
+        ids, lps = [], []
+        for out, p, c in zip(outs, teacher_prompts, completions):
+            row_i, row_v = [], []
+            for pos in range(len(p), len(p) + len(c)):  # logprobs at pos are for the token at pos
+                entries = sorted(out.prompt_logprobs[pos].items(), key=lambda kv: -kv[1].logprob)[:k]
+                row_i.append([t for t, _ in entries])
+                row_v.append([round(v.logprob, 5) for _, v in entries])
+            ids.append(row_i)
+            lps.append(row_v)
+        return ids, lps
