@@ -53,6 +53,7 @@ class StepResult:
     agree_sum: float | None
     reward: float | None
     rollout_tokens: int
+    reward_count: int = 0  # rollouts the mean reward is over (to combine processes)
 
 
 @dataclass
@@ -64,6 +65,13 @@ class StepContext:
     cfg: TrainConfig
     step: int
     teacher_generate: Callable | None = None  # (prompts, generation config, seed) -> generations, no grad
+    rank: int = 0
+
+    def global_sum(self, value: float) -> float:
+        """Sum over data-parallel processes (identity in one process)."""
+        from rcsd_cli.distributed import reduce_sum
+
+        return reduce_sum(value)
 
 
 # ----------------------------------------------------------------------------- prompts per task
@@ -125,7 +133,7 @@ def rollouts(ctx: StepContext, prompts: list[list[int]]):
     cfg, gens = ctx.cfg, []
     for j in range(0, len(prompts), cfg.generation.batch_size):
         gens += generate_batch(ctx.student, ctx.tokenizer, prompts[j: j + cfg.generation.batch_size], cfg.generation,
-                               seed=cfg.seed * 7_919 + ctx.step * 1_000 + j)
+                               seed=cfg.seed * 7_919 + ctx.step * 1_000 + ctx.rank * 100_003 + j)
     return gens
 
 
@@ -145,14 +153,14 @@ def distill_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     completions = [g.token_ids for g in gens]
     rewards = [rollout_reward(r, g.text, cfg) for r, g in zip(rows, gens)]
     res = distill_backward(ctx, s_prompts, t_prompts, completions)
-    res.reward = sum(rewards) / len(rewards)
+    res.reward, res.reward_count = sum(rewards) / len(rewards), len(rewards)
     return res
 
 
 def distill_backward(ctx: StepContext, s_prompts, t_prompts, completions) -> StepResult:
     """Accumulate the distillation gradient over micro-batches; returns token sums."""
     cfg, tok = ctx.cfg, ctx.tokenizer
-    total = max(sum(max(len(c) - cfg.skip_first_tokens, 0) for c in completions), 1)
+    total = max(ctx.global_sum(sum(max(len(c) - cfg.skip_first_tokens, 0) for c in completions)), 1)
     s_head = ctx.student.get_output_embeddings()
     loss_total = kl_total = agree_total = 0.0
     for j in range(0, len(completions), cfg.micro_batch_size):
@@ -181,7 +189,7 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     completions = [g.token_ids for g in gens]
     rewards = torch.tensor([rollout_reward(r, g.text, cfg) for r, g in zip(group_rows, gens)], dtype=torch.float32)
     advantages = group_advantages(rewards.view(len(rows), G)).view(-1)
-    total = max(sum(len(c) for c in completions), 1)
+    total = max(ctx.global_sum(sum(len(c) for c in completions)), 1)
     head = ctx.student.get_output_embeddings()
     loss_total, kl_total = 0.0, 0.0
     for j in range(0, len(completions), cfg.micro_batch_size):
@@ -203,14 +211,14 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
         (loss_sum / total).backward()
         loss_total += loss_sum.item()
     return StepResult(loss_total, total, kl_total if cfg.kl_coef > 0 else None, None, rewards.mean().item(),
-                      sum(len(c) for c in completions))
+                      sum(len(c) for c in completions), len(group_rows))
 
 
 def sft_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     cfg, tok = ctx.cfg, ctx.tokenizer
     prompts = [student_prompt(tok, r, cfg) for r in rows]
     targets_ids = [reference_target(tok, r, cfg) for r in rows]
-    total = max(sum(len(t) for t in targets_ids), 1)
+    total = max(ctx.global_sum(sum(len(t) for t in targets_ids)), 1)
     head = ctx.student.get_output_embeddings()
     loss_total = 0.0
     for j in range(0, len(rows), cfg.micro_batch_size):
@@ -250,7 +258,7 @@ def offline_step(ctx: StepContext, items: list[OfflineItem]) -> StepResult:
     from rcsd_cli.losses import stored_topk_distill_loss
 
     cfg, tok = ctx.cfg, ctx.tokenizer
-    total = max(sum(max(len(it.completion_ids) - cfg.skip_first_tokens, 0) for it in items), 1)
+    total = max(ctx.global_sum(sum(max(len(it.completion_ids) - cfg.skip_first_tokens, 0) for it in items)), 1)
     head = ctx.student.get_output_embeddings()
     loss_total = 0.0
     for j in range(0, len(items), cfg.micro_batch_size):

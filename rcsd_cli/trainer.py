@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from rcsd_cli import distributed as dist
 from rcsd_cli.artifacts import write_artifact
 from rcsd_cli.batching import aligned_hidden
 from rcsd_cli.errors import RcsdError
@@ -143,14 +144,21 @@ def _ema_update(teacher, student, decay: float) -> None:
 
 def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trust_remote_code: bool = False,
           inputs: list[str] = (), objective=None) -> list[MetricsRow]:
-    """Run the loop and leave a Hugging Face checkpoint plus metrics.parquet in ``out``."""
+    """Run the loop and leave a Hugging Face checkpoint plus metrics.parquet in ``out``.
+
+    Under ``torchrun``/``accelerate launch`` each process takes every ``world``-th item of the
+    step's global batch; gradients and statistics are summed across processes.
+    """
+    rank, world = dist.setup()
+    main = rank == 0
+    log = info if main else (lambda *_: None)
     torch.manual_seed(cfg.seed)
     ckpt = latest_checkpoint(out) if resume else None
     start_step, metrics = 0, []
     if ckpt is not None:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         start_step, metrics = state["step"], [MetricsRow(**m) for m in state["metrics"]]
-        info(f"resuming from {ckpt} (step {start_step})")
+        log(f"resuming from {ckpt} (step {start_step})")
     student, teacher, tok = _build_models(cfg, ckpt, trust_remote_code)
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
@@ -163,17 +171,20 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
     teacher_hidden, teacher_head, teacher_generate = _teacher_view(cfg, student, teacher, tok)
     objective = objective or OBJECTIVES[cfg.method]
     used = metrics[-1].rollout_tokens if metrics else 0
-    with progress(f"train ({cfg.method})", cfg.steps) as advance:
+    with progress(f"train ({cfg.method})", cfg.steps, enabled=main) as advance:
         advance(start_step)
         for step in range(start_step, cfg.steps):
             if cfg.max_rollout_tokens and used >= cfg.max_rollout_tokens:
-                info(f"rollout budget of {cfg.max_rollout_tokens} tokens reached after {step} steps")
+                log(f"rollout budget of {cfg.max_rollout_tokens} tokens reached after {step} steps")
                 break
             t0 = time.perf_counter()
-            batch = [rows[i] for i in batch_order(len(rows), cfg.batch_size, step, cfg.seed)]
-            ctx = StepContext(student, tok, teacher_hidden, teacher_head, cfg, step, teacher_generate)
+            batch = [rows[i] for i in batch_order(len(rows), cfg.batch_size, step, cfg.seed)[rank::world]]
+            ctx = StepContext(student, tok, teacher_hidden, teacher_head, cfg, step, teacher_generate, rank)
             optimizer.zero_grad(set_to_none=True)
             res = objective(ctx, batch)
+            if world > 1:
+                dist.sum_gradients(params)
+                res = _combine(res)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
             lr = scheduler.get_last_lr()[0]
             if math.isfinite(grad_norm):
@@ -189,24 +200,42 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
                 kl=None if res.kl_sum is None else res.kl_sum / n,
                 top1_agreement=None if res.agree_sum is None else res.agree_sum / n, reward=res.reward,
                 grad_norm=grad_norm, lr=lr, completion_tokens=res.tokens,
-                mean_completion_length=res.tokens / len(batch),
+                mean_completion_length=res.tokens / max(1, res.reward_count or min(cfg.batch_size, len(rows))),
                 rollout_tokens=used, tokens_per_second=res.tokens / seconds, seconds=seconds))
             advance(1)
             m = metrics[-1]
+            if not main:
+                continue
             extras = "".join(f"  {k} {v:.4f}" for k, v in (("kl", m.kl), ("top1", m.top1_agreement),
                                                            ("reward", m.reward)) if v is not None)
-            info(f"step {m.step}/{cfg.steps}  loss {m.loss:.4f}{extras}  grad {m.grad_norm:.3f}  "
+            log(f"step {m.step}/{cfg.steps}  loss {m.loss:.4f}{extras}  grad {m.grad_norm:.3f}  "
                  f"tokens {m.completion_tokens}  {m.seconds:.1f}s")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 save_checkpoint(out / f"checkpoint-{step + 1}", student, teacher, tok, optimizer, scheduler, step + 1,
                                 cfg, metrics)
-    final = student.merge_and_unload() if cfg.lora_rank else student
-    final.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    (out / "rcsd_train_config.json").write_text(cfg.model_dump_json(indent=2))
-    write_artifact(out / "metrics.parquet", "metrics", metrics, stage="train", config=cfg, model_id=cfg.model,
-                   inputs=inputs, overwrite=True)
+    if main:
+        final = student.merge_and_unload() if cfg.lora_rank else student
+        final.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        (out / "rcsd_train_config.json").write_text(cfg.model_dump_json(indent=2))
+        write_artifact(out / "metrics.parquet", "metrics", metrics, stage="train", config=cfg, model_id=cfg.model,
+                       inputs=inputs, overwrite=True, extra={"world_size": world})
+    dist.barrier()
     return metrics
+
+
+def _combine(res):
+    """Sum a step's statistics over processes (``tokens`` is already global)."""
+    from rcsd_cli.objectives import StepResult
+
+    count = dist.reduce_sum(res.reward_count)
+    reward = None
+    if res.reward is not None and count:
+        reward = dist.reduce_sum(res.reward * res.reward_count) / count
+    return StepResult(dist.reduce_sum(res.loss_sum), int(res.tokens),
+                      None if res.kl_sum is None else dist.reduce_sum(res.kl_sum),
+                      None if res.agree_sum is None else dist.reduce_sum(res.agree_sum), reward,
+                      int(dist.reduce_sum(res.rollout_tokens)), int(count))
 
 
 def check_output_folder(out: Path, overwrite: bool, resume: bool) -> None:

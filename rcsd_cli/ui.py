@@ -34,11 +34,11 @@ def quiet_libraries() -> None:
 
 
 @contextmanager
-def progress(description: str, total: int):
-    """Yield ``advance(n)``; the bar disappears cleanly when output is not a terminal."""
+def progress(description: str, total: int, enabled: bool = True):
+    """Yield ``advance(n)``; no bar when output is not a terminal (logs stay clean) or when disabled."""
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
-                   disable=not console.is_terminal)
+                   disable=not (enabled and console.is_terminal))
     with bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from pydantic import ValidationError
 
+from rcsd_cli import distributed as dist
 from rcsd_cli.artifacts import read_artifact
 from rcsd_cli.commands import common as c
 from rcsd_cli.errors import RcsdError, describe_validation_error, where
@@ -57,10 +58,16 @@ def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume
     else:
         raise RcsdError("give --rubrics for online training, or --samples and --scores for an offline round")
     rows = rows[: cfg.limit] if cfg.limit else rows
-    check_output_folder(output, overwrite, resume)
-    metrics = train(cfg, rows, output, resume=resume, trust_remote_code=trust_remote_code, inputs=inputs,
-                    objective=objective)
-    if metrics:
+    rank, _ = dist.setup()
+    if rank == 0:
+        check_output_folder(output, overwrite, resume)
+    dist.barrier()
+    try:
+        metrics = train(cfg, rows, output, resume=resume, trust_remote_code=trust_remote_code, inputs=inputs,
+                        objective=objective)
+    finally:
+        dist.teardown()
+    if metrics and rank == 0:
         info(f"trained {metrics[-1].step} steps ({cfg.method}); final loss {metrics[-1].loss:.4f}; model in {output}")
     return metrics
 
