@@ -43,9 +43,9 @@ PROBLEMS = [{"id": f"p{i}", "question": f"Which number is largest: {i}, {i + 1} 
 def test_server_endpoints(server):
     models = json.loads(urllib.request.urlopen(server + "/models", timeout=30).read())
     assert models["data"][0]["object"] == "model"
-    req = urllib.request.Request(server + "/chat/completions", method="POST", headers={"Content-Type": "application/json"},
-                                 data=json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
-                                                  "temperature": 0}).encode())
+    payload = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+    req = urllib.request.Request(server + "/chat/completions", method="POST", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
     body = json.loads(urllib.request.urlopen(req, timeout=60).read())
     assert body["choices"][0]["message"]["role"] == "assistant" and body["usage"]["completion_tokens"] <= 3
 
