@@ -147,3 +147,15 @@ def test_reason_first_teacher_adds_its_analysis(tiny_model, tmp_path, monkeypatc
     monkeypatch.setattr(objectives, "teacher_prompt", spy)
     metrics = train(cfg(tiny_model, teacher_context="reason-first"), rubric_rows(), tmp_path)
     assert len(metrics) == 2 and len(seen) == 4 and all(isinstance(a, str) for a in seen)
+
+
+def test_plot_draws_curves_from_metrics(run_cli, tiny_model, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for name, method in (("a", "rcsd"), ("b", "sft")):
+        train(cfg(tiny_model, method=method, steps=3), rubric_rows(), tmp_path / name)
+    out = tmp_path / "curves.png"
+    run_cli("plot", tmp_path / "a" / "metrics.parquet", tmp_path / "b" / "metrics.parquet", "-o", out, check=True)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    p = run_cli("plot", tmp_path / "a" / "metrics.parquet", "-o", out)
+    assert p.returncode == 2 and "already exists" in p.stderr

@@ -20,6 +20,7 @@ def run_plot(paths: list[Path], output: Path, overwrite: bool = False) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ensure_writable(output, overwrite)
     runs = [(p.parent.name if p.name == "metrics.parquet" else p.stem, read_artifact(p, "metrics")[0]) for p in paths]
@@ -31,6 +32,7 @@ def run_plot(paths: list[Path], output: Path, overwrite: bool = False) -> Path:
                 ax.plot(*zip(*pts), marker="o", markersize=3, label=name)
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
