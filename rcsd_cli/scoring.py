@@ -89,8 +89,11 @@ def score_completion(sample_id: str, problem: Problem, rubric: list[Criterion], 
 
 
 def run_judge(backend, requests: list[JudgeRequest], gen_cfg, retries: int, seed: int,
-              on_done=None) -> dict[tuple[str, str], tuple[bool, str] | None]:
-    """Ask the judge (any backend) about each request; retry malformed replies, then give up (None)."""
+              on_done=None, runner=None) -> dict[tuple[str, str], tuple[bool, str] | None]:
+    """Ask the judge (any backend) about each request; retry malformed replies, then give up (None).
+
+    ``runner`` (a ``ResumableGenerator``) keeps finished replies across interruptions.
+    """
     from rcsd_cli.prompts import chat_prompt_ids, judge_message
 
     tokenizer = backend.tokenizer
@@ -101,7 +104,11 @@ def run_judge(backend, requests: list[JudgeRequest], gen_cfg, retries: int, seed
         if not pending:
             break
         prompts = [chat_prompt_ids(tokenizer, judge_message(r.problem, r.completion, r.criterion)) for r in pending]
-        outs = backend.generate(prompts, gen_cfg, seed + 7919 * attempt)
+        if runner is not None:
+            keys = [f"{r.key[0]}|{r.key[1]}|{attempt}" for r in pending]
+            outs = runner.generate(keys, prompts, gen_cfg, seed + 7919 * attempt)
+        else:
+            outs = backend.generate(prompts, gen_cfg, seed + 7919 * attempt)
         still = []
         for r, out in zip(pending, outs):
             parsed = parse_judge_reply(out.text)

@@ -107,3 +107,22 @@ def test_vllm_backend_or_clear_skip(run_cli, tiny_model, tmp_path):
                 "--backend", "vllm", "--max-new-tokens", "4", check=True)
     assert "vllm: loading" in p.stderr
     assert all(s.backend == "vllm" for s in read_artifact(tmp_path / "s.parquet", "samples")[0])
+
+
+def test_eval_resumes_after_server_death(run_cli, tiny_model, tmp_path):
+    write_jsonl(tmp_path / "p.jsonl", PROBLEMS)
+    run_cli("gen-rubrics", tmp_path / "p.jsonl", "-o", tmp_path / "r.parquet", "--generator", "reference", check=True)
+    dying, url = start_server(tiny_model, "--exit-after", "4")
+    out = tmp_path / "e.parquet"
+    args = ["eval", "--bench", "rubric", "--data", tmp_path / "r.parquet", "-o", out, "--model", tiny_model,
+            "--max-new-tokens", "4", "--backend", "openai", "--concurrency", "1", "--max-retries", "0"]
+    p = run_cli(*args, "--base-url", url)
+    dying.wait(timeout=60)
+    assert p.returncode == 2 and not out.exists()
+    fresh, url2 = start_server(tiny_model)
+    try:
+        p = run_cli(*args, "--base-url", url2, check=True)
+    finally:
+        fresh.kill()
+    assert "resuming: 4 finished generations" in p.stderr
+    assert len(read_artifact(out, "eval")[0]) == 6 and not list(tmp_path.glob("*.partial.jsonl"))

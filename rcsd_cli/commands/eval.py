@@ -19,6 +19,7 @@ from rcsd_cli.commands import common as c
 from rcsd_cli.commands.score import judge_and_score
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.prompts import student_prompt_ids
+from rcsd_cli.resume import ResumableGenerator
 from rcsd_cli.rubric_gen import reference_rubric
 from rcsd_cli.schemas import BackendConfig, EvalConfig, EvalItem, GenerationConfig
 from rcsd_cli.stats import mean_interval, wilson_interval
@@ -83,13 +84,16 @@ def run_eval(bench: str, output: Path, *, data: str | None = None, model: str = 
         raise RcsdError(f"{bench}: no items selected (offset {offset}, limit {limit})")
     t0 = time.perf_counter()
     engine = open_backend(cfg.backend, model, trust_remote_code)
+    runner = ResumableGenerator(engine, output, cfg, fresh=overwrite)
     prompts = [student_prompt_ids(engine.tokenizer, p, generation.enable_thinking) for p, _ in pairs for _ in range(n)]
+    keys = [f"{p.id}:{k}" for p, _ in pairs for k in range(n)]
     with progress(f"eval {bench}", len(prompts)) as advance:
-        gens = engine.generate(prompts, generation, seed, on_done=lambda idx, batch: advance(len(batch)))
+        gens = runner.generate(keys, prompts, generation, seed, on_done=advance)
     scored = [(f"{p.id}:{k}", p, rubric, gens[i * n + k].text) for i, (p, rubric) in enumerate(pairs)
               for k in range(n) if rubric]
     scores = {s.sample_id: s for s in judge_and_score(scored, judge_model, GenerationConfig(temperature=0.0,
-              max_new_tokens=192), seed=seed, trust_remote_code=trust_remote_code, backend=cfg.backend)}
+              max_new_tokens=192), seed=seed, trust_remote_code=trust_remote_code, backend=cfg.backend,
+              resume=(output, cfg, overwrite))}
     items = []
     for i, (p, rubric) in enumerate(pairs):
         g = gens[i * n:(i + 1) * n]
@@ -106,6 +110,7 @@ def run_eval(bench: str, output: Path, *, data: str | None = None, model: str = 
     summary = summarise(items, n, time.perf_counter() - t0)
     write_artifact(output, "eval", items, stage="eval", config=cfg, model_id=model,
                    inputs=[data] if data else [], overwrite=overwrite, extra={"summary": summary})
+    runner.finish()
     if show:
         console.print(summary_table({model: summary}, f"{bench}: {len(items)} items, avg@{n}"))
     return summary

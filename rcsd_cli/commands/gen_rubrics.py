@@ -26,11 +26,13 @@ def load_sources(data: str, limit: int | None, seed: int, offset: int = 0) -> li
     return rows[offset:][:limit] if limit else rows[offset:]
 
 
-def _llm_rubrics(todo: list[InputRow], cfg: GenRubricsConfig, trust_remote_code: bool):
+def _llm_rubrics(todo: list[InputRow], cfg: GenRubricsConfig, trust_remote_code: bool, runner_args: tuple):
     from rcsd_cli.backends import open_backend
     from rcsd_cli.prompts import chat_prompt_ids, rubric_designer_message
+    from rcsd_cli.resume import ResumableGenerator
 
     engine = open_backend(cfg.backend, cfg.model, trust_remote_code)
+    runner = ResumableGenerator(engine, *runner_args)
     accepted: dict[str, Rubric] = {}
     rejected: list[RejectedRubric] = []
     pending = todo
@@ -41,7 +43,8 @@ def _llm_rubrics(todo: list[InputRow], cfg: GenRubricsConfig, trust_remote_code:
             think = cfg.generation.enable_thinking
             prompts = [chat_prompt_ids(engine.tokenizer, rubric_designer_message(r.problem), think)
                        for r in pending]
-            outs = engine.generate(prompts, cfg.generation, cfg.seed + 104_729 * attempt)
+            keys = [f"{r.problem.id}:{attempt}" for r in pending]
+            outs = runner.generate(keys, prompts, cfg.generation, cfg.seed + 104_729 * attempt)
             retry = []
             for row, out in zip(pending, outs):
                 try:
@@ -54,7 +57,7 @@ def _llm_rubrics(todo: list[InputRow], cfg: GenRubricsConfig, trust_remote_code:
                     retry.append(row)
             pending = retry
         advance(len(pending))
-    return accepted, rejected
+    return accepted, rejected, runner
 
 
 def run_gen_rubrics(data: str, output: Path, *, generator: Literal["auto", "llm", "reference"] = "auto",
@@ -85,8 +88,9 @@ def run_gen_rubrics(data: str, output: Path, *, generator: Literal["auto", "llm"
                                                reason="no gold answer to build a reference rubric from"))
             else:
                 out[row.problem.id] = Rubric(**row.problem.model_dump(), rubric=crit, rubric_origin="reference")
-    elif todo:
-        accepted, rejected = _llm_rubrics(todo, cfg, trust_remote_code)
+    runner = None
+    if todo and kind == "llm":
+        accepted, rejected, runner = _llm_rubrics(todo, cfg, trust_remote_code, (output, cfg, overwrite))
         out.update(accepted)
     ordered = [out[r.problem.id] for r in rows if r.problem.id in out]
     rejected_path = output.with_name(output.name.removesuffix(".parquet") + ".rejected.parquet")
@@ -95,10 +99,14 @@ def run_gen_rubrics(data: str, output: Path, *, generator: Literal["auto", "llm"
         write_artifact(rejected_path, "rejected-rubrics", rejected, stage="gen-rubrics", config=cfg,
                        model_id=model if kind == "llm" else None, inputs=inputs, overwrite=True)
     if not ordered:
+        if runner is not None:
+            runner.finish()  # every attempt is recorded in the rejected file
         raise RcsdError(f"{data}: no valid rubric for any of {len(rows)} problems"
                         + (f"; reasons in {rejected_path}" if rejected else ""))
     write_artifact(output, "rubrics", ordered, stage="gen-rubrics", config=cfg,
                    model_id=model if todo and kind == "llm" else None, inputs=inputs, overwrite=overwrite)
+    if runner is not None:
+        runner.finish()
     dropped = len({r.problem_id for r in rejected} - set(out))
     info(f"wrote {len(ordered)} rubrics to {output}" + (f"; {dropped} problems dropped, "
                                                        f"{len(rejected)} rejected outputs in {rejected_path}"

@@ -52,7 +52,6 @@ def run_sample(rubrics: Path, output: Path, *, model: str = c.DEFAULT, n: int = 
                 done.update({r.id: r for r in rows})
                 advance(len(rows))
 
-            # Seeds follow the position in the full job list, so a resumed run samples what it would have.
             engine.generate(prompts, generation, seed, on_done=keep)
     samples = [done[f"{p.id}:{k}"] for p in problems for k in range(n)]
     write_artifact(output, "samples", samples, stage="sample", config=cfg, model_id=model, inputs=[rubrics],

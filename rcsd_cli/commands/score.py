@@ -18,17 +18,28 @@ from rcsd_cli.ui import info, progress
 
 def judge_and_score(items: list[tuple[str, Problem, list[Criterion], str]], judge_model: str | None,
                     generation: GenerationConfig, retries: int = 2, seed: int = 0,
-                    trust_remote_code: bool = False, backend: BackendConfig | None = None) -> list[Score]:
-    """Score (sample id, problem, rubric, completion) tuples; criteria without checks go to the judge."""
+                    trust_remote_code: bool = False, backend: BackendConfig | None = None,
+                    resume: tuple[Path, object, bool] | None = None) -> list[Score]:
+    """Score (sample id, problem, rubric, completion) tuples; criteria without checks go to the judge.
+
+    ``resume`` = (output, config, fresh): judge replies are kept in ``output.judge.partial.jsonl``.
+    """
     requests = [JudgeRequest((sid, cr.id), prob, text, cr) for sid, prob, rubric, text in items
                 for cr in rubric if cr.check is None]
     verdicts: dict = {}
     if requests and judge_model:
         from rcsd_cli.backends import open_backend
+        from rcsd_cli.resume import ResumableGenerator
 
         judge = open_backend(backend or BackendConfig(), judge_model, trust_remote_code)
+        runner = None
+        if resume is not None:
+            out, cfg, fresh = resume
+            runner = ResumableGenerator(judge, Path(str(out) + ".judge"), cfg, fresh)
         with progress("judge", len(requests)) as advance:
-            verdicts = run_judge(judge, requests, generation, retries, seed, on_done=advance)
+            verdicts = run_judge(judge, requests, generation, retries, seed, on_done=advance, runner=runner)
+        if runner is not None:
+            runner.finish()
     per_sample: dict[str, dict] = {}
     for (sid, cid), v in verdicts.items():
         per_sample.setdefault(sid, {})[cid] = v
@@ -90,7 +101,8 @@ def run_score(samples_path: Path, rubrics_path: Path, output: Path, *, judge_mod
             raise RcsdError(f"{where(samples_path, i)}: problem_id {s.problem_id!r} is not in {rubrics_path}")
         r = by_id[s.problem_id]
         items.append((s.id, r, r.rubric, s.completion))
-    scores = judge_and_score(items, judge_model, generation, judge_retries, seed, trust_remote_code, cfg.backend)
+    scores = judge_and_score(items, judge_model, generation, judge_retries, seed, trust_remote_code, cfg.backend,
+                             resume=(output, cfg, overwrite))
     if teacher_logprobs:
         thinking = samples_meta.get("config", {}).get("generation", {}).get("enable_thinking")
         scores = add_teacher_logprobs(scores, samples, by_id, cfg, teacher_model, trust_remote_code, thinking)
