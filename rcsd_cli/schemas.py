@@ -209,7 +209,9 @@ class BackendConfig(_Config):
     backoff_s: float = Field(0.5, ge=0.0, description="First retry delay; doubles each attempt.")
     timeout_s: float = Field(300.0, gt=0)
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine.")
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    memory_utilization: float | None = Field(None, gt=0, le=1, description="vllm: fraction of each GPU's "
+                                             "memory (default 0.85) or, on CPU, of the machine's memory (default "
+                                             "0.3) the engine may reserve.")
 
 
 class GenRubricsConfig(_Config):

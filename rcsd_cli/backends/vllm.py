@@ -42,14 +42,25 @@ class VLLMBackend:
         except Exception:  # noqa: BLE001 - memory report only
             gpu, total = False, 0.0
         if gpu:
+            share = cfg.memory_utilization or 0.85
             info(f"vllm: loading {path} (tensor parallel {cfg.tensor_parallel_size}); it may take up to "
-                 f"{cfg.gpu_memory_utilization:.0%} of each GPU's {total:.1f} GiB")
+                 f"{share:.0%} of each GPU's {total:.1f} GiB (--memory-utilization)")
         else:
-            info(f"vllm: loading {path} on CPU; KV cache VLLM_CPU_KVCACHE_SPACE="
-                 f"{os.environ.get('VLLM_CPU_KVCACHE_SPACE', '4')} GiB plus the weights")
-        self.llm = LLM(model=path, tokenizer=path, trust_remote_code=trust_remote_code,
-                       tensor_parallel_size=cfg.tensor_parallel_size,
-                       gpu_memory_utilization=cfg.gpu_memory_utilization, seed=0)
+            share = cfg.memory_utilization or 0.3
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+            info(f"vllm: loading {path} on CPU; it may reserve up to {share:.0%} of this machine's {ram:.1f} GiB "
+                 "(--memory-utilization)")
+        try:
+            self.llm = LLM(model=path, tokenizer=path, trust_remote_code=trust_remote_code,
+                           tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=share, seed=0)
+        except Exception as exc:  # noqa: BLE001 - the engine's own log above has the details
+            raise RcsdError(f"vllm: engine failed to start ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
+
+    def _run(self, prompts, params):
+        try:
+            return self.llm.generate(prompts, params, use_tqdm=False)
+        except Exception as exc:  # noqa: BLE001 - engine failures become one clean line
+            raise RcsdError(f"vllm: generation failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
 
     def _params(self, cfg, seed, **extra):
         from vllm import SamplingParams
@@ -64,7 +75,7 @@ class VLLMBackend:
         for start in range(0, len(prompts), max(cfg.batch_size, 64)):
             chunk = prompts[start: start + max(cfg.batch_size, 64)]
             params = [self._params(cfg, seed + start + i) for i in range(len(chunk))]
-            outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in chunk], params, use_tqdm=False)
+            outs = self._run([TokensPrompt(prompt_token_ids=p) for p in chunk], params)
             batch = []
             for out in outs:
                 o = out.outputs[0]
@@ -80,8 +91,7 @@ class VLLMBackend:
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=k, temperature=0.0)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p + c) for p, c in zip(teacher_prompts, completions)],
-                                 params, use_tqdm=False)
+        outs = self._run([TokensPrompt(prompt_token_ids=p + c) for p, c in zip(teacher_prompts, completions)], params)
         ids, lps = [], []
         for out, p, c in zip(outs, teacher_prompts, completions):
             row_i, row_v = [], []

@@ -40,18 +40,22 @@ Timeout = Annotated[float, typer.Option("--request-timeout", help="openai: secon
                                         rich_help_panel="Backend")]
 TensorParallel = Annotated[int, typer.Option("--tensor-parallel-size", min=1, help="vllm: GPUs per engine.",
                                              rich_help_panel="Backend")]
+MemoryShare = Annotated[Optional[float], typer.Option("--memory-utilization", min=0.01, max=1.0,
+                                                      help="vllm: share of GPU (or CPU) memory to reserve.",
+                                                      rich_help_panel="Backend")]
 
 DEFAULT = DEFAULT_MODEL
 
 
 def backend_config(backend: str, base_url: str | None, served_model: str | None, api_key_env: str,
-                   concurrency: int, max_retries: int, timeout: float, tensor_parallel_size: int):
+                   concurrency: int, max_retries: int, timeout: float, tensor_parallel_size: int,
+                   memory_utilization: float | None = None):
     from rcsd_cli.schemas import BackendConfig
 
     check_choice("--backend", backend, ("hf", "vllm", "openai"))
     return BackendConfig(kind=backend, base_url=base_url, served_model=served_model, api_key_env=api_key_env,
                          concurrency=concurrency, max_retries=max_retries, timeout_s=timeout,
-                         tensor_parallel_size=tensor_parallel_size)
+                         tensor_parallel_size=tensor_parallel_size, memory_utilization=memory_utilization)
 
 
 def gen_config(max_new_tokens: int, temperature: float, top_p: float, top_k: int, batch_size: int,

@@ -138,6 +138,7 @@ def command(
     max_retries: c.MaxRetries = 5,
     request_timeout: c.Timeout = 300.0,
     tensor_parallel_size: c.TensorParallel = 1,
+    memory_utilization: c.MemoryShare = None,
     overwrite: c.Overwrite = False,
     trust_remote_code: c.TrustRemoteCode = False,
 ):
@@ -149,4 +150,4 @@ def command(
                     generation=c.gen_config(max_new_tokens, temperature, top_p, top_k, batch_size, thinking),
                     overwrite=overwrite, trust_remote_code=trust_remote_code,
                     backend=c.backend_config(backend, base_url, served_model, api_key_env, concurrency, max_retries,
-                                       request_timeout, tensor_parallel_size))
+                                       request_timeout, tensor_parallel_size, memory_utilization))
