@@ -20,23 +20,26 @@ def tokenizer_dir() -> Path:
     return default_model_dir()
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, tokenizer_dir) -> Path:
-    """A 2-layer random Llama (~1.6M parameters) saved as safetensors with SmolLM2's tokenizer."""
+def make_tiny_llama(out: Path, tokenizer_dir: Path, hidden: int = 32, heads: int = 4) -> Path:
+    """A 2-layer random Llama saved as safetensors with SmolLM2's real tokenizer and chat template."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=2048,
                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(cfg)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(out, safe_serialization=True)
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer_dir) -> Path:
+    """~1.6M parameters: fast enough for every stage in a unit test."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from rcsd_cli.artifacts import read_artifact
-from tests.conftest import ROOT, write_jsonl
+from tests.conftest import ROOT, make_tiny_llama, write_jsonl
 
 
 def start_server(model, *extra):
@@ -104,7 +104,8 @@ def test_vllm_backend_or_clear_skip(run_cli, tiny_model, tmp_path):
         p = run_cli("sample", tmp_path / "r.parquet", "--backend", "vllm", "-o", tmp_path / "s.parquet")
         assert p.returncode == 2 and "--backend vllm needs vLLM" in p.stderr
         pytest.skip("vLLM is not installed here (optional extra rcsd[vllm])")
-    model = vllm_sized_model(tmp_path / "model", tiny_model)  # CPU attention kernels need head_dim >= 32
+    # vLLM's CPU attention kernels need a head size of at least 32
+    model = make_tiny_llama(tmp_path / "model", tiny_model, hidden=128, heads=2)
     common = ["--model", model, "--max-new-tokens", "4", "--temperature", "0"]
     p = run_cli("sample", tmp_path / "r.parquet", "-o", tmp_path / "s.parquet", *common, "--backend", "vllm",
                 check=True)
@@ -120,37 +121,3 @@ def test_vllm_backend_or_clear_skip(run_cli, tiny_model, tmp_path):
     scores = read_artifact(tmp_path / "sc.parquet", "scores")[0]
     assert [len(s.teacher_topk_ids) for s in scores] == [len(s.completion_token_ids) for s in vl]
     assert all(len(row) == 3 for s in scores for row in s.teacher_topk_ids)
-
-
-def vllm_sized_model(path, tokenizer_dir):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return path
-
-
-def test_eval_resumes_after_server_death(run_cli, tiny_model, tmp_path):
-    write_jsonl(tmp_path / "p.jsonl", PROBLEMS)
-    run_cli("gen-rubrics", tmp_path / "p.jsonl", "-o", tmp_path / "r.parquet", "--generator", "reference", check=True)
-    dying, url = start_server(tiny_model, "--exit-after", "4")
-    out = tmp_path / "e.parquet"
-    args = ["eval", "--bench", "rubric", "--data", tmp_path / "r.parquet", "-o", out, "--model", tiny_model,
-            "--max-new-tokens", "4", "--backend", "openai", "--concurrency", "1", "--max-retries", "0"]
-    p = run_cli(*args, "--base-url", url)
-    dying.wait(timeout=60)
-    assert p.returncode == 2 and not out.exists()
-    fresh, url2 = start_server(tiny_model)
-    try:
-        p = run_cli(*args, "--base-url", url2, check=True)
-    finally:
-        fresh.kill()
-    assert "resuming: 4 finished generations" in p.stderr
-    assert len(read_artifact(out, "eval")[0]) == 6 and not list(tmp_path.glob("*.partial.jsonl"))
