@@ -5,9 +5,10 @@
 2. ``rcsd train --task rubric-generator``: the student writes a rubric from the question and
    reference answer; the teacher additionally sees the reference rubric.
 3. ``rcsd gen-rubrics --generator llm`` with the base and the trained model on the held-out
-   questions (no retries), reporting the valid-rubric rate and how close valid rubrics are to
-   the references: word-set Jaccard similarity of all criterion text, whether the gold
-   choice's text is mentioned, and whether the criterion count matches.
+   questions (no retries), reporting the valid-rubric rate, how often the output holds a JSON
+   array at all, the word-set Jaccard similarity between the raw output and the reference
+   rubric's text (defined for invalid outputs too), and for valid rubrics the Jaccard of their
+   criterion text and whether the gold choice's text is mentioned.
 
     python examples/stage1_rubric_generator.py --out stage1
 """
@@ -36,27 +37,43 @@ def words(rubric) -> set[str]:
 def measure(model: str, held_out: Path, out: Path, args) -> dict:
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=0.95, top_k=20, batch_size=16)
     t0 = time.perf_counter()
-    try:
-        run_gen_rubrics(str(held_out), out, generator="llm", regenerate=True, retries=0, model=model, generation=gen,
-                        overwrite=True)
-        generated = {r.id: r for r in read_artifact(out, "rubrics")[0]}
-    except RcsdError:  # no valid rubric at all
-        generated = {}
+    if not args.report_only:
+        try:
+            run_gen_rubrics(str(held_out), out, generator="llm", regenerate=True, retries=0, model=model,
+                            generation=gen, overwrite=True)
+        except RcsdError:  # no valid rubric at all: every output is in the rejected file
+            pass
+    return {"model": model, **evaluate(held_out, out), "seconds": time.perf_counter() - t0}
+
+
+def evaluate(held_out: Path, out: Path) -> dict:
+    """Validity and closeness of generated rubrics; raw-text closeness also covers invalid outputs."""
     refs = read_artifact(held_out, "rubrics")[0]
-    jacc, gold_mentioned, same_count = [], [], []
+    generated = {r.id: r for r in read_artifact(out, "rubrics")[0]} if out.exists() else {}
+    rejected_path = out.with_name(out.name.removesuffix(".parquet") + ".rejected.parquet")
+    raw = {r.problem_id: r.raw_output for r in read_artifact(rejected_path, "rejected-rubrics")[0]} \
+        if rejected_path.exists() else {}
+    jacc, gold_mentioned, same_count, raw_jacc, has_array = [], [], [], [], []
     for ref in refs:
+        ref_words = words(ref.rubric)
         if ref.id in generated:
-            g, r = words(generated[ref.id].rubric), words(ref.rubric)
-            jacc.append(len(g & r) / max(1, len(g | r)))
+            text = " ".join(f"{c.title} {c.description}" for c in generated[ref.id].rubric)
+            g = words(generated[ref.id].rubric)
+            jacc.append(len(g & ref_words) / max(1, len(g | ref_words)))
             gold = ref.choices["ABCDEFGH".index(ref.answer)].lower() if ref.choices and ref.answer else ""
-            gold_mentioned.append(float(bool(gold) and gold in " ".join(
-                f"{c.title} {c.description}" for c in generated[ref.id].rubric).lower()))
+            gold_mentioned.append(float(bool(gold) and gold in text.lower()))
             same_count.append(float(len(generated[ref.id].rubric) == len(ref.rubric)))
+            has_array.append(1.0)
+        else:
+            text = raw.get(ref.id, "")
+            has_array.append(float("[" in text and "]" in text))
+        out_words = set(re.findall(r"[a-z0-9]+", text.lower()))
+        raw_jacc.append(len(out_words & ref_words) / max(1, len(out_words | ref_words)))
     lo, hi = wilson_interval(len(generated), len(refs))
-    return {"model": model, "valid": len(generated), "total": len(refs), "valid_rate": len(generated) / len(refs),
-            "valid_rate_ci": [lo, hi], "jaccard": mean_interval(jacc)[0] if jacc else None,
-            "gold_mentioned": mean_interval(gold_mentioned)[0] if jacc else None,
-            "same_count": mean_interval(same_count)[0] if jacc else None, "seconds": time.perf_counter() - t0}
+    mean = lambda v: mean_interval(v)[0] if v else None  # noqa: E731
+    return {"valid": len(generated), "total": len(refs), "valid_rate": len(generated) / len(refs),
+            "valid_rate_ci": [lo, hi], "jaccard": mean(jacc), "gold_mentioned": mean(gold_mentioned),
+            "same_count": mean(same_count), "raw_jaccard": mean(raw_jacc), "json_array_rate": mean(has_array)}
 
 
 def main():
@@ -71,30 +88,35 @@ def main():
     p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--max-new-tokens", type=int, default=320)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report-only", action="store_true", help="Recompute the table from files already in --out.")
     args = p.parse_args()
     quiet_libraries()
     args.out.mkdir(parents=True, exist_ok=True)
     train_r, held_out = args.out / "train_rubrics.parquet", args.out / "heldout_rubrics.parquet"
-    run_gen_rubrics(args.bench, train_r, generator="reference", limit=args.train_items, seed=args.seed, overwrite=True)
-    run_gen_rubrics(args.bench, held_out, generator="reference", limit=args.eval_items, offset=args.train_items,
-                    seed=args.seed, overwrite=True)
+    if not args.report_only:
+        run_gen_rubrics(args.bench, train_r, generator="reference", limit=args.train_items, seed=args.seed,
+                        overwrite=True)
+        run_gen_rubrics(args.bench, held_out, generator="reference", limit=args.eval_items, offset=args.train_items,
+                        seed=args.seed, overwrite=True)
     before = measure(args.model, held_out, args.out / "generated_before.parquet", args)
     cfg = TrainConfig(rubrics=str(train_r), model=args.model, task="rubric-generator", steps=args.steps,
                       batch_size=args.batch_size, micro_batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       generation=GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=1.2, top_p=0.95,
                                                   top_k=20, batch_size=16))
     t0 = time.perf_counter()
-    run_train(cfg, args.out / "model", overwrite=True)
+    if not args.report_only:
+        run_train(cfg, args.out / "model", overwrite=True)
     train_seconds = time.perf_counter() - t0
     after = measure(str(args.out / "model"), held_out, args.out / "generated_after.parquet", args)
     rows = [("base", before), (f"after {args.steps} stage-I steps", after)]
-    lines = ["| generator | valid rubrics [95% CI] | word Jaccard vs reference | gold answer mentioned | "
-             "same criterion count |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| generator | valid rubrics [95% CI] | has a JSON array | word Jaccard of raw output vs reference "
+             "| word Jaccard (valid only) | gold answer mentioned (valid only) |",
+             "| --- | --- | --- | --- | --- | --- |"]
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     for name, r in rows:
         lines.append(f"| {name} | {r['valid']}/{r['total']} = {r['valid_rate']:.3f} [{r['valid_rate_ci'][0]:.3f}, "
-                     f"{r['valid_rate_ci'][1]:.3f}] | {fmt(r['jaccard'])} | {fmt(r['gold_mentioned'])} | "
-                     f"{fmt(r['same_count'])} |")
+                     f"{r['valid_rate_ci'][1]:.3f}] | {fmt(r['json_array_rate'])} | {fmt(r['raw_jaccard'])} | "
+                     f"{fmt(r['jaccard'])} | {fmt(r['gold_mentioned'])} |")
     text = "\n".join(lines)
     (args.out / "results.json").write_text(json.dumps({"before": before, "after": after,
                                                        "train_seconds": train_seconds}, indent=2))
