@@ -82,8 +82,8 @@ def command(
     method: Annotated[str, typer.Option("--method", help="rcsd, opsd, grpo or sft.")] = "rcsd",
     teacher: Annotated[str, typer.Option("--teacher", help="frozen (initial weights), live or ema.")] = "frozen",
     ema_decay: Annotated[float, typer.Option("--ema-decay")] = 0.99,
-    teacher_context: Annotated[str, typer.Option("--teacher-context", help="rubric or rubric+reference.")]
-    = "rubric+reference",
+    teacher_context: Annotated[str, typer.Option("--teacher-context", help="rubric, rubric+reference or "
+                                                 "reason-first.")] = "rubric+reference",
     steps: Annotated[int, typer.Option("--steps", min=1)] = 10,
     max_rollout_tokens: Annotated[Optional[int], typer.Option("--max-rollout-tokens", min=1,
                                                               help="Stop after this many rollout tokens.")] = None,
