@@ -33,7 +33,6 @@ from rcsd_cli.losses import (
     k3_kl,
 )
 from rcsd_cli.prompts import (
-    answer_instruction,
     chat_prompt_ids,
     rubric_analysis_message,
     rubric_designer_message,
@@ -235,7 +234,7 @@ def sft_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
 
 OBJECTIVES = {"rcsd": distill_step, "opsd": distill_step, "grpo": grpo_step, "sft": sft_step}
 
-__all__ = ["OBJECTIVES", "StepContext", "StepResult", "answer_instruction"]
+__all__ = ["OBJECTIVES", "StepContext", "StepResult"]
 
 
 # ----------------------------------------------------------------------------- offline round

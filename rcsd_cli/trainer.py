@@ -64,10 +64,6 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _lm(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def save_checkpoint(path: Path, student, teacher, tokenizer, optimizer, scheduler, step: int, cfg: TrainConfig,
                     metrics: list[MetricsRow]) -> None:
     """Write everything a resume needs into ``path`` atomically (temporary folder, then rename)."""

@@ -1,6 +1,5 @@
 """The CLI in real subprocesses: the pipeline end to end on a tiny model, and clean failures."""
 
-import json
 
 import pyarrow.parquet as pq
 import pytest
@@ -208,4 +207,3 @@ def test_binary_wrong_kind_and_missing_model(run_cli, tmp_path, tiny_model):
     assert read_metadata(rubrics)["kind"] == "rubrics"
     p = run_cli("train", "--rubrics", rubrics, "-o", tmp_path / "m", "--model", tiny_model, "--lr", "-1")
     assert p.returncode == 2 and "lr" in p.stderr and not (tmp_path / "m").exists()
-    json.dumps(p.stderr)

@@ -12,6 +12,7 @@ from rcsd_cli.backends import open_backend
 from rcsd_cli.commands import common as c
 from rcsd_cli.inputs import load_problems
 from rcsd_cli.prompts import student_prompt_ids
+from rcsd_cli.resume import fingerprint
 from rcsd_cli.schemas import BackendConfig, GenerationConfig, Problem, Sample, SampleConfig
 from rcsd_cli.ui import info, progress
 
@@ -33,8 +34,7 @@ def run_sample(rubrics: Path, output: Path, *, model: str = c.DEFAULT, n: int = 
                        backend=backend or BackendConfig())
     problems = load_rubric_or_problems(rubrics)[:limit] if limit else load_rubric_or_problems(rubrics)
     # Where and how fast requests go does not change results: a rerun against another server resumes.
-    operational = {"base_url", "concurrency", "max_retries", "backoff_s", "timeout_s", "api_key_env"}
-    partial = PartialLog(output, Sample, cfg.model_dump(exclude={"backend": operational}), fresh=overwrite)
+    partial = PartialLog(output, Sample, fingerprint(cfg), fresh=overwrite)
     done = {s.id: s for s in partial.load()}
     jobs = [(p, k) for p in problems for k in range(n) if f"{p.id}:{k}" not in done]
     if done:
