@@ -63,10 +63,15 @@ def build_pair_batch(student_prompts: list[list[int]], teacher_prompts: list[lis
 
 def aligned_hidden(model, side: SideBatch) -> torch.Tensor:
     """Final hidden states at the predicting positions: [B, C, H] (no vocabulary logits)."""
+    from rcsd_cli.sharding import FinalHidden
+
     device = next(model.parameters()).device
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # unwrap a peft model
-    out = lm.base_model(input_ids=side.input_ids.to(device), attention_mask=side.attention_mask.to(device),
-                           position_ids=side.position_ids.to(device))
-    hidden = out.last_hidden_state
+    inputs = dict(input_ids=side.input_ids.to(device), attention_mask=side.attention_mask.to(device),
+                  position_ids=side.position_ids.to(device))
+    if isinstance(model, FinalHidden):  # sharded: go through the root so its parameters are gathered
+        hidden = model(**inputs)
+    else:
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # unwrap a peft model
+        hidden = lm.base_model(**inputs).last_hidden_state
     index = side.predict_index.to(device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     return hidden.gather(1, index)

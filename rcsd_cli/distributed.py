@@ -20,9 +20,11 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def setup() -> tuple[int, int]:
+def setup(always: bool = False) -> tuple[int, int]:
+    """Join the launcher's process group (also for one process when ``always`` and launched)."""
     rank, size = world()
-    if size > 1 and not dist.is_initialized():
+    launched = "MASTER_ADDR" in os.environ
+    if (size > 1 or (always and launched)) and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -30,21 +32,30 @@ def setup() -> tuple[int, int]:
     return rank, size
 
 
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_main() -> bool:
     return world()[0] == 0
 
 
+def _device() -> torch.device:
+    """Where collective buffers live: NCCL only moves CUDA tensors."""
+    return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def reduce_sum(value: float) -> float:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_initialized():
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_device())
     dist.all_reduce(t)
     return t.item()
 
 
 def sum_gradients(params) -> None:
     """Sum every gradient across processes (flattened into one buffer per call)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_initialized():
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -56,11 +67,24 @@ def sum_gradients(params) -> None:
         offset += n
 
 
+@torch.no_grad()
+def broadcast_from_main(module) -> None:
+    """Copy rank 0's weights to every process, as DDP does on construction.
+
+    Needed beyond hygiene: under ``accelerate launch`` with FSDP's RAM-efficient loading,
+    transformers loads real weights on local rank 0 only and zeros elsewhere.
+    """
+    if not is_initialized() or module is None:
+        return
+    for tensor in module.state_dict().values():
+        dist.broadcast(tensor, src=0)
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         dist.barrier()
 
 
 def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         dist.destroy_process_group()

@@ -296,6 +296,9 @@ class TrainConfig(_Config):
     save_every: int = Field(0, ge=0)
     limit: int | None = None
     seed: int = 0
+    sharding: Literal["replicate", "full-shard", "shard-grad-op"] = Field(
+        "replicate", description="Under torchrun/accelerate: replicate (plain data parallel), full-shard (FSDP2, "
+        "ZeRO-3-like) or shard-grad-op (FSDP2 without resharding after forward, ZeRO-2-like).")
     generation: GenerationConfig
 
 

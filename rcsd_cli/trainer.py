@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from rcsd_cli import distributed as dist
+from rcsd_cli import sharding
 from rcsd_cli.artifacts import write_artifact
 from rcsd_cli.batching import aligned_hidden
 from rcsd_cli.errors import RcsdError
@@ -66,16 +67,26 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def save_checkpoint(path: Path, student, teacher, tokenizer, optimizer, scheduler, step: int, cfg: TrainConfig,
                     metrics: list[MetricsRow]) -> None:
-    """Write everything a resume needs into ``path`` atomically (temporary folder, then rename)."""
+    """Write everything a resume needs into ``path`` atomically (temporary folder, then rename).
+
+    Every process must call this (gathering sharded state is collective); only rank 0 writes.
+    Weights are saved unsharded and the optimizer state by parameter name, so the checkpoint
+    resumes on any number of processes, sharded or not.
+    """
     from safetensors.torch import save_file
 
+    model_state = sharding.full_state_dict(student) if sharding.is_sharded(student) else None
+    ema_state = sharding.full_state_dict(teacher) if cfg.teacher == "ema" else None
+    optimizer_state = sharding.optimizer_state(student, optimizer)
+    if not dist.is_main():
+        return
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp, safe_serialization=True)
+    sharding.unwrap(student).save_pretrained(tmp, state_dict=model_state, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    if cfg.teacher == "ema":
-        save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, tmp / "ema_teacher.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    if ema_state is not None:
+        save_file({k: v.contiguous() for k, v in ema_state.items()}, tmp / "ema_teacher.safetensors")
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     state = {"step": step, "config": cfg.model_dump(mode="json"), "metrics": [m.model_dump() for m in metrics]}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
     shutil.rmtree(path, ignore_errors=True)
@@ -134,6 +145,8 @@ def _teacher_view(cfg: TrainConfig, student, teacher, tok):
 
 @torch.no_grad()
 def _ema_update(teacher, student, decay: float) -> None:
+    sharding.reshard(teacher)  # sharded: both sides' parameters are then matching shards
+    sharding.reshard(student)
     for t, s in zip(teacher.parameters(), student.parameters()):
         t.mul_(decay).add_(s.detach(), alpha=1 - decay)
 
@@ -156,13 +169,22 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
         start_step, metrics = state["step"], [MetricsRow(**m) for m in state["metrics"]]
         log(f"resuming from {ckpt} (step {start_step})")
     student, teacher, tok = _build_models(cfg, ckpt, trust_remote_code)
+    dist.broadcast_from_main(student)
+    dist.broadcast_from_main(teacher)
+    sharded = cfg.sharding != "replicate" and dist.is_initialized()
+    if sharded:
+        device_type = next(student.parameters()).device.type
+        reshard = cfg.sharding == "full-shard"
+        student = sharding.shard(student, reshard, device_type)
+        teacher = None if teacher is None else sharding.shard(teacher, reshard, device_type)
+        log(f"FSDP2 {cfg.sharding} over {world} processes")
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     if ckpt is not None:
         opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
-        optimizer.load_state_dict(opt_state["optimizer"])
+        sharding.load_optimizer_state(student, optimizer, opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
     teacher_hidden, teacher_head, teacher_generate = _teacher_view(cfg, student, teacher, tok)
     objective = objective or OBJECTIVES[cfg.method]
@@ -179,9 +201,10 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
             optimizer.zero_grad(set_to_none=True)
             res = objective(ctx, batch)
             if world > 1:
-                dist.sum_gradients(params)
+                if not sharded:  # FSDP already summed (reduce-scattered) them
+                    dist.sum_gradients(params)
                 res = _combine(res)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+            grad_norm = sharding.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             lr = scheduler.get_last_lr()[0]
             if math.isfinite(grad_norm):
                 optimizer.step()
@@ -200,18 +223,17 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
                 rollout_tokens=used, tokens_per_second=res.tokens / seconds, seconds=seconds))
             advance(1)
             m = metrics[-1]
-            if not main:
-                continue
             extras = "".join(f"  {k} {v:.4f}" for k, v in (("kl", m.kl), ("top1", m.top1_agreement),
                                                            ("reward", m.reward)) if v is not None)
             log(f"step {m.step}/{cfg.steps}  loss {m.loss:.4f}{extras}  grad {m.grad_norm:.3f}  "
-                 f"tokens {m.completion_tokens}  {m.seconds:.1f}s")
+                f"tokens {m.completion_tokens}  {m.seconds:.1f}s")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 save_checkpoint(out / f"checkpoint-{step + 1}", student, teacher, tok, optimizer, scheduler, step + 1,
                                 cfg, metrics)
+    final_state = sharding.full_state_dict(student) if sharded else None
     if main:
-        final = student.merge_and_unload() if cfg.lora_rank else student
-        final.save_pretrained(out, safe_serialization=True)
+        final = student.merge_and_unload() if cfg.lora_rank else sharding.unwrap(student)
+        final.save_pretrained(out, state_dict=final_state, safe_serialization=True)
         tok.save_pretrained(out)
         (out / "rcsd_train_config.json").write_text(cfg.model_dump_json(indent=2))
         write_artifact(out / "metrics.parquet", "metrics", metrics, stage="train", config=cfg, model_id=cfg.model,

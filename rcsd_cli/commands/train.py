@@ -14,6 +14,7 @@ from rcsd_cli.commands import common as c
 from rcsd_cli.errors import RcsdError, describe_validation_error, where
 from rcsd_cli.objectives import OfflineItem, offline_step
 from rcsd_cli.schemas import TrainConfig
+from rcsd_cli.sharding import from_launcher_env
 from rcsd_cli.trainer import check_output_folder, train
 from rcsd_cli.ui import info
 
@@ -38,6 +39,20 @@ def offline_items(samples_path: str, scores_path: str) -> list[OfflineItem]:
     return items
 
 
+def check_sharding(cfg: TrainConfig, world: int) -> None:
+    """FSDP needs every process to run the same number of forward passes, and no LoRA."""
+    if cfg.sharding == "replicate":
+        return
+    if not dist.is_initialized():
+        info(f"--sharding {cfg.sharding} has no effect in a single process without a launcher")
+        return
+    if cfg.lora_rank:
+        raise RcsdError(f"--sharding {cfg.sharding} does not support --lora-rank; LoRA runs with --sharding replicate")
+    if cfg.batch_size % world:
+        raise RcsdError(f"--sharding {cfg.sharding}: --batch-size {cfg.batch_size} must be a multiple of the "
+                        f"{world} processes (every process runs the same number of passes)")
+
+
 def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume: bool = False,
               trust_remote_code: bool = False):
     """Validate inputs, then train online (``cfg.rubrics``) or one offline round (``cfg.samples``)."""
@@ -58,7 +73,8 @@ def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume
     else:
         raise RcsdError("give --rubrics for online training, or --samples and --scores for an offline round")
     rows = rows[: cfg.limit] if cfg.limit else rows
-    rank, _ = dist.setup()
+    rank, world = dist.setup(always=cfg.sharding != "replicate")
+    check_sharding(cfg, world)
     if rank == 0:
         check_output_folder(output, overwrite, resume)
     dist.barrier()
@@ -110,6 +126,9 @@ def command(
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1)] = 128,
     save_every: Annotated[int, typer.Option("--save-every", min=0)] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in OUTPUT.")] = False,
+    sharding: Annotated[Optional[str], typer.Option(
+        "--sharding", help="Under torchrun/accelerate: replicate (default), full-shard (FSDP2, ZeRO-3-like) or "
+        "shard-grad-op (ZeRO-2-like). Default: what an accelerate FSDP config asks for, else replicate.")] = None,
     model: c.Model = c.DEFAULT,
     limit: c.Limit = None,
     seed: c.Seed = 0,
@@ -123,6 +142,9 @@ def command(
     trust_remote_code: c.TrustRemoteCode = False,
 ):
     """Train the student towards its rubric-conditioned teacher (or a baseline) on its own samples."""
+    sharding, note = from_launcher_env(sharding)
+    if note and dist.is_main():
+        info(note)
     try:
         cfg = TrainConfig(
             rubrics=str(rubrics) if rubrics else None, samples=str(samples) if samples else None,
@@ -133,6 +155,7 @@ def command(
             max_grad_norm=max_grad_norm, lora_rank=lora_rank, lora_alpha=lora_alpha, loss=loss, top_k_loss=top_k_loss,
             tail_bucket=tail_bucket, beta=beta, loss_temperature=loss_temperature, clip=None if no_clip else clip,
             skip_first_tokens=skip_first_tokens, chunk_size=chunk_size, save_every=save_every, limit=limit, seed=seed,
+            sharding=sharding,
             generation=c.gen_config(max_new_tokens, temperature, top_p, top_k, batch_size_gen, thinking))
     except ValidationError as exc:
         raise RcsdError(f"train options: {describe_validation_error(exc)}")
