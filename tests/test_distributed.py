@@ -1,10 +1,16 @@
-"""Two CPU processes (torchrun, gloo) train like one process on the same global batch."""
+"""Two CPU processes (torchrun or accelerate launch, gloo) train like one process on the same global batch.
+
+Replicated and FSDP2-sharded runs are compared with a one-process run: same per-step loss and
+gradient norm, same final weights, and checkpoints that resume on another number of processes.
+"""
 
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+from safetensors.torch import load_file
 
 from rcsd_cli.artifacts import read_artifact
 from tests.conftest import ROOT, write_jsonl
@@ -25,31 +31,107 @@ def torchrun(n, args, env):
                            "-m", "rcsd_cli", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
-@pytest.mark.parametrize("method", ["rcsd", "grpo"])
-def test_two_processes_match_one(run_cli, tiny_model, tmp_path, method):
-    write_jsonl(tmp_path / "p.jsonl", PROBLEMS)
-    rubrics = tmp_path / "r.parquet"
-    run_cli("gen-rubrics", tmp_path / "p.jsonl", "-o", rubrics, "--generator", "reference", check=True)
-    extra = ["--method", method] + (["--group-size", "2"] if method == "grpo" else [])
-    run_cli(*train_args(tiny_model, rubrics, tmp_path / "one", *extra), check=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = torchrun(2, train_args(tiny_model, rubrics, tmp_path / "two", *extra, "--save-every", "2"), env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    one, _ = read_artifact(tmp_path / "one" / "metrics.parquet", "metrics")
-    two, meta = read_artifact(tmp_path / "two" / "metrics.parquet", "metrics")
-    assert meta["world_size"] == 2
+def accelerate_launch(config, n, args, env):
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                           "--num_processes", str(n), "--main_process_port", "0", "-m", "rcsd_cli", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def dist_env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def rubrics(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dist-data")
+    write_jsonl(folder / "p.jsonl", PROBLEMS)
+    out = folder / "r.parquet"
+    proc = subprocess.run([sys.executable, "-m", "rcsd_cli", "gen-rubrics", str(folder / "p.jsonl"), "-o", str(out),
+                           "--generator", "reference"], capture_output=True, text=True, env=dist_env())
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def assert_same_run(one_dir, two_dir, world_size=2):
+    """Per-step loss within 1e-4 relative, gradient norm within 1e-3, final weights within 1e-5."""
+    one, _ = read_artifact(one_dir / "metrics.parquet", "metrics")
+    two, meta = read_artifact(two_dir / "metrics.parquet", "metrics")
+    assert meta["world_size"] == world_size
     assert [m.completion_tokens for m in two] == [m.completion_tokens for m in one]
-    for a, b in zip(one, two):  # stated tolerance: relative 1e-4 on loss, 1e-3 on the gradient norm
+    for a, b in zip(one, two, strict=True):
         assert b.loss == pytest.approx(a.loss, rel=1e-4, abs=1e-7)
         assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-3, abs=1e-7)
+    w1, w2 = load_file(one_dir / "model.safetensors"), load_file(two_dir / "model.safetensors")
+    assert sorted(w1) == sorted(w2)  # tied output head stored once, as in a one-process save
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+    return one, two
+
+
+@pytest.mark.parametrize("method", ["rcsd", "grpo"])
+def test_two_processes_match_one(run_cli, tiny_model, tmp_path, rubrics, method):
+    extra = ["--method", method] + (["--group-size", "2"] if method == "grpo" else [])
+    run_cli(*train_args(tiny_model, rubrics, tmp_path / "one", *extra), check=True)
+    p = torchrun(2, train_args(tiny_model, rubrics, tmp_path / "two", *extra, "--save-every", "2"), dist_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    _, two = assert_same_run(tmp_path / "one", tmp_path / "two")
     assert sorted(x.name for x in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-2"]
     if method == "rcsd":
         # a checkpoint written by two processes resumes in one process
         resumed = tmp_path / "resumed"
         resumed.mkdir()
-        import shutil
-
         shutil.copytree(tmp_path / "two" / "checkpoint-2", resumed / "checkpoint-2")
         run_cli(*train_args(tiny_model, rubrics, resumed, *extra, "--resume"), check=True)
         again, _ = read_artifact(resumed / "metrics.parquet", "metrics")
         assert again[-1].loss == pytest.approx(two[-1].loss, rel=1e-4, abs=1e-7)
+
+
+def test_fsdp_full_shard_matches_one_process_and_resumes_unsharded(run_cli, tiny_model, tmp_path, rubrics):
+    run_cli(*train_args(tiny_model, rubrics, tmp_path / "one"), check=True)
+    p = torchrun(2, train_args(tiny_model, rubrics, tmp_path / "fsdp", "--sharding", "full-shard", "--save-every", "2"),
+                 dist_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "FSDP2 full-shard over 2 processes" in p.stderr
+    _, two = assert_same_run(tmp_path / "one", tmp_path / "fsdp")
+    # the sharded run's checkpoint holds full weights and a by-name optimizer state: one process resumes it
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "fsdp" / "checkpoint-2", resumed / "checkpoint-2")
+    run_cli(*train_args(tiny_model, rubrics, resumed, "--resume"), check=True)
+    again, _ = read_artifact(resumed / "metrics.parquet", "metrics")
+    assert again[-1].loss == pytest.approx(two[-1].loss, rel=1e-4, abs=1e-7)
+    assert again[-1].grad_norm == pytest.approx(two[-1].grad_norm, rel=1e-3, abs=1e-7)
+
+
+def test_replicated_checkpoint_resumes_sharded(run_cli, tiny_model, tmp_path, rubrics):
+    run_cli(*train_args(tiny_model, rubrics, tmp_path / "one", "--save-every", "2"), check=True)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "one" / "checkpoint-2", resumed / "checkpoint-2")
+    p = torchrun(2, train_args(tiny_model, rubrics, resumed, "--sharding", "shard-grad-op", "--resume"), dist_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    one, _ = read_artifact(tmp_path / "one" / "metrics.parquet", "metrics")
+    again, _ = read_artifact(resumed / "metrics.parquet", "metrics")
+    assert again[-1].loss == pytest.approx(one[-1].loss, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("config, extra, expect", [
+    ("fsdp.yaml", ["--teacher", "ema"], "FSDP2 full-shard over 2 processes"),
+    ("multi_gpu.yaml", [], None),
+])
+def test_accelerate_launch_with_example_configs(run_cli, tiny_model, tmp_path, rubrics, config, extra, expect):
+    # fsdp.yaml turns on accelerate's RAM-efficient loading (zeros on rank 1): rcsd must broadcast rank 0's weights
+    run_cli(*train_args(tiny_model, rubrics, tmp_path / "one", *extra), check=True)
+    p = accelerate_launch(ROOT / "examples" / "accelerate" / config, 2,
+                          train_args(tiny_model, rubrics, tmp_path / "two", *extra), dist_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    if expect:
+        assert expect in p.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def test_sharding_rejects_what_it_cannot_run(tiny_model, tmp_path, rubrics):
+    p = torchrun(2, train_args(tiny_model, rubrics, tmp_path / "odd", "--sharding", "full-shard", "--batch-size", "3"),
+                 dist_env())
+    assert p.returncode != 0
+    assert "rcsd: error: --sharding full-shard: --batch-size 3 must be a multiple of the 2 processes" in p.stderr
+    assert not (tmp_path / "odd" / "metrics.parquet").exists()
