@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -47,15 +49,46 @@ MemoryShare = Annotated[Optional[float], typer.Option("--memory-utilization", mi
 DEFAULT = DEFAULT_MODEL
 
 
-def backend_config(backend: str, base_url: str | None, served_model: str | None, api_key_env: str,
-                   concurrency: int, max_retries: int, timeout: float, tensor_parallel_size: int,
+# The "Backend" panel: (parameter, annotated type, default). Commands get them via ``with_backend_options``.
+_BACKEND_FLAGS = (
+    ("backend_kind", BackendKind, "hf"), ("base_url", BaseUrl, None), ("served_model", ServedModel, None),
+    ("api_key_env", ApiKeyEnv, "OPENAI_API_KEY"), ("concurrency", Concurrency, 8), ("max_retries", MaxRetries, 5),
+    ("request_timeout", Timeout, 300.0), ("tensor_parallel_size", TensorParallel, 1),
+    ("memory_utilization", MemoryShare, None),
+)
+
+
+def backend_config(backend_kind: str = "hf", base_url: str | None = None, served_model: str | None = None,
+                   api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8, max_retries: int = 5,
+                   request_timeout: float = 300.0, tensor_parallel_size: int = 1,
                    memory_utilization: float | None = None):
     from rcsd_cli.schemas import BackendConfig
 
-    check_choice("--backend", backend, ("hf", "vllm", "openai"))
-    return BackendConfig(kind=backend, base_url=base_url, served_model=served_model, api_key_env=api_key_env,
-                         concurrency=concurrency, max_retries=max_retries, timeout_s=timeout,
+    check_choice("--backend", backend_kind, ("hf", "vllm", "openai"))
+    return BackendConfig(kind=backend_kind, base_url=base_url, served_model=served_model, api_key_env=api_key_env,
+                         concurrency=concurrency, max_retries=max_retries, timeout_s=request_timeout,
                          tensor_parallel_size=tensor_parallel_size, memory_utilization=memory_utilization)
+
+
+def with_backend_options(command):
+    """Give a Typer command the backend flags; it receives them as one ``backend: BackendConfig``.
+
+    Typer reads a command's options from its signature, so the wrapper's signature is the
+    command's minus ``backend``, plus one parameter per flag (placed before ``overwrite``).
+    """
+    signature = inspect.signature(command, eval_str=True)
+    kept = [p for p in signature.parameters.values() if p.name != "backend"]
+    at = next((i for i, p in enumerate(kept) if p.name == "overwrite"), len(kept))
+    flags = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=kind)
+             for name, kind, default in _BACKEND_FLAGS]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        chosen = {name: kwargs.pop(name) for name, _, _ in _BACKEND_FLAGS}
+        return command(**kwargs, backend=backend_config(**chosen))
+
+    wrapper.__signature__ = signature.replace(parameters=kept[:at] + flags + kept[at:])
+    return wrapper
 
 
 def gen_config(max_new_tokens: int, temperature: float, top_p: float, top_k: int, batch_size: int,

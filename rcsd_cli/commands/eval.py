@@ -116,6 +116,7 @@ def run_eval(bench: str, output: Path, *, data: str | None = None, model: str = 
     return summary
 
 
+@c.with_backend_options
 def command(
     bench: Annotated[str, typer.Option("--bench", help=f"One of: {', '.join(ALL_BENCHES)}.")],
     output: c.Output = Path("eval.parquet"),
@@ -134,15 +135,7 @@ def command(
     top_k: c.TopK = 0,
     batch_size: c.BatchSize = 16,
     thinking: c.Thinking = None,
-    backend: c.BackendKind = "hf",
-    base_url: c.BaseUrl = None,
-    served_model: c.ServedModel = None,
-    api_key_env: c.ApiKeyEnv = "OPENAI_API_KEY",
-    concurrency: c.Concurrency = 8,
-    max_retries: c.MaxRetries = 5,
-    request_timeout: c.Timeout = 300.0,
-    tensor_parallel_size: c.TensorParallel = 1,
-    memory_utilization: c.MemoryShare = None,
+    backend: BackendConfig | None = None,  # built from the Backend flags by with_backend_options
     overwrite: c.Overwrite = False,
     trust_remote_code: c.TrustRemoteCode = False,
 ):
@@ -151,5 +144,4 @@ def command(
              judge_model=judge_model,
              generation=c.gen_config(max_new_tokens, temperature, top_p, top_k, batch_size, thinking),
              overwrite=overwrite, trust_remote_code=trust_remote_code,
-             backend=c.backend_config(backend, base_url, served_model, api_key_env, concurrency, max_retries,
-                                       request_timeout, tensor_parallel_size, memory_utilization))
+             backend=backend)

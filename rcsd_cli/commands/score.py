@@ -116,6 +116,7 @@ def run_score(samples_path: Path, rubrics_path: Path, output: Path, *, judge_mod
     return scores
 
 
+@c.with_backend_options
 def command(
     samples: Annotated[Path, typer.Argument(help="samples.parquet from rcsd sample.")],
     rubrics: Annotated[Path, typer.Option("--rubrics", help="rubrics.parquet the samples were drawn from.")],
@@ -134,15 +135,7 @@ def command(
     seed: c.Seed = 0,
     max_new_tokens: c.MaxNewTokens = 192,
     batch_size: c.BatchSize = 16,
-    backend: c.BackendKind = "hf",
-    base_url: c.BaseUrl = None,
-    served_model: c.ServedModel = None,
-    api_key_env: c.ApiKeyEnv = "OPENAI_API_KEY",
-    concurrency: c.Concurrency = 8,
-    max_retries: c.MaxRetries = 5,
-    request_timeout: c.Timeout = 300.0,
-    tensor_parallel_size: c.TensorParallel = 1,
-    memory_utilization: c.MemoryShare = None,
+    backend: BackendConfig | None = None,  # built from the Backend flags by with_backend_options
     overwrite: c.Overwrite = False,
     trust_remote_code: c.TrustRemoteCode = False,
 ):
@@ -153,5 +146,4 @@ def command(
               generation=c.gen_config(max_new_tokens, 0.0, 1.0, 0, batch_size), teacher_logprobs=teacher_logprobs,
               teacher_model=teacher_model, teacher_top_k=teacher_top_k, teacher_method=teacher_method,
               teacher_context=teacher_context, overwrite=overwrite, trust_remote_code=trust_remote_code,
-              backend=c.backend_config(backend, base_url, served_model, api_key_env, concurrency, max_retries,
-                                       request_timeout, tensor_parallel_size, memory_utilization))
+              backend=backend)
