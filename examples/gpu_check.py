@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--layers", type=int, default=32, help="Layers of the SmolLM2-360M-shaped model.")
+    ap.add_argument("--skip-pipeline", action="store_true", help="Only the two timed training runs.")
     ap.add_argument("--allow-cpu", action="store_true", help="Dry run without a GPU (for testing this script).")
     args = ap.parse_args()
     import torch
@@ -91,17 +92,19 @@ def main() -> None:
     rub = out / "rubrics.parquet"
     rows.append(("gen-rubrics (reference)", rcsd(["gen-rubrics", data, "-o", rub, "--generator", "reference",
                                                   "--overwrite"], log)))
-    rows.append(("sample tiny, 16x2", rcsd(["sample", rub, "-o", out / "samples.parquet", "--model", tiny, "--n", 2,
-                                            "--max-new-tokens", 32, "--overwrite"], log)))
-    rows.append(("eval tiny, rubric bench", rcsd(["eval", "--bench", "rubric", "--data", rub, "--model", tiny,
-                                                  "-o", out / "eval.parquet", "--max-new-tokens", 32,
-                                                  "--overwrite"], log)))
+    pipeline = [
+        ("sample tiny, 16x2", ["sample", rub, "-o", out / "samples.parquet", "--model", tiny, "--n", 2,
+                               "--max-new-tokens", 32]),
+        ("eval tiny, rubric bench", ["eval", "--bench", "rubric", "--data", rub, "--model", tiny,
+                                     "-o", out / "eval.parquet", "--max-new-tokens", 32]),
+    ]
     for method in ("rcsd", "grpo", "sft"):
-        extra = ["--group-size", 2] if method == "grpo" else []
-        rows.append((f"train tiny {method}, 2 steps", rcsd(["train", "--rubrics", rub, "-o", out / f"tiny-{method}",
-                                                             "--model", tiny, "--method", method, "--steps", 2,
-                                                             "--batch-size", 4, "--max-new-tokens", 16,
-                                                             "--overwrite", *extra], log)))
+        group = ["--group-size", 2] if method == "grpo" else []
+        pipeline.append((f"train tiny {method}, 2 steps", ["train", "--rubrics", rub, "-o", out / f"tiny-{method}",
+                                                           "--model", tiny, "--method", method, "--steps", 2,
+                                                           "--batch-size", 4, "--max-new-tokens", 16, *group]))
+    for name, command in [] if args.skip_pipeline else pipeline:
+        rows.append((name, rcsd([*command, "--overwrite"], log)))
     common = ["--rubrics", rub, "--model", mid, "--steps", args.steps, "--batch-size", args.batch_size,
               "--micro-batch-size", 4, "--max-new-tokens", args.max_new_tokens, "--lr", 1e-5, "--overwrite"]
     rows.append(("train 360M-shape rcsd, replicate", rcsd(["train", *common, "-o", out / "mid-replicate"], log)))

@@ -25,8 +25,9 @@ def setup(always: bool = False) -> tuple[int, int]:
     rank, size = world()
     launched = "MASTER_ADDR" in os.environ
     if (size > 1 or (always and launched)) and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        backend = "gloo"
+        if torch.cuda.is_available():  # NCCL for CUDA tensors, gloo for host ones (metrics, host-loaded weights)
+            backend = "cpu:gloo,cuda:nccl"
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
     return rank, size
@@ -40,15 +41,10 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
-def _device() -> torch.device:
-    """Where collective buffers live: NCCL only moves CUDA tensors."""
-    return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def reduce_sum(value: float) -> float:
     if not is_initialized():
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_device())
+    t = torch.tensor([float(value)], dtype=torch.float64)
     dist.all_reduce(t)
     return t.item()
 

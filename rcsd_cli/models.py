@@ -103,15 +103,25 @@ def pick_device():
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_model(name: str | None, trust_remote_code: bool = False, device=None) -> LoadedModel:
-    """Load a causal LM and its tokenizer, failing with one clean line if that is impossible."""
+def compute_dtype():
+    """bf16 when training or generating on CUDA, fp32 on CPU."""
+    import torch
+
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def load_model(name: str | None, trust_remote_code: bool = False, device=None, dtype=None) -> LoadedModel:
+    """Load a causal LM and its tokenizer, failing with one clean line if that is impossible.
+
+    ``device``/``dtype`` default to CUDA in bf16 when available, else CPU in fp32.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name)
     tokenizer = load_tokenizer(name, trust_remote_code)
     device = device or pick_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                      use_safetensors=True, dtype=dtype)

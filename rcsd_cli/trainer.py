@@ -27,7 +27,7 @@ from rcsd_cli import sharding
 from rcsd_cli.artifacts import write_artifact
 from rcsd_cli.batching import aligned_hidden
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.models import load_model
+from rcsd_cli.models import compute_dtype, load_model
 from rcsd_cli.objectives import OBJECTIVES, StepContext
 from rcsd_cli.schemas import MetricsRow, TrainConfig
 from rcsd_cli.ui import info, progress
@@ -93,9 +93,14 @@ def save_checkpoint(path: Path, student, teacher, tokenizer, optimizer, schedule
     tmp.rename(path)
 
 
-def _build_models(cfg: TrainConfig, ckpt: Path | None, trust_remote_code: bool):
-    """(student, teacher module or None, tokenizer); the teacher is None when it is the student itself."""
-    loaded = load_model(cfg.model, trust_remote_code)
+def _build_models(cfg: TrainConfig, ckpt: Path | None, trust_remote_code: bool, on_cpu: bool = False):
+    """(student, teacher module or None, tokenizer); the teacher is None when it is the student itself.
+
+    ``on_cpu``: load into host memory (in the compute dtype) so that sharding moves only each
+    process's shard to the GPU, instead of a full student and teacher per GPU.
+    """
+    where = dict(device=torch.device("cpu"), dtype=compute_dtype()) if on_cpu else {}
+    loaded = load_model(cfg.model, trust_remote_code, **where)
     base, tok = loaded.model, loaded.tokenizer
     if cfg.lora_rank:
         from peft import LoraConfig, PeftModel, get_peft_model
@@ -109,7 +114,7 @@ def _build_models(cfg: TrainConfig, ckpt: Path | None, trust_remote_code: bool):
                                                       target_modules="all-linear"))
         return student, None, tok
     teacher = None if cfg.teacher == "live" else copy.deepcopy(base)
-    student = load_model(str(ckpt), trust_remote_code).model if ckpt is not None else base
+    student = load_model(str(ckpt), trust_remote_code, **where).model if ckpt is not None else base
     if teacher is not None and cfg.teacher == "ema" and ckpt is not None:
         from safetensors.torch import load_file
 
@@ -168,12 +173,12 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
         state = json.loads((ckpt / "trainer_state.json").read_text())
         start_step, metrics = state["step"], [MetricsRow(**m) for m in state["metrics"]]
         log(f"resuming from {ckpt} (step {start_step})")
-    student, teacher, tok = _build_models(cfg, ckpt, trust_remote_code)
+    sharded = cfg.sharding != "replicate" and dist.is_initialized()
+    student, teacher, tok = _build_models(cfg, ckpt, trust_remote_code, on_cpu=sharded)
     dist.broadcast_from_main(student)
     dist.broadcast_from_main(teacher)
-    sharded = cfg.sharding != "replicate" and dist.is_initialized()
     if sharded:
-        device_type = next(student.parameters()).device.type
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"  # fully_shard moves each shard there
         reshard = cfg.sharding == "full-shard"
         student = sharding.shard(student, reshard, device_type)
         teacher = None if teacher is None else sharding.shard(teacher, reshard, device_type)
