@@ -30,9 +30,10 @@ SHARDINGS = ("replicate", "full-shard", "shard-grad-op")
 class FinalHidden(nn.Module):
     """Root FSDP module around a causal LM: ``forward`` gives the final hidden states [B, L, H]."""
 
-    def __init__(self, lm):
+    def __init__(self, lm, reshard_after_forward: bool = True):
         super().__init__()
         self.lm = lm
+        self.reshard_after_forward = reshard_after_forward  # of the layer units, restored after generation
 
     def forward(self, input_ids, attention_mask, position_ids):
         return self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
@@ -76,7 +77,7 @@ def shard(lm, reshard_after_forward: bool, device_type: str) -> FinalHidden:
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     for layer in _decoder_layers(lm):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    root = fully_shard(FinalHidden(lm), mesh=mesh)
+    root = fully_shard(FinalHidden(lm, reshard_after_forward), mesh=mesh)
     for unit in _units(root):
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
@@ -88,7 +89,6 @@ def shard(lm, reshard_after_forward: bool, device_type: str) -> FinalHidden:
         root(one, torch.ones_like(one), one)
     for unit in _units(root):
         unit.reshard()
-    root._rcsd_reshard_after_forward = reshard_after_forward
     return root
 
 
@@ -110,7 +110,7 @@ def gathered(root):
     finally:
         for unit in units:
             if unit is not root:
-                unit.set_reshard_after_forward(root._rcsd_reshard_after_forward, recurse=False)
+                unit.set_reshard_after_forward(root.reshard_after_forward, recurse=False)
             unit.reshard()
 
 

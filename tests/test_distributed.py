@@ -86,9 +86,11 @@ def test_two_processes_match_one(run_cli, tiny_model, tmp_path, rubrics, method)
 
 
 def test_fsdp_full_shard_matches_one_process_and_resumes_unsharded(run_cli, tiny_model, tmp_path, rubrics):
-    run_cli(*train_args(tiny_model, rubrics, tmp_path / "one"), check=True)
-    p = torchrun(2, train_args(tiny_model, rubrics, tmp_path / "fsdp", "--sharding", "full-shard", "--save-every", "2"),
-                 dist_env())
+    # reason-first: the sharded teacher also generates (its analysis) before scoring
+    extra = ["--teacher-context", "reason-first"]
+    run_cli(*train_args(tiny_model, rubrics, tmp_path / "one", *extra), check=True)
+    p = torchrun(2, train_args(tiny_model, rubrics, tmp_path / "fsdp", *extra, "--sharding", "full-shard",
+                               "--save-every", "2"), dist_env())
     assert p.returncode == 0, p.stderr[-3000:]
     assert "FSDP2 full-shard over 2 processes" in p.stderr
     _, two = assert_same_run(tmp_path / "one", tmp_path / "fsdp")
@@ -96,18 +98,20 @@ def test_fsdp_full_shard_matches_one_process_and_resumes_unsharded(run_cli, tiny
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(tmp_path / "fsdp" / "checkpoint-2", resumed / "checkpoint-2")
-    run_cli(*train_args(tiny_model, rubrics, resumed, "--resume"), check=True)
+    run_cli(*train_args(tiny_model, rubrics, resumed, *extra, "--resume"), check=True)
     again, _ = read_artifact(resumed / "metrics.parquet", "metrics")
     assert again[-1].loss == pytest.approx(two[-1].loss, rel=1e-4, abs=1e-7)
     assert again[-1].grad_norm == pytest.approx(two[-1].grad_norm, rel=1e-3, abs=1e-7)
 
 
 def test_replicated_checkpoint_resumes_sharded(run_cli, tiny_model, tmp_path, rubrics):
-    run_cli(*train_args(tiny_model, rubrics, tmp_path / "one", "--save-every", "2"), check=True)
+    live = ["--teacher", "live"]  # the sharded student is its own teacher
+    run_cli(*train_args(tiny_model, rubrics, tmp_path / "one", *live, "--save-every", "2"), check=True)
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(tmp_path / "one" / "checkpoint-2", resumed / "checkpoint-2")
-    p = torchrun(2, train_args(tiny_model, rubrics, resumed, "--sharding", "shard-grad-op", "--resume"), dist_env())
+    p = torchrun(2, train_args(tiny_model, rubrics, resumed, *live, "--sharding", "shard-grad-op", "--resume"),
+                 dist_env())
     assert p.returncode == 0, p.stderr[-3000:]
     one, _ = read_artifact(tmp_path / "one" / "metrics.parquet", "metrics")
     again, _ = read_artifact(resumed / "metrics.parquet", "metrics")
