@@ -133,9 +133,12 @@ def test_accelerate_launch_with_example_configs(run_cli, tiny_model, tmp_path, r
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
-def test_sharding_rejects_what_it_cannot_run(tiny_model, tmp_path, rubrics):
-    p = torchrun(2, train_args(tiny_model, rubrics, tmp_path / "odd", "--sharding", "full-shard", "--batch-size", "3"),
-                 dist_env())
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "3"], "--sharding full-shard: --batch-size 3 must be a multiple of the 2 processes"),
+    (["--lora-rank", "4"], "--sharding full-shard does not support --lora-rank"),
+])
+def test_sharding_rejects_what_it_cannot_run(tiny_model, tmp_path, rubrics, extra, message):
+    p = torchrun(2, train_args(tiny_model, rubrics, tmp_path / "bad", "--sharding", "full-shard", *extra), dist_env())
     assert p.returncode != 0
-    assert "rcsd: error: --sharding full-shard: --batch-size 3 must be a multiple of the 2 processes" in p.stderr
-    assert not (tmp_path / "odd" / "metrics.parquet").exists()
+    assert f"rcsd: error: {message}" in p.stderr
+    assert not (tmp_path / "bad" / "metrics.parquet").exists()
