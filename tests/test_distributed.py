@@ -67,6 +67,13 @@ def assert_same_run(one_dir, two_dir, world_size=2):
     return one, two
 
 
+def resume_folder(checkpoint, folder):
+    """A fresh output folder holding only ``checkpoint``, for ``--resume`` to pick up."""
+    folder.mkdir()
+    shutil.copytree(checkpoint, folder / checkpoint.name)
+    return folder
+
+
 @pytest.mark.parametrize("method", ["rcsd", "grpo"])
 def test_two_processes_match_one(run_cli, tiny_model, tmp_path, rubrics, method):
     extra = ["--method", method] + (["--group-size", "2"] if method == "grpo" else [])
@@ -77,9 +84,7 @@ def test_two_processes_match_one(run_cli, tiny_model, tmp_path, rubrics, method)
     assert sorted(x.name for x in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-2"]
     if method == "rcsd":
         # a checkpoint written by two processes resumes in one process
-        resumed = tmp_path / "resumed"
-        resumed.mkdir()
-        shutil.copytree(tmp_path / "two" / "checkpoint-2", resumed / "checkpoint-2")
+        resumed = resume_folder(tmp_path / "two" / "checkpoint-2", tmp_path / "resumed")
         run_cli(*train_args(tiny_model, rubrics, resumed, *extra, "--resume"), check=True)
         again, _ = read_artifact(resumed / "metrics.parquet", "metrics")
         assert again[-1].loss == pytest.approx(two[-1].loss, rel=1e-4, abs=1e-7)
@@ -95,9 +100,7 @@ def test_fsdp_full_shard_matches_one_process_and_resumes_unsharded(run_cli, tiny
     assert "FSDP2 full-shard over 2 processes" in p.stderr
     _, two = assert_same_run(tmp_path / "one", tmp_path / "fsdp")
     # the sharded run's checkpoint holds full weights and a by-name optimizer state: one process resumes it
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(tmp_path / "fsdp" / "checkpoint-2", resumed / "checkpoint-2")
+    resumed = resume_folder(tmp_path / "fsdp" / "checkpoint-2", tmp_path / "resumed")
     run_cli(*train_args(tiny_model, rubrics, resumed, *extra, "--resume"), check=True)
     again, _ = read_artifact(resumed / "metrics.parquet", "metrics")
     assert again[-1].loss == pytest.approx(two[-1].loss, rel=1e-4, abs=1e-7)
@@ -107,9 +110,7 @@ def test_fsdp_full_shard_matches_one_process_and_resumes_unsharded(run_cli, tiny
 def test_replicated_checkpoint_resumes_sharded(run_cli, tiny_model, tmp_path, rubrics):
     live = ["--teacher", "live"]  # the sharded student is its own teacher
     run_cli(*train_args(tiny_model, rubrics, tmp_path / "one", *live, "--save-every", "2"), check=True)
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(tmp_path / "one" / "checkpoint-2", resumed / "checkpoint-2")
+    resumed = resume_folder(tmp_path / "one" / "checkpoint-2", tmp_path / "resumed")
     p = torchrun(2, train_args(tiny_model, rubrics, resumed, *live, "--sharding", "shard-grad-op", "--resume"),
                  dist_env())
     assert p.returncode == 0, p.stderr[-3000:]
