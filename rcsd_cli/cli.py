@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
 
 from rcsd_cli import __version__
-from rcsd_cli.commands import demo, export, gen_rubrics, inspect, plot, sample, score, serve, train
-from rcsd_cli.commands import eval as eval_cmd
+from rcsd_cli.commands import demo, export, inspect, plot, serve, stages
 from rcsd_cli.commands.common import example
 from rcsd_cli.errors import EXIT_BAD_INPUT, RcsdError
 
@@ -19,15 +19,15 @@ app = typer.Typer(name="rcsd", no_args_is_help=True, rich_markup_mode="rich", pr
 PIPELINE, TOOLS = "Pipeline stages", "Tools"
 app.command("gen-rubrics", rich_help_panel=PIPELINE,
             epilog=example("rcsd gen-rubrics examples/data.jsonl -o rubrics.parquet --generator reference"))(
-    gen_rubrics.command)
+    stages.gen_rubrics)
 app.command("sample", rich_help_panel=PIPELINE,
-            epilog=example("rcsd sample rubrics.parquet -o samples.parquet --n 4 --max-new-tokens 128"))(sample.command)
+            epilog=example("rcsd sample rubrics.parquet -o samples.parquet --n 4 --max-new-tokens 128"))(stages.sample)
 app.command("score", rich_help_panel=PIPELINE,
-            epilog=example("rcsd score samples.parquet --rubrics rubrics.parquet -o scores.parquet"))(score.command)
+            epilog=example("rcsd score samples.parquet --rubrics rubrics.parquet -o scores.parquet"))(stages.score)
 app.command("train", rich_help_panel=PIPELINE,
-            epilog=example("rcsd train --rubrics rubrics.parquet -o model --steps 20 --batch-size 8"))(train.command)
+            epilog=example("rcsd train --rubrics rubrics.parquet -o model --steps 20 --batch-size 8"))(stages.train)
 app.command("eval", rich_help_panel=PIPELINE,
-            epilog=example("rcsd eval --bench arc-easy --limit 100 -o eval.parquet --model model"))(eval_cmd.command)
+            epilog=example("rcsd eval --bench arc-easy --limit 100 -o eval.parquet --model model"))(stages.eval_)
 app.command("demo", rich_help_panel=TOOLS, epilog=example("rcsd demo -o rcsd-demo"))(demo.command)
 app.command("serve", rich_help_panel=TOOLS,
             epilog=example("rcsd serve --model Qwen/Qwen3-8B --port 8000   # then: --backend openai "
@@ -58,6 +58,8 @@ def main() -> None:
     try:
         app()
     except RcsdError as exc:
+        if os.environ.get("RCSD_DEBUG"):
+            raise
         print(f"rcsd: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:

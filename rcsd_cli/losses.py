@@ -90,19 +90,23 @@ def topk_kl_and_agreement(student_logits, teacher_logits, top_k: int, temperatur
 def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head, teacher_head,
                          mask: torch.Tensor, targets: torch.Tensor, *, kind: str = "topk_kl", chunk_size: int = 128,
                          beta: float = 0.0, top_k: int | None = 20, temperature: float = 1.0,
-                         clip: float | None = None, diag_top_k: int = 20, tail: bool = False):
-    """Sum of masked per-token losses over [B, T] completion positions, chunked over T.
+                         clip: float | None = None, diag_top_k: int = 20, tail: bool = False,
+                         row_weights: torch.Tensor | None = None):
+    """Sums of masked per-token losses over [B, T] completion positions, chunked over T.
 
     ``student_hidden``/``teacher_hidden``: final hidden states aligned so position t predicts
-    ``targets[:, t]``. Returns (loss_sum, kl_sum, agree_sum): the caller divides by its token
-    count. Peak logits memory is O(B * chunk_size * V) instead of O(B * T * V).
+    ``targets[:, t]``. Returns (loss_sum, kl_sum, agree_sum, weighted_sum): plain sums over
+    tokens, and the loss with each row's tokens weighted by ``row_weights`` [B] (the reduction;
+    this is the one to backpropagate). Peak logits memory is O(B * chunk_size * V), not O(B * T * V).
     """
     mask = mask.float()
+    weights = torch.ones(mask.shape[0], device=mask.device) if row_weights is None else row_weights.float()
     loss_sum = student_hidden.new_zeros(())
+    weighted_sum = student_hidden.new_zeros(())
     kl_sum = torch.zeros(())
     agree_sum = torch.zeros(())
 
-    def chunk_loss(h_s, h_t, m, y):
+    def chunk_loss(h_s, h_t, m, y, w):
         s_logits = student_head(h_s)
         with torch.no_grad():
             t_logits = teacher_head(h_t)
@@ -115,22 +119,23 @@ def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
                                          temperature=temperature, clip=clip, tail=tail)
         with torch.no_grad():
             kl, agree = topk_kl_and_agreement(s_logits.detach(), t_logits, diag_top_k, temperature)
-        return (per_tok * m).sum(), (kl * m).sum(), (agree * m).sum()
+        return (per_tok * m).sum(), (per_tok * m * w.unsqueeze(-1)).sum(), (kl * m).sum(), (agree * m).sum()
 
     for start in range(0, student_hidden.shape[1], chunk_size):
         sl = slice(start, start + chunk_size)
         m = mask[:, sl]
         if m.sum() == 0:
             continue
-        args = (student_hidden[:, sl], teacher_hidden[:, sl].detach(), m, targets[:, sl])
+        args = (student_hidden[:, sl], teacher_hidden[:, sl].detach(), m, targets[:, sl], weights)
         if torch.is_grad_enabled() and student_hidden.requires_grad:
-            loss, kl, agree = checkpoint(chunk_loss, *args, use_reentrant=False)
+            loss, weighted, kl, agree = checkpoint(chunk_loss, *args, use_reentrant=False)
         else:
-            loss, kl, agree = chunk_loss(*args)
-        loss_sum = loss_sum + loss
+            loss, weighted, kl, agree = chunk_loss(*args)
+        loss_sum = loss_sum + loss.detach()
+        weighted_sum = weighted_sum + weighted
         kl_sum += kl.detach().cpu()
         agree_sum += agree.detach().cpu()
-    return loss_sum, kl_sum, agree_sum
+    return loss_sum, kl_sum, agree_sum, weighted_sum
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:

@@ -68,6 +68,8 @@ def resolve_model(name: str | None) -> str:
         return str(default_model_dir())
     path = Path(name).expanduser()
     if path.exists():
+        if path.is_dir() and (path / "adapter_config.json").is_file():
+            return str(path)
         if not path.is_dir() or not (path / "config.json").is_file():
             raise RcsdError(f"{path}: not a model folder (no config.json)")
         return str(path)
@@ -119,6 +121,8 @@ def load_model(name: str | None, trust_remote_code: bool = False, device=None, d
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name)
+    if (Path(path) / "adapter_config.json").is_file():
+        return _load_adapter(Path(path), trust_remote_code, device, dtype)
     tokenizer = load_tokenizer(name, trust_remote_code)
     device = device or pick_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -132,3 +136,28 @@ def load_model(name: str | None, trust_remote_code: bool = False, device=None, d
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(model, tokenizer, name or DEFAULT_MODEL)
+
+
+def adapter_base(folder: Path) -> str:
+    import json
+
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise RcsdError(f"{folder}/adapter_config.json: no base_model_name_or_path")
+    return base
+
+
+def _load_adapter(folder: Path, trust_remote_code: bool, device, dtype) -> LoadedModel:
+    """A PEFT LoRA folder (what ``rcsd train --lora-rank`` writes): its base model, adapter merged in."""
+    from peft import PeftModel
+
+    base = load_model(adapter_base(folder), trust_remote_code, device, dtype)
+    try:
+        model = PeftModel.from_pretrained(base.model, str(folder)).merge_and_unload()
+    except Exception as exc:
+        raise RcsdError(f"{folder}: cannot load LoRA adapter ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120]})") from exc
+    model.eval()
+    tokenizer = load_tokenizer(str(folder), trust_remote_code) if (folder / "tokenizer_config.json").is_file() \
+        else base.tokenizer
+    return LoadedModel(model, tokenizer, str(folder))

@@ -9,22 +9,23 @@
   starts at 1 and the clip guards the estimator rather than several epochs of reuse.
 - ``sft``: cross-entropy on the reference answer after the student prompt.
 
-Every objective sums per-token losses and divides by the step's total token count before
-``backward`` — never by a micro-batch's own count — so accumulation leaves the gradient unchanged.
+Every objective weighs per-token losses by ``reduction_weights`` before ``backward``: with
+``--loss-reduction sequence`` the mean over the step's sequences of each one's token mean (the
+authors'), with ``token`` the sum over the step's tokens divided by their number. Both count the
+whole step across micro-batches and processes, so accumulation leaves the gradient unchanged.
 Tasks: ``reasoner`` answers questions; ``rubric-generator`` (stage I) writes rubrics, its teacher
 additionally seeing the reference rubric.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from rcsd_cli.batching import SideBatch, aligned_hidden, build_pair_batch
-from rcsd_cli.generation import generate_batch
+from rcsd_cli.generation import generate, generate_batch
 from rcsd_cli.losses import (
     chunked_distill_loss,
     chunked_token_logprobs,
@@ -33,14 +34,17 @@ from rcsd_cli.losses import (
     k3_kl,
 )
 from rcsd_cli.prompts import (
+    analysis_message,
     chat_prompt_ids,
-    rubric_analysis_message,
     rubric_designer_message,
+    rubric_json,
     student_prompt_ids,
-    teacher_prompt_ids,
+    teacher_message,
+    text_ids,
+    transition_text,
 )
 from rcsd_cli.rubric_gen import InvalidRubric, parse_rubric_output
-from rcsd_cli.schemas import Rubric, TrainConfig
+from rcsd_cli.schemas import GenerationConfig, Rubric, TrainConfig
 from rcsd_cli.scoring import score_completion
 
 
@@ -53,6 +57,7 @@ class StepResult:
     reward: float | None
     rollout_tokens: int
     reward_count: int = 0  # rollouts the mean reward is over (to combine processes)
+    objective: float | None = None  # this process's share of the step's loss under --loss-reduction
 
 
 @dataclass
@@ -76,30 +81,86 @@ class StepContext:
 # ----------------------------------------------------------------------------- prompts per task
 
 
-def rubric_json(rubric) -> str:
-    return json.dumps([{"title": c.title, "description": c.description, "weight": int(c.weight)
-                        if float(c.weight).is_integer() else c.weight} for c in rubric])
+def student_thinking(cfg) -> bool | None:
+    return cfg.generation.enable_thinking
 
 
-def _thinking(cfg) -> bool | None:
-    gen = getattr(cfg, "generation", None)
-    return getattr(gen, "enable_thinking", None)
+def teacher_thinking(cfg) -> bool | None:
+    """The teacher's enable_thinking: its own setting, else the student's."""
+    own = getattr(cfg, "teacher_thinking", None)
+    return student_thinking(cfg) if own is None else own
 
 
 def student_prompt(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
     if cfg.task == "rubric-generator":
-        return chat_prompt_ids(tok, rubric_designer_message(row), _thinking(cfg))
-    return student_prompt_ids(tok, row, _thinking(cfg))
+        return chat_prompt_ids(tok, rubric_designer_message(row), student_thinking(cfg))
+    return student_prompt_ids(tok, row, student_thinking(cfg), cfg.prompt_style)
 
 
-def teacher_prompt(tok, row: Rubric, cfg: TrainConfig, analysis: str | None = None) -> list[int]:
-    """The teacher's privileged prompt; both sides share the chat template and thinking mode."""
+def teacher_rubric(row: Rubric, method: str, context: str):
+    """What the teacher's prompt holds besides the question: (rubric or None, include the reference?)."""
+    if method == "opsd":
+        return None, True
+    return row.rubric, context != "rubric"
+
+
+def teacher_prompt(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
+    """The teacher's privileged prompt (not reason-first: that one is built from a sampled analysis)."""
     if cfg.task == "rubric-generator":
         return chat_prompt_ids(tok, rubric_designer_message(row) + "\n\nAn expert wrote this rubric for the "
-                               f"question; use it as your guide:\n{rubric_json(row.rubric)}", _thinking(cfg))
-    if cfg.method == "opsd":
-        return teacher_prompt_ids(tok, row, None, True, _thinking(cfg))
-    return teacher_prompt_ids(tok, row, row.rubric, cfg.teacher_context != "rubric", _thinking(cfg), analysis)
+                               f"question; use it as your guide:\n{rubric_json(row.rubric)}", teacher_thinking(cfg))
+    return teacher_prompt_ids(tok, row, method=cfg.method, context=cfg.teacher_context, style=cfg.prompt_style,
+                              thinking=teacher_thinking(cfg))
+
+
+def teacher_prompt_ids(tok, row: Rubric, *, method: str, context: str, style: str,
+                       thinking: bool | None) -> list[int]:
+    rubric, with_reference = teacher_rubric(row, method, context)
+    return chat_prompt_ids(tok, teacher_message(row, rubric, with_reference, style), thinking)
+
+
+def analysis_prompt(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
+    """Reason-first: the analysis request, its own user turn, rendered with the teacher's thinking mode."""
+    rubric, _ = teacher_rubric(row, cfg.method, cfg.teacher_context)
+    return chat_prompt_ids(tok, analysis_message(row, rubric, cfg.prompt_style), teacher_thinking(cfg))
+
+
+def reason_first_teacher_prompts(ctx: StepContext, rows: list[Rubric]) -> list[list[int]]:
+    """[analysis prompt ‖ sampled analysis ‖ transition] per row, ready for the rollout ids.
+
+    The analysis is sampled afresh every step (its own temperature, top-p, top-k and length) by
+    the frozen teacher, or by the current student with ``--analysis-by student``.
+    """
+    cfg, tok = ctx.cfg, ctx.tokenizer
+    asks = [analysis_prompt(tok, r, cfg) for r in rows]
+    gen_cfg = GenerationConfig(max_new_tokens=cfg.analysis_max_new_tokens, temperature=cfg.analysis_temperature,
+                               top_p=cfg.analysis_top_p, top_k=cfg.analysis_top_k,
+                               batch_size=cfg.generation.batch_size)
+    seed = cfg.seed * 7_919 + ctx.step * 1_000 + ctx.rank * 100_003 + 500_009
+    if cfg.analysis_by == "teacher":
+        analyses = ctx.teacher_generate(asks, gen_cfg, seed)
+    else:
+        analyses = generate(ctx.student, tok, asks, gen_cfg, seed)
+    out = []
+    for row, ask, analysis in zip(rows, asks, analyses, strict=True):
+        rubric, _ = teacher_rubric(row, cfg.method, cfg.teacher_context)
+        out.append(ask + analysis.token_ids + text_ids(tok, transition_text(row, rubric, cfg.prompt_style)))
+    return out
+
+
+def reduction_weights(ctx: StepContext, counts: list[int]) -> list[float]:
+    """Per-sequence weight of each token's loss, so one step's loss is exact whatever the batching.
+
+    ``token``: every token weighs 1 / (completion tokens of the step, all processes).
+    ``sequence`` (the authors'): a sequence of n tokens weighs each by 1 / (n * sequences of the
+    step, all processes), i.e. the mean over sequences of per-sequence token means. Sequences
+    with no token in the loss count for neither.
+    """
+    if ctx.cfg.loss_reduction == "token":
+        total = max(ctx.global_sum(sum(counts)), 1)
+        return [1.0 / total] * len(counts)
+    sequences = max(ctx.global_sum(sum(1 for n in counts if n > 0)), 1)
+    return [1.0 / (n * sequences) if n > 0 else 0.0 for n in counts]
 
 
 def reference_target(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
@@ -108,7 +169,9 @@ def reference_target(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
         text = rubric_json(row.rubric)
     else:
         text = (row.reference_answer or row.answer or "").strip()
-        if row.answer and "answer:" not in text.lower():
+        if row.answer and cfg.prompt_style == "paper" and "\\boxed" not in text:
+            text += f"\n\nThe final answer is \\boxed{{{row.answer}}}."
+        elif row.answer and cfg.prompt_style != "paper" and "answer:" not in text.lower():
             text += f"\nAnswer: {row.answer}"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     return ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
@@ -142,26 +205,26 @@ def rollouts(ctx: StepContext, prompts: list[list[int]]):
 def distill_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     cfg, tok = ctx.cfg, ctx.tokenizer
     s_prompts = [student_prompt(tok, r, cfg) for r in rows]
-    analyses = [None] * len(rows)
-    if cfg.teacher_context == "reason-first" and cfg.method == "rcsd" and cfg.task == "reasoner":
-        asks = [chat_prompt_ids(tok, rubric_analysis_message(r, r.rubric), _thinking(cfg)) for r in rows]
-        analysis_cfg = cfg.generation.model_copy(update={"temperature": 0.0, "max_new_tokens": 128})
-        analyses = [g.text for g in ctx.teacher_generate(asks, analysis_cfg, cfg.seed + ctx.step)]
-    t_prompts = [teacher_prompt(tok, r, cfg, a) for r, a in zip(rows, analyses)]
+    if cfg.teacher_context == "reason-first" and cfg.task == "reasoner":
+        t_prompts = reason_first_teacher_prompts(ctx, rows)
+    else:
+        t_prompts = [teacher_prompt(tok, r, cfg) for r in rows]
     gens = rollouts(ctx, s_prompts)
     completions = [g.token_ids for g in gens]
-    rewards = [rollout_reward(r, g.text, cfg) for r, g in zip(rows, gens)]
+    rewards = [rollout_reward(r, g.text, cfg) for r, g in zip(rows, gens, strict=True)]
     res = distill_backward(ctx, s_prompts, t_prompts, completions)
     res.reward, res.reward_count = sum(rewards) / len(rewards), len(rewards)
     return res
 
 
 def distill_backward(ctx: StepContext, s_prompts, t_prompts, completions) -> StepResult:
-    """Accumulate the distillation gradient over micro-batches; returns token sums."""
+    """Accumulate the distillation gradient over micro-batches (weights from ``reduction_weights``)."""
     cfg, tok = ctx.cfg, ctx.tokenizer
-    total = max(ctx.global_sum(sum(max(len(c) - cfg.skip_first_tokens, 0) for c in completions)), 1)
+    counts = [max(len(c) - cfg.skip_first_tokens, 0) for c in completions]
+    weights = reduction_weights(ctx, counts)
+    total = max(ctx.global_sum(sum(counts)), 1)
     s_head = ctx.student.get_output_embeddings()
-    loss_total = kl_total = agree_total = 0.0
+    objective = loss_total = kl_total = agree_total = 0.0
     for j in range(0, len(completions), cfg.micro_batch_size):
         sl = slice(j, j + cfg.micro_batch_size)
         pb = build_pair_batch(s_prompts[sl], t_prompts[sl], completions[sl], tok.pad_token_id, cfg.skip_first_tokens)
@@ -169,15 +232,18 @@ def distill_backward(ctx: StepContext, s_prompts, t_prompts, completions) -> Ste
             t_hidden = ctx.teacher_hidden(pb.teacher)
         s_hidden = aligned_hidden(ctx.student, pb.student)
         dev = s_hidden.device
-        loss_sum, kl_sum, agree_sum = chunked_distill_loss(
+        loss_sum, kl_sum, agree_sum, weighted = chunked_distill_loss(
             s_hidden, t_hidden, s_head, ctx.teacher_head, pb.mask.to(dev), pb.targets.to(dev), kind=cfg.loss,
-            chunk_size=cfg.chunk_size, beta=cfg.beta, top_k=cfg.top_k_loss, temperature=cfg.loss_temperature,
-            clip=cfg.clip, diag_top_k=cfg.top_k_loss, tail=cfg.tail_bucket)
-        (loss_sum / total).backward()
+            chunk_size=cfg.chunk_size, beta=cfg.beta, top_k=cfg.loss_top_k, temperature=cfg.loss_temperature,
+            clip=cfg.clip, diag_top_k=cfg.loss_top_k, tail=cfg.tail_bucket,
+            row_weights=torch.tensor(weights[sl], device=dev))
+        weighted.backward()
+        objective += weighted.item()
         loss_total += loss_sum.item()
         kl_total += kl_sum.item()
         agree_total += agree_sum.item()
-    return StepResult(loss_total, total, kl_total, agree_total, None, sum(len(c) for c in completions))
+    return StepResult(loss_total, total, kl_total, agree_total, None, sum(len(c) for c in completions),
+                      objective=objective)
 
 
 def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
@@ -189,8 +255,9 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     rewards = torch.tensor([rollout_reward(r, g.text, cfg) for r, g in zip(group_rows, gens)], dtype=torch.float32)
     advantages = group_advantages(rewards.view(len(rows), G)).view(-1)
     total = max(ctx.global_sum(sum(len(c) for c in completions)), 1)
+    weights = reduction_weights(ctx, [len(c) for c in completions])
     head = ctx.student.get_output_embeddings()
-    loss_total, kl_total = 0.0, 0.0
+    objective = loss_total = kl_total = 0.0
     for j in range(0, len(completions), cfg.micro_batch_size):
         sl = slice(j, j + cfg.micro_batch_size)
         pb = build_pair_batch(prompts[sl], prompts[sl], completions[sl], tok.pad_token_id)
@@ -207,10 +274,12 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
             per_tok = per_tok + cfg.kl_coef * kl
             kl_total += (kl.detach() * mask).sum().item()
         loss_sum = (per_tok * mask).sum()
-        (loss_sum / total).backward()
+        weighted = (per_tok * mask * torch.tensor(weights[sl], device=dev).unsqueeze(-1)).sum()
+        weighted.backward()
+        objective += weighted.item()
         loss_total += loss_sum.item()
     return StepResult(loss_total, total, kl_total if cfg.kl_coef > 0 else None, None, rewards.mean().item(),
-                      sum(len(c) for c in completions), len(group_rows))
+                      sum(len(c) for c in completions), len(group_rows), objective=objective)
 
 
 def sft_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
@@ -218,18 +287,21 @@ def sft_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     prompts = [student_prompt(tok, r, cfg) for r in rows]
     targets_ids = [reference_target(tok, r, cfg) for r in rows]
     total = max(ctx.global_sum(sum(len(t) for t in targets_ids)), 1)
+    weights = reduction_weights(ctx, [len(t) for t in targets_ids])
     head = ctx.student.get_output_embeddings()
-    loss_total = 0.0
+    objective = loss_total = 0.0
     for j in range(0, len(rows), cfg.micro_batch_size):
         sl = slice(j, j + cfg.micro_batch_size)
         pb = build_pair_batch(prompts[sl], prompts[sl], targets_ids[sl], tok.pad_token_id)
         hidden = aligned_hidden(ctx.student, pb.student)
         dev = hidden.device
         logp = chunked_token_logprobs(hidden, head, pb.targets.to(dev), cfg.chunk_size)
-        loss_sum = -(logp * pb.mask.to(dev).float()).sum()
-        (loss_sum / total).backward()
-        loss_total += loss_sum.item()
-    return StepResult(loss_total, total, None, None, None, 0)
+        per_tok = -(logp * pb.mask.to(dev).float())
+        weighted = (per_tok * torch.tensor(weights[sl], device=dev).unsqueeze(-1)).sum()
+        weighted.backward()
+        objective += weighted.item()
+        loss_total += per_tok.sum().item()
+    return StepResult(loss_total, total, None, None, None, 0, objective=objective)
 
 
 OBJECTIVES = {"rcsd": distill_step, "opsd": distill_step, "grpo": grpo_step, "sft": sft_step}
@@ -257,9 +329,11 @@ def offline_step(ctx: StepContext, items: list[OfflineItem]) -> StepResult:
     from rcsd_cli.losses import stored_topk_distill_loss
 
     cfg, tok = ctx.cfg, ctx.tokenizer
-    total = max(ctx.global_sum(sum(max(len(it.completion_ids) - cfg.skip_first_tokens, 0) for it in items)), 1)
+    counts = [max(len(it.completion_ids) - cfg.skip_first_tokens, 0) for it in items]
+    total = max(ctx.global_sum(sum(counts)), 1)
+    weights = reduction_weights(ctx, counts)
     head = ctx.student.get_output_embeddings()
-    loss_total = 0.0
+    objective = loss_total = 0.0
     for j in range(0, len(items), cfg.micro_batch_size):
         part = items[j: j + cfg.micro_batch_size]
         prompts = [it.prompt_ids for it in part]
@@ -275,18 +349,21 @@ def offline_step(ctx: StepContext, items: list[OfflineItem]) -> StepResult:
             t_lp[i, : len(it.teacher_logprobs)] = torch.tensor(it.teacher_logprobs)
         mask = pb.mask.to(dev).float()
 
+        w = torch.tensor(weights[j: j + cfg.micro_batch_size], device=dev).unsqueeze(-1)
+
         def chunk(h, ids, lp, m):
             per_tok = stored_topk_distill_loss(head(h), ids, lp, temperature=cfg.loss_temperature, clip=cfg.clip)
-            return (per_tok * m).sum()
+            return torch.stack([(per_tok * m).sum(), (per_tok * m * w).sum()])
 
-        loss_sum = hidden.new_zeros(())
+        sums = hidden.new_zeros(2)
         for start in range(0, hidden.shape[1], cfg.chunk_size):
             sl = slice(start, start + cfg.chunk_size)
-            loss_sum = loss_sum + checkpoint(chunk, hidden[:, sl], t_ids[:, sl].to(dev), t_lp[:, sl].to(dev),
-                                             mask[:, sl], use_reentrant=False)
-        (loss_sum / total).backward()
-        loss_total += loss_sum.item()
-    return StepResult(loss_total, total, None, None, None, 0)
+            sums = sums + checkpoint(chunk, hidden[:, sl], t_ids[:, sl].to(dev), t_lp[:, sl].to(dev),
+                                     mask[:, sl], use_reentrant=False)
+        sums[1].backward()
+        objective += sums[1].item()
+        loss_total += sums[0].item()
+    return StepResult(loss_total, total, None, None, None, 0, objective=objective)
 
 
 @torch.no_grad()

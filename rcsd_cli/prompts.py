@@ -1,16 +1,55 @@
-"""Prompt texts and their token ids.
+"""Prompt texts and their token ids, in two styles.
 
-Student and teacher see the same question under the model's own chat template; the teacher's
-user turn additionally holds the rubric (and by default the reference answer). Both prompts
-end with the assistant header, so one list of completion ids can follow either of them:
-the teacher input is ``teacher_prompt_ids + completion_ids`` and nothing is ever decoded and
-re-encoded.
+``paper`` reproduces the user messages of the authors' public RCSD code verbatim (their prompt
+texts are part of the method, like a benchmark's prompt): the student sees ``Question: ...`` and
+a ``\\boxed{}`` instruction; the teacher additionally sees ``Reference Answer:`` and the rubric
+as one-line JSON (``Rubric (JSON array):``). Their reason-first teacher first writes an analysis
+as its own assistant turn of a separate prompt; a raw transition text (no chat header) then
+leads into the student's rollout. ``answer-line`` is rcsd's own shorter style, ending in an
+``Answer: X`` line, which small models follow more often.
+
+Every prompt ends with the assistant header, so one list of completion ids can follow either
+side: the teacher input is ``teacher_ids + completion_ids`` and nothing is decoded and re-encoded.
 """
 
 from __future__ import annotations
 
+import json
+
 from rcsd_cli.inputs import LETTERS
 from rcsd_cli.schemas import Criterion, Problem
+
+# --- the authors' texts (github carriegu0818/RCSD, data_collator_reward.py), verbatim
+PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+PAPER_ANALYSIS_ASK = (
+    "\n\nThe reference answer and rubric above are guidelines for the questions but may not be perfect. "
+    "Briefly explain the key requirements, constraints, and reasoning expectations implied by them. "
+    "Do NOT solve the question yet. Do NOT use <think> tags.\n"
+)
+PAPER_ANALYSIS_ASK_REFERENCE = (
+    "\n\nThe reference material above is a guideline for the question but may not be perfect. "
+    "Briefly explain the key requirements, constraints, and reasoning expectations implied by it. "
+    "Do NOT solve the question yet. Do NOT use <think> tags.\n"
+)
+
+
+def _paper_transition(label: str) -> str:
+    return (
+        f"\n\n{label} provided only as private guidance to help you understand "
+        "the correct reasoning path. Do NOT mention, cite, or refer to the reference solution, rubric, "
+        "answer key, ground truth, or any external guidance in your response. Do NOT write phrases such as "
+        "'given the solution', 'from the reference', 'according to the rubric', 'we know the answer is', "
+        "or anything implying that you have seen the answer in advance. "
+        "Instead, produce a natural, self-contained solution as if you are solving the problem independently "
+        "from the original problem statement. Use your own reasoning process, derive the result step by step, "
+        "and only present the final answer after the reasoning supports it. "
+        "Think step by step, explore different approaches if useful, and don't be afraid to backtrack "
+        "or reconsider if something doesn't work out. Put the final answer within \\boxed{}.\n"
+    )
+
+
+PAPER_TRANSITION = "\n" + _paper_transition("The reference and rubric above is")
+PAPER_TRANSITION_REFERENCE = "\n" + _paper_transition("The reference above is")
 
 
 def format_question(problem: Problem) -> str:
@@ -18,6 +57,19 @@ def format_question(problem: Problem) -> str:
     if problem.choices:
         text += "\n\n" + "\n".join(f"{LETTERS[i]}) {c}" for i, c in enumerate(problem.choices))
     return text
+
+
+def reference_text(problem: Problem) -> str | None:
+    """The reference answer shown to the teacher: the worked reference, else the gold answer."""
+    ref = (problem.reference_answer or problem.answer or "").strip()
+    return ref or None
+
+
+def rubric_json(rubric: list[Criterion]) -> str:
+    """The rubric as the authors pass it: ``json.dumps`` of [{title, description, weight}], one line."""
+    return json.dumps([{"title": c.title, "description": c.description,
+                        "weight": int(c.weight) if float(c.weight).is_integer() else c.weight} for c in rubric],
+                      ensure_ascii=False)
 
 
 def answer_instruction(problem: Problem) -> str:
@@ -35,29 +87,59 @@ def format_rubric(rubric: list[Criterion]) -> str:
     return "\n".join(lines)
 
 
-def student_message(problem: Problem) -> str:
+def student_message(problem: Problem, style: str = "paper") -> str:
+    if style == "paper":
+        return f"Question: {format_question(problem)}\n\n{PAPER_INSTRUCTION}"
     return f"{format_question(problem)}\n\n{answer_instruction(problem)}"
 
 
+def _paper_context(problem: Problem, rubric: list[Criterion] | None, include_reference: bool) -> str:
+    text = f"Question: {format_question(problem)}\n\n"
+    ref = reference_text(problem) if include_reference else None
+    if ref:
+        text += f"Reference Answer:\n{ref}\n\n"
+    if rubric:
+        text += f"Rubric (JSON array):\n{rubric_json(rubric)}\n"
+    return text
+
+
 def teacher_message(problem: Problem, rubric: list[Criterion] | None, include_reference: bool,
-                    analysis: str | None = None) -> str:
-    """The privileged teacher context: question, rubric and/or reference, then the same instruction."""
+                    style: str = "paper") -> str:
+    """The privileged teacher context: question, reference and/or rubric, then the same instruction.
+
+    paper: rubric + reference is the authors' text; reference only (OPSD) is their
+    ``teacher_solution_rubric=False`` text; rubric only (no reference) is rcsd's variant of theirs.
+    """
+    if style == "paper":
+        text = _paper_context(problem, rubric, include_reference)
+        has_ref = include_reference and reference_text(problem)
+        if rubric:
+            guide = "the rubric and reference answer" if has_ref else "the rubric"
+            return f"{text}\nUse {guide} as guidance.\n{PAPER_INSTRUCTION}"
+        return f"{text}Use the reference material above as guidance.\n{PAPER_INSTRUCTION}"
     parts = [format_question(problem)]
     if rubric:
         parts.append("A strong answer is graded with this rubric (points in brackets; negative points are "
                      "pitfalls to avoid):\n" + format_rubric(rubric))
     if include_reference and problem.reference_answer:
         parts.append(f"Reference answer:\n{problem.reference_answer.strip()}")
-    if analysis:
-        parts.append(f"Analysis of the rubric:\n{analysis.strip()}")
     parts.append(answer_instruction(problem))
     return "\n\n".join(parts)
 
 
-def rubric_analysis_message(problem: Problem, rubric: list[Criterion]) -> str:
-    """Reason-first teacher: ask for an analysis of what the rubric rewards before answering."""
-    return (teacher_message(problem, rubric, True).rsplit("\n\n", 1)[0] + "\n\nDo not answer yet. In at most "
-            "80 words, analyse what this rubric rewards and which pitfalls a strong answer must avoid.")
+def analysis_message(problem: Problem, rubric: list[Criterion] | None, style: str = "paper") -> str:
+    """Reason-first: ask the teacher to analyse the reference (and rubric) before any answer."""
+    if style == "paper":
+        return _paper_context(problem, rubric, True) + (PAPER_ANALYSIS_ASK if rubric else PAPER_ANALYSIS_ASK_REFERENCE)
+    return (teacher_message(problem, rubric, True, style).rsplit("\n\n", 1)[0] + "\n\nDo not answer yet. Briefly "
+            "explain what a strong answer must do and which pitfalls it must avoid.")
+
+
+def transition_text(problem: Problem, rubric: list[Criterion] | None, style: str = "paper") -> str:
+    """Reason-first: raw text (no chat header) between the teacher's analysis and the rollout."""
+    if style == "paper":
+        return PAPER_TRANSITION if rubric else PAPER_TRANSITION_REFERENCE
+    return f"\n\nNow answer the question yourself, without mentioning the guidance. {answer_instruction(problem)}\n"
 
 
 def rubric_designer_message(problem: Problem) -> str:
@@ -94,11 +176,10 @@ def chat_prompt_ids(tokenizer, user_text: str, enable_thinking: bool | None = No
     return tokenizer(f"{user_text}\n\nResponse:", add_special_tokens=True)["input_ids"]
 
 
-def student_prompt_ids(tokenizer, problem: Problem, enable_thinking: bool | None = None) -> list[int]:
-    return chat_prompt_ids(tokenizer, student_message(problem), enable_thinking)
+def student_prompt_ids(tok, problem: Problem, enable_thinking: bool | None = None, style: str = "paper") -> list[int]:
+    return chat_prompt_ids(tok, student_message(problem, style), enable_thinking)
 
 
-def teacher_prompt_ids(tokenizer, problem: Problem, rubric: list[Criterion] | None, include_reference: bool,
-                       enable_thinking: bool | None = None, analysis: str | None = None) -> list[int]:
-    """Rendered with the same ``enable_thinking`` as the student so the first completion token lines up."""
-    return chat_prompt_ids(tokenizer, teacher_message(problem, rubric, include_reference, analysis), enable_thinking)
+def text_ids(tok, text: str) -> list[int]:
+    """Token ids of raw text (no chat markers, no BOS), e.g. the reason-first transition."""
+    return tok(text, add_special_tokens=False)["input_ids"]

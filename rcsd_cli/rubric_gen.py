@@ -19,7 +19,7 @@ import re
 from rcsd_cli.inputs import LETTERS
 from rcsd_cli.schemas import Check, Criterion, Problem
 
-ANSWER_LINE_REGEX = r"^\W*(?:final\s+)?answer\s*:\s*\S"
+ANSWER_LINE_REGEX = r"^\W*(?:final\s+)?answer\s*:\s*\S|\\boxed\{\s*[^{}\s]"
 CONCISE_WORDS = 300
 
 
@@ -49,8 +49,8 @@ def reference_rubric(problem: Problem) -> list[Criterion] | None:
         crit.append(Criterion(id="correct-answer", title="Correct final answer", weight=10, tags=["essential"],
                               description=f"The final answer equals {gold}.",
                               check=Check(kind="answer_equals", value=gold)))
-    crit.append(Criterion(id="answer-line", title="States answer line", weight=3, tags=["format"],
-                          description='Ends with a line of the form "Answer: X".',
+    crit.append(Criterion(id="answer-line", title="States final answer", weight=3, tags=["format"],
+                          description='States the final answer as a line "Answer: X" or as \\boxed{X}.',
                           check=Check(kind="regex", value=ANSWER_LINE_REGEX)))
     crit.append(Criterion(id="concise", title="Stays concise", weight=2, tags=["format"],
                           description=f"Uses at most {CONCISE_WORDS} words.",

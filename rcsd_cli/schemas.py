@@ -12,6 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rcsd_cli.models import DEFAULT_MODEL
+from rcsd_cli.options import nested, opt
+
 MAX_QUESTION_CHARS = 32_000
 CheckKind = Literal["answer_equals", "regex", "max_words"]
 
@@ -184,135 +187,225 @@ class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class GenerationConfig(_Config):
-    """Sampling settings shared by every generating stage."""
+PromptStyle = Literal["paper", "answer-line"]
+_PROMPT_STYLE_HELP = ("paper: the authors' prompts (Question: ..., \\boxed{} answer; teacher with reference answer "
+                      "and rubric JSON); answer-line: question and an 'Answer: X' line instruction.")
 
-    max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(1.0, ge=0.0, description="0 means greedy decoding.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k filtering.")
-    batch_size: int = Field(16, ge=1)
-    enable_thinking: bool | None = Field(None, description="Passed to chat templates that support it (e.g. "
-                                         "Qwen3); None keeps the template's default. Applied to every prompt.")
+
+class GenerationConfig(_Config):
+    """Sampling settings shared by every generating stage (each stage sets its own defaults)."""
+
+    max_new_tokens: int = opt(256, ge=1, panel="Generation", help="Tokens to generate at most.")
+    temperature: float = opt(1.0, ge=0.0, panel="Generation", help="Sampling temperature; 0 = greedy.")
+    top_p: float = opt(1.0, gt=0.0, le=1.0, panel="Generation", help="Nucleus sampling mass.")
+    top_k: int = opt(0, ge=0, panel="Generation", help="Top-k filtering; 0 = off.")
+    batch_size: int = opt(16, ge=1, panel="Generation", flag="--gen-batch-size", help="Prompts per generation batch.")
+    enable_thinking: bool | None = opt(None, panel="Generation", flag="--thinking",
+                                       help="enable_thinking for chat templates that have it (e.g. Qwen3); unset "
+                                       "keeps the template's default.")
 
 
 class BackendConfig(_Config):
     """Which engine generates: transformers in-process, vLLM, or an OpenAI-compatible server."""
 
-    kind: Literal["hf", "vllm", "openai"] = "hf"
-    base_url: str | None = Field(None, description="openai: e.g. http://127.0.0.1:8000/v1")
-    served_model: str | None = Field(None, description="openai: model name the server expects (default --model).")
+    kind: Literal["hf", "vllm", "openai"] = opt("hf", panel="Backend", flag="--backend",
+                                                help="Generation engine: hf (transformers), vllm or openai.")
+    base_url: str | None = opt(None, panel="Backend", help="openai: server URL, e.g. http://127.0.0.1:8000/v1")
+    served_model: str | None = opt(None, panel="Backend", help="openai: model name on the server (default --model).")
     tokenizer: str | None = Field(None, description="Local tokenizer for prompts (default --model).")
-    api_key_env: str | None = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
-    concurrency: int = Field(8, ge=1, description="openai: requests in flight at once.")
-    max_retries: int = Field(5, ge=0)
+    api_key_env: str | None = opt("OPENAI_API_KEY", panel="Backend",
+                                  help="Environment variable holding the API key (never logged).")
+    concurrency: int = opt(8, ge=1, panel="Backend", help="openai: requests in flight at once.")
+    max_retries: int = opt(5, ge=0, panel="Backend", help="openai: retries per request.")
     backoff_s: float = Field(0.5, ge=0.0, description="First retry delay; doubles each attempt.")
-    timeout_s: float = Field(300.0, gt=0)
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine.")
-    memory_utilization: float | None = Field(None, gt=0, le=1, description="vllm: fraction of each GPU's "
-                                             "memory (default 0.85) or, on CPU, of the machine's memory (default "
-                                             "0.3) the engine may reserve.")
+    timeout_s: float = opt(300.0, gt=0, panel="Backend", flag="--request-timeout", help="openai: seconds per request.")
+    tensor_parallel_size: int = opt(1, ge=1, panel="Backend", help="vllm: GPUs per engine.")
+    memory_utilization: float | None = opt(None, gt=0, le=1, panel="Backend",
+                                           help="vllm: fraction of each GPU's memory (default 0.85) or, on CPU, of "
+                                           "the machine's memory (default 0.3) the engine may reserve.")
+
+
+def _generation(**defaults):
+    return lambda: GenerationConfig(**defaults)
+
+
+_MODEL_HELP = "HF model id, local folder, or the embedded default."
 
 
 class GenRubricsConfig(_Config):
-    data: str
-    generator: Literal["auto", "llm", "reference"] = "auto"
-    regenerate: bool = Field(False, description="Regenerate rubrics even for rows that carry one.")
-    model: str
-    retries: int = Field(3, ge=0, description="Extra attempts after an invalid LLM rubric.")
-    limit: int | None = None
-    seed: int = 0
-    generation: GenerationConfig
-    backend: BackendConfig = Field(default_factory=BackendConfig)
+    data: str = opt(panel="Data", argument=True, help="Problems: JSONL, JSON, Parquet or CSV file, or a bundled "
+                    "benchmark name.")
+    generator: Literal["auto", "llm", "reference"] = opt(
+        "auto", panel="Data", help="llm: the rubric-designer prompt; reference: built from the gold answer, no LLM; "
+        "auto: llm for rows without a rubric.")
+    regenerate: bool = opt(False, panel="Data", help="Regenerate rubrics even for rows that carry one.")
+    limit: int | None = opt(None, ge=1, panel="Data", help="Use at most N problems.")
+    offset: int = opt(0, ge=0, panel="Data", help="Skip this many problems (benchmarks: after the seeded shuffle).")
+    model: str = opt(DEFAULT_MODEL, panel="Model", help=_MODEL_HELP)
+    retries: int = opt(3, ge=0, panel="Generation", help="Extra attempts after an invalid LLM rubric.")
+    seed: int = opt(0, panel="Data", help="Random seed (sampling, shuffles).")
+    generation: GenerationConfig = nested(_generation(temperature=0.7, max_new_tokens=512, top_p=0.95, top_k=20,
+                                                               batch_size=8))
+    backend: BackendConfig = nested(BackendConfig)
 
 
 class SampleConfig(_Config):
-    rubrics: str
-    model: str
-    n: int = Field(1, ge=1, description="Completions per problem.")
-    limit: int | None = None
-    seed: int = 0
-    generation: GenerationConfig
-    backend: BackendConfig = Field(default_factory=BackendConfig)
+    rubrics: str = opt(panel="Data", argument=True, help="rubrics.parquet (or a problems file).")
+    n: int = opt(1, ge=1, panel="Data", help="Completions per problem.")
+    limit: int | None = opt(None, ge=1, panel="Data", help="Use at most N problems.")
+    seed: int = opt(0, panel="Data", help="Random seed (sampling).")
+    prompt_style: PromptStyle = opt("paper", panel="Data", help=_PROMPT_STYLE_HELP)
+    model: str = opt(DEFAULT_MODEL, panel="Model", help=_MODEL_HELP)
+    generation: GenerationConfig = nested(_generation(temperature=1.0, top_p=0.95, top_k=20))
+    backend: BackendConfig = nested(BackendConfig)
 
 
 class ScoreConfig(_Config):
-    samples: str
-    rubrics: str
-    judge_model: str | None = None
-    judge_retries: int = 2
-    teacher_logprobs: bool = Field(False, description="Store the teacher's top-k log-probs per completion token.")
-    teacher_model: str | None = None
-    teacher_top_k: int = Field(20, ge=1)
-    teacher_method: Literal["rcsd", "opsd"] = "rcsd"
-    teacher_context: Literal["rubric", "rubric+reference"] = "rubric+reference"
-    seed: int = 0
-    generation: GenerationConfig
-    backend: BackendConfig = Field(default_factory=BackendConfig, description="Judge and teacher engine.")
+    samples: str = opt(panel="Data", argument=True, help="samples.parquet from rcsd sample.")
+    rubrics: str = opt(panel="Data", help="rubrics.parquet the samples were drawn from.")
+    judge_model: str | None = opt(None, panel="Model", help="LLM judge for criteria without a machine check "
+                                  "(unset: they stay unjudged).")
+    judge_retries: int = opt(2, ge=0, panel="Model", help="Retries after a malformed judge reply.")
+    teacher_logprobs: bool = opt(False, panel="Teacher", help="Store the teacher's top-k log-probs per completion "
+                                 "token (for train --samples).")
+    teacher_model: str | None = opt(None, panel="Teacher", help="Teacher model (default: the samples' model).")
+    teacher_top_k: int = opt(20, ge=1, panel="Teacher", help="Top-k entries stored per token.")
+    teacher_method: Literal["rcsd", "opsd"] = opt("rcsd", panel="Teacher", help="rcsd: rubric (+ reference) "
+                                                  "teacher; opsd: reference-answer teacher.")
+    teacher_context: Literal["rubric", "rubric+reference"] = opt("rubric+reference", panel="Teacher",
+                                                                 help="What the rcsd teacher sees besides the "
+                                                                 "question.")
+    prompt_style: PromptStyle | None = opt(None, panel="Teacher", help="Teacher prompt style (default: the "
+                                           "samples' own). " + _PROMPT_STYLE_HELP)
+    teacher_thinking: bool | None = opt(None, panel="Teacher", help="enable_thinking of the teacher prompt "
+                                        "(default: the samples' student setting).")
+    seed: int = opt(0, panel="Data", help="Random seed (judge sampling).")
+    generation: GenerationConfig = nested(_generation(temperature=0.0, max_new_tokens=192), hide=("enable_thinking",))
+    backend: BackendConfig = nested(BackendConfig)
+
+
+Reduction = Literal["sequence", "token"]
+_GRPO_ONLY = ("group_size", "reward", "clip_eps", "kl_coef")
+_REASON_FIRST_ONLY = ("analysis_by", "analysis_temperature", "analysis_top_p", "analysis_top_k",
+                      "analysis_max_new_tokens")
+_LORA_ONLY = ("lora_alpha", "lora_dropout", "lora_targets", "merge_lora")
 
 
 class TrainConfig(_Config):
     """Settings of one ``rcsd train`` run; stored in every checkpoint and in metrics.parquet."""
 
-    rubrics: str | None = None
-    samples: str | None = Field(None, description="Offline round: samples.parquet to train on (no resampling).")
-    scores: str | None = Field(None, description="Offline round: scores.parquet with teacher top-k log-probs.")
-    model: str
-    task: Literal["reasoner", "rubric-generator"] = Field(
-        "reasoner", description="rubric-generator: stage I, the student writes rubrics, the teacher also sees the "
-        "reference rubric.")
-    method: Literal["rcsd", "opsd", "grpo", "sft"] = Field(
-        "rcsd", description="rcsd: rubric teacher; opsd: reference-answer teacher; grpo: rubric/correctness "
+    rubrics: str | None = opt(None, panel="Data", help="rubrics.parquet (online training).")
+    samples: str | None = opt(None, panel="Data", help="Offline round: samples.parquet to train on (no resampling).")
+    scores: str | None = opt(None, panel="Data", help="Offline round: scores.parquet with teacher top-k log-probs.")
+    limit: int | None = opt(None, ge=1, panel="Data", help="Use at most N problems.")
+    seed: int = opt(0, panel="Data", help="Random seed (data order, sampling).")
+    prompt_style: PromptStyle = opt("paper", panel="Data", help=_PROMPT_STYLE_HELP)
+    model: str = opt(DEFAULT_MODEL, panel="Model", help=_MODEL_HELP)
+    task: Literal["reasoner", "rubric-generator"] = opt(
+        "reasoner", panel="Model", help="rubric-generator: stage I, the student writes rubrics, the teacher also sees "
+        "the reference rubric.")
+    method: Literal["rcsd", "opsd", "grpo", "sft"] = opt(
+        "rcsd", panel="Model", help="rcsd: rubric teacher; opsd: reference-answer teacher; grpo: rubric/correctness "
         "reward; sft: cross-entropy on reference answers.")
-    teacher: Literal["frozen", "live", "ema"] = Field("frozen", description="frozen: initial weights; live: "
-                                                     "current weights; ema: moving average of the student.")
-    ema_decay: float = Field(0.99, gt=0.0, lt=1.0)
-    teacher_context: Literal["rubric", "rubric+reference", "reason-first"] = Field(
-        "rubric+reference", description="reason-first: the teacher first writes an analysis of the rubric, "
-        "which is then added to its context (with the reference answer).")
-    steps: int = Field(10, ge=1)
-    max_rollout_tokens: int | None = Field(None, ge=1, description="Stop once this many rollout tokens were used.")
-    batch_size: int = Field(4, ge=1, description="Prompts per optimizer step.")
-    micro_batch_size: int = Field(4, ge=1, description="Sequences per forward/backward pass.")
-    group_size: int = Field(4, ge=1, description="GRPO: rollouts per prompt.")
-    reward: Literal["rubric", "correct"] = Field("rubric", description="GRPO reward: rubric score or correctness.")
-    clip_eps: float = Field(0.2, gt=0.0, description="GRPO ratio clip.")
-    kl_coef: float = Field(0.0, ge=0.0, description="GRPO: weight of the k3 KL to the frozen initial model.")
-    lr: float = Field(5e-6, gt=0)
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = 0.0
-    max_grad_norm: float = Field(1.0, gt=0)
-    lora_rank: int = Field(0, ge=0, description="0: full fine-tuning; >0: LoRA adapters on all linear layers.")
-    lora_alpha: float = Field(16.0, gt=0)
-    loss: Literal["topk_kl", "jsd", "sampled_rkl"] = "topk_kl"
-    top_k_loss: int = Field(20, ge=1, description="Teacher top-k tokens the loss is computed on.")
-    tail_bucket: bool = Field(False, description="Keep the mass outside the top-k as one extra entry.")
-    beta: float = Field(0.0, ge=0.0, le=1.0, description="Generalized JSD mixing: 0 forward KL, 1 reverse KL.")
-    loss_temperature: float = Field(1.2, gt=0)
-    clip: float | None = Field(0.05, description="Per (token, entry) clip of the loss terms; None disables.")
-    skip_first_tokens: int = Field(0, ge=0, description="Leave the first N completion tokens out of the loss.")
-    chunk_size: int = Field(128, ge=1, description="Completion tokens per loss chunk (bounds logits memory).")
-    save_every: int = Field(0, ge=0)
-    limit: int | None = None
-    seed: int = 0
-    sharding: Literal["replicate", "full-shard", "shard-grad-op"] = Field(
-        "replicate", description="Under torchrun/accelerate: replicate (plain data parallel), full-shard (FSDP2, "
-        "ZeRO-3-like) or shard-grad-op (FSDP2 without resharding after forward, ZeRO-2-like).")
-    generation: GenerationConfig
+    teacher: Literal["frozen", "live", "ema"] = opt("frozen", panel="Teacher", help="frozen: initial weights; live: "
+                                                    "current weights; ema: moving average of the student.")
+    ema_decay: float = opt(0.99, gt=0.0, lt=1.0, panel="Teacher", help="ema teacher: decay per step.")
+    teacher_context: Literal["rubric", "rubric+reference", "reason-first"] = opt(
+        "rubric+reference", panel="Teacher", help="What the rcsd teacher sees besides the question. reason-first: "
+        "the teacher first writes an analysis of the reference and rubric (its own sampled turn), then a transition "
+        "text, then the student's rollout (the authors' published run).")
+    teacher_thinking: bool | None = opt(None, panel="Teacher", help="enable_thinking of the teacher prompts "
+                                        "(default: as --student-thinking).")
+    analysis_by: Literal["teacher", "student"] = opt(
+        "teacher", panel="Teacher", help="reason-first: who writes the analysis. teacher = the frozen teacher; "
+        "student = the current student (what the authors' vLLM path did).")
+    analysis_temperature: float = opt(1.2, ge=0.0, panel="Teacher", help="reason-first: analysis temperature.")
+    analysis_top_p: float = opt(0.95, gt=0.0, le=1.0, panel="Teacher", help="reason-first: analysis top-p.")
+    analysis_top_k: int = opt(20, ge=0, panel="Teacher", help="reason-first: analysis top-k (0 = off).")
+    analysis_max_new_tokens: int = opt(4096, ge=1, panel="Teacher", help="reason-first: analysis length limit.")
+    loss: Literal["topk_kl", "jsd", "sampled_rkl"] = opt(
+        "topk_kl", panel="Loss", help="topk_kl: divergence on the teacher's top-k; jsd: full vocabulary; "
+        "sampled_rkl: sampled-token reverse KL (O(1) memory per token).")
+    loss_top_k: int = opt(20, ge=1, panel="Loss", help="Teacher top-k tokens the loss is computed on.")
+    tail_bucket: bool = opt(False, panel="Loss", help="Keep the mass outside the top-k as one extra entry.")
+    beta: float = opt(0.0, ge=0.0, le=1.0, panel="Loss", help="Generalized JSD mixing: 0 forward KL, 1 reverse KL.")
+    loss_temperature: float = opt(1.2, gt=0, panel="Loss", help="Logits are divided by this before the loss.")
+    clip: float | None = opt(0.05, gt=0, panel="Loss", help="Per (token, entry) clip of the loss terms; none = off.")
+    loss_reduction: Reduction = opt(
+        "sequence", panel="Loss", help="sequence: mean over sequences of each sequence's token mean (the authors'); "
+        "token: sum over the step's completion tokens / their number.")
+    skip_first_tokens: int = opt(0, ge=0, panel="Loss", help="Leave the first N completion tokens out of the loss.")
+    chunk_size: int = opt(128, ge=1, panel="Loss", help="Completion tokens per loss chunk (bounds logits memory).")
+    steps: int = opt(10, ge=1, panel="Optimiser", help="Optimizer steps.")
+    max_rollout_tokens: int | None = opt(None, ge=1, panel="Optimiser",
+                                         help="Stop once this many rollout tokens were used.")
+    batch_size: int = opt(4, ge=1, panel="Optimiser", help="Prompts per optimizer step (all processes together).")
+    micro_batch_size: int = opt(4, ge=1, panel="Optimiser", help="Sequences per forward/backward pass.")
+    lr: float = opt(5e-6, gt=0, panel="Optimiser", help="Peak learning rate (AdamW).")
+    lr_schedule: Literal["constant", "linear", "cosine"] = opt(
+        "linear", panel="Optimiser", help="After warm-up: constant, linear decay to 0 at --steps (the Trainer "
+        "default the authors used) or cosine.")
+    warmup_steps: int = opt(0, ge=0, panel="Optimiser", help="Linear warm-up steps.")
+    weight_decay: float = opt(0.0, ge=0.0, panel="Optimiser", help="AdamW weight decay.")
+    max_grad_norm: float = opt(1.0, gt=0, panel="Optimiser", help="Gradient clipping norm.")
+    group_size: int = opt(4, ge=1, panel="Optimiser", help="GRPO: rollouts per prompt.")
+    reward: Literal["rubric", "correct"] = opt("rubric", panel="Optimiser",
+                                               help="GRPO reward: rubric score or correctness.")
+    clip_eps: float = opt(0.2, gt=0.0, panel="Optimiser", help="GRPO ratio clip.")
+    kl_coef: float = opt(0.0, ge=0.0, panel="Optimiser", help="GRPO: weight of the k3 KL to the frozen initial model.")
+    lora_rank: int = opt(0, ge=0, panel="LoRA", help="0: full fine-tuning; >0: LoRA adapters of this rank.")
+    lora_alpha: float = opt(32.0, gt=0, panel="LoRA", help="LoRA scaling alpha.")
+    lora_dropout: float = opt(0.05, ge=0.0, lt=1.0, panel="LoRA", help="LoRA dropout.")
+    lora_targets: str = opt("q_proj,v_proj", panel="LoRA", help="Comma-separated module names, or all-linear.")
+    merge_lora: bool = opt(False, panel="LoRA", help="Also write merged full weights (to OUTPUT/merged).")
+    sharding: Literal["replicate", "full-shard", "shard-grad-op"] | None = opt(
+        None, panel="Distributed", help="Under torchrun/accelerate: replicate (plain data parallel), full-shard "
+        "(FSDP2, ZeRO-3-like) or shard-grad-op (ZeRO-2-like). Unset: what an accelerate FSDP config asks for, "
+        "else replicate.")
+    save_every: int = opt(0, ge=0, panel="Output", help="Checkpoint every N steps (0 = only the final model).")
+    generation: GenerationConfig = nested(_generation(temperature=1.2, top_p=0.95, top_k=20),
+                                          flags={"enable_thinking": "--student-thinking"})
+
+    @model_validator(mode="after")
+    def _no_silently_ignored_options(self) -> TrainConfig:
+        from rcsd_cli.options import changed_from_default
+
+        def refuse(names, why):
+            bad = changed_from_default(self, names)
+            if bad:
+                raise ValueError(f"--{bad[0].replace('_', '-')} has no effect {why}")
+
+        offline = bool(self.samples or self.scores)
+        if offline:
+            refuse(("teacher", "teacher_context", "teacher_thinking", "ema_decay") + _REASON_FIRST_ONLY,
+                   "on an offline round (--samples/--scores: the teacher's log-probs are stored)")
+        if self.method != "grpo":
+            refuse(_GRPO_ONLY, f"with --method {self.method} (GRPO only)")
+        if self.loss == "sampled_rkl":
+            refuse(("beta", "clip", "tail_bucket", "loss_top_k"), "with --loss sampled_rkl")
+        if self.loss == "jsd":
+            refuse(("loss_top_k", "tail_bucket"), "with --loss jsd (full vocabulary)")
+        if self.teacher != "ema":
+            refuse(("ema_decay",), f"with --teacher {self.teacher}")
+        if self.teacher_context != "reason-first":
+            refuse(_REASON_FIRST_ONLY, "without --teacher-context reason-first")
+        if not self.lora_rank:
+            refuse(_LORA_ONLY, "without --lora-rank")
+        return self
 
 
 class EvalConfig(_Config):
-    bench: str
-    data: str | None = None
-    model: str
-    n: int = Field(1, ge=1, description="Completions per item (avg@n).")
-    limit: int | None = None
-    offset: int = Field(0, ge=0, description="Skip this many items after the seeded shuffle.")
-    seed: int = 0
-    judge_model: str | None = None
-    generation: GenerationConfig
-    backend: BackendConfig = Field(default_factory=BackendConfig)
+    bench: str = opt(panel="Data", help="Benchmark name, or rubric (with --data rubrics.parquet).")
+    data: str | None = opt(None, panel="Data", help="Local data file (GPQA CSV, rubrics.parquet for --bench rubric).")
+    n: int = opt(1, ge=1, panel="Data", help="Completions per item (avg@n).")
+    limit: int | None = opt(None, ge=1, panel="Data", help="Use at most N items.")
+    offset: int = opt(0, ge=0, panel="Data", help="Skip this many items after the seeded shuffle.")
+    seed: int = opt(0, panel="Data", help="Random seed (shuffle, sampling).")
+    prompt_style: PromptStyle = opt("paper", panel="Data", help=_PROMPT_STYLE_HELP)
+    model: str = opt(DEFAULT_MODEL, panel="Model", help=_MODEL_HELP)
+    judge_model: str | None = opt(None, panel="Model", help="LLM judge for rubric criteria without a machine check.")
+    generation: GenerationConfig = nested(_generation(temperature=0.0))
+    backend: BackendConfig = nested(BackendConfig)
 
 
 ROW_MODELS: dict[str, type[BaseModel]] = {

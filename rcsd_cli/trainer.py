@@ -93,6 +93,28 @@ def save_checkpoint(path: Path, student, teacher, tokenizer, optimizer, schedule
     tmp.rename(path)
 
 
+def lora_targets(spec: str) -> str | list[str]:
+    """``--lora-targets``: ``all-linear`` or a comma-separated list of module names."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise RcsdError("--lora-targets: give module names (e.g. q_proj,v_proj) or all-linear")
+    return "all-linear" if names == ["all-linear"] else names
+
+
+def save_final(out: Path, student, tok, cfg: TrainConfig, state_dict=None) -> None:
+    """The trained model: full weights, or with LoRA the PEFT adapter (plus merged weights if asked)."""
+    if cfg.lora_rank:
+        student.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        if cfg.merge_lora:
+            merged = copy.deepcopy(student).merge_and_unload()
+            merged.save_pretrained(out / "merged", safe_serialization=True)
+            tok.save_pretrained(out / "merged")
+        return
+    sharding.unwrap(student).save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
 def _build_models(cfg: TrainConfig, ckpt: Path | None, trust_remote_code: bool, on_cpu: bool = False):
     """(student, teacher module or None, tokenizer); the teacher is None when it is the student itself.
 
@@ -110,8 +132,10 @@ def _build_models(cfg: TrainConfig, ckpt: Path | None, trust_remote_code: bool, 
         if ckpt is not None:
             student = PeftModel.from_pretrained(base, ckpt, is_trainable=True)
         else:
-            student = get_peft_model(base, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                      target_modules="all-linear"))
+            student = get_peft_model(base, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                                      lora_dropout=cfg.lora_dropout,
+                                                      target_modules=lora_targets(cfg.lora_targets)))
+            student.peft_config["default"].base_model_name_or_path = cfg.model
         return student, None, tok
     teacher = None if cfg.teacher == "live" else copy.deepcopy(base)
     student = load_model(str(ckpt), trust_remote_code, **where).model if ckpt is not None else base
@@ -152,7 +176,7 @@ def _teacher_view(cfg: TrainConfig, student, teacher, tok):
 def _ema_update(teacher, student, decay: float) -> None:
     sharding.reshard(teacher)  # sharded: both sides' parameters are then matching shards
     sharding.reshard(student)
-    for t, s in zip(teacher.parameters(), student.parameters()):
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
         t.mul_(decay).add_(s.detach(), alpha=1 - decay)
 
 
@@ -220,7 +244,7 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
             used += res.rollout_tokens
             n = max(res.tokens, 1)
             metrics.append(MetricsRow(
-                step=step + 1, method=cfg.method, loss=res.loss_sum / n,
+                step=step + 1, method=cfg.method, loss=res.loss_sum / n if res.objective is None else res.objective,
                 kl=None if res.kl_sum is None else res.kl_sum / n,
                 top1_agreement=None if res.agree_sum is None else res.agree_sum / n, reward=res.reward,
                 grad_norm=grad_norm, lr=lr, completion_tokens=res.tokens,
@@ -237,9 +261,7 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
                                 cfg, metrics)
     final_state = sharding.full_state_dict(student) if sharded else None
     if main:
-        final = student.merge_and_unload() if cfg.lora_rank else sharding.unwrap(student)
-        final.save_pretrained(out, state_dict=final_state, safe_serialization=True)
-        tok.save_pretrained(out)
+        save_final(out, student, tok, cfg, final_state)
         (out / "rcsd_train_config.json").write_text(cfg.model_dump_json(indent=2))
         write_artifact(out / "metrics.parquet", "metrics", metrics, stage="train", config=cfg, model_id=cfg.model,
                        inputs=inputs, overwrite=True, extra={"world_size": world})
@@ -258,7 +280,8 @@ def _combine(res):
     return StepResult(dist.reduce_sum(res.loss_sum), int(res.tokens),
                       None if res.kl_sum is None else dist.reduce_sum(res.kl_sum),
                       None if res.agree_sum is None else dist.reduce_sum(res.agree_sum), reward,
-                      int(dist.reduce_sum(res.rollout_tokens)), int(count))
+                      int(dist.reduce_sum(res.rollout_tokens)), int(count),
+                      None if res.objective is None else dist.reduce_sum(res.objective))
 
 
 def check_output_folder(out: Path, overwrite: bool, resume: bool) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,7 +9,6 @@ from typing import Annotated, Optional
 import typer
 
 from rcsd_cli.models import DEFAULT_MODEL
-from rcsd_cli.schemas import GenerationConfig
 
 Output = Annotated[Path, typer.Option("-o", "--output", help="Where to write the result.")]
 Model = Annotated[str, typer.Option("--model", help="HF model id, local folder, or the embedded default.")]
@@ -26,75 +24,44 @@ BatchSize = Annotated[int, typer.Option("--gen-batch-size", min=1, help="Prompts
 Thinking = Annotated[Optional[bool], typer.Option("--thinking/--no-thinking", help="enable_thinking for chat "
                                                   "templates that have it (default: the template's own).")]
 
-BackendKind = Annotated[str, typer.Option("--backend", help="hf (default), vllm or openai.",
-                                          rich_help_panel="Backend")]
-BaseUrl = Annotated[Optional[str], typer.Option("--base-url", help="openai: server URL, e.g. "
-                                                "http://127.0.0.1:8000/v1", rich_help_panel="Backend")]
-ServedModel = Annotated[Optional[str], typer.Option("--served-model", help="openai: model name on the server.",
-                                                    rich_help_panel="Backend")]
-ApiKeyEnv = Annotated[str, typer.Option("--api-key-env", help="Environment variable with the API key.",
-                                        rich_help_panel="Backend")]
-Concurrency = Annotated[int, typer.Option("--concurrency", min=1, help="openai: requests in flight.",
-                                          rich_help_panel="Backend")]
-MaxRetries = Annotated[int, typer.Option("--max-retries", min=0, help="openai: retries per request.",
-                                         rich_help_panel="Backend")]
-Timeout = Annotated[float, typer.Option("--request-timeout", help="openai: seconds per request.",
-                                        rich_help_panel="Backend")]
-TensorParallel = Annotated[int, typer.Option("--tensor-parallel-size", min=1, help="vllm: GPUs per engine.",
-                                             rich_help_panel="Backend")]
-MemoryShare = Annotated[Optional[float], typer.Option("--memory-utilization", min=0.01, max=1.0,
-                                                      help="vllm: share of GPU (or CPU) memory to reserve.",
-                                                      rich_help_panel="Backend")]
-
 DEFAULT = DEFAULT_MODEL
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML or JSON file of options (keys: option "
+                                                    "names with underscores); flags given here win.",
+                                                    rich_help_panel="Output")]
 
 
-# The "Backend" panel: (parameter, annotated type, default). Commands get them via ``with_backend_options``.
-_BACKEND_FLAGS = (
-    ("backend_kind", BackendKind, "hf"), ("base_url", BaseUrl, None), ("served_model", ServedModel, None),
-    ("api_key_env", ApiKeyEnv, "OPENAI_API_KEY"), ("concurrency", Concurrency, 8), ("max_retries", MaxRetries, 5),
-    ("request_timeout", Timeout, 300.0), ("tensor_parallel_size", TensorParallel, 1),
-    ("memory_utilization", MemoryShare, None),
-)
+def _param(name: str, annotation, default) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation)
 
 
-def backend_config(backend_kind: str = "hf", base_url: str | None = None, served_model: str | None = None,
-                   api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8, max_retries: int = 5,
-                   request_timeout: float = 300.0, tensor_parallel_size: int = 1,
-                   memory_utilization: float | None = None):
-    from rcsd_cli.schemas import BackendConfig
+def stage_command(config_model, run, *, output: str, doc: str, extra: tuple[inspect.Parameter, ...] = ()):
+    """A Typer command whose options are ``config_model``'s fields; calls ``run(config, output, **flags)``.
 
-    check_choice("--backend", backend_kind, ("hf", "vllm", "openai"))
-    return BackendConfig(kind=backend_kind, base_url=base_url, served_model=served_model, api_key_env=api_key_env,
-                         concurrency=concurrency, max_retries=max_retries, timeout_s=request_timeout,
-                         tensor_parallel_size=tensor_parallel_size, memory_utilization=memory_utilization)
-
-
-def with_backend_options(command):
-    """Give a Typer command the backend flags; it receives them as one ``backend: BackendConfig``.
-
-    Typer reads a command's options from its signature, so the wrapper's signature is the
-    command's minus ``backend``, plus one parameter per flag (placed before ``overwrite``).
+    Values come from the model's defaults, then ``--config FILE``, then flags typed on the
+    command line. ``extra`` are invocation flags that are not part of the config (``--resume``).
     """
-    signature = inspect.signature(command, eval_str=True)
-    kept = [p for p in signature.parameters.values() if p.name != "backend"]
-    at = next((i for i, p in enumerate(kept) if p.name == "overwrite"), len(kept))
-    flags = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=kind)
-             for name, kind, default in _BACKEND_FLAGS]
+    from rcsd_cli.options import build_config, given_on_command_line, read_config_file, typer_parameters
 
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        chosen = {name: kwargs.pop(name) for name, _, _ in _BACKEND_FLAGS}
-        return command(**kwargs, backend=backend_config(**chosen))
+    options = typer_parameters(config_model)
+    names = [p.name for p in options]
+    invocation = [_param("output", Annotated[Path, typer.Option("-o", "--output", help="Where to write the result.",
+                                                                rich_help_panel="Output")], Path(output)),
+                  _param("config", ConfigFile, None), *extra,
+                  _param("overwrite", Overwrite, False), _param("trust_remote_code", TrustRemoteCode, False)]
 
-    wrapper.__signature__ = signature.replace(parameters=kept[:at] + flags + kept[at:])
-    return wrapper
+    def command(ctx: typer.Context, **kwargs):
+        config_file = kwargs.pop("config")
+        values = read_config_file(config_file, config_model) if config_file else {}
+        values.update(given_on_command_line(ctx, names))
+        source = f"{config_file}" if config_file else "options"
+        cfg = build_config(config_model, values, source)
+        run(cfg, **{k: v for k, v in kwargs.items() if k not in names})
 
-
-def gen_config(max_new_tokens: int, temperature: float, top_p: float, top_k: int, batch_size: int,
-               thinking: bool | None = None) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            batch_size=batch_size, enable_thinking=thinking)
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    command.__signature__ = inspect.Signature([context] + options + invocation)
+    command.__doc__ = doc
+    command.__name__ = config_model.__name__
+    return command
 
 
 def example(text: str) -> str:

@@ -11,25 +11,25 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from rcsd_cli.commands import common as c
-from rcsd_cli.commands.eval import run_eval, summary_table
-from rcsd_cli.commands.gen_rubrics import run_gen_rubrics
-from rcsd_cli.commands.sample import run_sample
-from rcsd_cli.commands.score import run_score
-from rcsd_cli.commands.train import run_train
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.models import resolve_model
-from rcsd_cli.schemas import GenerationConfig, TrainConfig
+from rcsd_cli.schemas import EvalConfig, GenerationConfig, GenRubricsConfig, SampleConfig, ScoreConfig, TrainConfig
+from rcsd_cli.stages.eval import run_eval, summary_table
+from rcsd_cli.stages.gen_rubrics import run_gen_rubrics
+from rcsd_cli.stages.sample import run_sample
+from rcsd_cli.stages.score import run_score
+from rcsd_cli.stages.train import run_train
 from rcsd_cli.ui import console, info
 
 
 def run_demo(out: Path, *, bench: str = "arc-easy", model: str = c.DEFAULT, train_items: int = 80,
              eval_items: int = 100, steps: int = 10, batch_size: int = 8, lr: float = 5e-6, max_new_tokens: int = 128,
-             seed: int = 0, overwrite: bool = False) -> dict:
+             seed: int = 0, prompt_style: str = "answer-line", overwrite: bool = False) -> dict:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise RcsdError(f"{out}: demo folder is not empty; pass --overwrite to replace it")
@@ -46,29 +46,34 @@ def run_demo(out: Path, *, bench: str = "arc-easy", model: str = c.DEFAULT, trai
     resolve_model(model)  # converts the embedded default once
     stage("gen-rubrics")
     rubrics = out / "rubrics.parquet"
-    run_gen_rubrics(bench, rubrics, generator="reference", limit=train_items, seed=seed)
+    run_gen_rubrics(GenRubricsConfig(data=bench, generator="reference", limit=train_items, seed=seed), rubrics)
     sampling = GenerationConfig(max_new_tokens=max_new_tokens, temperature=1.0, top_p=0.95, top_k=20, batch_size=16)
     stage("sample")
-    run_sample(rubrics, out / "samples.parquet", model=model, n=1, seed=seed, generation=sampling)
+    run_sample(SampleConfig(rubrics=str(rubrics), model=model, seed=seed, prompt_style=prompt_style,
+                            generation=sampling), out / "samples.parquet")
     stage("score")
-    run_score(out / "samples.parquet", rubrics, out / "scores.parquet")
+    run_score(ScoreConfig(samples=str(out / "samples.parquet"), rubrics=str(rubrics)), out / "scores.parquet")
     greedy = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=16)
+
+    def evaluate(name: str, model_path: str) -> dict:
+        cfg = EvalConfig(bench=bench, model=model_path, limit=eval_items, offset=train_items, seed=seed,
+                         prompt_style=prompt_style, generation=greedy)
+        return run_eval(cfg, out / name, show=False)
+
     stage("eval before")
-    before = run_eval(bench, out / "eval_before.parquet", model=model, limit=eval_items, offset=train_items,
-                      seed=seed, generation=greedy, show=False)
+    before = evaluate("eval_before.parquet", model)
     stage("train")
     cfg = TrainConfig(rubrics=str(rubrics), model=model, steps=steps, batch_size=batch_size,
-                      micro_batch_size=batch_size, lr=lr, seed=seed,
+                      micro_batch_size=batch_size, lr=lr, seed=seed, prompt_style=prompt_style,
                       generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=1.2, top_p=0.95,
                                                   top_k=20, batch_size=16))
     metrics = run_train(cfg, out / "model")
     stage("eval after")
-    after = run_eval(bench, out / "eval_after.parquet", model=str(out / "model"), limit=eval_items,
-                     offset=train_items, seed=seed, generation=greedy, show=False)
+    after = evaluate("eval_after.parquet", str(out / "model"))
     total = time.perf_counter() - t_start
     marks = list(timings.items()) + [("end", t_start + total)]
     stage_seconds = {name: round(marks[i + 1][1] - t, 1) for i, (name, t) in enumerate(marks[:-1])}
-    summary = {"bench": bench, "train_items": train_items, "eval_items": eval_items, "steps": steps,
+    summary = {"bench": bench, "prompt_style": prompt_style, "train_items": train_items, "eval_items": eval_items, "steps": steps,
                "batch_size": batch_size, "lr": lr, "before": before, "after": after,
                "train_loss_first_last": [metrics[0].loss, metrics[-1].loss],
                "train_kl_first_last": [metrics[0].kl, metrics[-1].kl],
@@ -91,8 +96,11 @@ def command(
     max_new_tokens: c.MaxNewTokens = 128,
     model: c.Model = c.DEFAULT,
     seed: c.Seed = 0,
+    prompt_style: Annotated[Literal["answer-line", "paper"], typer.Option("--prompt-style", help="answer-line (default here: the 135M model rarely writes "
+                                              "\\boxed{}) or paper.")] = "answer-line",
     overwrite: c.Overwrite = False,
 ):
     """Run gen-rubrics -> sample -> score -> train -> eval on a small science split and print before/after."""
     run_demo(output, bench=bench, model=model, train_items=train_items, eval_items=eval_items, steps=steps,
-             batch_size=batch_size, lr=lr, max_new_tokens=max_new_tokens, seed=seed, overwrite=overwrite)
+             batch_size=batch_size, lr=lr, max_new_tokens=max_new_tokens, seed=seed, prompt_style=prompt_style,
+             overwrite=overwrite)

@@ -6,22 +6,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Optional
-
-import typer
 from rich.table import Table
 
 from rcsd_cli.answers import answers_match, extract_answer
 from rcsd_cli.artifacts import ensure_writable, read_artifact, write_artifact
 from rcsd_cli.backends import open_backend
 from rcsd_cli.benchmarks import ALL_BENCHES, load_bench, select
-from rcsd_cli.commands import common as c
-from rcsd_cli.commands.score import judge_and_score
+from rcsd_cli.stages.score import judge_and_score
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.prompts import student_prompt_ids
 from rcsd_cli.resume import ResumableGenerator
 from rcsd_cli.rubric_gen import reference_rubric
-from rcsd_cli.schemas import BackendConfig, EvalConfig, EvalItem, GenerationConfig
+from rcsd_cli.schemas import EvalConfig, EvalItem, GenerationConfig
 from rcsd_cli.stats import mean_interval, wilson_interval
 from rcsd_cli.ui import console, progress
 
@@ -69,23 +65,22 @@ def summary_table(rows: dict[str, dict], title: str) -> Table:
     return table
 
 
-def run_eval(bench: str, output: Path, *, data: str | None = None, model: str = c.DEFAULT, n: int = 1,
-             limit: int | None = None, offset: int = 0, seed: int = 0, judge_model: str | None = None,
-             generation: GenerationConfig | None = None, backend: BackendConfig | None = None,
-             overwrite: bool = False, trust_remote_code: bool = False, show: bool = True) -> dict:
+def run_eval(cfg: EvalConfig, output: Path, *, overwrite: bool = False, trust_remote_code: bool = False,
+             show: bool = True) -> dict:
+    """Generate answers for a benchmark split, grade them, write per-item Parquet; returns the summary."""
     ensure_writable(output, overwrite)
+    bench, data, model, n, limit, offset, seed = cfg.bench, cfg.data, cfg.model, cfg.n, cfg.limit, cfg.offset, cfg.seed
+    judge_model, generation = cfg.judge_model, cfg.generation
     if bench not in ALL_BENCHES:
         raise RcsdError(f"--bench: unknown benchmark {bench!r}; choose from {', '.join(ALL_BENCHES)}")
-    generation = generation or GenerationConfig(temperature=0.0)
-    cfg = EvalConfig(bench=bench, data=data, model=model, n=n, limit=limit, offset=offset, seed=seed,
-                     judge_model=judge_model, generation=generation, backend=backend or BackendConfig())
     pairs = load_eval_items(bench, data, seed, offset, limit)
     if not pairs:
         raise RcsdError(f"{bench}: no items selected (offset {offset}, limit {limit})")
     t0 = time.perf_counter()
     engine = open_backend(cfg.backend, model, trust_remote_code)
     runner = ResumableGenerator(engine, output, cfg, fresh=overwrite)
-    prompts = [student_prompt_ids(engine.tokenizer, p, generation.enable_thinking) for p, _ in pairs for _ in range(n)]
+    prompts = [student_prompt_ids(engine.tokenizer, p, generation.enable_thinking, cfg.prompt_style)
+               for p, _ in pairs for _ in range(n)]
     keys = [f"{p.id}:{k}" for p, _ in pairs for k in range(n)]
     with progress(f"eval {bench}", len(prompts)) as advance:
         gens = runner.generate(keys, prompts, generation, seed, on_done=advance)
@@ -115,33 +110,3 @@ def run_eval(bench: str, output: Path, *, data: str | None = None, model: str = 
         console.print(summary_table({model: summary}, f"{bench}: {len(items)} items, avg@{n}"))
     return summary
 
-
-@c.with_backend_options
-def command(
-    bench: Annotated[str, typer.Option("--bench", help=f"One of: {', '.join(ALL_BENCHES)}.")],
-    output: c.Output = Path("eval.parquet"),
-    data: Annotated[Optional[str], typer.Option("--data", help="GPQA CSV, or rubrics.parquet for --bench rubric.")]
-    = None,
-    n: Annotated[int, typer.Option("--n", min=1, help="Completions per item (avg@n).")] = 1,
-    offset: Annotated[int, typer.Option("--offset", min=0, help="Skip N items after the seeded shuffle.")] = 0,
-    judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="Judge for unchecked criteria.")]
-    = None,
-    model: c.Model = c.DEFAULT,
-    limit: c.Limit = None,
-    seed: c.Seed = 0,
-    max_new_tokens: c.MaxNewTokens = 256,
-    temperature: c.Temperature = 0.0,
-    top_p: c.TopP = 1.0,
-    top_k: c.TopK = 0,
-    batch_size: c.BatchSize = 16,
-    thinking: c.Thinking = None,
-    backend: BackendConfig | None = None,  # built from the Backend flags by with_backend_options
-    overwrite: c.Overwrite = False,
-    trust_remote_code: c.TrustRemoteCode = False,
-):
-    """Evaluate a model on a benchmark: per-item Parquet plus a summary table."""
-    run_eval(bench, output, data=data, model=model, n=n, limit=limit, offset=offset, seed=seed,
-             judge_model=judge_model,
-             generation=c.gen_config(max_new_tokens, temperature, top_p, top_k, batch_size, thinking),
-             overwrite=overwrite, trust_remote_code=trust_remote_code,
-             backend=backend)

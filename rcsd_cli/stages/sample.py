@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
-
-import typer
 
 from rcsd_cli.artifacts import PartialLog, ensure_writable, read_artifact, read_metadata, write_artifact
 from rcsd_cli.backends import open_backend
-from rcsd_cli.commands import common as c
 from rcsd_cli.inputs import load_problems
 from rcsd_cli.prompts import student_prompt_ids
 from rcsd_cli.resume import fingerprint
-from rcsd_cli.schemas import BackendConfig, GenerationConfig, Problem, Sample, SampleConfig
+from rcsd_cli.schemas import Problem, Sample, SampleConfig
 from rcsd_cli.ui import info, progress
 
 
@@ -25,13 +21,11 @@ def load_rubric_or_problems(path: str | Path) -> list[Problem]:
     return [r.problem for r in load_problems(path)]
 
 
-def run_sample(rubrics: Path, output: Path, *, model: str = c.DEFAULT, n: int = 1, limit: int | None = None,
-               seed: int = 0, generation: GenerationConfig | None = None, backend: BackendConfig | None = None,
-               overwrite: bool = False, trust_remote_code: bool = False) -> list[Sample]:
+def run_sample(cfg: SampleConfig, output: Path, *, overwrite: bool = False,
+               trust_remote_code: bool = False) -> list[Sample]:
+    """K completions per problem from the student prompt; finished batches survive interruption."""
     ensure_writable(output, overwrite)
-    generation = generation or GenerationConfig()
-    cfg = SampleConfig(rubrics=str(rubrics), model=model, n=n, limit=limit, seed=seed, generation=generation,
-                       backend=backend or BackendConfig())
+    rubrics, model, n, limit, seed, generation = cfg.rubrics, cfg.model, cfg.n, cfg.limit, cfg.seed, cfg.generation
     problems = load_rubric_or_problems(rubrics)[:limit] if limit else load_rubric_or_problems(rubrics)
     # Where and how fast requests go does not change results: a rerun against another server resumes.
     partial = PartialLog(output, Sample, fingerprint(cfg), fresh=overwrite)
@@ -42,7 +36,7 @@ def run_sample(rubrics: Path, output: Path, *, model: str = c.DEFAULT, n: int = 
     if jobs:
         engine = open_backend(cfg.backend, model, trust_remote_code)
         tok = engine.tokenizer
-        prompts = [student_prompt_ids(tok, p, generation.enable_thinking) for p, _ in jobs]
+        prompts = [student_prompt_ids(tok, p, generation.enable_thinking, cfg.prompt_style) for p, _ in jobs]
         with progress("sample", len(jobs)) as advance:
             def keep(indices, gens):
                 rows = [Sample(id=f"{jobs[i][0].id}:{jobs[i][1]}", problem_id=jobs[i][0].id, sample_index=jobs[i][1],
@@ -61,27 +55,3 @@ def run_sample(rubrics: Path, output: Path, *, model: str = c.DEFAULT, n: int = 
     info(f"wrote {len(samples)} samples ({tokens} completion tokens) to {output}")
     return samples
 
-
-@c.with_backend_options
-def command(
-    rubrics: Annotated[Path, typer.Argument(help="rubrics.parquet (or a problems file).")],
-    output: c.Output = Path("samples.parquet"),
-    n: Annotated[int, typer.Option("--n", min=1, help="Completions per problem.")] = 1,
-    model: c.Model = c.DEFAULT,
-    limit: c.Limit = None,
-    seed: c.Seed = 0,
-    max_new_tokens: c.MaxNewTokens = 256,
-    temperature: c.Temperature = 1.0,
-    top_p: c.TopP = 0.95,
-    top_k: c.TopK = 20,
-    batch_size: c.BatchSize = 16,
-    thinking: c.Thinking = None,
-    backend: BackendConfig | None = None,  # built from the Backend flags by with_backend_options
-    overwrite: c.Overwrite = False,
-    trust_remote_code: c.TrustRemoteCode = False,
-):
-    """Sample student completions (question only, the model's chat template); resumes if interrupted."""
-    run_sample(rubrics, output, model=model, n=n, limit=limit, seed=seed,
-               generation=c.gen_config(max_new_tokens, temperature, top_p, top_k, batch_size, thinking),
-               overwrite=overwrite, trust_remote_code=trust_remote_code,
-               backend=backend)

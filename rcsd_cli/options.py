@@ -1,0 +1,255 @@
+"""Stage options declared once: a Pydantic field is the option's type, default, help and panel.
+
+``opt(...)`` is a Pydantic ``Field`` that also records how the option appears on the command
+line (flag name, help panel, positional argument). From a config model this module derives:
+
+- ``option_specs``: one flat list of options, nested models (``generation``, ``backend``)
+  included, each named by its flag with underscores (``--loss-top-k`` -> ``loss_top_k``);
+- ``typer_parameters``: the Typer signature of a stage command, with choices for ``Literal``
+  fields and defaults read from the model itself;
+- ``read_config_file``: a YAML or JSON file keyed by option names; a config dumped by rcsd
+  (nested, field names) is accepted too, so ``rcsd_train_config.json`` reproduces its run;
+- ``build_config``: model defaults < config file < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Optional, Union
+
+import typer
+from pydantic import BaseModel, Field, ValidationError
+
+from rcsd_cli.errors import RcsdError
+
+
+def opt(default: Any = ..., *, panel: str, help: str, flag: str | None = None, argument: bool = False,
+        short: str | None = None, **field_kwargs) -> Any:
+    """A config field that is also a command-line option (``flag`` defaults to ``--field-name``)."""
+    cli = {"panel": panel}
+    if flag:
+        cli["flag"] = flag
+    if argument:
+        cli["argument"] = True
+    if short:
+        cli["short"] = short
+    if default is ... and "default_factory" in field_kwargs:
+        return Field(description=help, json_schema_extra={"cli": cli}, **field_kwargs)
+    return Field(default, description=help, json_schema_extra={"cli": cli}, **field_kwargs)
+
+
+def nested(factory, *, flags: dict[str, str] | None = None, hide: tuple[str, ...] = (), help: str = "") -> Any:
+    """A nested options model (e.g. ``generation``) whose fields become flat options.
+
+    ``flags`` renames some of its options for this stage (``{"enable_thinking": "--student-thinking"}``);
+    ``hide`` keeps fields out of the command line (still settable in a config file).
+    """
+    return Field(default_factory=factory, description=help,
+                 json_schema_extra={"cli_nested": {"flags": flags or {}, "hide": list(hide)}})
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    name: str                 # option name with underscores: the config-file key
+    path: tuple[str, ...]     # field path in the config model
+    flag: str
+    annotation: Any
+    default: Any
+    help: str
+    panel: str
+    argument: bool = False
+    short: str | None = None
+    on_cli: bool = True
+
+
+def _extra(field) -> dict:
+    return field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+
+
+def _default(field) -> Any:
+    return field.get_default(call_default_factory=True)
+
+
+def option_specs(model: type[BaseModel], prefix: tuple[str, ...] = (), defaults: BaseModel | None = None,
+                 flags: dict[str, str] | None = None, hide: tuple[str, ...] = ()) -> list[OptionSpec]:
+    specs = []
+    for name, field in model.model_fields.items():
+        extra = _extra(field)
+        if "cli_nested" in extra:
+            sub = extra["cli_nested"]
+            specs += option_specs(field.annotation, prefix + (name,), _default(field), sub["flags"],
+                                  tuple(sub["hide"]))
+            continue
+        cli = extra.get("cli")
+        default = getattr(defaults, name) if defaults is not None else _default(field)
+        flag = (flags or {}).get(name) or (cli or {}).get("flag") or "--" + name.replace("_", "-")
+        specs.append(OptionSpec(
+            name=flag.lstrip("-").replace("-", "_"), path=prefix + (name,), flag=flag, annotation=field.annotation,
+            default=default, help=field.description or "", panel=(cli or {}).get("panel", "Options"),
+            argument=bool((cli or {}).get("argument")), short=(cli or {}).get("short"),
+            on_cli=cli is not None and name not in hide))
+    return specs
+
+
+# ----------------------------------------------------------------------------- Typer signature
+
+
+def _optional_parser(inner: type):
+    """Parse a number that may also be switched off with ``none``."""
+
+    def parse(value):
+        if value is None or isinstance(value, inner):
+            return value
+        if str(value).lower() in ("none", "off", "null"):
+            return None
+        try:
+            return inner(value)
+        except ValueError as exc:
+            raise typer.BadParameter(f"{value!r} is not a {inner.__name__} or 'none'") from exc
+
+    return parse
+
+
+def _unwrap_optional(annotation) -> tuple[Any, bool]:
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return annotation, False
+
+
+def _typer_param(spec: OptionSpec) -> inspect.Parameter:
+    inner, optional = _unwrap_optional(spec.annotation)
+    kwargs: dict[str, Any] = {"help": spec.help, "rich_help_panel": spec.panel}
+    py_type: Any = inner  # Typer turns a Literal into a choice
+    if optional and spec.default is not None and inner in (int, float):
+        kwargs["parser"] = _optional_parser(inner)
+    if inner is bool:
+        py_type = bool
+        decls = [f"{spec.flag}/--no-{spec.flag[2:]}"]
+    else:
+        decls = [spec.flag] + ([spec.short] if spec.short else [])
+    if optional or spec.argument:
+        py_type = Optional[py_type]
+    if spec.argument:
+        info = typer.Argument(show_default=False, help=spec.help, rich_help_panel=spec.panel,
+                              metavar=spec.name.upper())
+        default = None
+    else:
+        info = typer.Option(*decls, **kwargs)
+        default = spec.default
+    return inspect.Parameter(spec.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                             annotation=Annotated[py_type, info])
+
+
+def typer_parameters(model: type[BaseModel]) -> list[inspect.Parameter]:
+    specs = [s for s in option_specs(model) if s.on_cli]
+    return [_typer_param(s) for s in sorted(specs, key=lambda s: not s.argument)]
+
+
+def given_on_command_line(ctx: typer.Context, names) -> dict[str, Any]:
+    """The subset of the command's parameters the user actually typed (or set by environment)."""
+    out = {}
+    for name in names:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            out[name] = ctx.params[name]
+    return out
+
+
+# ----------------------------------------------------------------------------- config files
+
+
+def read_config_file(path: str | Path, model: type[BaseModel]) -> dict[str, Any]:
+    """Option values from a YAML/JSON file, keyed by option name; unknown keys are refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise RcsdError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # yaml and json raise their own error types
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RcsdError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {first}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RcsdError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
+    specs = option_specs(model)
+    by_name = {s.name: s for s in specs}
+    by_path = {s.path: s for s in specs}
+    nested_fields = {s.path[0] for s in specs if len(s.path) > 1}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        key = str(key).replace("-", "_")
+        if key in nested_fields and isinstance(value, dict):
+            for sub, v in value.items():
+                spec = by_path.get((key, str(sub))) or by_name.get(str(sub).replace("-", "_"))
+                if spec is None or spec.path[0] != key:
+                    raise RcsdError(f"{path}: unknown key '{key}.{sub}'")
+                out[spec.name] = v
+            continue
+        spec = by_name.get(key) or by_path.get((key,))
+        if spec is None:
+            raise RcsdError(f"{path}: unknown key '{key}' (options of this stage: "
+                            f"{', '.join(sorted(by_name))[:200]})")
+        out[spec.name] = value
+    return out
+
+
+def build_config(model: type[BaseModel], values: dict[str, Any], source: str = "options"):
+    """The config model from flat option values (unset options keep the model's defaults)."""
+    specs = {s.name: s for s in option_specs(model)}
+    tree: dict[str, Any] = {}
+    for name, value in values.items():
+        node = tree
+        *parents, leaf = specs[name].path
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        raise RcsdError(f"{source}: {describe_option_error(exc, model)}") from exc
+
+
+def describe_option_error(err: ValidationError, model: type[BaseModel]) -> str:
+    """The first validation failure, named by the option (``--loss-top-k``) rather than the field path."""
+    first = err.errors()[0]
+    by_path = {s.path: s for s in option_specs(model)}
+    loc = tuple(str(p) for p in first["loc"])
+    spec = by_path.get(loc)
+    label = spec.flag if spec else (".".join(loc) or "config")
+    if first["type"] == "missing":
+        return f"{label} is required"
+    value = first.get("input")
+    shown = repr(value) if isinstance(value, (str, int, float, bool)) or value is None else type(value).__name__
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{label}: {msg}" + (f", got {shown[:60]}" if spec else "")
+
+
+def flat_values(cfg: BaseModel) -> dict[str, Any]:
+    """Every option of ``cfg`` by option name: what a config file for this exact run holds."""
+    out = {}
+    for spec in option_specs(type(cfg)):
+        value: Any = cfg
+        for p in spec.path:
+            value = getattr(value, p)
+        out[spec.name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    return out
+
+
+def changed_from_default(cfg: BaseModel, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` (top-level fields) hold something other than their default."""
+    fields = type(cfg).model_fields
+    return [n for n in names if getattr(cfg, n) != _default(fields[n])]

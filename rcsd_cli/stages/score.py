@@ -1,0 +1,107 @@
+"""``rcsd score``: per-criterion verdicts, weighted rubric score and correctness per sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rcsd_cli.artifacts import ensure_writable, read_artifact, write_artifact
+from rcsd_cli.models import DEFAULT_MODEL
+from rcsd_cli.errors import RcsdError, where
+from rcsd_cli.schemas import BackendConfig, Criterion, GenerationConfig, Problem, Score, ScoreConfig
+from rcsd_cli.scoring import JudgeRequest, run_judge, score_completion
+from rcsd_cli.stats import mean_interval
+from rcsd_cli.ui import info, progress
+
+
+def judge_and_score(items: list[tuple[str, Problem, list[Criterion], str]], judge_model: str | None,
+                    generation: GenerationConfig, retries: int = 2, seed: int = 0,
+                    trust_remote_code: bool = False, backend: BackendConfig | None = None,
+                    resume: tuple[Path, object, bool] | None = None) -> list[Score]:
+    """Score (sample id, problem, rubric, completion) tuples; criteria without checks go to the judge.
+
+    ``resume`` = (output, config, fresh): judge replies are kept in ``output.judge.partial.jsonl``.
+    """
+    requests = [JudgeRequest((sid, cr.id), prob, text, cr) for sid, prob, rubric, text in items
+                for cr in rubric if cr.check is None]
+    verdicts: dict = {}
+    if requests and judge_model:
+        from rcsd_cli.backends import open_backend
+        from rcsd_cli.resume import ResumableGenerator
+
+        judge = open_backend(backend or BackendConfig(), judge_model, trust_remote_code)
+        runner = None
+        if resume is not None:
+            out, cfg, fresh = resume
+            runner = ResumableGenerator(judge, Path(str(out) + ".judge"), cfg, fresh)
+        with progress("judge", len(requests)) as advance:
+            verdicts = run_judge(judge, requests, generation, retries, seed, on_done=advance, runner=runner)
+        if runner is not None:
+            runner.finish()
+    per_sample: dict[str, dict] = {}
+    for (sid, cid), v in verdicts.items():
+        per_sample.setdefault(sid, {})[cid] = v
+    return [score_completion(sid, prob, rubric, text, per_sample.get(sid)) for sid, prob, rubric, text in items]
+
+
+def add_teacher_logprobs(scores: list[Score], samples, by_id: dict, cfg: ScoreConfig, model_name: str,
+                         trust_remote_code: bool, style: str, thinking: bool | None) -> list[Score]:
+    """Attach the teacher's top-k log-probs over each sample's own completion ids."""
+    from rcsd_cli.backends import open_backend
+    from rcsd_cli.objectives import teacher_prompt_ids, teacher_topk
+
+    if cfg.backend.kind == "openai":
+        raise RcsdError("--teacher-logprobs needs the hf or vllm backend (prompt log-probs of given tokens)")
+    engine = open_backend(cfg.backend, model_name, trust_remote_code)
+    tok = engine.tokenizer
+    prompts = [teacher_prompt_ids(tok, by_id[s.problem_id], method=cfg.teacher_method, context=cfg.teacher_context,
+                                  style=style, thinking=thinking) for s in samples]
+    ids, lps = [], []
+    with progress("teacher log-probs", len(samples)) as advance:
+        for j in range(0, len(samples), 8):
+            part = samples[j: j + 8]
+            completions = [s.completion_token_ids for s in part]
+            if cfg.backend.kind == "vllm":
+                i, lp = engine.teacher_topk(prompts[j: j + 8], completions, cfg.teacher_top_k)
+            else:
+                i, lp = teacher_topk(engine.model, tok, prompts[j: j + 8], completions, cfg.teacher_top_k)
+            ids += i
+            lps += lp
+            advance(len(part))
+    return [sc.model_copy(update={"teacher_topk_ids": i, "teacher_topk_logprobs": lp})
+            for sc, i, lp in zip(scores, ids, lps, strict=True)]
+
+
+def run_score(cfg: ScoreConfig, output: Path, *, overwrite: bool = False, trust_remote_code: bool = False) -> list[Score]:
+    """Verdicts per criterion, weighted score and correctness; optionally the teacher's top-k log-probs."""
+    ensure_writable(output, overwrite)
+    samples_path, rubrics_path = cfg.samples, cfg.rubrics
+    samples, samples_meta = read_artifact(samples_path, "samples")
+    sample_cfg = samples_meta.get("config") or {}
+    if cfg.teacher_logprobs and not cfg.teacher_model:
+        cfg = cfg.model_copy(update={"teacher_model": samples_meta.get("model") or DEFAULT_MODEL})
+    rubrics, _ = read_artifact(rubrics_path, "rubrics")
+    by_id = {r.id: r for r in rubrics}
+    items = []
+    for i, s in enumerate(samples):
+        if s.problem_id not in by_id:
+            raise RcsdError(f"{where(samples_path, i)}: problem_id {s.problem_id!r} is not in {rubrics_path}")
+        r = by_id[s.problem_id]
+        items.append((s.id, r, r.rubric, s.completion))
+    scores = judge_and_score(items, cfg.judge_model, cfg.generation, cfg.judge_retries, cfg.seed, trust_remote_code,
+                             cfg.backend, resume=(output, cfg, overwrite))
+    if cfg.teacher_logprobs:
+        # The teacher prompt follows the samples' own style and thinking unless told otherwise.
+        style = cfg.prompt_style or sample_cfg.get("prompt_style") or "answer-line"
+        thinking = cfg.teacher_thinking
+        if thinking is None:
+            thinking = (sample_cfg.get("generation") or {}).get("enable_thinking")
+        scores = add_teacher_logprobs(scores, samples, by_id, cfg, cfg.teacher_model, trust_remote_code, style,
+                                      thinking)
+    write_artifact(output, "scores", scores, stage="score", config=cfg, model_id=cfg.judge_model,
+                   inputs=[samples_path, rubrics_path], overwrite=overwrite)
+    vals = [s.score for s in scores if s.score is not None]
+    mean, lo, hi = mean_interval(vals)
+    unjudged = sum(s.n_unjudged for s in scores)
+    info(f"wrote {len(scores)} scores to {output}: mean rubric score {mean:.3f} [{lo:.3f}, {hi:.3f}]"
+         + (f", {unjudged} criteria unjudged" if unjudged else ""))
+    return scores

@@ -1,0 +1,130 @@
+"""``rcsd train``: RCSD and its baselines (OPSD, GRPO, SFT), online or from stored samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rcsd_cli import distributed as dist
+from rcsd_cli.artifacts import read_artifact
+from rcsd_cli.errors import RcsdError, where
+from rcsd_cli.objectives import OfflineItem, offline_step
+from rcsd_cli.schemas import TrainConfig
+from rcsd_cli.sharding import from_launcher_env
+from rcsd_cli.trainer import check_output_folder, train
+from rcsd_cli.ui import info
+
+
+def offline_items(samples_path: str, scores_path: str) -> list[OfflineItem]:
+    """Join samples with the teacher top-k stored by ``score --teacher-logprobs``."""
+    samples, _ = read_artifact(samples_path, "samples")
+    scores, _ = read_artifact(scores_path, "scores")
+    by_id = {s.sample_id: (i, s) for i, s in enumerate(scores)}
+    items = []
+    for s in samples:
+        if s.id not in by_id:
+            raise RcsdError(f"{scores_path}: no score row for sample {s.id!r} of {samples_path}")
+        i, sc = by_id[s.id]
+        if sc.teacher_topk_ids is None or sc.teacher_topk_logprobs is None:
+            raise RcsdError(f"{where(scores_path, i)}: no teacher log-probs; run rcsd score --teacher-logprobs")
+        if len(sc.teacher_topk_ids) != len(s.completion_token_ids) or not s.completion_token_ids:
+            raise RcsdError(f"{where(scores_path, i)}: teacher log-probs cover {len(sc.teacher_topk_ids)} tokens, "
+                            f"the sample has {len(s.completion_token_ids)}")
+        items.append(OfflineItem(s.prompt_token_ids, s.completion_token_ids, sc.teacher_topk_ids,
+                                 sc.teacher_topk_logprobs))
+    return items
+
+
+def check_sharding(cfg: TrainConfig, world: int) -> None:
+    """FSDP needs every process to run the same number of forward passes, and no LoRA."""
+    if cfg.sharding == "replicate":
+        return
+    if not dist.is_initialized():
+        info(f"--sharding {cfg.sharding} has no effect in a single process without a launcher")
+        return
+    if cfg.lora_rank:
+        raise RcsdError(f"--sharding {cfg.sharding} does not support --lora-rank; LoRA runs with --sharding replicate")
+    if cfg.batch_size % world:
+        raise RcsdError(f"--sharding {cfg.sharding}: --batch-size {cfg.batch_size} must be a multiple of the "
+                        f"{world} processes (every process runs the same number of passes)")
+
+
+def resolve_sharding(cfg: TrainConfig) -> TrainConfig:
+    """An unset ``sharding`` takes what an accelerate FSDP config asks for, else replicate."""
+    if cfg.sharding is not None:
+        return cfg
+    sharding, note = from_launcher_env(None)
+    if note and dist.is_main():
+        info(note)
+    return cfg.model_copy(update={"sharding": sharding})
+
+
+def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume: bool = False,
+              trust_remote_code: bool = False):
+    """Validate inputs, then train online (``cfg.rubrics``) or one offline round (``cfg.samples``)."""
+    cfg = resolve_sharding(cfg)
+    objective = None
+    if cfg.samples or cfg.scores:
+        if not (cfg.samples and cfg.scores):
+            raise RcsdError("an offline round needs both --samples and --scores")
+        rows = offline_items(cfg.samples, cfg.scores)
+        objective, inputs = offline_step, [cfg.samples, cfg.scores]
+    elif cfg.rubrics:
+        rows, _ = read_artifact(cfg.rubrics, "rubrics")
+        inputs = [cfg.rubrics]
+        if cfg.method in ("opsd", "sft") and cfg.task == "reasoner":
+            missing = [r.id for r in rows if not (r.reference_answer or r.answer)]
+            if missing:
+                raise RcsdError(f"{cfg.rubrics}: --method {cfg.method} needs reference answers; "
+                                f"{len(missing)} rows have none (first: {missing[0]!r})")
+    else:
+        raise RcsdError("give --rubrics for online training, or --samples and --scores for an offline round")
+    rows = rows[: cfg.limit] if cfg.limit else rows
+    rank, world = dist.setup(always=cfg.sharding != "replicate")
+    check_sharding(cfg, world)
+    if rank == 0:
+        check_output_folder(output, overwrite, resume)
+    dist.barrier()
+    try:
+        metrics = train(cfg, rows, output, resume=resume, trust_remote_code=trust_remote_code, inputs=inputs,
+                        objective=objective)
+    finally:
+        dist.teardown()
+    if metrics and rank == 0:
+        info(f"trained {metrics[-1].step} steps ({cfg.method}); final loss {metrics[-1].loss:.4f}; model in {output}")
+    return metrics
+
+
+
+def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
+    """What a run would feed the model, without loading weights or writing anything.
+
+    Returns (and the command prints) the resolved config and the first item's student prompt,
+    teacher prompt, and for reason-first the analysis prompt and transition, decoded from the
+    very token ids training would use.
+    """
+    from rcsd_cli.models import load_tokenizer
+    from rcsd_cli.objectives import analysis_prompt, student_prompt, teacher_prompt, teacher_rubric
+    from rcsd_cli.prompts import text_ids, transition_text
+
+    cfg = resolve_sharding(cfg)
+    tok = load_tokenizer(cfg.model, trust_remote_code)
+    shown: dict = {"config": cfg.model_dump(mode="json")}
+    if cfg.samples:
+        items = offline_items(cfg.samples, cfg.scores) if cfg.scores else []
+        if items:
+            shown["student_prompt"] = tok.decode(items[0].prompt_ids)
+        return shown
+    if not cfg.rubrics:
+        raise RcsdError("give --rubrics for online training, or --samples and --scores for an offline round")
+    rows, _ = read_artifact(cfg.rubrics, "rubrics")
+    row = rows[0]
+    shown["item"] = row.id
+    shown["student_prompt"] = tok.decode(student_prompt(tok, row, cfg))
+    if cfg.method in ("rcsd", "opsd"):
+        if cfg.teacher_context == "reason-first" and cfg.task == "reasoner":
+            rubric, _ = teacher_rubric(row, cfg.method, cfg.teacher_context)
+            shown["analysis_prompt"] = tok.decode(analysis_prompt(tok, row, cfg))
+            shown["transition"] = tok.decode(text_ids(tok, transition_text(row, rubric, cfg.prompt_style)))
+        else:
+            shown["teacher_prompt"] = tok.decode(teacher_prompt(tok, row, cfg))
+    return shown
