@@ -35,7 +35,7 @@ if device == "cuda":
 for _ in range(repeats):
     h_s = torch.randn(1, T, H, device=device, requires_grad=True)
     t0 = time.perf_counter()
-    loss, _, _ = chunked_distill_loss(h_s, h_t, head_s, head_t, mask, targets, chunk_size=chunk, top_k=20,
+    _, _, _, loss = chunked_distill_loss(h_s, h_t, head_s, head_t, mask, targets, chunk_size=chunk, top_k=20,
                                       temperature=1.2, clip=0.05)
     loss.backward()
     if device == "cuda":

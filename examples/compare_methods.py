@@ -20,14 +20,17 @@ import statistics
 import time
 from pathlib import Path
 
-from rcsd_cli.commands.eval import run_eval
-from rcsd_cli.commands.gen_rubrics import run_gen_rubrics
-from rcsd_cli.commands.train import run_train
-from rcsd_cli.schemas import GenerationConfig, TrainConfig
+from rcsd_cli.options import build_config, read_config_file
+from rcsd_cli.schemas import EvalConfig, GenerationConfig, GenRubricsConfig, TrainConfig
+from rcsd_cli.stages.eval import run_eval
+from rcsd_cli.stages.gen_rubrics import run_gen_rubrics
+from rcsd_cli.stages.train import run_train
 from rcsd_cli.stats import Z95
 from rcsd_cli.ui import quiet_libraries
 
 METHODS = ("base", "sft", "grpo", "opsd", "rcsd")
+TEACHER_ONLY = ("teacher", "teacher_context", "teacher_thinking", "analysis_by", "analysis_temperature",
+                "analysis_top_p", "analysis_top_k", "analysis_max_new_tokens")
 
 
 def mean_ci(values):
@@ -47,31 +50,34 @@ def run_one(method: str, seed: int, args, root: Path) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     rubrics = root / f"rubrics-seed{seed}.parquet"
     if not rubrics.exists():
-        run_gen_rubrics(args.bench, rubrics, generator="reference", limit=args.train_items, seed=seed)
+        run_gen_rubrics(GenRubricsConfig(data=args.bench, generator="reference", limit=args.train_items, seed=seed),
+                        rubrics)
     t0 = time.perf_counter()
     model, rollout_tokens, steps = args.model, 0, 0
     if method != "base":
-        rollout_gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=1.2 if method in
-                                       ("rcsd", "opsd") else 1.0, top_p=0.95, top_k=20, batch_size=16)
-        common = dict(rubrics=str(rubrics), model=args.model, lr=args.lr, seed=seed, generation=rollout_gen,
-                      micro_batch_size=args.batch_size)
+        # a recipe (option names, like rcsd train --config) sets the defaults; the budget settings win
+        values = {**args.recipe_values, "rubrics": str(rubrics), "model": args.model, "lr": args.lr, "seed": seed,
+                  "micro_batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+                  "temperature": 1.2 if method in ("rcsd", "opsd") else 1.0, "top_p": 0.95, "top_k": 20,
+                  "gen_batch_size": 16, "method": method, "steps": args.max_steps, "batch_size": args.batch_size,
+                  "prompt_style": args.recipe_values.get("prompt_style", "answer-line")}
+        if method in ("grpo", "sft"):  # no teacher: drop the recipe's teacher settings
+            values = {k: v for k, v in values.items() if k not in TEACHER_ONLY}
         if method == "sft":
             ref = root / f"rcsd-seed{seed}" / "result.json"
-            sft_steps = json.loads(ref.read_text())["steps"] if ref.exists() else args.max_steps
-            cfg = TrainConfig(method="sft", steps=sft_steps, batch_size=args.batch_size, **common)
-        elif method == "grpo":
-            cfg = TrainConfig(method="grpo", steps=args.max_steps, max_rollout_tokens=args.rollout_tokens,
-                              batch_size=max(1, args.batch_size // args.group_size), group_size=args.group_size,
-                              **common)
+            values["steps"] = json.loads(ref.read_text())["steps"] if ref.exists() else args.max_steps
         else:
-            cfg = TrainConfig(method=method, steps=args.max_steps, max_rollout_tokens=args.rollout_tokens,
-                              batch_size=args.batch_size, **common)
+            values["max_rollout_tokens"] = args.rollout_tokens
+        if method == "grpo":
+            values.update(batch_size=max(1, args.batch_size // args.group_size), group_size=args.group_size)
+        cfg = build_config(TrainConfig, values, f"{method} run")
         metrics = run_train(cfg, run / "model", overwrite=True)
         model, rollout_tokens, steps = str(run / "model"), metrics[-1].rollout_tokens, len(metrics)
     train_seconds = time.perf_counter() - t0
-    summary = run_eval(args.bench, run / "eval.parquet", model=model, limit=args.eval_items, offset=args.train_items,
-                       seed=seed, overwrite=True, show=False,
-                       generation=GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0))
+    eval_cfg = EvalConfig(bench=args.bench, model=model, limit=args.eval_items, offset=args.train_items, seed=seed,
+                          prompt_style=args.recipe_values.get("prompt_style", "answer-line"),
+                          generation=GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0))
+    summary = run_eval(eval_cfg, run / "eval.parquet", overwrite=True, show=False)
     result = {"method": method, "seed": seed, "accuracy": summary["accuracy"], "rubric_score": summary["rubric_score"],
               "rollout_tokens": rollout_tokens, "steps": steps, "train_seconds": train_seconds,
               "eval_seconds": summary["seconds"]}
@@ -108,7 +114,10 @@ def main():
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--recipe", type=Path, help="A train config (examples/recipes/*.yaml) for the trained methods; "
+                   "the budget options above override its values.")
     args = p.parse_args()
+    args.recipe_values = read_config_file(args.recipe, TrainConfig) if args.recipe else {}
     quiet_libraries()
     args.out.mkdir(parents=True, exist_ok=True)
     order = [m for m in ("base", "rcsd", "opsd", "grpo", "sft") if m in args.methods]  # sft reuses rcsd's steps

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 from rcsd_cli.artifacts import read_artifact
-from rcsd_cli.commands.gen_rubrics import run_gen_rubrics
-from rcsd_cli.commands.train import run_train
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.schemas import GenerationConfig, TrainConfig
+from rcsd_cli.schemas import GenerationConfig, GenRubricsConfig, TrainConfig
+from rcsd_cli.stages.gen_rubrics import run_gen_rubrics
+from rcsd_cli.stages.train import run_train
 from rcsd_cli.stats import mean_interval, wilson_interval
 from rcsd_cli.ui import quiet_libraries
 
@@ -39,8 +39,8 @@ def measure(model: str, held_out: Path, out: Path, args) -> dict:
     t0 = time.perf_counter()
     if not args.report_only:
         try:
-            run_gen_rubrics(str(held_out), out, generator="llm", regenerate=True, retries=0, model=model,
-                            generation=gen, overwrite=True)
+            run_gen_rubrics(GenRubricsConfig(data=str(held_out), generator="llm", regenerate=True, retries=0,
+                                             model=model, generation=gen), out, overwrite=True)
         except RcsdError:  # no valid rubric at all: every output is in the rejected file
             pass
     return {"model": model, **evaluate(held_out, out), "seconds": time.perf_counter() - t0}
@@ -94,10 +94,10 @@ def main():
     args.out.mkdir(parents=True, exist_ok=True)
     train_r, held_out = args.out / "train_rubrics.parquet", args.out / "heldout_rubrics.parquet"
     if not args.report_only:
-        run_gen_rubrics(args.bench, train_r, generator="reference", limit=args.train_items, seed=args.seed,
-                        overwrite=True)
-        run_gen_rubrics(args.bench, held_out, generator="reference", limit=args.eval_items, offset=args.train_items,
-                        seed=args.seed, overwrite=True)
+        run_gen_rubrics(GenRubricsConfig(data=args.bench, generator="reference", limit=args.train_items,
+                                         seed=args.seed), train_r, overwrite=True)
+        run_gen_rubrics(GenRubricsConfig(data=args.bench, generator="reference", limit=args.eval_items,
+                                         offset=args.train_items, seed=args.seed), held_out, overwrite=True)
     before = measure(args.model, held_out, args.out / "generated_before.parquet", args)
     cfg = TrainConfig(rubrics=str(train_r), model=args.model, task="rubric-generator", steps=args.steps,
                       batch_size=args.batch_size, micro_batch_size=args.batch_size, lr=args.lr, seed=args.seed,

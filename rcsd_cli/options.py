@@ -86,7 +86,10 @@ def option_specs(model: type[BaseModel], prefix: tuple[str, ...] = (), defaults:
                                   tuple(sub["hide"]))
             continue
         cli = extra.get("cli")
-        default = getattr(defaults, name) if defaults is not None else _default(field)
+        if defaults is not None:
+            default = getattr(defaults, name)
+        else:
+            default = None if field.is_required() else _default(field)  # required: pydantic names it if unset
         flag = (flags or {}).get(name) or (cli or {}).get("flag") or "--" + name.replace("_", "-")
         specs.append(OptionSpec(
             name=flag.lstrip("-").replace("-", "_"), path=prefix + (name,), flag=flag, annotation=field.annotation,
@@ -229,12 +232,14 @@ def describe_option_error(err: ValidationError, model: type[BaseModel]) -> str:
     by_path = {s.path: s for s in option_specs(model)}
     loc = tuple(str(p) for p in first["loc"])
     spec = by_path.get(loc)
-    label = spec.flag if spec else (".".join(loc) or "config")
+    label = spec.flag if spec else ".".join(loc)
     if first["type"] == "missing":
         return f"{label} is required"
     value = first.get("input")
     shown = repr(value) if isinstance(value, (str, int, float, bool)) or value is None else type(value).__name__
     msg = first["msg"].removeprefix("Value error, ")
+    if not label:  # a rule across options: its message names them
+        return msg
     return f"{label}: {msg}" + (f", got {shown[:60]}" if spec else "")
 
 

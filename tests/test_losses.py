@@ -90,8 +90,8 @@ def test_chunked_equals_unchunked_in_value_and_gradient(kind):
     for chunk in (T, 4, 1):
         h_s = torch.randn(B, T, H, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
         head_s.zero_grad()
-        loss, kl_sum, agree = chunked_distill_loss(h_s, h_t, head_s, head_t, mask, targets, kind=kind,
-                                                   chunk_size=chunk, beta=0.3, top_k=5, temperature=1.2, clip=0.05)
+        _, kl_sum, agree, loss = chunked_distill_loss(h_s, h_t, head_s, head_t, mask, targets, kind=kind,
+                                                      chunk_size=chunk, beta=0.3, top_k=5, temperature=1.2, clip=0.05)
         loss.backward()
         results.append((loss.item(), kl_sum.item(), h_s.grad.clone(), head_s.weight.grad.clone()))
     for other in results[1:]:
@@ -100,6 +100,23 @@ def test_chunked_equals_unchunked_in_value_and_gradient(kind):
         assert torch.allclose(other[2], results[0][2], atol=1e-6)
         assert torch.allclose(other[3], results[0][3], atol=1e-6)
     assert results[0][2][1, 6:].abs().sum().item() == 0  # masked positions get no gradient
+
+
+def test_row_weights_weigh_each_sequence():
+    torch.manual_seed(0)
+    B, T, H, V = 2, 5, 8, 30
+    head_s, head_t = torch.nn.Linear(H, V, bias=False), torch.nn.Linear(H, V, bias=False)
+    h_s, h_t = torch.randn(B, T, H), torch.randn(B, T, H)
+    mask = torch.ones(B, T)
+    mask[0, 2:] = 0
+    targets = torch.randint(0, V, (B, T))
+    with torch.no_grad():
+        per_tok = distill_token_loss(head_s(h_s), head_t(h_t), top_k=5, temperature=1.2) * mask
+        plain, _, _, weighted = chunked_distill_loss(h_s, h_t, head_s, head_t, mask, targets, chunk_size=2, top_k=5,
+                                                     temperature=1.2, row_weights=torch.tensor([1 / 2, 1 / 5]))
+    assert plain.item() == pytest.approx(per_tok.sum().item(), rel=1e-6)
+    # weights 1/n_i: the sum of per-sequence means
+    assert weighted.item() == pytest.approx(per_tok[0].sum().item() / 2 + per_tok[1].sum().item() / 5, rel=1e-6)
 
 
 def test_top_k_with_tail_bucket_keeps_the_rest_as_one_entry():

@@ -50,7 +50,8 @@ def test_aligned_hidden_matches_unpadded_forward(tiny_model):
     assert pb.mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
 
 
-def test_gradient_does_not_depend_on_micro_batching(tiny_model):
+@pytest.mark.parametrize("reduction", ["sequence", "token"])
+def test_gradient_does_not_depend_on_micro_batching(tiny_model, reduction):
     lm = load_model(str(tiny_model), device=CPU)
     teacher = load_model(str(tiny_model), device=CPU).model
     torch.manual_seed(1)
@@ -65,13 +66,16 @@ def test_gradient_does_not_depend_on_micro_batching(tiny_model):
         lm.model.zero_grad()
         ctx = StepContext(lm.model, lm.tokenizer, lambda side: aligned_hidden(teacher, side),
                           teacher.get_output_embeddings(), config(tiny_model, micro_batch_size=micro, chunk_size=2,
-                                                                  clip=None), 0)
+                                                                  clip=None, loss_reduction=reduction), 0)
         res = distill_backward(ctx, s_prompts, t_prompts, completions)
-        grads.append((res.loss_sum, [p.grad.clone() for p in lm.model.parameters()]))
+        grads.append((res.objective, [p.grad.clone() for p in lm.model.parameters()]))
+        per_token = res.loss_sum / res.tokens
+        # sequence: the mean of per-sequence means; token: the mean over all 11 tokens
+        assert (res.objective == pytest.approx(per_token, rel=1e-6)) == (reduction == "token")
     assert grads[0][0] > 0
     for loss, g in grads[1:]:
         assert loss == pytest.approx(grads[0][0], rel=1e-5)
-        for a, b in zip(g, grads[0][1]):
+        for a, b in zip(g, grads[0][1], strict=True):
             assert torch.allclose(a, b, atol=1e-7)
 
 

@@ -73,8 +73,8 @@ def run_demo(out: Path, *, bench: str = "arc-easy", model: str = c.DEFAULT, trai
     total = time.perf_counter() - t_start
     marks = list(timings.items()) + [("end", t_start + total)]
     stage_seconds = {name: round(marks[i + 1][1] - t, 1) for i, (name, t) in enumerate(marks[:-1])}
-    summary = {"bench": bench, "prompt_style": prompt_style, "train_items": train_items, "eval_items": eval_items, "steps": steps,
-               "batch_size": batch_size, "lr": lr, "before": before, "after": after,
+    summary = {"bench": bench, "prompt_style": prompt_style, "train_items": train_items, "eval_items": eval_items,
+               "steps": steps, "batch_size": batch_size, "lr": lr, "before": before, "after": after,
                "train_loss_first_last": [metrics[0].loss, metrics[-1].loss],
                "train_kl_first_last": [metrics[0].kl, metrics[-1].kl],
                "stage_seconds": stage_seconds, "total_seconds": round(total, 1)}
@@ -96,8 +96,9 @@ def command(
     max_new_tokens: c.MaxNewTokens = 128,
     model: c.Model = c.DEFAULT,
     seed: c.Seed = 0,
-    prompt_style: Annotated[Literal["answer-line", "paper"], typer.Option("--prompt-style", help="answer-line (default here: the 135M model rarely writes "
-                                              "\\boxed{}) or paper.")] = "answer-line",
+    prompt_style: Annotated[Literal["answer-line", "paper"], typer.Option(
+        "--prompt-style", help="answer-line (default here: the 135M model rarely writes \\boxed{}) or paper.")]
+    = "answer-line",
     overwrite: c.Overwrite = False,
 ):
     """Run gen-rubrics -> sample -> score -> train -> eval on a small science split and print before/after."""

@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+
 from rich.table import Table
 
 from rcsd_cli.answers import answers_match, extract_answer
 from rcsd_cli.artifacts import ensure_writable, read_artifact, write_artifact
 from rcsd_cli.backends import open_backend
 from rcsd_cli.benchmarks import ALL_BENCHES, load_bench, select
-from rcsd_cli.stages.score import judge_and_score
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.prompts import student_prompt_ids
 from rcsd_cli.resume import ResumableGenerator
 from rcsd_cli.rubric_gen import reference_rubric
 from rcsd_cli.schemas import EvalConfig, EvalItem, GenerationConfig
+from rcsd_cli.stages.score import judge_and_score
 from rcsd_cli.stats import mean_interval, wilson_interval
 from rcsd_cli.ui import console, progress
 

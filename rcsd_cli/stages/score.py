@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from rcsd_cli.artifacts import ensure_writable, read_artifact, write_artifact
-from rcsd_cli.models import DEFAULT_MODEL
 from rcsd_cli.errors import RcsdError, where
+from rcsd_cli.models import DEFAULT_MODEL
 from rcsd_cli.schemas import BackendConfig, Criterion, GenerationConfig, Problem, Score, ScoreConfig
 from rcsd_cli.scoring import JudgeRequest, run_judge, score_completion
 from rcsd_cli.stats import mean_interval
@@ -71,7 +71,8 @@ def add_teacher_logprobs(scores: list[Score], samples, by_id: dict, cfg: ScoreCo
             for sc, i, lp in zip(scores, ids, lps, strict=True)]
 
 
-def run_score(cfg: ScoreConfig, output: Path, *, overwrite: bool = False, trust_remote_code: bool = False) -> list[Score]:
+def run_score(cfg: ScoreConfig, output: Path, *, overwrite: bool = False,
+              trust_remote_code: bool = False) -> list[Score]:
     """Verdicts per criterion, weighted score and correctness; optionally the teacher's top-k log-probs."""
     ensure_writable(output, overwrite)
     samples_path, rubrics_path = cfg.samples, cfg.rubrics

@@ -1,0 +1,283 @@
+"""Options defined once: config files, precedence, refusals, recipes, and the rendered prompts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rcsd_cli.errors import RcsdError
+from rcsd_cli.options import build_config, option_specs, typer_parameters
+from rcsd_cli.schemas import CONFIG_MODELS, SampleConfig, TrainConfig
+
+from .conftest import ROOT, write_jsonl
+
+RECIPES = sorted((ROOT / "examples" / "recipes").glob("*.yaml"))
+
+
+@pytest.fixture
+def rubrics(run_cli, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [
+        {"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i),
+         "reference_answer": f"{i} + {i} = {2 * i}"} for i in range(1, 5)])
+    out = tmp_path / "r.parquet"
+    run_cli("gen-rubrics", data, "-o", out, "--generator", "reference", check=True)
+    return out
+
+
+def dry_run_config(proc) -> dict:
+    """The resolved config ``train --dry-run`` prints before the prompts."""
+    return json.loads(proc.stdout.split("\n\n===== ")[0])
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_MODELS))
+def test_command_line_defaults_are_the_config_defaults(name):
+    model = CONFIG_MODELS[name]
+    specs = {s.name: s for s in option_specs(model)}
+    for param in typer_parameters(model):
+        spec = specs[param.name]
+        if not spec.argument:
+            assert param.default == spec.default, param.name
+    required = {n: "x" for n, f in model.model_fields.items() if f.is_required()}
+    assert build_config(model, required) == model.model_validate(required)
+    if required:  # train takes --rubrics or --samples: checked when it runs
+        with pytest.raises(RcsdError, match="is required"):
+            build_config(model, {})
+
+
+def test_sample_defaults_agree_between_cli_and_library():
+    cfg = build_config(SampleConfig, {"rubrics": "r.parquet"})
+    assert (cfg.generation.top_p, cfg.generation.top_k, cfg.prompt_style) == (0.95, 20, "paper")
+
+
+def test_config_file_then_flags(run_cli, tmp_path, rubrics, tiny_model):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {tiny_model}\nlr: 2.0e-5\nsteps: 7\nloss_top_k: 5\nstudent_thinking: false\n"
+                   "generation:\n  temperature: 0.9\n")
+    p = run_cli("train", "--config", cfg, "--rubrics", rubrics, "--steps", "3", "--dry-run", check=True)
+    shown = dry_run_config(p)
+    assert (shown["lr"], shown["steps"], shown["loss_top_k"]) == (2e-5, 3, 5)  # the flag wins over the file
+    assert shown["generation"]["temperature"] == 0.9 and shown["generation"]["enable_thinking"] is False
+    assert "===== student_prompt =====" in p.stdout and "===== teacher_prompt =====" in p.stdout
+    assert not (ROOT / "rcsd-model").exists() and not list(tmp_path.glob("rcsd-model*"))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("lr: 1e-5\nwarmup: 3\n", "unknown key 'warmup'"),
+    ("steps: many\n", "--steps: Input should be a valid integer"),
+    ("generation:\n  temprature: 1\n", "unknown key 'generation.temprature'"),
+    ("[1, 2]\n", "expected a mapping"),
+    ("lr: [\n", "not valid YAML"),
+])
+def test_bad_config_files_fail_in_one_line(run_cli, tmp_path, rubrics, content, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(content)
+    p = run_cli("train", "--config", cfg, "--rubrics", rubrics, "--dry-run")
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in p.stderr
+
+
+def test_missing_config_file(run_cli, tmp_path):
+    p = run_cli("sample", "r.parquet", "--config", tmp_path / "nope.json")
+    assert p.returncode == 2 and "nope.json: config file not found" in p.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--loss", "sampled_rkl", "--beta", "0.5"], "--beta has no effect with --loss sampled_rkl"),
+    (["--loss", "sampled_rkl", "--clip", "0.1"], "--clip has no effect with --loss sampled_rkl"),
+    (["--group-size", "8"], "--group-size has no effect with --method rcsd"),
+    (["--analysis-max-new-tokens", "64"], "--analysis-max-new-tokens has no effect without --teacher-context"),
+    (["--lora-alpha", "8"], "--lora-alpha has no effect without --lora-rank"),
+    (["--samples", "s.parquet", "--scores", "s.parquet", "--teacher", "live"], "--teacher has no effect on an "
+     "offline round"),
+])
+def test_options_the_run_would_ignore_are_refused(run_cli, rubrics, flags, message):
+    p = run_cli("train", "--rubrics", rubrics, "--dry-run", *flags)
+    assert p.returncode == 2 and message in p.stderr, p.stderr
+
+
+def test_clip_can_be_switched_off():
+    cfg = build_config(TrainConfig, {"clip": None, "rubrics": "r"})
+    assert cfg.clip is None
+
+
+def test_saved_run_config_reproduces_the_run(run_cli, tmp_path, rubrics, tiny_model):
+    args = ["--model", tiny_model, "--steps", "2", "--batch-size", "2", "--max-new-tokens", "6", "--seed", "3"]
+    run_cli("train", "--rubrics", rubrics, "-o", tmp_path / "a", *args, check=True)
+    saved = tmp_path / "a" / "rcsd_train_config.json"
+    p = run_cli("train", "--config", saved, "--dry-run", check=True)
+    assert dry_run_config(p) == json.loads(saved.read_text())
+    run_cli("train", "--config", saved, "-o", tmp_path / "b", check=True)
+    from rcsd_cli.artifacts import read_artifact
+
+    a, _ = read_artifact(tmp_path / "a" / "metrics.parquet", "metrics")
+    b, _ = read_artifact(tmp_path / "b" / "metrics.parquet", "metrics")
+    assert [m.loss for m in a] == [m.loss for m in b]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_runs_one_step_on_a_tiny_model(run_cli, tmp_path, rubrics, tiny_model, recipe):
+    from rcsd_cli.options import read_config_file
+
+    values = read_config_file(recipe, TrainConfig)
+    small = ["--steps", "1", "--batch-size", "2", "--micro-batch-size", "1", "--max-new-tokens", "4",
+             "--gen-batch-size", "2"]
+    if values.get("teacher_context") == "reason-first":
+        small += ["--analysis-max-new-tokens", "4"]
+    p = run_cli("train", "--config", recipe, "--model", tiny_model, "--rubrics", rubrics, "-o", tmp_path / "out",
+                *small)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = tmp_path / "out"
+    assert (out / "metrics.parquet").is_file()
+    if values.get("lora_rank"):
+        adapter = json.loads((out / "adapter_config.json").read_text())
+        assert set(adapter["target_modules"]) == {"q_proj", "v_proj"}
+        assert (adapter["r"], adapter["lora_alpha"]) == (16, 32)
+        assert adapter["base_model_name_or_path"] == str(tiny_model)
+        assert not (out / "model.safetensors").exists()
+
+
+def test_lora_adapter_loads_with_peft_and_merges_on_request(run_cli, tmp_path, rubrics, tiny_model):
+    from peft import AutoPeftModelForCausalLM
+
+    out = tmp_path / "lora"
+    run_cli("train", "--rubrics", rubrics, "--model", tiny_model, "-o", out, "--steps", "1", "--batch-size", "2",
+            "--max-new-tokens", "4", "--lora-rank", "4", "--lora-dropout", "0.1", "--merge-lora", "--lr", "1e-2",
+            check=True)
+    model = AutoPeftModelForCausalLM.from_pretrained(out)
+    assert model.peft_config["default"].lora_dropout == 0.1
+    assert (out / "merged" / "model.safetensors").is_file()
+    # rcsd's own stages take the adapter folder as a model
+    p = run_cli("eval", "--bench", "rubric", "--data", rubrics, "--model", out, "--max-new-tokens", "4",
+                "-o", tmp_path / "e.parquet")
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- golden prompts
+
+QWEN3_STYLE_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}")
+SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+
+def _authors_turn(template: str, message: str, thinking: bool) -> str:
+    """The chat text the authors' collator renders, written out by hand for each template."""
+    head = SMOL_SYSTEM if template == "smollm2" else ""
+    think = "<think>\n\n</think>\n\n" if template == "qwen3" and not thinking else ""
+    return f"{head}<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n{think}"
+
+
+@pytest.mark.parametrize("template", ["qwen3", "smollm2"])
+@pytest.mark.parametrize("thinking", [True, False])
+def test_paper_prompts_match_the_authors_token_for_token(tokenizer_dir, template, thinking):
+    from transformers import AutoTokenizer
+
+    from rcsd_cli.objectives import analysis_prompt, student_prompt, teacher_prompt
+    from rcsd_cli.prompts import text_ids, transition_text
+    from rcsd_cli.schemas import Criterion, GenerationConfig, Rubric
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if template == "qwen3":
+        tok.chat_template = QWEN3_STYLE_TEMPLATE
+    row = Rubric(id="q", question="Why is the sky blue?", reference_answer="Rayleigh scattering — λ⁻⁴.",
+                 rubric=[Criterion(id="a", title="Names scattering", description="Says Rayleigh.", weight=8),
+                         Criterion(id="b", title="Claims reflection", description="Ocean reflection.", weight=-1)],
+                 rubric_origin="imported")
+    cfg = TrainConfig(rubrics="r", generation=GenerationConfig(enable_thinking=thinking))
+    rubric = ('[{"title": "Names scattering", "description": "Says Rayleigh.", "weight": 8}, '
+              '{"title": "Claims reflection", "description": "Ocean reflection.", "weight": -1}]')
+    q, ref = "Why is the sky blue?", "Rayleigh scattering — λ⁻⁴."
+    student = f"Question: {q}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+    teacher = (f"Question: {q}\n\nReference Answer:\n{ref}\n\nRubric (JSON array):\n{rubric}\n\n"
+               "Use the rubric and reference answer as guidance.\n"
+               "Please reason step by step, and put your final answer within \\boxed{}.")
+    analysis = (f"Question: {q}\n\nReference Answer:\n{ref}\n\nRubric (JSON array):\n{rubric}\n"
+                "\n\nThe reference answer and rubric above are guidelines for the questions but may not be perfect. "
+                "Briefly explain the key requirements, constraints, and reasoning expectations implied by them. "
+                "Do NOT solve the question yet. Do NOT use <think> tags.\n")
+    transition = ("\n\n\nThe reference and rubric above is provided only as private guidance to help you understand "
+                  "the correct reasoning path. Do NOT mention, cite, or refer to the reference solution, rubric, "
+                  "answer key, ground truth, or any external guidance in your response. Do NOT write phrases such "
+                  "as 'given the solution', 'from the reference', 'according to the rubric', 'we know the answer "
+                  "is', or anything implying that you have seen the answer in advance. Instead, produce a natural, "
+                  "self-contained solution as if you are solving the problem independently from the original "
+                  "problem statement. Use your own reasoning process, derive the result step by step, and only "
+                  "present the final answer after the reasoning supports it. Think step by step, explore different "
+                  "approaches if useful, and don't be afraid to backtrack or reconsider if something doesn't work "
+                  "out. Put the final answer within \\boxed{}.\n")
+
+    def ids(message):
+        return tok(_authors_turn(template, message, thinking), add_special_tokens=False)["input_ids"]
+
+    assert student_prompt(tok, row, cfg) == ids(student)
+    assert teacher_prompt(tok, row, cfg) == ids(teacher)
+    reason_first = cfg.model_copy(update={"teacher_context": "reason-first"})
+    assert analysis_prompt(tok, row, reason_first) == ids(analysis)
+    assert text_ids(tok, transition_text(row, row.rubric, "paper")) == tok(transition)["input_ids"]
+
+
+def test_reason_first_teacher_input_is_prompt_analysis_transition(tiny_model, monkeypatch):
+    """Teacher ids = [analysis prompt ‖ sampled analysis ‖ transition]; the analysis is sampled as configured."""
+    from transformers import AutoTokenizer
+
+    from rcsd_cli import objectives
+    from rcsd_cli.generation import Generation
+    from rcsd_cli.prompts import text_ids, transition_text
+    from rcsd_cli.schemas import Criterion, Rubric
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    row = Rubric(id="q", question="2+2?", answer="4", rubric=[Criterion(id="a", title="Says four", weight=5)],
+                 rubric_origin="imported")
+    cfg = TrainConfig(rubrics="r", teacher_context="reason-first", analysis_temperature=0.7, analysis_top_k=5,
+                      analysis_max_new_tokens=9)
+    seen = {}
+
+    def teacher_generate(prompts, gen_cfg, seed):
+        seen["cfg"] = gen_cfg
+        return [Generation([11, 12, 2], "x", "stop") for _ in prompts]
+
+    ctx = objectives.StepContext(None, tok, None, None, cfg, 0, teacher_generate)
+    (ids,) = objectives.reason_first_teacher_prompts(ctx, [row])
+    ask = objectives.analysis_prompt(tok, row, cfg)
+    assert ids == ask + [11, 12, 2] + text_ids(tok, transition_text(row, row.rubric, "paper"))
+    g = seen["cfg"]
+    assert (g.temperature, g.top_p, g.top_k, g.max_new_tokens) == (0.7, 0.95, 5, 9)
+
+
+def test_reduction_weights_by_hand():
+    from rcsd_cli.objectives import StepContext, reduction_weights
+
+    counts = [2, 6, 0]
+    seq = StepContext(None, None, None, None, TrainConfig(rubrics="r"), 0)
+    tok = StepContext(None, None, None, None, TrainConfig(rubrics="r", loss_reduction="token"), 0)
+    assert reduction_weights(seq, counts) == pytest.approx([1 / (2 * 2), 1 / (6 * 2), 0.0])
+    assert reduction_weights(tok, counts) == pytest.approx([1 / 8, 1 / 8, 1 / 8])
+    # per-token losses 1.0 on the short sequence and 3.0 on the long one: the two reductions differ
+    per_seq_sums = [2 * 1.0, 6 * 3.0, 0.0]
+    assert sum(w * s for w, s in zip(reduction_weights(seq, counts), per_seq_sums)) == pytest.approx((1 + 3) / 2)
+    assert sum(w * s for w, s in zip(reduction_weights(tok, counts), per_seq_sums)) == pytest.approx(20 / 8)
+
+
+def test_recipes_are_valid_configs():
+    from rcsd_cli.options import read_config_file
+
+    assert len(RECIPES) >= 5
+    for recipe in RECIPES:
+        build_config(TrainConfig, {**read_config_file(recipe, TrainConfig), "rubrics": "r"}, str(recipe))
+
+
+def test_json_config_for_sample(run_cli, tmp_path, rubrics, tiny_model):
+    cfg = tmp_path / "s.json"
+    cfg.write_text(json.dumps({"model": str(tiny_model), "n": 2, "max_new_tokens": 3, "prompt_style": "answer-line"}))
+    run_cli("sample", rubrics, "--config", cfg, "-o", tmp_path / "s.parquet", "--limit", "2", check=True)
+    from rcsd_cli.artifacts import read_artifact
+
+    rows, meta = read_artifact(tmp_path / "s.parquet", "samples")
+    assert len(rows) == 4 and all(len(r.completion_token_ids) <= 3 for r in rows)
+    assert meta["config"]["prompt_style"] == "answer-line" and Path(meta["config"]["model"]) == tiny_model
