@@ -12,7 +12,6 @@ import re
 from rcsd_cli.inputs import LETTERS
 
 _ANSWER_LINE = re.compile(r"(?:final\s+)?answer\s*(?:is)?\s*[:：]\s*\**\s*(.+)", re.IGNORECASE)
-_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
 _ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*\(?\**([A-Z])\b", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
@@ -33,7 +32,7 @@ def _choice_by_text(fragment: str, choices: list[str]) -> str | None:
 def extract_answer(text: str, choices: list[str] | None = None) -> str | None:
     """The model's final answer: a letter for multiple choice, else the answer text."""
     candidates = [m.group(1).strip() for m in _ANSWER_LINE.finditer(text)]
-    candidates += [m.group(1).strip() for m in _BOXED.finditer(text)][-1:]
+    candidates += boxed_contents(text)[-1:]
     n = len(choices) if choices else 0
     for cand in reversed(candidates):
         if not choices:
@@ -55,6 +54,19 @@ def extract_answer(text: str, choices: list[str] | None = None) -> str | None:
         return quoted[0] if len(quoted) == 1 else None
     nums = _NUMBER.findall(text)
     return nums[-1].replace(",", "") if nums else None
+
+
+def boxed_contents(text: str) -> list[str]:
+    """The contents of every ``\\boxed{...}`` (and ``\\fbox``), braces matched to any depth."""
+    out = []
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            out.append(text[m.end(): i - 1].strip())
+    return out
 
 
 def normalise(text: str) -> str:
@@ -83,4 +95,29 @@ def answers_match(predicted: str | None, gold: str | None, choices: list[str] | 
     a, b = _as_number(predicted), _as_number(gold)
     if a is not None and b is not None:
         return abs(a - b) <= 1e-6 * max(1.0, abs(b))
-    return normalise(predicted) == normalise(gold)
+    if normalise(predicted) == normalise(gold):
+        return True
+    return _math_equal(predicted, gold)
+
+
+def _strip_units(text: str) -> str:
+    """``3 g/cm^3`` -> ``3``: a leading number followed by words (units), when the gold is a bare number."""
+    m = re.fullmatch(r"\s*\$?(-?\d[\d,]*(?:\.\d+)?)\$?\s*(?:\\,|\\ )?\s*(?:\\(?:text|mathrm)\{)?[A-Za-z°%µ][^=]*",
+                     text)
+    return m.group(1) if m else text
+
+
+def _math_equal(predicted: str, gold: str) -> bool:
+    """Open answers through ``math-verify`` (fractions, roots, LaTeX, sets, intervals); False when it cannot tell."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:  # optional at import time; installed with rcsd
+        return False
+    if _as_number(gold) is not None:
+        predicted = _strip_units(predicted)
+    try:
+        g = parse(f"${gold}$") or parse(gold)
+        p = parse(f"${predicted}$") or parse(predicted)
+        return bool(g and p and verify(g, p))
+    except Exception:  # noqa: BLE001 - math-verify raises on unparseable input; that is "no match"
+        return False

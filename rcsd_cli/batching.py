@@ -30,12 +30,12 @@ class PairBatch:
 
 
 def _side(prompts: list[list[int]], completions: list[list[int]], pad_id: int, width_c: int) -> SideBatch:
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
     width = max(lengths)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(prompts), width), dtype=torch.long)
     index = torch.zeros((len(prompts), width_c), dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
         ids[i, : lengths[i]] = torch.tensor(p + c, dtype=torch.long)
         attn[i, : lengths[i]] = 1
         index[i, : len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c))

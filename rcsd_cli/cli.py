@@ -47,14 +47,17 @@ def _version(value: bool):
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show version.")):
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show version."),
+          quiet: bool = typer.Option(False, "-q", "--quiet", help="Only errors and results."),
+          verbose: bool = typer.Option(False, "-v", "--verbose", help="Also the libraries' own logs.")):
     """Rubric-Conditioned Self-Distillation: every stage reads and writes Parquet."""
+    from rcsd_cli.ui import quiet_libraries, set_verbosity
+
+    set_verbosity(quiet, verbose)
+    quiet_libraries()
 
 
 def main() -> None:
-    from rcsd_cli.ui import quiet_libraries
-
-    quiet_libraries()
     try:
         app()
     except RcsdError as exc:

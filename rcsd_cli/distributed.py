@@ -57,7 +57,7 @@ def sum_gradients(params) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     offset = 0
-    for p, g in zip(params, grads):
+    for p, g in zip(params, grads, strict=True):
         n = g.numel()
         p.grad = flat[offset: offset + n].view_as(g).clone()
         offset += n

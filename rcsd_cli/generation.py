@@ -48,10 +48,12 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationCo
         kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    torch.manual_seed(seed)
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+    # Seed a private copy of the RNG state: the training run's global generator is left as it was.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
     model.train(was_training)
     results = []
     for row in out[:, width:].tolist():

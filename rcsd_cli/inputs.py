@@ -16,6 +16,7 @@ Recognised row layouts (keys are matched case-insensitively where noted):
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         try:
             rows = pq.read_table(path).to_pylist()
         except (pa.ArrowInvalid, OSError) as exc:
-            raise RcsdError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0][:80]})")
+            raise RcsdError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0][:80]})") from exc
     else:
         raw = path.read_bytes()
         if b"\x00" in raw[:8192]:
@@ -62,14 +63,15 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
-            raise RcsdError(f"{path}: not UTF-8 text (byte {exc.start})")
+            raise RcsdError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
         if suffix == ".csv":
-            rows = [dict(r) for r in csv.DictReader(text.splitlines())]
+            # a file object, not lines: quoted fields keep their own newlines (GPQA questions span lines)
+            rows = [dict(r) for r in csv.DictReader(io.StringIO(text, newline=""))]
         elif suffix == ".json":
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise RcsdError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno})")
+                raise RcsdError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno})") from exc
             rows = data if isinstance(data, list) else [data]
         else:
             rows = []
@@ -79,7 +81,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise RcsdError(f"{path}:line {lineno}: malformed JSON ({exc.msg})")
+                    raise RcsdError(f"{path}:line {lineno}: malformed JSON ({exc.msg})") from exc
     if not rows:
         raise RcsdError(f"{path}: no rows")
     for i, r in enumerate(rows):
@@ -115,7 +117,7 @@ def _criteria_from(raw: Any) -> list[Criterion]:
         try:
             raw = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"field 'rubric' is not valid JSON ({exc.msg})")
+            raise ValueError(f"field 'rubric' is not valid JSON ({exc.msg})") from exc
     if not isinstance(raw, list):
         raise ValueError(f"field 'rubric' must be a list of criteria, got {type(raw).__name__}")
     if not raw:
@@ -136,8 +138,8 @@ def _criteria_from(raw: Any) -> list[Criterion]:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             try:
                 weight = float(str(weight).strip())
-            except ValueError:
-                raise ValueError(f"field 'rubric.{j}.weight': {weight!r} is not a number")
+            except ValueError as exc:
+                raise ValueError(f"field 'rubric.{j}.weight': {weight!r} is not a number") from exc
         tags = item.get("tags") or []
         if isinstance(tags, str):
             tags = [tags]
@@ -146,7 +148,7 @@ def _criteria_from(raw: Any) -> list[Criterion]:
             out.append(Criterion(id=f"c{j + 1}", title=title, description=str(text or title),
                                  weight=weight, tags=[str(t) for t in tags]))
         except ValidationError as err:
-            raise ValueError(describe_validation_error(err).replace("field '", f"field 'rubric.{j}.", 1))
+            raise ValueError(describe_validation_error(err).replace("field '", f"field 'rubric.{j}.", 1)) from err
     return out
 
 
@@ -159,8 +161,8 @@ def _choices_from(rec: dict[str, Any]) -> tuple[list[str] | None, list[str] | No
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
-        except json.JSONDecodeError:
-            raise ValueError("field 'choices' must be a list")
+        except json.JSONDecodeError as exc:
+            raise ValueError("field 'choices' must be a list") from exc
     if isinstance(raw, dict):
         labels = sorted(raw)
         return [str(raw[k]) for k in labels], labels
@@ -249,7 +251,7 @@ def normalise_record(rec: dict[str, Any], row: int, default_source: str, shuffle
                           answer=answer, source=str(_first(rec, "source", "data_source") or default_source),
                           metadata=metadata)
     except ValidationError as err:
-        raise ValueError(describe_validation_error(err))
+        raise ValueError(describe_validation_error(err)) from err
     return InputRow(problem, rubric)
 
 
@@ -263,7 +265,7 @@ def load_problems(path: str | Path, limit: int | None = None, shuffle_seed: int 
         try:
             item = normalise_record(rec, i, path.stem, shuffle_seed)
         except ValueError as exc:
-            raise RcsdError(f"{where(path, i)}: {exc}")
+            raise RcsdError(f"{where(path, i)}: {exc}") from exc
         pid = item.problem.id
         if pid in seen:
             raise RcsdError(f"{where(path, i)}: duplicate id {pid!r} (first at row {seen[pid]})")

@@ -92,7 +92,8 @@ def load_tokenizer(name: str | None, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise RcsdError(f"{name}: cannot load tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+        raise RcsdError(f"{name}: cannot load tokenizer ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120]})") from exc
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -130,7 +131,7 @@ def load_model(name: str | None, trust_remote_code: bool = False, device=None, d
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                      use_safetensors=True, dtype=dtype)
     except Exception as exc:
-        raise RcsdError(f"{name}: cannot load model ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+        raise RcsdError(f"{name}: cannot load model ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from exc
     model.to(device)
     model.eval()
     if model.generation_config is not None and model.generation_config.pad_token_id is None:

@@ -252,7 +252,8 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     prompts = [student_prompt(tok, r, cfg) for r in group_rows]
     gens = rollouts(ctx, prompts)
     completions = [g.token_ids for g in gens]
-    rewards = torch.tensor([rollout_reward(r, g.text, cfg) for r, g in zip(group_rows, gens)], dtype=torch.float32)
+    rewards = torch.tensor([rollout_reward(r, g.text, cfg) for r, g in zip(group_rows, gens, strict=True)],
+                           dtype=torch.float32)
     advantages = group_advantages(rewards.view(len(rows), G)).view(-1)
     total = max(ctx.global_sum(sum(len(c) for c in completions)), 1)
     weights = reduction_weights(ctx, [len(c) for c in completions])

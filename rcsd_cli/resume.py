@@ -48,7 +48,7 @@ class ResumableGenerator:
 
         def keep(indices, gens):
             rows = [FinishedGeneration(key=keys[todo[i]], token_ids=g.token_ids, text=g.text,
-                                       finish_reason=g.finish_reason) for i, g in zip(indices, gens)]
+                                       finish_reason=g.finish_reason) for i, g in zip(indices, gens, strict=True)]
             self.log.append(rows)
             self.done.update({r.key: r for r in rows})
             if on_done:

@@ -110,7 +110,7 @@ def run_judge(backend, requests: list[JudgeRequest], gen_cfg, retries: int, seed
         else:
             outs = backend.generate(prompts, gen_cfg, seed + 7919 * attempt)
         still = []
-        for r, out in zip(pending, outs):
+        for r, out in zip(pending, outs, strict=True):
             parsed = parse_judge_reply(out.text)
             if parsed is None:
                 still.append(r)

@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 from rcsd_cli import distributed as dist
 from rcsd_cli import sharding
-from rcsd_cli.artifacts import write_artifact
+from rcsd_cli.artifacts import clear_own_folder, write_artifact
 from rcsd_cli.batching import aligned_hidden
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.models import compute_dtype, load_model
@@ -110,9 +111,56 @@ def save_final(out: Path, student, tok, cfg: TrainConfig, state_dict=None) -> No
             merged = copy.deepcopy(student).merge_and_unload()
             merged.save_pretrained(out / "merged", safe_serialization=True)
             tok.save_pretrained(out / "merged")
+            _drop_private_config_keys(out / "merged" / "config.json")
         return
     sharding.unwrap(student).save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     tok.save_pretrained(out)
+    _drop_private_config_keys(out / "config.json")
+
+
+def _drop_private_config_keys(path: Path) -> None:
+    """transformers keeps loader bookkeeping (``_name_or_path`` of a GGUF cache, ...) that says nothing true."""
+    if path.is_file():
+        data = json.loads(path.read_text())
+        cleaned = {k: v for k, v in data.items() if not k.startswith("_") or k == "_attn_implementation_autoset"}
+        if cleaned != data:
+            path.write_text(json.dumps(cleaned, indent=2, sort_keys=True) + "\n")
+
+
+def model_card(cfg: TrainConfig, metrics: list[MetricsRow], inputs: list[str], world: int) -> str:
+    """``OUT/README.md``: what was trained from what, how, and how to load it."""
+    from rcsd_cli.artifacts import library_versions, model_provenance, sha256_file
+
+    base = model_provenance(cfg.model)
+    data = {str(p): sha256_file(p) for p in inputs if Path(p).is_file()}
+    last = metrics[-1] if metrics else None
+    kind = f"LoRA adapter (r {cfg.lora_rank}, alpha {cfg.lora_alpha:g}, {cfg.lora_targets})" if cfg.lora_rank \
+        else "full fine-tune"
+    load = ("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(\"OUT\")"
+            if cfg.lora_rank else
+            "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(\"OUT\")")
+    lines = [
+        "---", "library_name: " + ("peft" if cfg.lora_rank else "transformers"), f"base_model: {cfg.model}",
+        "tags: [rcsd, self-distillation, rubrics]", "---", "",
+        f"# {cfg.method.upper()} ({cfg.task}) of {cfg.model}", "",
+        f"Trained with rcsd {library_versions()['rcsd']} (`rcsd train`), {kind}, {len(metrics)} optimizer steps of "
+        f"{cfg.batch_size} prompts on {world} process(es).", "",
+        "| | |", "| --- | --- |",
+        f"| base model | `{cfg.model}` (weights sha256 `{base.get('weights_sha256') or 'n/a'}`) |",
+        f"| method | `{cfg.method}`, teacher `{cfg.teacher}` / `{cfg.teacher_context}`, prompts `{cfg.prompt_style}` |",
+        f"| loss | `{cfg.loss}`, top-{cfg.loss_top_k}, T {cfg.loss_temperature:g}, clip {cfg.clip}, "
+        f"reduction `{cfg.loss_reduction}` |",
+        f"| optimiser | AdamW lr {cfg.lr:g} ({cfg.lr_schedule}), seed {cfg.seed} |",
+    ]
+    for path, digest in data.items():
+        lines.append(f"| data | `{Path(path).name}` sha256 `{digest}` |")
+    if last is not None:
+        lines.append(f"| final step | loss {last.loss:.4g}, kl {last.kl if last.kl is None else f'{last.kl:.4g}'}, "
+                     f"reward {last.reward if last.reward is None else f'{last.reward:.3f}'}, "
+                     f"rollout tokens {last.rollout_tokens} |")
+    lines += ["", "Full settings: `rcsd_train_config.json` (rerun with `rcsd train --config rcsd_train_config.json`); "
+              "per-step metrics: `metrics.parquet`.", "", "```python", load, "```", ""]
+    return "\n".join(lines)
 
 
 def _build_models(cfg: TrainConfig, ckpt: Path | None, trust_remote_code: bool, on_cpu: bool = False):
@@ -256,17 +304,24 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
                                                            ("reward", m.reward)) if v is not None)
             log(f"step {m.step}/{cfg.steps}  loss {m.loss:.4f}{extras}  grad {m.grad_norm:.3f}  "
                 f"tokens {m.completion_tokens}  {m.seconds:.1f}s")
+            if main:  # live: readable (and plottable) while the run goes on, replaced atomically
+                write_metrics(out, metrics, cfg, inputs, world)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 save_checkpoint(out / f"checkpoint-{step + 1}", student, teacher, tok, optimizer, scheduler, step + 1,
                                 cfg, metrics)
     final_state = sharding.full_state_dict(student) if sharded else None
     if main:
         save_final(out, student, tok, cfg, final_state)
+        (out / "README.md").write_text(model_card(cfg, metrics, list(inputs), world))
         (out / "rcsd_train_config.json").write_text(cfg.model_dump_json(indent=2))
-        write_artifact(out / "metrics.parquet", "metrics", metrics, stage="train", config=cfg, model_id=cfg.model,
-                       inputs=inputs, overwrite=True, extra={"world_size": world})
+        write_metrics(out, metrics, cfg, inputs, world)
     dist.barrier()
     return metrics
+
+
+def write_metrics(out: Path, metrics: list[MetricsRow], cfg: TrainConfig, inputs, world: int) -> None:
+    write_artifact(out / "metrics.parquet", "metrics", metrics, stage="train", config=cfg, model_id=cfg.model,
+                   inputs=inputs, overwrite=True, extra={"world_size": world})
 
 
 def _combine(res):
@@ -284,9 +339,28 @@ def _combine(res):
                       None if res.objective is None else dist.reduce_sum(res.objective))
 
 
+# What ``rcsd train`` writes into its output folder (weights and tokenizer files via transformers/peft).
+_TRAIN_FILES = re.compile(r"(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|config\.json|"
+                          r"generation_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|vocab\.json|"
+                          r"merges\.txt|chat_template\.jinja|added_tokens\.json|tokenizer\.model|"
+                          r"adapter_config\.json|adapter_model\.safetensors|README\.md|rcsd_train_config\.json|"
+                          r"metrics\.parquet|\.metrics\.parquet\.tmp-\d+|merged|checkpoint-\d+(\.tmp)?)")
+
+
+def _is_train_output(path: Path) -> bool:
+    return bool(_TRAIN_FILES.fullmatch(path.name))
+
+
+def _train_marker(path: Path) -> bool:
+    return path.name == "rcsd_train_config.json" or (path.name.startswith("checkpoint-")
+                                                      and (path / "trainer_state.json").is_file())
+
+
 def check_output_folder(out: Path, overwrite: bool, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise RcsdError(f"{out}: output exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
         raise RcsdError(f"{out}: output folder is not empty; pass --resume to continue or --overwrite to replace it")
     if out.exists() and overwrite and not resume:
-        shutil.rmtree(out)
+        clear_own_folder(out, _is_train_output, _train_marker, "a training run")
     out.mkdir(parents=True, exist_ok=True)

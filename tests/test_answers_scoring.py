@@ -94,3 +94,54 @@ def test_parse_judge_reply():
     assert parse_judge_reply('<think>{"criteria_met": true}</think>{"criteria_met": false}') == (False, "")
     assert parse_judge_reply('{"criteria_met": "yes"}') is None
     assert parse_judge_reply("no json here") is None
+
+
+# (completion, gold, expected) in the formats of MATH-500, GSM8K, AIME, GPQA-free-form and SciQ answers
+OPEN_ANSWERS = [
+    ("so the probability is \\boxed{\\frac{1}{2}}", "0.5", True),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", True),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "2", False),
+    ("Answer: 3 g/cm^3", "3", True),
+    ("Answer: 3 g/cm^3", "4", False),
+    ("The answer is \\boxed{\\dfrac{3}{4}}.", "\\frac34", True),
+    ("\\boxed{0.75}", "\\frac{3}{4}", True),
+    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", True),
+    ("\\boxed{\\pi}", "\\pi", True),
+    ("\\boxed{3\\pi}", "\\pi", False),
+    ("#### 72\nAnswer: 72", "72", True),
+    ("Answer: 1,000", "1000", True),
+    ("Answer: $18", "18", True),
+    ("\\boxed{(-\\infty, 2]}", "(-\\infty,2]", True),
+    ("\\boxed{x^2+2x+1}", "(x+1)^2", True),
+    ("\\boxed{\\{1, 2, 3\\}}", "\\{3,2,1\\}", True),
+    ("\\boxed{10^{-3}}", "0.001", True),
+    ("\\boxed{-\\frac{1}{3}}", "-1/3", True),
+    ("\\boxed{\\text{(C)}}", "\\text{(C)}", True),
+    ("Answer: 045", "45", True),
+    ("Answer: mitochondria", "Mitochondria", True),
+    ("Answer: 5 m/s", "5", True),
+    ("\\boxed{12}", "13", False),
+    ("no final answer here", "7", False),
+]
+
+
+@pytest.mark.parametrize("text, gold, expected", OPEN_ANSWERS)
+def test_open_answers_table(text, gold, expected):
+    assert answers_match(extract_answer(text), gold) is expected
+
+
+def test_pass_at_k_by_hand():
+    from rcsd_cli.stats import pass_at_k
+
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)  # = avg@4
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # C(3,2)/C(4,2)
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 2, 3) == 1.0
+
+
+def test_math_benchmarks_load_offline_with_boxed_gold():
+    from rcsd_cli.benchmarks import load_bench
+
+    math500, gsm8k = load_bench("math500"), load_bench("gsm8k")
+    assert len(math500) == 500 and len(gsm8k) == 1319
+    assert math500[0].answer == "\\left( 3, \\frac{\\pi}{2} \\right)" and gsm8k[0].answer == "18"
+    assert answers_match(extract_answer("So \\boxed{\\left(3,\\frac{\\pi}{2}\\right)}"), math500[0].answer)

@@ -77,3 +77,36 @@ def test_partial_log_resumes_and_refuses_other_settings(tmp_path):
     with pytest.raises(RcsdError, match="other settings"):
         PartialLog(tmp_path / "s.parquet", Sample, {"seed": 1}).load()
     assert PartialLog(tmp_path / "s.parquet", Sample, {"seed": 1}, fresh=True).load() == []
+
+
+def _score(i, topk):
+    from rcsd_cli.schemas import Score
+
+    return Score(sample_id=f"s{i}", problem_id="q", verdicts=[], score=None, points_met=0.0, points_possible=1.0,
+                 n_unjudged=0, extracted_answer=None, correct=None,
+                 teacher_topk_ids=[[1, 2]] if topk else None, teacher_topk_logprobs=[[-0.1, -2.0]] if topk else None)
+
+
+def test_sparse_and_full_files_share_one_schema_and_load_together(tmp_path):
+    import pyarrow.dataset as ds
+    from datasets import load_dataset
+
+    from rcsd_cli.artifacts import arrow_schema
+    from rcsd_cli.schemas import EvalItem, Score
+
+    sparse = write_artifact(tmp_path / "a.parquet", "scores", [_score(0, False)], stage="score")
+    full = write_artifact(tmp_path / "b.parquet", "scores", [_score(1, True)], stage="score")
+    empty = write_artifact(tmp_path / "c.parquet", "scores", [], stage="score")
+    schemas = [pq.read_schema(p).remove_metadata() for p in (sparse, full, empty)]
+    assert schemas[0] == schemas[1] == schemas[2] == arrow_schema(Score)
+    assert str(schemas[0].field("teacher_topk_ids").type) == "list<item: list<item: int64>>"
+    table = ds.dataset([str(sparse), str(full)], format="parquet").to_table()
+    assert table.num_rows == 2 and table.column("teacher_topk_ids").to_pylist() == [None, [[1, 2]]]
+    both = load_dataset("parquet", data_files=[str(sparse), str(full)], split="train")
+    assert both["sample_id"] == ["s0", "s1"]
+    item = EvalItem(id="i", bench="b", question="q", choices=None, gold=None, completions=["x"],
+                    completion_tokens=[1], predictions=[None], correct=[None], accuracy=None, rubric_scores=[None],
+                    rubric_score=None)
+    out = write_artifact(tmp_path / "e.parquet", "eval", [item], stage="eval")
+    assert str(pq.read_schema(out).field("predictions").type) == "list<item: string>"
+    assert read_artifact(out, "eval")[0] == [item]

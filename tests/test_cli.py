@@ -96,7 +96,7 @@ def test_eval_rows_and_summary(pipeline):
     assert s["items"] == 4 and s["graded_items"] == 3  # rar1 has no gold answer: not counted as wrong
     assert 0 <= s["accuracy"] <= 1 and s["accuracy_ci"][0] <= s["accuracy"] <= s["accuracy_ci"][1]
     assert [it.accuracy is None for it in items] == [False, False, False, True]
-    assert "accuracy" in procs[-1].stderr
+    assert "accuracy" in procs[-1].stdout  # results on stdout, logs on stderr
 
 
 def test_eval_offline_bench_and_inspect(run_cli, tiny_model, tmp_path):
@@ -105,7 +105,7 @@ def test_eval_offline_bench_and_inspect(run_cli, tiny_model, tmp_path):
     items, meta = read_artifact(tmp_path / "arc.parquet", "eval")
     assert len(items) == 3 and all(it.gold in "ABCDE" for it in items)
     proc = run_cli("inspect", tmp_path / "arc.parquet", check=True)
-    assert '"kind": "eval"' in proc.stderr and "completions" in proc.stderr
+    assert '"kind": "eval"' in proc.stdout and "completions" in proc.stdout  # pipeable: rcsd inspect f | grep
 
 
 def test_unseen_layouts_through_the_stages(run_cli, tiny_model, tmp_path):

@@ -260,8 +260,10 @@ def test_reduction_weights_by_hand():
     assert reduction_weights(tok, counts) == pytest.approx([1 / 8, 1 / 8, 1 / 8])
     # per-token losses 1.0 on the short sequence and 3.0 on the long one: the two reductions differ
     per_seq_sums = [2 * 1.0, 6 * 3.0, 0.0]
-    assert sum(w * s for w, s in zip(reduction_weights(seq, counts), per_seq_sums)) == pytest.approx((1 + 3) / 2)
-    assert sum(w * s for w, s in zip(reduction_weights(tok, counts), per_seq_sums)) == pytest.approx(20 / 8)
+    def loss(ctx):
+        return sum(w * s for w, s in zip(reduction_weights(ctx, counts), per_seq_sums, strict=True))
+
+    assert loss(seq) == pytest.approx((1 + 3) / 2) and loss(tok) == pytest.approx(20 / 8)
 
 
 def test_recipes_are_valid_configs():

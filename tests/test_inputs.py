@@ -51,17 +51,20 @@ def test_gpqa_csv_shuffles_choices_reproducibly(tmp_path):
         w = csv.DictWriter(fh, cols)
         w.writeheader()
         for i in range(6):
-            w.writerow({"Question": f"Made-up question {i}?", "Correct Answer": f"right {i}",
+            w.writerow({"Question": f"Made-up question {i}?\nLine two,\r\nwith \"quotes\".",
+                        "Correct Answer": f"right {i}",
                         "Incorrect Answer 1": "w1", "Incorrect Answer 2": "w2", "Incorrect Answer 3": "w3",
                         "Explanation": "because", "Record ID": f"rec{i}", "High-level domain": "Physics"})
     rows = load_problems(f, shuffle_seed=3)
     again = load_problems(f, shuffle_seed=3)
-    for r, r2 in zip(rows, again):
+    for r, r2 in zip(rows, again, strict=True):
         p = r.problem
         assert p.choices == r2.problem.choices and p.answer == r2.problem.answer
         assert p.choices["ABCD".index(p.answer)].startswith("right")
         assert p.metadata == {"shuffle_seed": 3, "High-level domain": "Physics"}
     assert len({r.problem.answer for r in rows}) > 1  # the gold is not always in the same slot
+    # quoted multi-line fields keep their line breaks (GPQA questions span several lines)
+    assert rows[0].problem.question.startswith('Made-up question 0?\nLine two,\nwith "quotes".')
 
 
 def test_plain_and_multiple_choice_layouts(tmp_path):

@@ -9,7 +9,7 @@ from rcsd_cli.losses import chunked_distill_loss, distill_token_loss, sampled_to
 
 
 def kl(p, q):
-    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
 
 
 def logits_of(probs):
@@ -32,7 +32,7 @@ def test_reverse_kl_is_beta_one():
 
 
 def test_generalized_jsd_half():
-    m = [(a + b) / 2 for a, b in zip(P_T, P_S)]
+    m = [(a + b) / 2 for a, b in zip(P_T, P_S, strict=True)]
     expected = 0.5 * kl(P_T, m) + 0.5 * kl(P_S, m)
     got = distill_token_loss(logits_of(P_S), logits_of(P_T), beta=0.5).item()
     assert got == pytest.approx(expected, abs=1e-9)

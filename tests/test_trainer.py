@@ -43,7 +43,7 @@ def test_aligned_hidden_matches_unpadded_forward(tiny_model):
     head = model.get_output_embeddings()
     for side, prompts in ((pb.student, s_prompts), (pb.teacher, t_prompts)):
         logits = head(aligned_hidden(model, side))
-        for i, (p, c) in enumerate(zip(prompts, completions)):
+        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
             full = model(torch.tensor([p + c])).logits[0]
             expected = full[len(p) - 1: len(p) - 1 + len(c)]
             assert torch.allclose(logits[i, : len(c)], expected, atol=1e-5)

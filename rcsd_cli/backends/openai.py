@@ -52,7 +52,7 @@ class OpenAIBackend:
             except urllib.error.HTTPError as exc:
                 if exc.code not in RETRYABLE:
                     body = exc.read().decode(errors="replace")[:200]
-                    raise RcsdError(f"{url}: HTTP {exc.code}: {body}")
+                    raise RcsdError(f"{url}: HTTP {exc.code}: {body}") from exc
                 last = f"HTTP {exc.code}"
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
                 last = type(getattr(exc, "reason", exc)).__name__

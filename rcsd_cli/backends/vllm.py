@@ -54,13 +54,15 @@ class VLLMBackend:
             self.llm = LLM(model=path, tokenizer=path, trust_remote_code=trust_remote_code,
                            tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=share, seed=0)
         except Exception as exc:  # noqa: BLE001 - the engine's own log above has the details
-            raise RcsdError(f"vllm: engine failed to start ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
+            raise RcsdError(f"vllm: engine failed to start ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:160]})") from exc
 
     def _run(self, prompts, params):
         try:
             return self.llm.generate(prompts, params, use_tqdm=False)
         except Exception as exc:  # noqa: BLE001 - engine failures become one clean line
-            raise RcsdError(f"vllm: generation failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
+            raise RcsdError(f"vllm: generation failed ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:160]})") from exc
 
     def _params(self, cfg, seed, **extra):
         from vllm import SamplingParams
@@ -91,9 +93,10 @@ class VLLMBackend:
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=k, temperature=0.0)
-        outs = self._run([TokensPrompt(prompt_token_ids=p + c) for p, c in zip(teacher_prompts, completions)], params)
+        outs = self._run([TokensPrompt(prompt_token_ids=p + c)
+                          for p, c in zip(teacher_prompts, completions, strict=True)], params)
         ids, lps = [], []
-        for out, p, c in zip(outs, teacher_prompts, completions):
+        for out, p, c in zip(outs, teacher_prompts, completions, strict=True):
             row_i, row_v = [], []
             for pos in range(len(p), len(p) + len(c)):  # logprobs at pos are for the token at pos
                 entries = sorted(out.prompt_logprobs[pos].items(), key=lambda kv: -kv[1].logprob)[:k]

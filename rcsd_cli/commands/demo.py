@@ -8,13 +8,13 @@ artifact stays in one folder; the before/after table is printed and saved as sum
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
 
+from rcsd_cli.artifacts import clear_own_folder
 from rcsd_cli.commands import common as c
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.models import resolve_model
@@ -24,7 +24,10 @@ from rcsd_cli.stages.gen_rubrics import run_gen_rubrics
 from rcsd_cli.stages.sample import run_sample
 from rcsd_cli.stages.score import run_score
 from rcsd_cli.stages.train import run_train
-from rcsd_cli.ui import console, info
+from rcsd_cli.ui import info, results
+
+DEMO_FILES = {"rubrics.parquet", "rubrics.rejected.parquet", "samples.parquet", "scores.parquet",
+              "eval_before.parquet", "eval_after.parquet", "model", "summary.json"}
 
 
 def run_demo(out: Path, *, bench: str = "arc-easy", model: str = c.DEFAULT, train_items: int = 80,
@@ -33,7 +36,8 @@ def run_demo(out: Path, *, bench: str = "arc-easy", model: str = c.DEFAULT, trai
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise RcsdError(f"{out}: demo folder is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
+        clear_own_folder(out, lambda p: p.name in DEMO_FILES or p.name.endswith((".partial.jsonl", ".tmp")),
+                         lambda p: p.name in DEMO_FILES, "a demo")
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     timings = {}
@@ -79,7 +83,7 @@ def run_demo(out: Path, *, bench: str = "arc-easy", model: str = c.DEFAULT, trai
                "train_kl_first_last": [metrics[0].kl, metrics[-1].kl],
                "stage_seconds": stage_seconds, "total_seconds": round(total, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    console.print(summary_table({"base": before, "after RCSD": after},
+    results.print(summary_table({"base": before, "after RCSD": after},
                                 f"{bench}: {eval_items} held-out items, greedy, before vs after {steps} RCSD steps"))
     info(f"all artifacts in {out}/ ; total {total:.0f} s")
     return summary

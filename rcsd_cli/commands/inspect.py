@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from rcsd_cli.artifacts import read_metadata
-from rcsd_cli.ui import console
+from rcsd_cli.ui import results as console
 
 
 def _short(value, width: int = 60) -> str:

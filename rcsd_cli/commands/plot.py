@@ -25,11 +25,11 @@ def run_plot(paths: list[Path], output: Path, overwrite: bool = False) -> Path:
     ensure_writable(output, overwrite)
     runs = [(p.parent.name if p.name == "metrics.parquet" else p.stem, read_artifact(p, "metrics")[0]) for p in paths]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    for ax, (field, title) in zip(axes.flat, PANELS):
+    for ax, (field, title) in zip(axes.flat, PANELS, strict=True):
         for name, rows in runs:
             pts = [(r.step, getattr(r, field)) for r in rows if getattr(r, field) is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", markersize=3, label=name)
+                ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=name)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

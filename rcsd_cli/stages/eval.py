@@ -1,5 +1,5 @@
 """``rcsd eval``: generative evaluation with answer extraction, accuracy with a 95% interval,
-avg@n, and the rubric score of every completion (the item's own rubric for ``--bench rubric``,
+avg@n (the mean accuracy over n samples per item), unbiased pass@k for k <= n, and the rubric score of every completion (the item's own rubric for ``--bench rubric``,
 the reference rubric built from the gold answer otherwise)."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from rcsd_cli.resume import ResumableGenerator
 from rcsd_cli.rubric_gen import reference_rubric
 from rcsd_cli.schemas import EvalConfig, EvalItem, GenerationConfig
 from rcsd_cli.stages.score import judge_and_score
-from rcsd_cli.stats import mean_interval, wilson_interval
-from rcsd_cli.ui import console, progress
+from rcsd_cli.stats import mean_interval, pass_at_k, wilson_interval
+from rcsd_cli.ui import progress, results
 
 
 def load_eval_items(bench: str, data: str | None, seed: int, offset: int, limit: int | None):
@@ -47,8 +47,11 @@ def summarise(items: list[EvalItem], n: int, seconds: float) -> dict:
     scores = [it.rubric_score for it in items if it.rubric_score is not None]
     rs, rlo, rhi = mean_interval(scores) if scores else (None, None, None)
     tokens = [t for it in items for t in it.completion_tokens]
+    graded_items = [it for it in items if it.accuracy is not None]
+    pass_at = {k: sum(pass_at_k(n, sum(bool(c) for c in it.correct), k) for it in graded_items) / len(graded_items)
+               for k in (1, 2, 4, 8, 16, n) if k <= n and graded_items}
     return {"items": len(items), "graded_items": len(graded), "n": n, "accuracy": acc, "accuracy_ci": [lo, hi],
-            "rubric_score": rs,
+            "pass_at": {str(k): v for k, v in sorted(pass_at.items())}, "rubric_score": rs,
             "rubric_score_ci": [rlo, rhi], "mean_completion_tokens": sum(tokens) / max(len(tokens), 1),
             "seconds": seconds}
 
@@ -108,6 +111,6 @@ def run_eval(cfg: EvalConfig, output: Path, *, overwrite: bool = False, trust_re
                    inputs=[data] if data else [], overwrite=overwrite, extra={"summary": summary})
     runner.finish()
     if show:
-        console.print(summary_table({model: summary}, f"{bench}: {len(items)} items, avg@{n}"))
+        results.print(summary_table({model: summary}, f"{bench}: {len(items)} items, avg@{n}"))
     return summary
 

@@ -42,7 +42,7 @@ def _llm_rubrics(todo: list[InputRow], cfg: GenRubricsConfig, trust_remote_code:
             keys = [f"{r.problem.id}:{attempt}" for r in pending]
             outs = runner.generate(keys, prompts, cfg.generation, cfg.seed + 104_729 * attempt)
             retry = []
-            for row, out in zip(pending, outs):
+            for row, out in zip(pending, outs, strict=True):
                 try:
                     crit = parse_rubric_output(out.text)
                     accepted[row.problem.id] = Rubric(**row.problem.model_dump(), rubric=crit, rubric_origin="llm")

@@ -41,7 +41,8 @@ def run_sample(cfg: SampleConfig, output: Path, *, overwrite: bool = False,
             def keep(indices, gens):
                 rows = [Sample(id=f"{jobs[i][0].id}:{jobs[i][1]}", problem_id=jobs[i][0].id, sample_index=jobs[i][1],
                                prompt_token_ids=prompts[i], completion_token_ids=g.token_ids, completion=g.text,
-                               finish_reason=g.finish_reason, backend=engine.name) for i, g in zip(indices, gens)]
+                               finish_reason=g.finish_reason, backend=engine.name)
+                        for i, g in zip(indices, gens, strict=True)]
                 partial.append(rows)
                 done.update({r.id: r for r in rows})
                 advance(len(rows))
