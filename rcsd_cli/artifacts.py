@@ -122,11 +122,13 @@ def clear_own_folder(out: Path, own: Callable[[Path], bool], marker: Callable[[P
     if not entries:
         return
     foreign = [p for p in entries if not own(p)]
-    if foreign or not any(marker(p) for p in entries):
-        first = foreign[0].name if foreign else entries[0].name
+    if foreign:
         raise RcsdError(f"{out}: --overwrite replaces only {what} written by rcsd, and this folder also holds "
-                        f"{first!r}" + (f" (+{len(foreign) - 1} more)" if len(foreign) > 1 else "")
+                        f"{foreign[0].name!r}" + (f" (+{len(foreign) - 1} more)" if len(foreign) > 1 else "")
                         + "; choose another output folder")
+    if not any(marker(p) for p in entries):
+        raise RcsdError(f"{out}: --overwrite replaces only {what} written by rcsd, and this folder holds none "
+                        "(no rcsd provenance file); choose another output folder")
     for p in entries:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)

@@ -233,8 +233,10 @@ _MODEL_HELP = "HF model id, local folder, or the embedded default."
 
 
 class GenRubricsConfig(_Config):
-    data: str = opt(panel="Data", argument=True, help="Problems: JSONL, JSON, Parquet or CSV file, or a bundled "
-                    "benchmark name.")
+    data: str = opt(panel="Data", argument=True, help="Problems: JSONL, JSON, Parquet or CSV file, a bundled "
+                    "benchmark name, or a Hugging Face dataset id (e.g. ScaleAI/RaR-Science).")
+    split: str = opt("train", panel="Data", help="Hub datasets: the split to read.")
+    subset: str | None = opt(None, panel="Data", help="Hub datasets: the configuration (subset) name.")
     generator: Literal["auto", "llm", "reference"] = opt(
         "auto", panel="Data", help="llm: the rubric-designer prompt; reference: built from the gold answer, no LLM; "
         "auto: llm for rows without a rubric.")

@@ -44,6 +44,9 @@ def quiet_libraries() -> None:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()  # its retry warnings would break one-line errors
     except ImportError:  # pragma: no cover
         pass
 

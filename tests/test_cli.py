@@ -207,3 +207,26 @@ def test_binary_wrong_kind_and_missing_model(run_cli, tmp_path, tiny_model):
     assert read_metadata(rubrics)["kind"] == "rubrics"
     p = run_cli("train", "--rubrics", rubrics, "-o", tmp_path / "m", "--model", tiny_model, "--lr", "-1")
     assert p.returncode == 2 and "lr" in p.stderr and not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["gen-rubrics", "ScaleAI/RaR-Science", "--split", "train"], "ScaleAI/RaR-Science: could not load split 'train'"),
+    (["eval", "--bench", "aime24"], "aime24: could not load HuggingFaceH4/aime_2024 from the Hugging Face hub"),
+])
+def test_hub_sources_fail_in_one_line_offline(run_cli, tmp_path, monkeypatch, args, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what an unreachable hub gives, without the retry wait
+    p = run_cli(*args, "-o", tmp_path / "out.parquet")
+    assert p.returncode == 2 and message in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "out.parquet").exists()
+
+
+def test_progress_lines_without_a_terminal_and_quiet(run_cli, tmp_path, tiny_model, monkeypatch):
+    data = write_jsonl(tmp_path / "d.jsonl", MC_ROWS)
+    run_cli("gen-rubrics", data, "-o", tmp_path / "r.parquet", "--generator", "reference", check=True)
+    monkeypatch.setenv("RCSD_PROGRESS_SECONDS", "0")
+    p = run_cli("sample", tmp_path / "r.parquet", "-o", tmp_path / "s.parquet", "--model", tiny_model,
+                "--max-new-tokens", "3", "--gen-batch-size", "1", check=True)
+    assert f"sample: 1/{len(MC_ROWS)}" in p.stderr and f"sample: {len(MC_ROWS)}/{len(MC_ROWS)}" in p.stderr
+    p = run_cli("-q", "sample", tmp_path / "r.parquet", "-o", tmp_path / "s2.parquet", "--model", tiny_model,
+                "--max-new-tokens", "3", check=True)
+    assert p.stderr.strip() == "" and (tmp_path / "s2.parquet").is_file()

@@ -64,7 +64,7 @@ def test_gpqa_csv_shuffles_choices_reproducibly(tmp_path):
         assert p.metadata == {"shuffle_seed": 3, "High-level domain": "Physics"}
     assert len({r.problem.answer for r in rows}) > 1  # the gold is not always in the same slot
     # quoted multi-line fields keep their line breaks (GPQA questions span several lines)
-    assert rows[0].problem.question.startswith('Made-up question 0?\nLine two,\nwith "quotes".')
+    assert rows[0].problem.question == 'Made-up question 0?\nLine two,\r\nwith "quotes".'  # byte for byte
 
 
 def test_plain_and_multiple_choice_layouts(tmp_path):

@@ -30,7 +30,7 @@ def test_train_overwrite_refuses_a_folder_with_user_files(run_cli, tmp_path, tin
     (work / "notes.txt").unlink()
     p = run_cli("train", "--rubrics", rubrics, "--model", tiny_model, "-o", ".", "--overwrite", "--steps", "1",
                 cwd=work)
-    assert p.returncode == 2 and "also holds" not in p.stderr  # only files rcsd might write, but no run marker
+    assert p.returncode == 2 and "holds none (no rcsd provenance file)" in p.stderr  # rcsd-like names, no run
     assert (work / "config.json").is_file()
 
 

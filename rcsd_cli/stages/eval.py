@@ -1,5 +1,6 @@
 """``rcsd eval``: generative evaluation with answer extraction, accuracy with a 95% interval,
-avg@n (the mean accuracy over n samples per item), unbiased pass@k for k <= n, and the rubric score of every completion (the item's own rubric for ``--bench rubric``,
+avg@n (the mean accuracy over n samples per item), unbiased pass@k for k <= n, and the rubric score
+of every completion (the item's own rubric for ``--bench rubric``,
 the reference rubric built from the gold answer otherwise)."""
 
 from __future__ import annotations

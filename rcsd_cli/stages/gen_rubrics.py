@@ -13,12 +13,13 @@ from rcsd_cli.schemas import GenRubricsConfig, RejectedRubric, Rubric
 from rcsd_cli.ui import info, progress
 
 
-def load_sources(data: str, limit: int | None, seed: int, offset: int = 0) -> list[InputRow]:
-    """A problems file, or a bundled benchmark by name (seeded shuffle, then offset/limit)."""
+def load_sources(data: str, limit: int | None, seed: int, offset: int = 0, split: str = "train",
+                 subset: str | None = None) -> list[InputRow]:
+    """A problems file, a bundled benchmark by name (seeded shuffle, then offset/limit), or a hub dataset id."""
     if not Path(data).exists() and data in BENCHES:
         problems = select(load_bench(data), seed, offset, limit)
         return [InputRow(p, None) for p in problems]
-    rows = load_problems(data)
+    rows = load_problems(data, split=split, subset=subset)
     return rows[offset:][:limit] if limit else rows[offset:]
 
 
@@ -62,7 +63,7 @@ def run_gen_rubrics(cfg: GenRubricsConfig, output: Path, *, overwrite: bool = Fa
     ensure_writable(output, overwrite)
     data, generator, model, regenerate = cfg.data, cfg.generator, cfg.model, cfg.regenerate
     limit, seed, offset = cfg.limit, cfg.seed, cfg.offset
-    rows = load_sources(data, limit, seed, offset)
+    rows = load_sources(data, limit, seed, offset, cfg.split, cfg.subset)
     out: dict[str, Rubric] = {}
     rejected: list[RejectedRubric] = []
     todo = []
