@@ -226,6 +226,9 @@ def write_artifact(path: str | Path, kind: str, rows: list[BaseModel], *, stage:
     try:
         pq.write_table(table, tmp)
         os.replace(tmp, path)
+    except OSError as exc:  # full disk, read-only or vanished folder: nothing is left half-written
+        reason = exc.strerror or str(exc).splitlines()[0]
+        raise RcsdError(f"{path}: cannot write ({reason[:120]})") from exc
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -57,6 +57,12 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     quiet_libraries()
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """CUDA and CPU allocator failures (torch.OutOfMemoryError subclasses RuntimeError)."""
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower() \
+        or "DefaultCPUAllocator: can't allocate memory" in str(exc)
+
+
 def main() -> None:
     try:
         app()
@@ -64,6 +70,19 @@ def main() -> None:
         if os.environ.get("RCSD_DEBUG"):
             raise
         print(f"rcsd: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except RuntimeError as exc:
+        if os.environ.get("RCSD_DEBUG") or not _out_of_memory(exc):
+            raise
+        print(f"rcsd: error: out of memory ({str(exc).splitlines()[0][:100]}); lower --micro-batch-size, "
+              "--gen-batch-size or --chunk-size (RCSD_DEBUG=1 shows the traceback)", file=sys.stderr)
+        sys.exit(1)
+    except OSError as exc:  # disk full, permissions, a file vanishing mid-run: say which and where
+        if os.environ.get("RCSD_DEBUG"):
+            raise
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"rcsd: error: {exc.strerror or type(exc).__name__}{where} (RCSD_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         print("rcsd: interrupted; finished work is kept and a rerun resumes it", file=sys.stderr)
