@@ -365,6 +365,9 @@ class TrainConfig(_Config):
         "(FSDP2, ZeRO-3-like) or shard-grad-op (ZeRO-2-like). Unset: what an accelerate FSDP config asks for, "
         "else replicate.")
     save_every: int = opt(0, ge=0, panel="Output", help="Checkpoint every N steps (0 = only the final model).")
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = opt(
+        "none", panel="Output", help="Also log every step to TensorBoard (OUTPUT/runs), Weights & Biases or Trackio "
+        "(optional extras). metrics.parquet is always written.")
     generation: GenerationConfig = nested(_generation(temperature=1.2, top_p=0.95, top_k=20),
                                           flags={"enable_thinking": "--student-thinking"})
 

@@ -31,6 +31,7 @@ from rcsd_cli.errors import RcsdError
 from rcsd_cli.models import compute_dtype, load_model
 from rcsd_cli.objectives import OBJECTIVES, StepContext
 from rcsd_cli.schemas import MetricsRow, TrainConfig
+from rcsd_cli.tracking import Tracker, numeric, open_tracker
 from rcsd_cli.ui import info, progress
 
 
@@ -266,6 +267,7 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
     teacher_hidden, teacher_head, teacher_generate = _teacher_view(cfg, student, teacher, tok)
     objective = objective or OBJECTIVES[cfg.method]
     used = metrics[-1].rollout_tokens if metrics else 0
+    tracker = open_tracker(cfg.report_to, out, cfg.model_dump(mode="json")) if main else Tracker()
     with progress(f"train ({cfg.method})", cfg.steps, enabled=main) as advance:
         advance(start_step)
         for step in range(start_step, cfg.steps):
@@ -306,11 +308,13 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
                 f"tokens {m.completion_tokens}  {m.seconds:.1f}s")
             if main:  # live: readable (and plottable) while the run goes on, replaced atomically
                 write_metrics(out, metrics, cfg, inputs, world)
+                tracker.log(m.step, numeric(m.model_dump()))
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 save_checkpoint(out / f"checkpoint-{step + 1}", student, teacher, tok, optimizer, scheduler, step + 1,
                                 cfg, metrics)
     final_state = sharding.full_state_dict(student) if sharded else None
     if main:
+        tracker.close()
         save_final(out, student, tok, cfg, final_state)
         (out / "README.md").write_text(model_card(cfg, metrics, list(inputs), world))
         (out / "rcsd_train_config.json").write_text(cfg.model_dump_json(indent=2))
@@ -344,7 +348,7 @@ _TRAIN_FILES = re.compile(r"(model(-\d+-of-\d+)?\.safetensors|model\.safetensors
                           r"generation_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|vocab\.json|"
                           r"merges\.txt|chat_template\.jinja|added_tokens\.json|tokenizer\.model|"
                           r"adapter_config\.json|adapter_model\.safetensors|README\.md|rcsd_train_config\.json|"
-                          r"metrics\.parquet|\.metrics\.parquet\.tmp-\d+|merged|checkpoint-\d+(\.tmp)?)")
+                          r"metrics\.parquet|\.metrics\.parquet\.tmp-\d+|merged|runs|wandb|checkpoint-\d+(\.tmp)?)")
 
 
 def _is_train_output(path: Path) -> bool:

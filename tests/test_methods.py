@@ -169,3 +169,15 @@ def test_plot_draws_curves_from_metrics(run_cli, tiny_model, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     p = run_cli("plot", tmp_path / "a" / "metrics.parquet", "-o", out)
     assert p.returncode == 2 and "already exists" in p.stderr
+
+
+def test_report_to_tensorboard_writes_event_files(tiny_model, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = train(cfg(tiny_model, report_to="tensorboard"), rubric_rows(), tmp_path)
+    events = EventAccumulator(str(tmp_path / "runs"))
+    events.Reload()
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [1, 2]
+    assert [e.value for e in losses] == pytest.approx([m.loss for m in metrics], rel=1e-6)
+    assert "train/kl" in events.Tags()["scalars"]
