@@ -7,6 +7,7 @@ servers) implement the same ``generate`` signature.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +32,48 @@ def _stop_ids(tokenizer, model) -> set[int]:
     return ids
 
 
+def item_seed(*parts) -> int:
+    """A stable 63-bit seed from (run seed, step, item id, ...): the same item draws the same sample
+    whatever batch it lands in, whichever process runs it and whatever ran before."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k, then nucleus filtering (the order transformers applies them); removed entries become -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def _next_tokens(logits: torch.Tensor, cfg: GenerationConfig, generators: list[torch.Generator]) -> torch.Tensor:
+    if cfg.temperature <= 0:
+        return logits.argmax(-1)
+    scores = _filter(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p)
+    # Gumbel-max with one generator per row: an exact sample from softmax(scores), row by row independent
+    noise = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in generators])
+    gumbel = -torch.log(-torch.log(noise.clamp_(min=1e-20, max=1 - 1e-7)))
+    return (scores + gumbel).argmax(-1)
+
+
 @torch.no_grad()
-def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, seed: int) -> list[Generation]:
-    """Generate one completion per prompt; completions keep their end-of-sequence token."""
+def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig,
+                   seeds: list[int] | int) -> list[Generation]:
+    """One completion per prompt, prompt i sampled with its own generator seeded by ``seeds[i]``.
+
+    A plain KV-cache decoding loop over left-padded prompts (position ids from the attention
+    mask), so sampling never touches torch's global RNG and a completion depends only on its
+    prompt, the settings and its seed. Completions keep their end-of-sequence token.
+    """
+    if isinstance(seeds, int):
+        seeds = [item_seed(seeds, i) for i in range(len(prompts))]
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     width = max(len(p) for p in prompts)
@@ -42,38 +82,70 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationCo
     for i, p in enumerate(prompts):
         input_ids[i, width - len(p):] = torch.tensor(p)
         attention[i, width - len(p):] = 1
-    stop = _stop_ids(tokenizer, model)
-    kwargs = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=pad, eos_token_id=sorted(stop) or None)
-    if cfg.temperature > 0:
-        kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    stop = torch.tensor(sorted(_stop_ids(tokenizer, model)) or [-1], device=device)
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     was_training = model.training
     model.eval()
-    # Seed a private copy of the RNG state: the training run's global generator is left as it was.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+    with _decoding(model) as lm:
+        rows = _decode(lm, input_ids, attention, cfg, generators, stop, pad)
     model.train(was_training)
+    stop_ids = set(stop.tolist())
     results = []
-    for row in out[:, width:].tolist():
+    for row in rows:
         ids, finish = [], "length"
         for t in row:
             ids.append(t)
-            if t in stop:
+            if t in stop_ids:
                 finish = "stop"
                 break
         results.append(Generation(ids, tokenizer.decode(ids, skip_special_tokens=True), finish))
     return results
 
 
+@contextmanager
+def _decoding(model):
+    """The causal LM to decode with: a sharded model is gathered once (no collectives per token)."""
+    from rcsd_cli.sharding import FinalHidden, gathered
+
+    if isinstance(model, FinalHidden):
+        with gathered(model):
+            yield model.lm
+    else:
+        yield model
+
+
+def _decode(model, input_ids, attention, cfg, generators, stop, pad) -> list[list[int]]:
+    position = (attention.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=position, use_cache=True)
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    tokens = []
+    for _ in range(cfg.max_new_tokens):
+        nxt = _next_tokens(out.logits[:, -1, :], cfg, generators)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        tokens.append(nxt)
+        done |= torch.isin(nxt, stop)
+        if bool(done.all()):
+            break
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)  # finished rows: pad
+        position = position[:, -1:] + 1
+        out = model(input_ids=nxt.unsqueeze(-1), attention_mask=attention, position_ids=position,
+                    past_key_values=out.past_key_values, use_cache=True)
+    return torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in range(input_ids.shape[0])]
+
+
 def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, seed: int,
-             on_batch=None) -> list[Generation]:
-    """Generate for any number of prompts in batches of ``cfg.batch_size``."""
+             on_batch=None, seeds: list[int] | None = None) -> list[Generation]:
+    """Generate for any number of prompts in batches of ``cfg.batch_size``.
+
+    ``seeds`` (one per prompt) make each sample independent of batching; by default prompt i of
+    this call gets ``item_seed(seed, i)``.
+    """
+    seeds = seeds if seeds is not None else [item_seed(seed, i) for i in range(len(prompts))]
     results: list[Generation] = []
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start:start + cfg.batch_size]
-        batch = generate_batch(model, tokenizer, chunk, cfg, seed + start)
+        batch = generate_batch(model, tokenizer, chunk, cfg, seeds[start:start + cfg.batch_size])
         results.extend(batch)
         if on_batch:
             on_batch(start, batch)

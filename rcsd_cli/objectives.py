@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from rcsd_cli.batching import SideBatch, aligned_hidden, build_pair_batch
-from rcsd_cli.generation import generate, generate_batch
+from rcsd_cli.generation import generate, item_seed
 from rcsd_cli.losses import (
     chunked_distill_loss,
     chunked_token_logprobs,
@@ -136,11 +136,11 @@ def reason_first_teacher_prompts(ctx: StepContext, rows: list[Rubric]) -> list[l
     gen_cfg = GenerationConfig(max_new_tokens=cfg.analysis_max_new_tokens, temperature=cfg.analysis_temperature,
                                top_p=cfg.analysis_top_p, top_k=cfg.analysis_top_k,
                                batch_size=cfg.generation.batch_size)
-    seed = cfg.seed * 7_919 + ctx.step * 1_000 + ctx.rank * 100_003 + 500_009
+    seeds = [item_seed(cfg.seed, "analysis", ctx.step, r.id) for r in rows]
     if cfg.analysis_by == "teacher":
-        analyses = ctx.teacher_generate(asks, gen_cfg, seed)
+        analyses = ctx.teacher_generate(asks, gen_cfg, seeds)
     else:
-        analyses = generate(ctx.student, tok, asks, gen_cfg, seed)
+        analyses = generate(ctx.student, tok, asks, gen_cfg, cfg.seed, seeds=seeds)
     out = []
     for row, ask, analysis in zip(rows, asks, analyses, strict=True):
         rubric, _ = teacher_rubric(row, cfg.method, cfg.teacher_context)
@@ -191,12 +191,12 @@ def rollout_reward(row: Rubric, text: str, cfg: TrainConfig) -> float:
     return s.score if s.score is not None else 0.0
 
 
-def rollouts(ctx: StepContext, prompts: list[list[int]]):
-    cfg, gens = ctx.cfg, []
-    for j in range(0, len(prompts), cfg.generation.batch_size):
-        gens += generate_batch(ctx.student, ctx.tokenizer, prompts[j: j + cfg.generation.batch_size], cfg.generation,
-                               seed=cfg.seed * 7_919 + ctx.step * 1_000 + ctx.rank * 100_003 + j)
-    return gens
+def rollouts(ctx: StepContext, prompts: list[list[int]], keys: list) -> list:
+    """Student samples; each seeded by (seed, step, item), so a rollout does not depend on the batch
+    it lands in, the number of processes, or ``--gen-batch-size``."""
+    cfg = ctx.cfg
+    seeds = [item_seed(cfg.seed, "rollout", ctx.step, *key) for key in keys]
+    return generate(ctx.student, ctx.tokenizer, prompts, cfg.generation, cfg.seed, seeds=seeds)
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -209,7 +209,7 @@ def distill_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
         t_prompts = reason_first_teacher_prompts(ctx, rows)
     else:
         t_prompts = [teacher_prompt(tok, r, cfg) for r in rows]
-    gens = rollouts(ctx, s_prompts)
+    gens = rollouts(ctx, s_prompts, [(r.id,) for r in rows])
     completions = [g.token_ids for g in gens]
     rewards = [rollout_reward(r, g.text, cfg) for r, g in zip(rows, gens, strict=True)]
     res = distill_backward(ctx, s_prompts, t_prompts, completions)
@@ -250,7 +250,7 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     cfg, tok, G = ctx.cfg, ctx.tokenizer, ctx.cfg.group_size
     group_rows = [r for r in rows for _ in range(G)]
     prompts = [student_prompt(tok, r, cfg) for r in group_rows]
-    gens = rollouts(ctx, prompts)
+    gens = rollouts(ctx, prompts, [(r.id, j % G) for j, r in enumerate(group_rows)])
     completions = [g.token_ids for g in gens]
     rewards = torch.tensor([rollout_reward(r, g.text, cfg) for r, g in zip(group_rows, gens, strict=True)],
                            dtype=torch.float32)

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from rcsd_cli.artifacts import PartialLog
-from rcsd_cli.generation import Generation
+from rcsd_cli.generation import Generation, item_seed
 from rcsd_cli.ui import info
 
 OPERATIONAL = {"base_url", "concurrency", "max_retries", "backoff_s", "timeout_s", "api_key_env"}
@@ -54,8 +54,9 @@ class ResumableGenerator:
             if on_done:
                 on_done(len(rows))
 
-        if todo:
-            self.engine.generate([prompts[i] for i in todo], gen_cfg, seed, on_done=keep)
+        if todo:  # seeded by key: a resumed run draws what the uninterrupted one would have
+            self.engine.generate([prompts[i] for i in todo], gen_cfg, seed, on_done=keep,
+                                 seeds=[item_seed(seed, keys[i]) for i in todo])
         return [Generation(self.done[k].token_ids, self.done[k].text, self.done[k].finish_reason) for k in keys]
 
     def finish(self) -> None:

@@ -7,7 +7,7 @@ backward, the chunked losses can apply the output head outside the forward, as t
 sharding. Gradients are *summed* across processes (not averaged): every objective already
 divides by the global token count.
 
-Generation gathers every unit once, turns resharding off and runs ``generate`` without further
+Generation gathers every unit once, turns resharding off and decodes without further
 collectives, so ranks may stop at different lengths. Checkpoints hold full (unsharded) weights
 and an optimizer state keyed by parameter name, so they resume on any number of processes,
 sharded or not.

@@ -214,9 +214,9 @@ def _teacher_view(cfg: TrainConfig, student, teacher, tok):
         with scope():
             return aligned_hidden(module, side)
 
-    def gen(prompts, gen_cfg, seed):
+    def gen(prompts, gen_cfg, seeds):
         with scope():
-            return generate(module, tok, prompts, gen_cfg, seed)
+            return generate(module, tok, prompts, gen_cfg, 0, seeds=seeds)
 
     return hidden, head, gen
 

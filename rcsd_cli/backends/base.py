@@ -15,8 +15,11 @@ class Backend(Protocol):
     tokenizer: object
 
     def generate(self, prompts: list[list[int]], cfg: GenerationConfig, seed: int,
-                 on_done: OnDone | None = None) -> list[Generation]:
-        """One completion per prompt; ``on_done`` sees finished ones as they complete (for resumability)."""
+                 on_done: OnDone | None = None, seeds: list[int] | None = None) -> list[Generation]:
+        """One completion per prompt; ``on_done`` sees finished ones as they complete (for resumability).
+
+        ``seeds``: one per prompt (``generation.item_seed`` of the item), so a sample does not depend
+        on batching or on what was generated before; default ``item_seed(seed, i)``."""
 
 
 class HFBackend:
@@ -28,14 +31,14 @@ class HFBackend:
         loaded = load_model(model_name, trust_remote_code)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
 
-    def generate(self, prompts, cfg, seed, on_done=None):
+    def generate(self, prompts, cfg, seed, on_done=None, seeds=None):
         from rcsd_cli.generation import generate
 
         def relay(start, batch):
             if on_done:
                 on_done(list(range(start, start + len(batch))), batch)
 
-        return generate(self.model, self.tokenizer, prompts, cfg, seed, on_batch=relay)
+        return generate(self.model, self.tokenizer, prompts, cfg, seed, on_batch=relay, seeds=seeds)
 
 
 def open_backend(cfg: BackendConfig, model_name: str, trust_remote_code: bool = False) -> Backend:

@@ -78,11 +78,14 @@ class OpenAIBackend:
             self.name = "openai-retokenised"
         return Generation(list(ids), text, finish)
 
-    def generate(self, prompts, cfg, seed, on_done=None):
+    def generate(self, prompts, cfg, seed, on_done=None, seeds=None):
+        from rcsd_cli.generation import item_seed
+
+        seeds = seeds if seeds is not None else [item_seed(seed, i) for i in range(len(prompts))]
         results: list[Generation | None] = [None] * len(prompts)
         failure: RcsdError | None = None
         with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
-            futures = {pool.submit(self._one, p, cfg, seed + i): i for i, p in enumerate(prompts)}
+            futures = {pool.submit(self._one, p, cfg, seeds[i] % 2**31): i for i, p in enumerate(prompts)}
             for fut in as_completed(futures):
                 i = futures[fut]
                 try:

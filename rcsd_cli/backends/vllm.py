@@ -70,13 +70,16 @@ class VLLMBackend:
         return SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               top_k=cfg.top_k if cfg.top_k else -1, seed=seed, **extra)
 
-    def generate(self, prompts, cfg, seed, on_done=None):
+    def generate(self, prompts, cfg, seed, on_done=None, seeds=None):
         from vllm.inputs import TokensPrompt
 
+        from rcsd_cli.generation import item_seed
+
+        seeds = seeds if seeds is not None else [item_seed(seed, i) for i in range(len(prompts))]
         results = []
         for start in range(0, len(prompts), max(cfg.batch_size, 64)):
             chunk = prompts[start: start + max(cfg.batch_size, 64)]
-            params = [self._params(cfg, seed + start + i) for i in range(len(chunk))]
+            params = [self._params(cfg, seeds[start + i] % 2**31) for i in range(len(chunk))]
             outs = self._run([TokensPrompt(prompt_token_ids=p) for p in chunk], params)
             batch = []
             for out in outs:

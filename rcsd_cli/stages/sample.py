@@ -6,6 +6,7 @@ from pathlib import Path
 
 from rcsd_cli.artifacts import PartialLog, ensure_writable, read_artifact, read_metadata, write_artifact
 from rcsd_cli.backends import open_backend
+from rcsd_cli.generation import item_seed
 from rcsd_cli.inputs import load_problems
 from rcsd_cli.prompts import student_prompt_ids
 from rcsd_cli.resume import fingerprint
@@ -47,7 +48,8 @@ def run_sample(cfg: SampleConfig, output: Path, *, overwrite: bool = False,
                 done.update({r.id: r for r in rows})
                 advance(len(rows))
 
-            engine.generate(prompts, generation, seed, on_done=keep)
+            engine.generate(prompts, generation, seed, on_done=keep,
+                            seeds=[item_seed(seed, p.id, k) for p, k in jobs])
     samples = [done[f"{p.id}:{k}"] for p in problems for k in range(n)]
     write_artifact(output, "samples", samples, stage="sample", config=cfg, model_id=model, inputs=[rubrics],
                    overwrite=overwrite)
