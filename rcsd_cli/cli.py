@@ -28,6 +28,8 @@ app.command("train", rich_help_panel=PIPELINE,
             epilog=example("rcsd train --rubrics rubrics.parquet -o model --steps 20 --batch-size 8"))(stages.train)
 app.command("eval", rich_help_panel=PIPELINE,
             epilog=example("rcsd eval --bench arc-easy --limit 100 -o eval.parquet --model model"))(stages.eval_)
+app.command("diagnose", rich_help_panel=PIPELINE,
+            epilog=example("rcsd diagnose rubrics.parquet --limit 64 -o diagnose.parquet"))(stages.diagnose)
 app.command("demo", rich_help_panel=TOOLS, epilog=example("rcsd demo -o rcsd-demo"))(demo.command)
 app.command("serve", rich_help_panel=TOOLS,
             epilog=example("rcsd serve --model Qwen/Qwen3-8B --port 8000   # then: --backend openai "

@@ -190,3 +190,20 @@ def stored_topk_distill_loss(student_logits: torch.Tensor, teacher_ids: torch.Te
     if clip is not None:
         terms = terms.clamp(max=clip)
     return terms.sum(-1)
+
+
+def divergence_diagnostics(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, top_k: int = 20,
+                           temperature: float = 1.0, clip: float | None = None):
+    """Per token: the loss ``train`` would apply (top-k forward KL, clipped), the share of its
+    (token, entry) terms at the clip, and whether teacher and student agree on the top token.
+
+    Returns three [...] tensors. A teacher that carries signal shows a loss well above zero and
+    agreement below one on the student's own tokens.
+    """
+    s, t = _restrict(_upcast(student_logits) / temperature, _upcast(teacher_logits) / temperature, top_k)
+    log_s, log_t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+    terms = log_t.exp() * (log_t - log_s)
+    clipped = (terms >= clip).float().mean(-1) if clip is not None else torch.zeros(terms.shape[:-1])
+    loss = (terms.clamp(max=clip) if clip is not None else terms).sum(-1)
+    agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float()
+    return loss, clipped, agree

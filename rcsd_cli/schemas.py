@@ -161,6 +161,26 @@ class EvalItem(_Row):
     rubric_score: float | None
 
 
+class DiagnoseRow(_Row):
+    """One item under one teacher condition of ``rcsd diagnose``."""
+
+    id: str
+    condition: str = Field(description="rubric, reference, shuffled or none: what the teacher saw.")
+    student_correct: bool | None
+    teacher_correct: bool | None
+    student_score: float | None = Field(description="Rubric score of the student's own rollout.")
+    teacher_score: float | None = Field(description="Rubric score of the teacher's own answer (its own rubric).")
+    tokens: int = Field(description="Student rollout tokens the statistics below average over.")
+    mean_loss: float = Field(description="Mean per-token loss train would apply on the student's rollout.")
+    clip_share: float = Field(description="Share of (token, entry) loss terms at the clip.")
+    top1_agreement: float
+    gold_logprob_teacher: float | None = Field(description="Teacher's mean log-prob per token of the gold answer "
+                                               "line after the student's rollout.")
+    gold_logprob_student: float | None
+    student_completion: str
+    teacher_completion: str
+
+
 class MetricsRow(_Row):
     """One optimizer step of ``rcsd train``."""
 
@@ -399,6 +419,36 @@ class TrainConfig(_Config):
         return self
 
 
+class DiagnoseConfig(_Config):
+    """Settings of ``rcsd diagnose``: does the privileged teacher carry signal, before any training?"""
+
+    rubrics: str = opt(panel="Data", argument=True, help="rubrics.parquet (the items train would use).")
+    limit: int = opt(32, ge=2, panel="Data", help="Items to diagnose (a seeded sample).")
+    seed: int = opt(0, panel="Data", help="Random seed (item sample, sampling, shuffled rubrics).")
+    prompt_style: PromptStyle = opt("paper", panel="Data", help=_PROMPT_STYLE_HELP)
+    model: str = opt(DEFAULT_MODEL, panel="Model", help=_MODEL_HELP)
+    conditions: str = opt("rubric,reference,shuffled,none", panel="Teacher",
+                          help="Teacher contexts to compare, comma-separated: rubric (as train: rubric and "
+                          "reference), reference (OPSD's), shuffled (another item's rubric and its own reference), "
+                          "none (the student's own prompt: the zero point).")
+    teacher_thinking: bool | None = opt(None, panel="Teacher", help="enable_thinking of the teacher prompts "
+                                        "(default: as --student-thinking).")
+    loss_top_k: int = opt(20, ge=1, panel="Loss", help="Teacher top-k tokens of the loss (as train).")
+    loss_temperature: float = opt(1.2, gt=0, panel="Loss", help="Loss temperature (as train).")
+    clip: float | None = opt(0.05, gt=0, panel="Loss", help="Per (token, entry) clip (as train); none = off.")
+    generation: GenerationConfig = nested(_generation(max_new_tokens=128, temperature=1.2, top_p=0.95, top_k=20),
+                                          flags={"enable_thinking": "--student-thinking"})
+
+    @field_validator("conditions")
+    @classmethod
+    def _known_conditions(cls, v: str) -> str:
+        names = [c.strip() for c in v.split(",") if c.strip()]
+        bad = [c for c in names if c not in ("rubric", "reference", "shuffled", "none")]
+        if bad or not names:
+            raise ValueError(f"unknown condition {bad[0]!r}" if bad else "give at least one condition")
+        return ",".join(names)
+
+
 class EvalConfig(_Config):
     bench: str = opt(panel="Data", help="Benchmark name, or rubric (with --data rubrics.parquet).")
     data: str | None = opt(None, panel="Data", help="Local data file (GPQA CSV, rubrics.parquet for --bench rubric).")
@@ -421,6 +471,7 @@ ROW_MODELS: dict[str, type[BaseModel]] = {
     "scores": Score,
     "eval": EvalItem,
     "metrics": MetricsRow,
+    "diagnose": DiagnoseRow,
 }
 CONFIG_MODELS: dict[str, type[BaseModel]] = {
     "gen-rubrics": GenRubricsConfig,
@@ -428,6 +479,7 @@ CONFIG_MODELS: dict[str, type[BaseModel]] = {
     "score": ScoreConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
+    "diagnose": DiagnoseConfig,
 }
 EXTRA_MODELS: dict[str, type[BaseModel]] = {"criterion": Criterion, "criterion-verdict": CriterionVerdict}
 

@@ -1,6 +1,7 @@
 """Parquet artifacts: validation, provenance metadata, atomic writes, resumable partial logs."""
 
 import hashlib
+import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -112,3 +113,16 @@ def test_sparse_and_full_files_share_one_schema_and_load_together(tmp_path):
     out = write_artifact(tmp_path / "e.parquet", "eval", [item], stage="eval")
     assert pq.read_schema(out).field("predictions").type.value_type == pa.string()
     assert read_artifact(out, "eval")[0] == [item]
+
+
+def test_files_from_the_last_release_still_read(tmp_path):
+    """The previous release let Arrow guess types (a null-typed column when every value was None)."""
+    from rcsd_cli.artifacts import META_KEY, build_metadata
+
+    rec = _score(0, False).model_dump(mode="json")
+    table = pa.Table.from_pylist([rec])
+    assert pa.types.is_null(table.schema.field("teacher_topk_ids").type)
+    table = table.replace_schema_metadata({META_KEY: json.dumps(build_metadata("scores", "score", None, None))})
+    pq.write_table(table, tmp_path / "old.parquet")
+    rows, _ = read_artifact(tmp_path / "old.parquet", "scores")
+    assert rows == [_score(0, False)]

@@ -169,3 +169,17 @@ def test_chunked_token_logprobs_matches_full():
     y = torch.randint(0, 11, (2, 7))
     full = torch.log_softmax(head(h), -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(chunked_token_logprobs(h, head, y, chunk_size=3), full, atol=1e-6)
+
+
+def test_divergence_diagnostics_by_hand():
+    from rcsd_cli.losses import divergence_diagnostics
+
+    t = [0.7, 0.2, 0.1]
+    s = [0.2, 0.5, 0.3]
+    terms = [ti * math.log(ti / si) for ti, si in zip(t, s, strict=True)]  # 0.877, -0.183, -0.110
+    loss, clipped, agree = divergence_diagnostics(logits_of(s), logits_of(t), top_k=3, clip=0.05)
+    assert loss.item() == pytest.approx(0.05 + terms[1] + terms[2], abs=1e-9)
+    assert clipped.item() == pytest.approx(1 / 3)
+    assert agree.item() == 0.0
+    loss, clipped, agree = divergence_diagnostics(logits_of(t), logits_of(t), top_k=3, clip=0.05)
+    assert loss.item() == pytest.approx(0.0, abs=1e-12) and clipped.item() == 0.0 and agree.item() == 1.0

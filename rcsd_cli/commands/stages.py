@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from rcsd_cli.commands.common import stage_command
-from rcsd_cli.schemas import EvalConfig, GenRubricsConfig, SampleConfig, ScoreConfig, TrainConfig
+from rcsd_cli.schemas import DiagnoseConfig, EvalConfig, GenRubricsConfig, SampleConfig, ScoreConfig, TrainConfig
 
 
 def _flag(name: str, flag: str, help: str) -> inspect.Parameter:
@@ -41,6 +41,12 @@ def _eval(cfg, output, **flags):
     run_eval(cfg, output, **flags)
 
 
+def _diagnose(cfg, output, **flags):
+    from rcsd_cli.stages.diagnose import run_diagnose
+
+    run_diagnose(cfg, output, **flags)
+
+
 def _train(cfg, output, *, dry_run: bool = False, **flags):
     from rcsd_cli.stages.train import dry_run as show_dry_run
     from rcsd_cli.stages.train import run_train
@@ -63,6 +69,10 @@ sample = stage_command(
 score = stage_command(
     ScoreConfig, _score, output="scores.parquet",
     doc="Score samples against their rubrics: checks in code, other criteria by an LLM judge, never guessed.")
+diagnose = stage_command(
+    DiagnoseConfig, _diagnose, output="diagnose.parquet",
+    doc="Before training: is the rubric-conditioned teacher better than the student? Teacher advantage, the loss "
+        "train would apply, and rubric ablations, with 95% intervals.")
 eval_ = stage_command(EvalConfig, _eval, output="eval.parquet",
                       doc="Evaluate a model on a benchmark: per-item Parquet plus a summary table.")
 train = stage_command(

@@ -1,0 +1,190 @@
+"""``rcsd diagnose``: does the rubric-conditioned teacher carry a signal, before any compute is spent?
+
+Self-distillation can only help when the privileged teacher is better than the student. On a
+seeded sample of items, with the prompts ``train`` would use, this measures:
+
+- the *teacher advantage*: the teacher's own answers (from its privileged prompt) against the
+  student's rollouts, in accuracy and rubric score, paired per item with 95% intervals;
+- on the student's rollouts, what training would apply: the mean per-token loss (top-k forward KL,
+  temperature, clip as ``train``), the share of loss terms at the clip, teacher–student top-1
+  agreement, and the teacher's log-probability of the gold answer line after the student's own
+  reasoning against the student's (a continuous signal that small models still show);
+- the same under ablated teachers: ``reference`` (OPSD's context), ``shuffled`` (another item's
+  rubric) and ``none`` (no privileged context: the zero point), which separates "the rubric helps"
+  from "any extra context helps".
+
+One row per (item, condition) goes to Parquet; the summary table is printed and stored in metadata.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from rcsd_cli.artifacts import ensure_writable, read_artifact, write_artifact
+from rcsd_cli.batching import aligned_hidden, build_pair_batch
+from rcsd_cli.benchmarks import select
+from rcsd_cli.errors import RcsdError
+from rcsd_cli.generation import generate, item_seed
+from rcsd_cli.losses import divergence_diagnostics
+from rcsd_cli.models import load_model
+from rcsd_cli.objectives import student_prompt, teacher_prompt_ids, teacher_thinking
+from rcsd_cli.prompts import chat_prompt_ids, student_message, text_ids
+from rcsd_cli.schemas import DiagnoseConfig, DiagnoseRow, Rubric, TrainConfig
+from rcsd_cli.scoring import score_completion
+from rcsd_cli.stats import mean_interval
+from rcsd_cli.ui import info, progress, results
+
+
+def gold_suffix(row: Rubric, style: str) -> str | None:
+    """The answer line a correct rollout would end with, in the prompt style's own format."""
+    if not row.answer:
+        return None
+    return f"\n\nThe final answer is \\boxed{{{row.answer}}}." if style == "paper" else f"\nAnswer: {row.answer}"
+
+
+def condition_prompt(tok, row: Rubric, partner: Rubric, condition: str, view: TrainConfig) -> list[int]:
+    """The teacher prompt of one condition; ``partner`` lends its rubric to ``shuffled``."""
+    think = teacher_thinking(view)
+    if condition == "none":
+        return chat_prompt_ids(tok, student_message(row, view.prompt_style), think)
+    if condition == "reference":
+        return teacher_prompt_ids(tok, row, method="opsd", context="rubric+reference", style=view.prompt_style,
+                                  thinking=think)
+    if condition == "shuffled":
+        row = row.model_copy(update={"rubric": partner.rubric})
+    return teacher_prompt_ids(tok, row, method="rcsd", context="rubric+reference", style=view.prompt_style,
+                              thinking=think)
+
+
+@torch.no_grad()
+def _token_logits(model, prompts: list[list[int]], continuations: list[list[int]], pad_id: int):
+    """Per row: logits [len(continuation), V] predicting each continuation token after its prompt."""
+    head = model.get_output_embeddings()
+    out = []
+    for j in range(0, len(prompts), 4):
+        pb = build_pair_batch(prompts[j:j + 4], prompts[j:j + 4], continuations[j:j + 4], pad_id)
+        logits = head(aligned_hidden(model, pb.student)).float()
+        out += [logits[i, : len(c)] for i, c in enumerate(continuations[j:j + 4])]
+    return out
+
+
+def _paired(values: list[tuple[float, float]]) -> dict:
+    diffs = [a - b for a, b in values]
+    if not diffs:
+        return {"mean": None, "ci": [None, None], "n": 0}
+    mean, lo, hi = mean_interval(diffs)
+    return {"mean": mean, "ci": [lo, hi], "n": len(diffs)}
+
+
+def summarise(rows: list[DiagnoseRow], conditions: list[str]) -> dict:
+    out = {}
+    for cond in conditions:
+        rs = [r for r in rows if r.condition == cond]
+        out[cond] = {
+            "accuracy_gain": _paired([(float(r.teacher_correct), float(r.student_correct)) for r in rs
+                                      if r.teacher_correct is not None and r.student_correct is not None]),
+            "score_gain": _paired([(r.teacher_score, r.student_score) for r in rs
+                                   if r.teacher_score is not None and r.student_score is not None]),
+            "gold_logprob_gain": _paired([(r.gold_logprob_teacher, r.gold_logprob_student) for r in rs
+                                          if r.gold_logprob_teacher is not None]),
+            "mean_loss": sum(r.mean_loss for r in rs) / len(rs),
+            "clip_share": sum(r.clip_share for r in rs) / len(rs),
+            "top1_agreement": sum(r.top1_agreement for r in rs) / len(rs),
+        }
+    return out
+
+
+def verdict(summary: dict) -> str:
+    """One line: is the rubric teacher measurably better than the student (an interval excluding zero)?"""
+    cond = "rubric" if "rubric" in summary else next(iter(summary))
+    s = summary[cond]
+    better = [name for name in ("accuracy_gain", "score_gain", "gold_logprob_gain")
+              if s[name]["ci"][0] is not None and s[name]["ci"][0] > 0]
+    worse = [name for name in ("accuracy_gain", "score_gain", "gold_logprob_gain")
+             if s[name]["ci"][1] is not None and s[name]["ci"][1] < 0]
+    if better:
+        return f"the {cond} teacher is measurably better than the student ({', '.join(better)}: 95% interval > 0)"
+    if worse:
+        return f"the {cond} teacher is measurably worse than the student ({', '.join(worse)}: 95% interval < 0)"
+    return (f"the {cond} teacher is not measurably better than the student (every 95% interval includes 0): "
+            "expect little from self-distillation here")
+
+
+def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
+                 trust_remote_code: bool = False) -> dict:
+    ensure_writable(output, overwrite)
+    conditions = cfg.conditions.split(",")
+    rubrics, _ = read_artifact(cfg.rubrics, "rubrics")
+    items: list[Rubric] = select(rubrics, cfg.seed, 0, cfg.limit)
+    if len(items) < 2:
+        raise RcsdError(f"{cfg.rubrics}: diagnose needs at least 2 items, found {len(items)}")
+    view = TrainConfig(rubrics=cfg.rubrics, model=cfg.model, prompt_style=cfg.prompt_style,
+                       teacher_thinking=cfg.teacher_thinking, generation=cfg.generation)
+    order = list(range(len(items)))
+    random.Random(cfg.seed).shuffle(order)
+    partner = {items[order[i]].id: items[order[(i + 1) % len(items)]] for i in range(len(items))}  # never itself
+    lm = load_model(cfg.model, trust_remote_code)
+    model, tok = lm.model, lm.tokenizer
+    s_prompts = [student_prompt(tok, r, view) for r in items]
+    with progress("diagnose: student rollouts", len(items)) as advance:
+        rollouts = generate(model, tok, s_prompts, cfg.generation, cfg.seed,
+                            seeds=[item_seed(cfg.seed, "diagnose-student", r.id) for r in items],
+                            on_batch=lambda _, b: advance(len(b)))
+    suffixes = [text_ids(tok, s) if (s := gold_suffix(r, cfg.prompt_style)) else [] for r in items]
+    conts = [g.token_ids + suf for g, suf in zip(rollouts, suffixes, strict=True)]
+    s_logits = _token_logits(model, s_prompts, conts, tok.pad_token_id)
+    s_scores = [score_completion(r.id, r, r.rubric, g.text) for r, g in zip(items, rollouts, strict=True)]
+    rows: list[DiagnoseRow] = []
+    for cond in conditions:
+        t_prompts = [condition_prompt(tok, r, partner[r.id], cond, view) for r in items]
+        with progress(f"diagnose: {cond} teacher", len(items)) as advance:
+            answers = generate(model, tok, t_prompts, cfg.generation, cfg.seed,
+                               seeds=[item_seed(cfg.seed, "diagnose-teacher", cond, r.id) for r in items],
+                               on_batch=lambda _, b: advance(len(b)))
+        t_logits = _token_logits(model, t_prompts, conts, tok.pad_token_id)
+        for i, r in enumerate(items):
+            n = len(rollouts[i].token_ids)
+            loss, clipped, agree = divergence_diagnostics(s_logits[i][:n], t_logits[i][:n], top_k=cfg.loss_top_k,
+                                                          temperature=cfg.loss_temperature, clip=cfg.clip)
+            gold_t = gold_s = None
+            if suffixes[i]:
+                target = torch.tensor(suffixes[i])
+                gold_t = torch.log_softmax(t_logits[i][n:], -1).gather(-1, target[:, None]).mean().item()
+                gold_s = torch.log_softmax(s_logits[i][n:], -1).gather(-1, target[:, None]).mean().item()
+            t_score = score_completion(r.id, r, r.rubric, answers[i].text)
+            rows.append(DiagnoseRow(
+                id=r.id, condition=cond, student_correct=s_scores[i].correct, teacher_correct=t_score.correct,
+                student_score=s_scores[i].score, teacher_score=t_score.score, tokens=n,
+                mean_loss=loss.mean().item() if n else 0.0, clip_share=clipped.mean().item() if n else 0.0,
+                top1_agreement=agree.mean().item() if n else 1.0, gold_logprob_teacher=gold_t,
+                gold_logprob_student=gold_s, student_completion=rollouts[i].text,
+                teacher_completion=answers[i].text))
+    summary = summarise(rows, conditions)
+    line = verdict(summary)
+    write_artifact(output, "diagnose", rows, stage="diagnose", config=cfg, model_id=cfg.model,
+                   inputs=[cfg.rubrics], overwrite=overwrite, extra={"summary": summary, "verdict": line})
+    results.print(summary_table(summary, f"{len(items)} items of {cfg.rubrics}, {cfg.prompt_style} prompts"))
+    results.print(f"verdict: {line}")
+    info(f"wrote {len(rows)} rows to {output}")
+    return {"summary": summary, "verdict": line}
+
+
+def summary_table(summary: dict, title: str):
+    from rich.table import Table
+
+    def fmt(s):
+        if s["mean"] is None:
+            return "n/a"
+        return f"{s['mean']:+.3f} [{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}]"
+
+    table = Table(title=title)
+    for col in ("teacher", "accuracy gain", "rubric score gain", "gold log-prob gain", "loss/token", "at clip",
+                "top-1 agree"):
+        table.add_column(col, justify="left" if col == "teacher" else "right")
+    for cond, s in summary.items():
+        table.add_row(cond, fmt(s["accuracy_gain"]), fmt(s["score_gain"]), fmt(s["gold_logprob_gain"]),
+                      f"{s['mean_loss']:.4f}", f"{s['clip_share']:.3f}", f"{s['top1_agreement']:.3f}")
+    return table

@@ -1,0 +1,49 @@
+"""``rcsd diagnose`` on a tiny model: the zero point is exactly zero, rows and summary are consistent."""
+
+from __future__ import annotations
+
+import pytest
+
+from rcsd_cli.artifacts import read_artifact
+
+from .conftest import MC_ROWS, write_jsonl
+
+
+def test_diagnose_rows_summary_and_zero_point(run_cli, tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", MC_ROWS)
+    run_cli("gen-rubrics", data, "-o", tmp_path / "r.parquet", "--generator", "reference", check=True)
+    p = run_cli("diagnose", tmp_path / "r.parquet", "--model", tiny_model, "--limit", "4", "--max-new-tokens", "6",
+                "--conditions", "rubric,shuffled,none", "-o", tmp_path / "d.parquet", check=True)
+    assert "verdict: the rubric teacher is" in p.stdout
+    rows, meta = read_artifact(tmp_path / "d.parquet", "diagnose")
+    n = min(4, len(MC_ROWS))
+    assert len(rows) == 3 * n and {r.condition for r in rows} == {"rubric", "shuffled", "none"}
+    none = [r for r in rows if r.condition == "none"]
+    # no privileged context: the teacher sees the student's prompt, so nothing differs on the rollout
+    assert all(r.mean_loss == pytest.approx(0.0, abs=1e-7) and r.top1_agreement == 1.0 for r in none)
+    assert all(r.gold_logprob_teacher == pytest.approx(r.gold_logprob_student, abs=1e-5) for r in none)
+    rubric = [r for r in rows if r.condition == "rubric"]
+    assert all(r.tokens > 0 and r.mean_loss >= 0 and 0 <= r.clip_share <= 1 for r in rubric)
+    assert any(r.mean_loss > 0 for r in rubric)  # a different prompt gives a different distribution
+    s = meta["summary"]
+    gains = [r.gold_logprob_teacher - r.gold_logprob_student for r in rubric]
+    assert s["rubric"]["gold_logprob_gain"]["mean"] == pytest.approx(sum(gains) / n)
+    assert s["none"]["mean_loss"] == pytest.approx(0.0, abs=1e-7)
+    # the student side is shared: the same rollout under every condition
+    by_id = {}
+    for r in rows:
+        by_id.setdefault(r.id, set()).add(r.student_completion)
+    assert all(len(v) == 1 for v in by_id.values())
+
+
+def test_verdict_needs_an_interval_above_zero():
+    from rcsd_cli.stages.diagnose import verdict
+
+    def cond(lo, hi):
+        none = {"mean": None, "ci": [None, None], "n": 0}
+        return {"accuracy_gain": none, "score_gain": none,
+                "gold_logprob_gain": {"mean": (lo + hi) / 2, "ci": [lo, hi], "n": 8}}
+
+    assert "measurably better" in verdict({"rubric": cond(0.1, 0.5)})
+    assert "not measurably better" in verdict({"rubric": cond(-0.1, 0.5)})
+    assert "measurably worse" in verdict({"rubric": cond(-0.5, -0.1)})
