@@ -159,6 +159,10 @@ class EvalItem(_Row):
     accuracy: float | None
     rubric_scores: list[float | None]
     rubric_score: float | None
+    choice_logprobs: list[float] | None = Field(None, description="--scoring loglik: summed log-probability of "
+                                                "each choice as a continuation (lm-eval's protocol).")
+    acc_norm: float | None = Field(None, description="--scoring loglik: correct under length normalisation.")
+    gold_logprob: float | None = Field(None, description="--scoring loglik: log-probability of the gold choice.")
 
 
 class DiagnoseRow(_Row):
@@ -457,6 +461,9 @@ class EvalConfig(_Config):
     offset: int = opt(0, ge=0, panel="Data", help="Skip this many items after the seeded shuffle.")
     seed: int = opt(0, panel="Data", help="Random seed (shuffle, sampling).")
     prompt_style: PromptStyle = opt("paper", panel="Data", help=_PROMPT_STYLE_HELP)
+    scoring: Literal["generate", "loglik"] = opt(
+        "generate", panel="Data", help="generate: sample answers and extract them; loglik: multiple-choice "
+        "log-likelihood as lm-evaluation-harness (acc, acc_norm, gold log-prob), no generation.")
     model: str = opt(DEFAULT_MODEL, panel="Model", help=_MODEL_HELP)
     judge_model: str | None = opt(None, panel="Model", help="LLM judge for rubric criteria without a machine check.")
     generation: GenerationConfig = nested(_generation(temperature=0.0))

@@ -145,3 +145,36 @@ def test_math_benchmarks_load_offline_with_boxed_gold():
     assert len(math500) == 500 and len(gsm8k) == 1319
     assert math500[0].answer == "\\left( 3, \\frac{\\pi}{2} \\right)" and gsm8k[0].answer == "18"
     assert answers_match(extract_answer("So \\boxed{\\left(3,\\frac{\\pi}{2}\\right)}"), math500[0].answer)
+
+
+def test_loglik_choice_scores_equal_a_plain_forward(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rcsd_cli.loglik import choice_logprobs, context_text, encode_pair, grade
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    problems = [Problem(id="a", question="Which is a gas?", choices=["Oxygen", "Iron", "Salt water"], answer="A"),
+                Problem(id="b", question="2+2?", choices=["4", "five"], answer="B")]
+    got = choice_logprobs(model, tok, problems, batch_size=2)
+    assert [len(g) for g in got] == [3, 2]
+    for p, scores in zip(problems, got, strict=True):
+        for choice, score in zip(p.choices, scores, strict=True):
+            ctx, cont = encode_pair(tok, context_text(p), " " + choice)
+            ids = torch.tensor([ctx + cont])
+            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+            expected = sum(logp[len(ctx) - 1 + t, cont[t]].item() for t in range(len(cont)))
+            assert score == pytest.approx(expected, abs=1e-4)
+    g = grade(problems[1], [-1.0, -3.0])  # "five" is longer: -3/4 per char beats -1/1
+    assert (g["prediction"], g["acc"], g["acc_norm"], g["gold_logprob"]) == ("A", 0.0, 1.0, -3.0)
+
+
+def test_encode_pair_moves_trailing_spaces_to_the_continuation(tiny_model):
+    from transformers import AutoTokenizer
+
+    from rcsd_cli.loglik import encode_pair
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ctx, cont = encode_pair(tok, "Answer: ", "yes")
+    assert tok.decode(ctx) == "Answer:" and tok.decode(cont) == " yes"

@@ -57,6 +57,43 @@ def summarise(items: list[EvalItem], n: int, seconds: float) -> dict:
             "seconds": seconds}
 
 
+def run_loglik(cfg: EvalConfig, problems, output: Path, overwrite: bool, trust_remote_code: bool,
+               show: bool) -> dict:
+    """``--scoring loglik``: lm-eval's multiple-choice protocol, same item selection as generative eval."""
+    from rcsd_cli.loglik import choice_logprobs, grade
+    from rcsd_cli.models import load_model
+
+    if any(not p.choices for p in problems):
+        raise RcsdError(f"--scoring loglik needs multiple-choice items; {cfg.bench} has open answers")
+    if cfg.backend.kind != "hf":
+        raise RcsdError("--scoring loglik runs on the hf backend")
+    t0 = time.perf_counter()
+    lm = load_model(cfg.model, trust_remote_code)
+    with progress(f"loglik {cfg.bench}", len(problems)) as advance:
+        scores = choice_logprobs(lm.model, lm.tokenizer, problems, cfg.generation.batch_size, on_done=advance)
+    items = []
+    for p, s in zip(problems, scores, strict=True):
+        g = grade(p, s)
+        items.append(EvalItem(id=p.id, bench=cfg.bench, question=p.question, choices=p.choices, gold=p.answer,
+                              completions=[], completion_tokens=[], predictions=[g["prediction"]],
+                              correct=[None if g["acc"] is None else bool(g["acc"])], accuracy=g["acc"],
+                              rubric_scores=[], rubric_score=None, choice_logprobs=s, acc_norm=g["acc_norm"],
+                              gold_logprob=g["gold_logprob"]))
+    summary = summarise(items, 1, time.perf_counter() - t0)
+    norm = [it.acc_norm for it in items if it.acc_norm is not None]
+    gold = [it.gold_logprob for it in items if it.gold_logprob is not None]
+    summary.update(scoring="loglik", acc_norm=sum(norm) / len(norm) if norm else None,
+                   acc_norm_ci=list(wilson_interval(sum(norm), len(norm))) if norm else [None, None],
+                   gold_logprob=mean_interval(gold)[0] if gold else None,
+                   gold_logprob_ci=list(mean_interval(gold)[1:]) if gold else [None, None])
+    write_artifact(output, "eval", items, stage="eval", config=cfg, model_id=cfg.model,
+                   inputs=[cfg.data] if cfg.data else [], overwrite=overwrite, extra={"summary": summary})
+    if show:
+        results.print(f"{cfg.bench} ({len(items)} items, log-likelihood): acc {summary['accuracy']:.4f}  "
+                      f"acc_norm {summary['acc_norm']:.4f}  gold log-prob {summary['gold_logprob']:.4f}")
+    return summary
+
+
 def summary_table(rows: dict[str, dict], title: str) -> Table:
     table = Table(title=title)
     for col in ("model", "items", "accuracy [95% CI]", "rubric score [95% CI]", "tokens/answer", "seconds"):
@@ -81,6 +118,8 @@ def run_eval(cfg: EvalConfig, output: Path, *, overwrite: bool = False, trust_re
     pairs = load_eval_items(bench, data, seed, offset, limit)
     if not pairs:
         raise RcsdError(f"{bench}: no items selected (offset {offset}, limit {limit})")
+    if cfg.scoring == "loglik":
+        return run_loglik(cfg, [p for p, _ in pairs], output, overwrite, trust_remote_code, show)
     t0 = time.perf_counter()
     engine = open_backend(cfg.backend, model, trust_remote_code)
     runner = ResumableGenerator(engine, output, cfg, fresh=overwrite)
