@@ -72,6 +72,6 @@ def aligned_hidden(model, side: SideBatch) -> torch.Tensor:
         hidden = model(**inputs)
     else:
         lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # unwrap a peft model
-        hidden = lm.base_model(**inputs).last_hidden_state
+        hidden = lm.base_model(**inputs, use_cache=False).last_hidden_state  # no KV cache to build
     index = side.predict_index.to(device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     return hidden.gather(1, index)

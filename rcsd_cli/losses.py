@@ -15,7 +15,9 @@ the caller masks prompt and padding positions and normalises by the token count 
   advantage log p_T - log p_S held constant; O(1) memory per token.
 - ``chunked_distill_loss``: evaluates the above over completion positions in chunks, so
   [batch, time, vocab] logits never exist at once; each chunk's logits are recomputed in
-  the backward pass (activation checkpointing) instead of kept.
+  the backward pass (activation checkpointing) instead of kept — unless there is only one chunk,
+  where recomputing would save nothing. The teacher's logits are taken under no-grad outside the
+  recomputed part, and the forward-KL loss and its unclipped diagnostic share their terms.
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ def _restrict(student_logits, teacher_logits, top_k: int | None, tail: bool = Fa
         rest = torch.logsumexp(logp.masked_fill(in_top, float("-inf")), dim=-1, keepdim=True)
         out.append(torch.cat([logp.gather(-1, idx), rest], dim=-1))
     return out[0], out[1]
+
+
+def forward_kl_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, top_k: int | None,
+                     temperature: float) -> torch.Tensor:
+    """[..., k] terms p_T (log p_T - log p_S) on the teacher's top-k, both renormalised there."""
+    s, t = _restrict(student_logits, teacher_logits, top_k)  # gather first: no full-vocabulary copies
+    log_s, log_t = F.log_softmax(_upcast(s) / temperature, dim=-1), F.log_softmax(_upcast(t) / temperature, dim=-1)
+    return log_t.exp() * (log_t - log_s)
 
 
 def distill_token_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: float = 0.0,
@@ -106,31 +116,44 @@ def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
     kl_sum = torch.zeros(())
     agree_sum = torch.zeros(())
 
-    def chunk_loss(h_s, h_t, m, y, w):
+    # The forward-KL top-k loss and its unclipped diagnostic share the same terms: compute them once.
+    shared = kind == "topk_kl" and beta == 0.0 and not tail and diag_top_k == top_k
+
+    def chunk_loss(h_s, t_logits, m, y, w):
         s_logits = student_head(h_s)
-        with torch.no_grad():
-            t_logits = teacher_head(h_t)
         if kind == "sampled_rkl":
             s_lp = F.log_softmax(s_logits.float() / temperature, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
             t_lp = F.log_softmax(t_logits.float() / temperature, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
             per_tok = sampled_token_reverse_kl(s_lp, t_lp)
+        elif shared:
+            terms = forward_kl_terms(s_logits, t_logits, top_k, temperature)
+            per_tok = (terms.clamp(max=clip) if clip is not None else terms).sum(-1)
         else:
             per_tok = distill_token_loss(s_logits, t_logits, beta=beta, top_k=top_k if kind == "topk_kl" else None,
                                          temperature=temperature, clip=clip, tail=tail)
         with torch.no_grad():
-            kl, agree = topk_kl_and_agreement(s_logits.detach(), t_logits, diag_top_k, temperature)
+            if shared:
+                kl = terms.detach().sum(-1)
+                agree = (s_logits.argmax(-1) == t_logits.argmax(-1)).float()
+            else:
+                kl, agree = topk_kl_and_agreement(s_logits.detach(), t_logits, diag_top_k, temperature)
         return (per_tok * m).sum(), (per_tok * m * w.unsqueeze(-1)).sum(), (kl * m).sum(), (agree * m).sum()
 
+    # One chunk holds all the logits anyway: recomputing it in backward would buy no memory.
+    recompute = student_hidden.shape[1] > chunk_size
     for start in range(0, student_hidden.shape[1], chunk_size):
         sl = slice(start, start + chunk_size)
         m = mask[:, sl]
         if m.sum() == 0:
             continue
-        args = (student_hidden[:, sl], teacher_hidden[:, sl].detach(), m, targets[:, sl], weights)
-        if torch.is_grad_enabled() and student_hidden.requires_grad:
+        with torch.no_grad():  # the teacher's logits need no graph, and are not recomputed in backward
+            t_logits = teacher_head(teacher_hidden[:, sl].detach())
+        args = (student_hidden[:, sl], t_logits, m, targets[:, sl], weights)
+        if recompute and torch.is_grad_enabled() and student_hidden.requires_grad:
             loss, weighted, kl, agree = checkpoint(chunk_loss, *args, use_reentrant=False)
         else:
             loss, weighted, kl, agree = chunk_loss(*args)
+        del t_logits
         loss_sum = loss_sum + loss.detach()
         weighted_sum = weighted_sum + weighted
         kl_sum += kl.detach().cpu()

@@ -367,6 +367,8 @@ class TrainConfig(_Config):
                                          help="Stop once this many rollout tokens were used.")
     batch_size: int = opt(4, ge=1, panel="Optimiser", help="Prompts per optimizer step (all processes together).")
     micro_batch_size: int = opt(4, ge=1, panel="Optimiser", help="Sequences per forward/backward pass.")
+    gradient_checkpointing: bool = opt(False, panel="Optimiser", help="Recompute the student's decoder layers in "
+                                       "backward instead of holding their activations (less memory, more time).")
     lr: float = opt(5e-6, gt=0, panel="Optimiser", help="Peak learning rate (AdamW).")
     lr_schedule: Literal["constant", "linear", "cosine"] = opt(
         "linear", panel="Optimiser", help="After warm-up: constant, linear decay to 0 at --steps (the Trainer "

@@ -37,7 +37,7 @@ class FinalHidden(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids):
         return self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids).last_hidden_state
+                                  position_ids=position_ids, use_cache=False).last_hidden_state
 
     # What training and generation use of a causal LM, forwarded to the wrapped model.
     def get_output_embeddings(self):

@@ -95,6 +95,16 @@ def save_checkpoint(path: Path, student, teacher, tokenizer, optimizer, schedule
     tmp.rename(path)
 
 
+def enable_gradient_checkpointing(student) -> None:
+    """Decoder-layer activation checkpointing (non-reentrant, so frozen inputs and LoRA work)."""
+    lm = sharding.unwrap(student)
+    lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    if not getattr(lm, "supports_gradient_checkpointing", False):
+        raise RcsdError(f"--gradient-checkpointing: {type(lm).__name__} does not support it")
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = False
+
+
 def lora_targets(spec: str) -> str | list[str]:
     """``--lora-targets``: ``all-linear`` or a comma-separated list of module names."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
@@ -256,6 +266,8 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
         student = sharding.shard(student, reshard, device_type)
         teacher = None if teacher is None else sharding.shard(teacher, reshard, device_type)
         log(f"FSDP2 {cfg.sharding} over {world} processes")
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(student)
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -143,3 +143,26 @@ def test_top_k_top_p_filter_by_hand():
     assert kept.tolist() == [[True, True, False, False]]
     kept = torch.isfinite(_filter(logits, top_k=0, top_p=0.81))
     assert kept.tolist() == [[True, True, True, False]]
+
+
+def test_gradient_checkpointing_keeps_the_gradient(tiny_model):
+    from rcsd_cli.trainer import enable_gradient_checkpointing
+
+    teacher = load_model(str(tiny_model), device=CPU).model
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(2)))
+    s_prompts, t_prompts = [[1, 5, 6], [1, 9, 9]], [[1, 2, 3, 5, 6], [1, 9]]
+    completions = [[11, 12, 13, 14], [21, 22]]
+    grads = []
+    for checkpointing in (False, True):
+        lm = load_model(str(tiny_model), device=CPU)
+        lm.model.train()
+        if checkpointing:
+            enable_gradient_checkpointing(lm.model)
+        ctx = StepContext(lm.model, lm.tokenizer, lambda side: aligned_hidden(teacher, side),
+                          teacher.get_output_embeddings(), config(tiny_model, clip=None, chunk_size=2), 0)
+        distill_backward(ctx, s_prompts, t_prompts, completions)
+        grads.append([p.grad.clone() for p in lm.model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-7)
