@@ -31,29 +31,38 @@ def _choice_by_text(fragment: str, choices: list[str]) -> str | None:
 
 def extract_answer(text: str, choices: list[str] | None = None) -> str | None:
     """The model's final answer: a letter for multiple choice, else the answer text."""
-    candidates = [m.group(1).strip() for m in _ANSWER_LINE.finditer(text)]
-    candidates += boxed_contents(text)[-1:]
+    return extract_with_rule(text, choices)[0]
+
+
+RULES = ("answer_line", "boxed", "answer_is", "leading_letter", "trailing_letter", "choice_text", "last_number")
+STRICT_RULE = {"answer-line": "answer_line", "paper": "boxed"}  # what each prompt style asks the model to write
+
+
+def extract_with_rule(text: str, choices: list[str] | None = None) -> tuple[str | None, str | None]:
+    """(answer, the rule that found it): the format the prompt asked for, or one of rcsd's fallbacks."""
+    candidates = [(m.group(1).strip(), "answer_line") for m in _ANSWER_LINE.finditer(text)]
+    candidates += [(b, "boxed") for b in boxed_contents(text)[-1:]]
     n = len(choices) if choices else 0
-    for cand in reversed(candidates):
+    for cand, rule in reversed(candidates):
         if not choices:
-            return cand.strip().strip("*").rstrip(".").strip()
+            return cand.strip().strip("*").rstrip(".").strip(), rule
         found = _letter(cand, n) or _choice_by_text(cand, choices)
         if found:
-            return found
+            return found, rule
     if choices:
         m = list(_ANSWER_IS.finditer(text))
         if m and m[-1].group(1).upper() in LETTERS[:n]:
-            return m[-1].group(1).upper()
+            return m[-1].group(1).upper(), "answer_is"
         leading = {m.group(1) for m in re.finditer(r"(?m)^\s*\(?([A-Z])[\):\.]\s", text)}
         if len(leading) == 1 and next(iter(leading)) in LETTERS[:n]:
-            return next(iter(leading))  # "B) ..." as the reply; several labels mean the choices were listed
+            return next(iter(leading)), "leading_letter"  # "B) ..." as the reply; several: the choices were listed
         tail = re.search(r"(?:^|\s|\()([A-Z])\)?\.?\s*$", text.strip())
         if tail and tail.group(1) in LETTERS[:n]:
-            return tail.group(1)
+            return tail.group(1), "trailing_letter"
         quoted = [LETTERS[i] for i, c in enumerate(choices) if len(c) > 3 and c.lower() in text.lower()]
-        return quoted[0] if len(quoted) == 1 else None
+        return (quoted[0], "choice_text") if len(quoted) == 1 else (None, None)
     nums = _NUMBER.findall(text)
-    return nums[-1].replace(",", "") if nums else None
+    return (nums[-1].replace(",", ""), "last_number") if nums else (None, None)
 
 
 def boxed_contents(text: str) -> list[str]:

@@ -159,6 +159,10 @@ class EvalItem(_Row):
     accuracy: float | None
     rubric_scores: list[float | None]
     rubric_score: float | None
+    extraction_rules: list[str | None] | None = Field(None, description="Which rule found each prediction: "
+                                                      "answer_line, boxed, or one of rcsd's fallbacks.")
+    strict_correct: list[bool | None] | None = Field(None, description="Correct and in the format the prompt "
+                                                     "asked for (Answer: line, or \\boxed{}).")
     choice_logprobs: list[float] | None = Field(None, description="--scoring loglik: summed log-probability of "
                                                 "each choice as a continuation (lm-eval's protocol).")
     acc_norm: float | None = Field(None, description="--scoring loglik: correct under length normalisation.")

@@ -178,3 +178,14 @@ def test_encode_pair_moves_trailing_spaces_to_the_continuation(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ctx, cont = encode_pair(tok, "Answer: ", "yes")
     assert tok.decode(ctx) == "Answer:" and tok.decode(cont) == " yes"
+
+
+@pytest.mark.parametrize("text, rule", [
+    ("Answer: B", "answer_line"), ("so \\boxed{B}", "boxed"), ("I think the answer is (C).", "answer_is"),
+    ("B) because plants need it", "leading_letter"), ("It must be C", "trailing_letter"),
+    ("plants take in carbon dioxide", "choice_text"), ("no idea", None),
+])
+def test_extraction_rules_are_reported(text, rule):
+    from rcsd_cli.answers import extract_with_rule
+
+    assert extract_with_rule(text, ["Oxygen", "Carbon dioxide", "Nitrogen", "Argon"])[1] == rule

@@ -96,6 +96,9 @@ def test_eval_rows_and_summary(pipeline):
     assert s["items"] == 4 and s["graded_items"] == 3  # rar1 has no gold answer: not counted as wrong
     assert 0 <= s["accuracy"] <= 1 and s["accuracy_ci"][0] <= s["accuracy"] <= s["accuracy_ci"][1]
     assert [it.accuracy is None for it in items] == [False, False, False, True]
+    # how answers were found: strict counts only the format the prompt asked for
+    assert 0 <= s["strict_accuracy"] <= s["accuracy"] and s["strict_rule"] == "boxed"
+    assert sum(s["extraction_rules"].values()) == 8 and all(len(it.extraction_rules) == 2 for it in items)
     assert "accuracy" in procs[-1].stdout  # results on stdout, logs on stderr
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from rcsd_cli.answers import answers_match, extract_answer
+from rcsd_cli.answers import RULES, STRICT_RULE, answers_match, extract_with_rule
 from rcsd_cli.artifacts import ensure_writable, read_artifact, write_artifact
 from rcsd_cli.backends import open_backend
 from rcsd_cli.benchmarks import ALL_BENCHES, load_bench, select
@@ -94,16 +94,32 @@ def run_loglik(cfg: EvalConfig, problems, output: Path, overwrite: bool, trust_r
     return summary
 
 
+def strict_summary(items: list[EvalItem], strict_rule: str) -> dict:
+    """How answers were found: accuracy counting only the format the prompt asked for (simple-evals and
+    lighteval's strict reading), and how many answers each extraction rule produced."""
+    graded = [it for it in items if it.accuracy is not None]
+    strict = [sum(bool(c) for c in it.strict_correct) / len(it.strict_correct) for it in graded]
+    counts = {rule: 0 for rule in RULES}
+    for it in items:
+        for rule in it.extraction_rules or []:
+            counts[rule or "none"] = counts.get(rule or "none", 0) + 1
+    return {"strict_rule": strict_rule, "strict_accuracy": sum(strict) / len(strict) if strict else None,
+            "extraction_rules": counts}
+
+
 def summary_table(rows: dict[str, dict], title: str) -> Table:
     table = Table(title=title)
-    for col in ("model", "items", "accuracy [95% CI]", "rubric score [95% CI]", "tokens/answer", "seconds"):
+    for col in ("model", "items", "accuracy [95% CI]", "strict acc", "rubric score [95% CI]", "tokens/answer",
+                "seconds"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, s in rows.items():
         lo, hi = s["accuracy_ci"]
         acc = "n/a" if s["accuracy"] is None else f"{s['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
         rs = "n/a" if s["rubric_score"] is None else (
             f"{s['rubric_score']:.3f} [{s['rubric_score_ci'][0]:.3f}, {s['rubric_score_ci'][1]:.3f}]")
-        table.add_row(name, str(s["items"]), acc, rs, f"{s['mean_completion_tokens']:.0f}", f"{s['seconds']:.0f}")
+        strict = "n/a" if s.get("strict_accuracy") is None else f"{s['strict_accuracy']:.3f}"
+        table.add_row(name, str(s["items"]), acc, strict, rs, f"{s['mean_completion_tokens']:.0f}",
+                      f"{s['seconds']:.0f}")
     return table
 
 
@@ -137,16 +153,21 @@ def run_eval(cfg: EvalConfig, output: Path, *, overwrite: bool = False, trust_re
     for i, (p, rubric) in enumerate(pairs):
         g = gens[i * n:(i + 1) * n]
         sc = [scores.get(f"{p.id}:{k}") for k in range(n)]
-        preds = [extract_answer(x.text, p.choices) for x in g]
+        found = [extract_with_rule(x.text, p.choices) for x in g]
+        preds, rules = [a for a, _ in found], [r for _, r in found]
         correct = [answers_match(pr, p.answer, p.choices) if p.answer is not None else None for pr in preds]
+        strict = [None if c is None else bool(c and r == STRICT_RULE[cfg.prompt_style])
+                  for c, r in zip(correct, rules, strict=True)]
         rscores = [s.score if s else None for s in sc]
         known = [x for x in rscores if x is not None]
         items.append(EvalItem(id=p.id, bench=bench, question=p.question, choices=p.choices, gold=p.answer,
                               completions=[x.text for x in g], completion_tokens=[len(x.token_ids) for x in g],
                               predictions=preds, correct=correct,
                               accuracy=None if p.answer is None else sum(correct) / n,
-                              rubric_scores=rscores, rubric_score=sum(known) / len(known) if known else None))
+                              rubric_scores=rscores, rubric_score=sum(known) / len(known) if known else None,
+                              extraction_rules=rules, strict_correct=strict))
     summary = summarise(items, n, time.perf_counter() - t0)
+    summary.update(strict_summary(items, STRICT_RULE[cfg.prompt_style]))
     write_artifact(output, "eval", items, stage="eval", config=cfg, model_id=model,
                    inputs=[data] if data else [], overwrite=overwrite, extra={"summary": summary})
     runner.finish()
