@@ -97,9 +97,9 @@ def student_prompt(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
     return student_prompt_ids(tok, row, student_thinking(cfg), cfg.prompt_style)
 
 
-def teacher_rubric(row: Rubric, method: str, context: str):
+def teacher_rubric(row: Rubric, method: str, context: str, ablation: str | None = None):
     """What the teacher's prompt holds besides the question: (rubric or None, include the reference?)."""
-    if method == "opsd":
+    if method == "opsd" or ablation == "none":
         return None, True
     return row.rubric, context != "rubric"
 
@@ -110,18 +110,18 @@ def teacher_prompt(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
         return chat_prompt_ids(tok, rubric_designer_message(row) + "\n\nAn expert wrote this rubric for the "
                                f"question; use it as your guide:\n{rubric_json(row.rubric)}", teacher_thinking(cfg))
     return teacher_prompt_ids(tok, row, method=cfg.method, context=cfg.teacher_context, style=cfg.prompt_style,
-                              thinking=teacher_thinking(cfg))
+                              thinking=teacher_thinking(cfg), ablation=cfg.rubric_ablation)
 
 
 def teacher_prompt_ids(tok, row: Rubric, *, method: str, context: str, style: str,
-                       thinking: bool | None) -> list[int]:
-    rubric, with_reference = teacher_rubric(row, method, context)
+                       thinking: bool | None, ablation: str | None = None) -> list[int]:
+    rubric, with_reference = teacher_rubric(row, method, context, ablation)
     return chat_prompt_ids(tok, teacher_message(row, rubric, with_reference, style), thinking)
 
 
 def analysis_prompt(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
     """Reason-first: the analysis request, its own user turn, rendered with the teacher's thinking mode."""
-    rubric, _ = teacher_rubric(row, cfg.method, cfg.teacher_context)
+    rubric, _ = teacher_rubric(row, cfg.method, cfg.teacher_context, cfg.rubric_ablation)
     return chat_prompt_ids(tok, analysis_message(row, rubric, cfg.prompt_style), teacher_thinking(cfg))
 
 
@@ -143,7 +143,7 @@ def reason_first_teacher_prompts(ctx: StepContext, rows: list[Rubric]) -> list[l
         analyses = generate(ctx.student, tok, asks, gen_cfg, cfg.seed, seeds=seeds)
     out = []
     for row, ask, analysis in zip(rows, asks, analyses, strict=True):
-        rubric, _ = teacher_rubric(row, cfg.method, cfg.teacher_context)
+        rubric, _ = teacher_rubric(row, cfg.method, cfg.teacher_context, cfg.rubric_ablation)
         out.append(ask + analysis.token_ids + text_ids(tok, transition_text(row, rubric, cfg.prompt_style)))
     return out
 

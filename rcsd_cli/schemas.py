@@ -346,6 +346,9 @@ class TrainConfig(_Config):
         "text, then the student's rollout (the authors' published run).")
     teacher_thinking: bool | None = opt(None, panel="Teacher", help="enable_thinking of the teacher prompts "
                                         "(default: as --student-thinking).")
+    rubric_ablation: Literal["none", "generic", "shuffled", "noisy"] | None = opt(
+        None, panel="Teacher", help="The authors' ablations: none (no rubric, reference only), generic (one rubric "
+        "for every item), shuffled (another item's rubric), noisy (criteria reordered, 30% of weights negated).")
     analysis_by: Literal["teacher", "student"] = opt(
         "teacher", panel="Teacher", help="reason-first: who writes the analysis. teacher = the frozen teacher; "
         "student = the current student (what the authors' vLLM path did).")
@@ -411,8 +414,11 @@ class TrainConfig(_Config):
                 raise ValueError(f"--{bad[0].replace('_', '-')} has no effect {why}")
 
         offline = bool(self.samples or self.scores)
+        if self.method != "rcsd" or self.task != "reasoner":
+            refuse(("rubric_ablation",), f"with --method {self.method} --task {self.task} (RCSD reasoner only)")
         if offline:
-            refuse(("teacher", "teacher_context", "teacher_thinking", "ema_decay") + _REASON_FIRST_ONLY,
+            refuse(("teacher", "teacher_context", "teacher_thinking", "ema_decay", "rubric_ablation")
+                   + _REASON_FIRST_ONLY,
                    "on an offline round (--samples/--scores: the teacher's log-probs are stored)")
         if self.method != "grpo":
             refuse(_GRPO_ONLY, f"with --method {self.method} (GRPO only)")

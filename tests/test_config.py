@@ -283,3 +283,31 @@ def test_json_config_for_sample(run_cli, tmp_path, rubrics, tiny_model):
     rows, meta = read_artifact(tmp_path / "s.parquet", "samples")
     assert len(rows) == 4 and all(len(r.completion_token_ids) <= 3 for r in rows)
     assert meta["config"]["prompt_style"] == "answer-line" and Path(meta["config"]["model"]) == tiny_model
+
+
+def test_rubric_ablations_change_only_the_rubric():
+    from rcsd_cli.ablations import GENERIC_RUBRIC, ablate
+    from rcsd_cli.schemas import Criterion, Rubric
+
+    rows = [Rubric(id=f"q{i}", question=f"Q{i}?", answer="1", rubric_origin="imported",
+                   rubric=[Criterion(id=f"c{i}{j}", title=f"T{i}{j}", weight=j + 1) for j in range(4)])
+            for i in range(5)]
+    shuffled = ablate(rows, "shuffled", 0)
+    assert all(s.rubric != r.rubric and s.question == r.question for s, r in zip(shuffled, rows, strict=True))
+    assert sorted(str(s.rubric) for s in shuffled) == sorted(str(r.rubric) for r in rows)  # a permutation
+    assert all(s.rubric == GENERIC_RUBRIC for s in ablate(rows, "generic", 0))
+    noisy = ablate(rows, "noisy", 0)
+    assert ablate(rows, "noisy", 0) == noisy  # seeded
+    for n, r in zip(noisy, rows, strict=True):
+        assert sorted(abs(c.weight) for c in n.rubric) == sorted(c.weight for c in r.rubric)
+    assert any(c.weight < 0 for n in noisy for c in n.rubric)
+
+
+def test_no_rubric_ablation_shows_in_the_dry_run(run_cli, rubrics):
+    p = run_cli("train", "--rubrics", rubrics, "--dry-run", "--rubric-ablation", "none", check=True)
+    teacher = p.stdout.split("===== teacher_prompt =====")[1]
+    assert "Reference Answer:" in teacher and "Rubric (JSON array)" not in teacher
+    p = run_cli("train", "--rubrics", rubrics, "--dry-run", "--rubric-ablation", "generic", check=True)
+    assert "Sound step-by-step reasoning" in p.stdout.split("===== teacher_prompt =====")[1]
+    p = run_cli("train", "--rubrics", rubrics, "--dry-run", "--rubric-ablation", "generic", "--method", "opsd")
+    assert p.returncode == 2 and "--rubric-ablation has no effect with --method opsd" in p.stderr

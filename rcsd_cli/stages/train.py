@@ -79,6 +79,10 @@ def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume
     else:
         raise RcsdError("give --rubrics for online training, or --samples and --scores for an offline round")
     rows = rows[: cfg.limit] if cfg.limit else rows
+    if cfg.rubric_ablation:
+        from rcsd_cli.ablations import ablate
+
+        rows = ablate(rows, cfg.rubric_ablation, cfg.seed)
     rank, world = dist.setup(always=cfg.sharding != "replicate")
     check_sharding(cfg, world)
     if rank == 0:
@@ -117,12 +121,14 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
     if not cfg.rubrics:
         raise RcsdError("give --rubrics for online training, or --samples and --scores for an offline round")
     rows, _ = read_artifact(cfg.rubrics, "rubrics")
-    row = rows[0]
+    from rcsd_cli.ablations import ablate
+
+    row = ablate(rows, cfg.rubric_ablation, cfg.seed)[0]
     shown["item"] = row.id
     shown["student_prompt"] = tok.decode(student_prompt(tok, row, cfg))
     if cfg.method in ("rcsd", "opsd"):
         if cfg.teacher_context == "reason-first" and cfg.task == "reasoner":
-            rubric, _ = teacher_rubric(row, cfg.method, cfg.teacher_context)
+            rubric, _ = teacher_rubric(row, cfg.method, cfg.teacher_context, cfg.rubric_ablation)
             shown["analysis_prompt"] = tok.decode(analysis_prompt(tok, row, cfg))
             shown["transition"] = tok.decode(text_ids(tok, transition_text(row, rubric, cfg.prompt_style)))
         else:
