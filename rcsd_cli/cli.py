@@ -30,6 +30,9 @@ app.command("eval", rich_help_panel=PIPELINE,
             epilog=example("rcsd eval --bench arc-easy --limit 100 -o eval.parquet --model model"))(stages.eval_)
 app.command("diagnose", rich_help_panel=PIPELINE,
             epilog=example("rcsd diagnose rubrics.parquet --limit 64 -o diagnose.parquet"))(stages.diagnose)
+app.command("explain", rich_help_panel=TOOLS,
+            epilog=example("rcsd explain samples.parquet --rubrics rubrics.parquet -o credit.html --show"))(
+    stages.explain)
 app.command("demo", rich_help_panel=TOOLS, epilog=example("rcsd demo -o rcsd-demo"))(demo.command)
 app.command("serve", rich_help_panel=TOOLS,
             epilog=example("rcsd serve --model Qwen/Qwen3-8B --port 8000   # then: --backend openai "

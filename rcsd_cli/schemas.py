@@ -465,6 +465,24 @@ class DiagnoseConfig(_Config):
         return ",".join(names)
 
 
+class ExplainConfig(_Config):
+    """Settings of ``rcsd explain``: the per-token credit train would give stored samples."""
+
+    samples: str = opt(panel="Data", argument=True, help="samples.parquet from rcsd sample.")
+    rubrics: str = opt(panel="Data", help="rubrics.parquet the samples were drawn from.")
+    limit: int = opt(8, ge=1, panel="Data", help="Completions to render.")
+    prompt_style: PromptStyle | None = opt(None, panel="Data", help="Teacher prompt style (default: the samples' "
+                                           "own).")
+    model: str | None = opt(None, panel="Model", help="Model (default: the samples' model).")
+    teacher_context: Literal["rubric", "rubric+reference"] = opt("rubric+reference", panel="Teacher",
+                                                                 help="What the teacher sees besides the question.")
+    teacher_thinking: bool | None = opt(None, panel="Teacher", help="enable_thinking of the teacher prompt "
+                                        "(default: the samples' student setting).")
+    loss_top_k: int = opt(20, ge=1, panel="Loss", help="Teacher top-k tokens of the loss (as train).")
+    loss_temperature: float = opt(1.2, gt=0, panel="Loss", help="Loss temperature (as train).")
+    clip: float | None = opt(0.05, gt=0, panel="Loss", help="Per (token, entry) clip (as train); none = off.")
+
+
 class EvalConfig(_Config):
     bench: str = opt(panel="Data", help="Benchmark name, or rubric (with --data rubrics.parquet).")
     data: str | None = opt(None, panel="Data", help="Local data file (GPQA CSV, rubrics.parquet for --bench rubric).")
@@ -499,6 +517,7 @@ CONFIG_MODELS: dict[str, type[BaseModel]] = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "diagnose": DiagnoseConfig,
+    "explain": ExplainConfig,
 }
 EXTRA_MODELS: dict[str, type[BaseModel]] = {"criterion": Criterion, "criterion-verdict": CriterionVerdict}
 

@@ -47,3 +47,22 @@ def test_verdict_needs_an_interval_above_zero():
     assert "measurably better" in verdict({"rubric": cond(0.1, 0.5)})
     assert "not measurably better" in verdict({"rubric": cond(-0.1, 0.5)})
     assert "measurably worse" in verdict({"rubric": cond(-0.5, -0.1)})
+
+
+def test_explain_writes_self_contained_html(run_cli, tiny_model, tmp_path):
+    import re
+
+    data = write_jsonl(tmp_path / "d.jsonl", MC_ROWS)
+    run_cli("gen-rubrics", data, "-o", tmp_path / "r.parquet", "--generator", "reference", check=True)
+    run_cli("sample", tmp_path / "r.parquet", "-o", tmp_path / "s.parquet", "--model", tiny_model,
+            "--max-new-tokens", "5", check=True)
+    p = run_cli("explain", tmp_path / "s.parquet", "--rubrics", tmp_path / "r.parquet", "-o", tmp_path / "c.html",
+                "--limit", "2", "--show", check=True)
+    page = (tmp_path / "c.html").read_text()
+    samples, _ = read_artifact(tmp_path / "s.parquet", "samples")
+    assert page.count("<span") == sum(len(s.completion_token_ids) for s in samples[:2])
+    assert "<script" not in page and "http" not in page  # opens offline, runs nothing
+    losses = [float(x) for x in re.findall(r'title="loss ([0-9.]+)', page)]
+    assert len(losses) == page.count("<span") and all(x >= 0 for x in losses)
+    assert "Correct final answer" in page and samples[0].id in page
+    assert samples[0].id in p.stdout  # --show prints the shaded text

@@ -9,7 +9,15 @@ from typing import Annotated
 import typer
 
 from rcsd_cli.commands.common import stage_command
-from rcsd_cli.schemas import DiagnoseConfig, EvalConfig, GenRubricsConfig, SampleConfig, ScoreConfig, TrainConfig
+from rcsd_cli.schemas import (
+    DiagnoseConfig,
+    EvalConfig,
+    ExplainConfig,
+    GenRubricsConfig,
+    SampleConfig,
+    ScoreConfig,
+    TrainConfig,
+)
 
 
 def _flag(name: str, flag: str, help: str) -> inspect.Parameter:
@@ -47,6 +55,12 @@ def _diagnose(cfg, output, **flags):
     run_diagnose(cfg, output, **flags)
 
 
+def _explain(cfg, output, *, show: bool = False, **flags):
+    from rcsd_cli.stages.explain import run_explain
+
+    run_explain(cfg, output, show=show, **flags)
+
+
 def _train(cfg, output, *, dry_run: bool = False, **flags):
     from rcsd_cli.stages.train import dry_run as show_dry_run
     from rcsd_cli.stages.train import run_train
@@ -73,6 +87,10 @@ diagnose = stage_command(
     DiagnoseConfig, _diagnose, output="diagnose.parquet",
     doc="Before training: is the rubric-conditioned teacher better than the student? Teacher advantage, the loss "
         "train would apply, and rubric ablations, with 95% intervals.")
+explain = stage_command(
+    ExplainConfig, _explain, output="credit.html",
+    doc="Shade each completion token by the loss train would apply there: a self-contained HTML file.",
+    extra=(_flag("show", "--show", "Also print the shaded completions in the terminal."),))
 eval_ = stage_command(EvalConfig, _eval, output="eval.parquet",
                       doc="Evaluate a model on a benchmark: per-item Parquet plus a summary table.")
 train = stage_command(
