@@ -24,7 +24,7 @@ def test_demo_small_run(run_cli, tmp_path):
     train_ids = {r.id for r in read_artifact(out / "rubrics.parquet", "rubrics")[0]}
     eval_ids = {r.id for r in read_artifact(out / "eval_after.parquet", "eval")[0]}
     assert train_ids.isdisjoint(eval_ids)
-    assert "after RCSD" in proc.stderr
+    assert "after RCSD" in proc.stdout  # the table is a result: stdout
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
