@@ -1,4 +1,8 @@
-"""Options shared by several subcommands, so every stage spells them the same way."""
+"""Command-line plumbing shared by the subcommands.
+
+``stage_command`` turns a stage's Pydantic config into its Typer command (options, ``--config``,
+precedence); the few ``Annotated`` options here are the invocation flags outside any config.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +16,10 @@ from rcsd_cli.models import DEFAULT_MODEL
 
 Output = Annotated[Path, typer.Option("-o", "--output", help="Where to write the result.")]
 Model = Annotated[str, typer.Option("--model", help="HF model id, local folder, or the embedded default.")]
-Limit = Annotated[Optional[int], typer.Option("--limit", min=1, help="Use at most N problems.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed (sampling, shuffles).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub.")]
 MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate at most.")]
-Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="0 = greedy.")]
-TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
-TopK = Annotated[int, typer.Option("--top-k", min=0, help="0 = no top-k filtering.")]
-BatchSize = Annotated[int, typer.Option("--gen-batch-size", min=1, help="Prompts per generation batch.")]
-Thinking = Annotated[Optional[bool], typer.Option("--thinking/--no-thinking", help="enable_thinking for chat "
-                                                  "templates that have it (default: the template's own).")]
 
 DEFAULT = DEFAULT_MODEL
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="YAML or JSON file of options (keys: option "
