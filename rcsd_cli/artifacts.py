@@ -11,6 +11,7 @@ run resumes where it stopped.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -32,6 +33,14 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file, computed once per (path, size, mtime) in a process: per-step metrics rewrites
+    and the model card hash the same inputs again."""
+    st = Path(path).stat()
+    return _sha256_once(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_once(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -147,14 +156,10 @@ def _dict_fields(model: type[BaseModel]) -> set[str]:
 
 def _arrow_type(annotation) -> pa.DataType:
     """The Arrow type of a Pydantic field: fixed per artifact, never guessed from the values."""
-    import types
+    from rcsd_cli.options import unwrap_optional
 
+    annotation, _ = unwrap_optional(annotation)
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) != 1:
-            raise TypeError(f"no Arrow type for {annotation}")
-        return _arrow_type(inner[0])
     if origin is typing.Literal:
         return pa.string()
     if origin is list:

@@ -118,7 +118,7 @@ def _optional_parser(inner: type):
     return parse
 
 
-def _unwrap_optional(annotation) -> tuple[Any, bool]:
+def unwrap_optional(annotation) -> tuple[Any, bool]:
     if typing.get_origin(annotation) in (Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1:
@@ -127,7 +127,7 @@ def _unwrap_optional(annotation) -> tuple[Any, bool]:
 
 
 def _typer_param(spec: OptionSpec) -> inspect.Parameter:
-    inner, optional = _unwrap_optional(spec.annotation)
+    inner, optional = unwrap_optional(spec.annotation)
     kwargs: dict[str, Any] = {"help": spec.help, "rich_help_panel": spec.panel}
     py_type: Any = inner  # Typer turns a Literal into a choice
     if optional and spec.default is not None and inner in (int, float):
@@ -241,17 +241,6 @@ def describe_option_error(err: ValidationError, model: type[BaseModel]) -> str:
     if not label:  # a rule across options: its message names them
         return msg
     return f"{label}: {msg}" + (f", got {shown[:60]}" if spec else "")
-
-
-def flat_values(cfg: BaseModel) -> dict[str, Any]:
-    """Every option of ``cfg`` by option name: what a config file for this exact run holds."""
-    out = {}
-    for spec in option_specs(type(cfg)):
-        value: Any = cfg
-        for p in spec.path:
-            value = getattr(value, p)
-        out[spec.name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-    return out
 
 
 def changed_from_default(cfg: BaseModel, names: tuple[str, ...]) -> list[str]:

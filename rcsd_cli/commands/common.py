@@ -64,10 +64,3 @@ def stage_command(config_model, run, *, output: str, doc: str, extra: tuple[insp
 def example(text: str) -> str:
     """Help epilog with a usage example (rich markup keeps the line breaks)."""
     return f"[bold]Example[/bold]\n\n  {text}"
-
-
-def check_choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
-    from rcsd_cli.errors import RcsdError
-
-    if value not in allowed:
-        raise RcsdError(f"{option}: {value!r} is not one of {', '.join(allowed)}")

@@ -60,7 +60,7 @@ def condition_prompt(tok, row: Rubric, partner: Rubric, condition: str, view: Tr
 
 
 @torch.no_grad()
-def _token_logits(model, prompts: list[list[int]], continuations: list[list[int]], pad_id: int):
+def token_logits(model, prompts: list[list[int]], continuations: list[list[int]], pad_id: int):
     """Per row: logits [len(continuation), V] predicting each continuation token after its prompt."""
     head = model.get_output_embeddings()
     out = []
@@ -135,7 +135,7 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
                             on_batch=lambda _, b: advance(len(b)))
     suffixes = [text_ids(tok, s) if (s := gold_suffix(r, cfg.prompt_style)) else [] for r in items]
     conts = [g.token_ids + suf for g, suf in zip(rollouts, suffixes, strict=True)]
-    s_logits = _token_logits(model, s_prompts, conts, tok.pad_token_id)
+    s_logits = token_logits(model, s_prompts, conts, tok.pad_token_id)
     s_scores = [score_completion(r.id, r, r.rubric, g.text) for r, g in zip(items, rollouts, strict=True)]
     rows: list[DiagnoseRow] = []
     for cond in conditions:
@@ -144,7 +144,7 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
             answers = generate(model, tok, t_prompts, cfg.generation, cfg.seed,
                                seeds=[item_seed(cfg.seed, "diagnose-teacher", cond, r.id) for r in items],
                                on_batch=lambda _, b: advance(len(b)))
-        t_logits = _token_logits(model, t_prompts, conts, tok.pad_token_id)
+        t_logits = token_logits(model, t_prompts, conts, tok.pad_token_id)
         for i, r in enumerate(items):
             n = len(rollouts[i].token_ids)
             loss, clipped, agree = divergence_diagnostics(s_logits[i][:n], t_logits[i][:n], top_k=cfg.loss_top_k,
