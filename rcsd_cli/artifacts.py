@@ -146,9 +146,11 @@ def clear_own_folder(out: Path, own: Callable[[Path], bool], marker: Callable[[P
 
 
 def _dict_fields(model: type[BaseModel]) -> set[str]:
+    from rcsd_cli.options import unwrap_optional
+
     out = set()
     for name, info in model.model_fields.items():
-        ann = info.annotation
+        ann, _ = unwrap_optional(info.annotation)
         if ann is dict or typing.get_origin(ann) is dict:
             out.add(name)
     return out

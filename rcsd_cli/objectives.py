@@ -26,6 +26,7 @@ import torch
 
 from rcsd_cli.batching import SideBatch, aligned_hidden, build_pair_batch
 from rcsd_cli.generation import generate, item_seed
+from rcsd_cli.phases import no_clock
 from rcsd_cli.losses import (
     chunked_distill_loss,
     chunked_token_logprobs,
@@ -68,8 +69,15 @@ class StepContext:
     teacher_head: object
     cfg: TrainConfig
     step: int
-    teacher_generate: Callable | None = None  # (prompts, generation config, seed) -> generations, no grad
+    teacher_generate: Callable | None = None  # (prompts, generation config, seeds) -> generations, no grad
     rank: int = 0
+    student_generate: Callable | None = None  # as teacher_generate, from the current student (default: HF)
+    clock: Callable = no_clock  # phases.PhaseClock: with ctx.clock("rollout"): ...
+
+    def student_samples(self, prompts, gen_cfg, seeds):
+        if self.student_generate is not None:
+            return self.student_generate(prompts, gen_cfg, seeds)
+        return generate(self.student, self.tokenizer, prompts, gen_cfg, 0, seeds=seeds)
 
     def global_sum(self, value: float) -> float:
         """Sum over data-parallel processes (identity in one process)."""
@@ -137,10 +145,11 @@ def reason_first_teacher_prompts(ctx: StepContext, rows: list[Rubric]) -> list[l
                                top_p=cfg.analysis_top_p, top_k=cfg.analysis_top_k,
                                batch_size=cfg.generation.batch_size)
     seeds = [item_seed(cfg.seed, "analysis", ctx.step, r.id) for r in rows]
-    if cfg.analysis_by == "teacher":
-        analyses = ctx.teacher_generate(asks, gen_cfg, seeds)
-    else:
-        analyses = generate(ctx.student, tok, asks, gen_cfg, cfg.seed, seeds=seeds)
+    with ctx.clock("analysis"):
+        if cfg.analysis_by == "teacher":
+            analyses = ctx.teacher_generate(asks, gen_cfg, seeds)
+        else:
+            analyses = ctx.student_samples(asks, gen_cfg, seeds)
     out = []
     for row, ask, analysis in zip(rows, asks, analyses, strict=True):
         rubric, _ = teacher_rubric(row, cfg.method, cfg.teacher_context, cfg.rubric_ablation)
@@ -196,7 +205,8 @@ def rollouts(ctx: StepContext, prompts: list[list[int]], keys: list) -> list:
     it lands in, the number of processes, or ``--gen-batch-size``."""
     cfg = ctx.cfg
     seeds = [item_seed(cfg.seed, "rollout", ctx.step, *key) for key in keys]
-    return generate(ctx.student, ctx.tokenizer, prompts, cfg.generation, cfg.seed, seeds=seeds)
+    with ctx.clock("rollout"):
+        return ctx.student_samples(prompts, cfg.generation, seeds)
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -228,16 +238,17 @@ def distill_backward(ctx: StepContext, s_prompts, t_prompts, completions) -> Ste
     for j in range(0, len(completions), cfg.micro_batch_size):
         sl = slice(j, j + cfg.micro_batch_size)
         pb = build_pair_batch(s_prompts[sl], t_prompts[sl], completions[sl], tok.pad_token_id, cfg.skip_first_tokens)
-        with torch.no_grad():
+        with torch.no_grad(), ctx.clock("teacher"):
             t_hidden = ctx.teacher_hidden(pb.teacher)
-        s_hidden = aligned_hidden(ctx.student, pb.student)
-        dev = s_hidden.device
-        loss_sum, kl_sum, agree_sum, weighted = chunked_distill_loss(
-            s_hidden, t_hidden, s_head, ctx.teacher_head, pb.mask.to(dev), pb.targets.to(dev), kind=cfg.loss,
-            chunk_size=cfg.chunk_size, beta=cfg.beta, top_k=cfg.loss_top_k, temperature=cfg.loss_temperature,
-            clip=cfg.clip, diag_top_k=cfg.loss_top_k, tail=cfg.tail_bucket,
-            row_weights=torch.tensor(weights[sl], device=dev))
-        weighted.backward()
+        with ctx.clock("student"):
+            s_hidden = aligned_hidden(ctx.student, pb.student)
+            dev = s_hidden.device
+            loss_sum, kl_sum, agree_sum, weighted = chunked_distill_loss(
+                s_hidden, t_hidden, s_head, ctx.teacher_head, pb.mask.to(dev), pb.targets.to(dev), kind=cfg.loss,
+                chunk_size=cfg.chunk_size, beta=cfg.beta, top_k=cfg.loss_top_k, temperature=cfg.loss_temperature,
+                clip=cfg.clip, diag_top_k=cfg.loss_top_k, tail=cfg.tail_bucket,
+                row_weights=torch.tensor(weights[sl], device=dev))
+            weighted.backward()
         objective += weighted.item()
         loss_total += loss_sum.item()
         kl_total += kl_sum.item()
@@ -262,21 +273,23 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     for j in range(0, len(completions), cfg.micro_batch_size):
         sl = slice(j, j + cfg.micro_batch_size)
         pb = build_pair_batch(prompts[sl], prompts[sl], completions[sl], tok.pad_token_id)
-        hidden = aligned_hidden(ctx.student, pb.student)
-        dev = hidden.device
-        targets, mask = pb.targets.to(dev), pb.mask.to(dev).float()
-        logp = chunked_token_logprobs(hidden, head, targets, cfg.chunk_size)
-        per_tok = clipped_policy_loss(logp, logp.detach(), advantages[sl].to(dev).unsqueeze(-1), cfg.clip_eps)
+        with ctx.clock("student"):
+            hidden = aligned_hidden(ctx.student, pb.student)
+            dev = hidden.device
+            targets, mask = pb.targets.to(dev), pb.mask.to(dev).float()
+            logp = chunked_token_logprobs(hidden, head, targets, cfg.chunk_size)
+            per_tok = clipped_policy_loss(logp, logp.detach(), advantages[sl].to(dev).unsqueeze(-1), cfg.clip_eps)
         if cfg.kl_coef > 0:
-            with torch.no_grad():
+            with torch.no_grad(), ctx.clock("teacher"):
                 ref_logp = chunked_token_logprobs(ctx.teacher_hidden(pb.student), ctx.teacher_head, targets,
                                                   cfg.chunk_size)
             kl = k3_kl(logp, ref_logp)
             per_tok = per_tok + cfg.kl_coef * kl
             kl_total += (kl.detach() * mask).sum().item()
-        loss_sum = (per_tok * mask).sum()
-        weighted = (per_tok * mask * torch.tensor(weights[sl], device=dev).unsqueeze(-1)).sum()
-        weighted.backward()
+        with ctx.clock("student"):
+            loss_sum = (per_tok * mask).sum()
+            weighted = (per_tok * mask * torch.tensor(weights[sl], device=dev).unsqueeze(-1)).sum()
+            weighted.backward()
         objective += weighted.item()
         loss_total += loss_sum.item()
     return StepResult(loss_total, total, kl_total if cfg.kl_coef > 0 else None, None, rewards.mean().item(),
@@ -294,12 +307,13 @@ def sft_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     for j in range(0, len(rows), cfg.micro_batch_size):
         sl = slice(j, j + cfg.micro_batch_size)
         pb = build_pair_batch(prompts[sl], prompts[sl], targets_ids[sl], tok.pad_token_id)
-        hidden = aligned_hidden(ctx.student, pb.student)
-        dev = hidden.device
-        logp = chunked_token_logprobs(hidden, head, pb.targets.to(dev), cfg.chunk_size)
-        per_tok = -(logp * pb.mask.to(dev).float())
-        weighted = (per_tok * torch.tensor(weights[sl], device=dev).unsqueeze(-1)).sum()
-        weighted.backward()
+        with ctx.clock("student"):
+            hidden = aligned_hidden(ctx.student, pb.student)
+            dev = hidden.device
+            logp = chunked_token_logprobs(hidden, head, pb.targets.to(dev), cfg.chunk_size)
+            per_tok = -(logp * pb.mask.to(dev).float())
+            weighted = (per_tok * torch.tensor(weights[sl], device=dev).unsqueeze(-1)).sum()
+            weighted.backward()
         objective += weighted.item()
         loss_total += per_tok.sum().item()
     return StepResult(loss_total, total, None, None, None, 0, objective=objective)

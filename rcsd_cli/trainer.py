@@ -30,6 +30,8 @@ from rcsd_cli.batching import aligned_hidden
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.models import compute_dtype, load_model
 from rcsd_cli.objectives import OBJECTIVES, StepContext
+from rcsd_cli.phases import PhaseClock
+from rcsd_cli.rollout_engines import build_rollouts
 from rcsd_cli.schemas import MetricsRow, TrainConfig
 from rcsd_cli.tracking import Tracker, numeric, open_tracker
 from rcsd_cli.ui import info, progress
@@ -207,11 +209,10 @@ def _build_models(cfg: TrainConfig, ckpt: Path | None, trust_remote_code: bool, 
     return student, teacher, tok
 
 
-def _teacher_view(cfg: TrainConfig, student, teacher, tok):
-    """(hidden-state function, output head, generate function) of the teacher, all under no-grad."""
+def _teacher_view(cfg: TrainConfig, student, teacher):
+    """(hidden-state function, output head, scope) of the teacher; ``scope`` turns a LoRA student into its
+    frozen base (for HF generation too)."""
     from contextlib import nullcontext
-
-    from rcsd_cli.generation import generate
 
     if teacher is not None:
         module, head, scope = teacher, teacher.get_output_embeddings(), nullcontext
@@ -224,11 +225,7 @@ def _teacher_view(cfg: TrainConfig, student, teacher, tok):
         with scope():
             return aligned_hidden(module, side)
 
-    def gen(prompts, gen_cfg, seeds):
-        with scope():
-            return generate(module, tok, prompts, gen_cfg, 0, seeds=seeds)
-
-    return hidden, head, gen
+    return hidden, head, scope
 
 
 @torch.no_grad()
@@ -276,7 +273,11 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
         opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
         sharding.load_optimizer_state(student, optimizer, opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
-    teacher_hidden, teacher_head, teacher_generate = _teacher_view(cfg, student, teacher, tok)
+    teacher_hidden, teacher_head, teacher_scope = _teacher_view(cfg, student, teacher)
+    rollouts = build_rollouts(cfg, student, teacher, tok, teacher_scope, trust_remote_code=trust_remote_code)
+    if ckpt is not None:  # engines start from --model: give them the resumed weights
+        rollouts.after_update()
+    clock = PhaseClock()
     objective = objective or OBJECTIVES[cfg.method]
     used = metrics[-1].rollout_tokens if metrics else 0
     tracker = open_tracker(cfg.report_to, out, cfg.model_dump(mode="json")) if main else Tracker()
@@ -288,20 +289,25 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
                 break
             t0 = time.perf_counter()
             batch = [rows[i] for i in batch_order(len(rows), cfg.batch_size, step, cfg.seed)[rank::world]]
-            ctx = StepContext(student, tok, teacher_hidden, teacher_head, cfg, step, teacher_generate, rank)
+            ctx = StepContext(student, tok, teacher_hidden, teacher_head, cfg, step, rollouts.teacher, rank,
+                              student_generate=rollouts.student, clock=clock)
             optimizer.zero_grad(set_to_none=True)
             res = objective(ctx, batch)
-            if world > 1:
-                if not sharded:  # FSDP already summed (reduce-scattered) them
-                    dist.sum_gradients(params)
-                res = _combine(res)
-            grad_norm = sharding.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            lr = scheduler.get_last_lr()[0]
-            if math.isfinite(grad_norm):
-                optimizer.step()
-            scheduler.step()
-            if cfg.teacher == "ema" and teacher is not None:
-                _ema_update(teacher, student, cfg.ema_decay)
+            with clock("optimizer"):
+                if world > 1:
+                    if not sharded:  # FSDP already summed (reduce-scattered) them
+                        dist.sum_gradients(params)
+                    res = _combine(res)
+                grad_norm = sharding.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                lr = scheduler.get_last_lr()[0]
+                if math.isfinite(grad_norm):
+                    optimizer.step()
+                scheduler.step()
+                if cfg.teacher == "ema" and teacher is not None:
+                    _ema_update(teacher, student, cfg.ema_decay)
+            rollouts.after_update(clock)
+            if step == start_step:
+                rollouts.report_sync(student, tok, log)
             seconds = time.perf_counter() - t0
             used += res.rollout_tokens
             n = max(res.tokens, 1)
@@ -311,7 +317,7 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
                 top1_agreement=None if res.agree_sum is None else res.agree_sum / n, reward=res.reward,
                 grad_norm=grad_norm, lr=lr, completion_tokens=res.tokens,
                 mean_completion_length=res.tokens / max(1, res.reward_count or min(cfg.batch_size, len(rows))),
-                rollout_tokens=used, tokens_per_second=res.tokens / seconds, seconds=seconds))
+                rollout_tokens=used, tokens_per_second=res.tokens / seconds, seconds=seconds, **clock.take()))
             advance(1)
             m = metrics[-1]
             extras = "".join(f"  {k} {v:.4f}" for k, v in (("kl", m.kl), ("top1", m.top1_agreement),

@@ -4,11 +4,17 @@ Before the engine starts, one line says what is loaded and how much memory it ma
 engine receives prompt token ids (``TokensPrompt``) and returns completion token ids, so
 artifacts match the other backends. ``teacher_topk`` scores given completions with prompt
 log-probs, for ``score --teacher-logprobs``.
+
+Inside ``rcsd train --rollout-backend vllm`` the same class runs colocated: in the training
+process (vLLM's engine core in-process, so weights are handed over as tensors, not pickled),
+``load_weights`` pushes the student's current weights after each optimizer step and
+``sleep``/``wake`` release the engine's GPU memory while the optimizer runs.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Iterable
 
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.generation import Generation
@@ -22,12 +28,21 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
+
+
 class VLLMBackend:
     name = "vllm"
 
-    def __init__(self, cfg: BackendConfig, model_name: str, trust_remote_code: bool = False):
+    def __init__(self, cfg: BackendConfig, model_name: str, trust_remote_code: bool = False, *,
+                 dtype: str = "auto", enforce_eager: bool = False, kv_cache_gib: float | None = None,
+                 sleep_mode: bool = False, in_process: bool = False, role: str = ""):
         if not vllm_available():
-            raise RcsdError("--backend vllm needs vLLM: pip install 'rcsd[vllm]' (see README, 'Scaling out')")
+            raise RcsdError("vllm: vLLM is not installed: pip install 'rcsd[vllm]' (see README, 'Scaling out')")
+        if in_process:  # engine core in this process: weight pushes hand over tensors, nothing is pickled
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
         from rcsd_cli.models import load_tokenizer, resolve_model
@@ -41,28 +56,36 @@ class VLLMBackend:
             total = torch.cuda.get_device_properties(0).total_memory / 2**30 if gpu else 0.0
         except Exception:  # noqa: BLE001 - memory report only
             gpu, total = False, 0.0
+        self.gpu = gpu
+        label = f"vllm{' ' + role if role else ''}"
+        extra = {}
+        if kv_cache_gib:
+            extra["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         if gpu:
             share = cfg.memory_utilization or 0.85
-            info(f"vllm: loading {path} (tensor parallel {cfg.tensor_parallel_size}); it may take up to "
-                 f"{share:.0%} of each GPU's {total:.1f} GiB (--memory-utilization)")
+            sized = f"{kv_cache_gib:g} GiB of KV cache" if kv_cache_gib else f"up to {share:.0%} of each GPU's " \
+                f"{total:.1f} GiB"
+            info(f"{label}: loading {path} (tensor parallel {cfg.tensor_parallel_size}); it may take {sized}")
         else:
             share = cfg.memory_utilization or 0.3
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-            info(f"vllm: loading {path} on CPU; it may reserve up to {share:.0%} of this machine's {ram:.1f} GiB "
-                 "(--memory-utilization)")
+            sized = f"{kv_cache_gib:g} GiB of KV cache" if kv_cache_gib else \
+                f"up to {share:.0%} of this machine's {ram:.1f} GiB"
+            info(f"{label}: loading {path} on CPU; it may reserve {sized}")
+        self.sleep_mode = sleep_mode and gpu  # vLLM has no sleep mode on CPU
+        self.asleep = False
         try:
-            self.llm = LLM(model=path, tokenizer=path, trust_remote_code=trust_remote_code,
-                           tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=share, seed=0)
+            self.llm = LLM(model=path, tokenizer=path, trust_remote_code=trust_remote_code, dtype=dtype,
+                           tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=share, seed=0,
+                           enforce_eager=enforce_eager, enable_sleep_mode=self.sleep_mode, **extra)
         except Exception as exc:  # noqa: BLE001 - the engine's own log above has the details
-            raise RcsdError(f"vllm: engine failed to start ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:160]})") from exc
+            raise RcsdError(f"{label}: engine failed to start ({_first_line(exc)})") from exc
 
     def _run(self, prompts, params):
         try:
             return self.llm.generate(prompts, params, use_tqdm=False)
         except Exception as exc:  # noqa: BLE001 - engine failures become one clean line
-            raise RcsdError(f"vllm: generation failed ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:160]})") from exc
+            raise RcsdError(f"vllm: generation failed ({_first_line(exc)})") from exc
 
     def _params(self, cfg, seed, **extra):
         from vllm import SamplingParams
@@ -76,9 +99,10 @@ class VLLMBackend:
         from rcsd_cli.generation import item_seed
 
         seeds = seeds if seeds is not None else [item_seed(seed, i) for i in range(len(prompts))]
+        chunk_size = max(cfg.batch_size, 64)
         results = []
-        for start in range(0, len(prompts), max(cfg.batch_size, 64)):
-            chunk = prompts[start: start + max(cfg.batch_size, 64)]
+        for start in range(0, len(prompts), chunk_size):
+            chunk = prompts[start: start + chunk_size]
             params = [self._params(cfg, seeds[start + i] % 2**31) for i in range(len(chunk))]
             outs = self._run([TokensPrompt(prompt_token_ids=p) for p in chunk], params)
             batch = []
@@ -108,3 +132,37 @@ class VLLMBackend:
             ids.append(row_i)
             lps.append(row_v)
         return ids, lps
+
+    def token_logprobs(self, prompt: list[int], continuation: list[int]) -> list[float]:
+        """The engine's log-probability of each continuation token after ``prompt`` (the sync check)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        out = self._run([TokensPrompt(prompt_token_ids=prompt + continuation)],
+                        SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0))[0]
+        ids = prompt + continuation
+        return [out.prompt_logprobs[pos][ids[pos]].logprob for pos in range(len(prompt), len(ids))]
+
+    # ------------------------------------------------------------------ colocated training
+
+    def load_weights(self, weights: Iterable) -> None:
+        """Replace the engine's weights in place with (checkpoint name, tensor) pairs and drop the
+        prefix cache, whose entries were computed with the old weights."""
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
+                                                               "is_checkpoint_format": True})
+            self.llm.reset_prefix_cache()
+        except Exception as exc:  # noqa: BLE001 - a failed push must stop the run, in one line
+            raise RcsdError(f"vllm: pushing the student's weights into the engine failed ({_first_line(exc)})") \
+                from exc
+
+    def sleep(self, keep_weights: bool) -> None:
+        """GPU only: free the KV cache (and the weights unless ``keep_weights``) until ``wake``."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1 if keep_weights else 2)
+            self.asleep = True
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False

@@ -1,0 +1,83 @@
+"""Where a training step's time and memory go: seconds and peak resident memory per phase.
+
+Each step of ``rcsd train`` records rollout, analysis (reason-first), teacher forward, student
+forward+backward, optimizer and weight-push times in metrics.parquet, so a slow run shows its
+bottleneck without a profiler. Peak RSS per phase uses Linux's resettable high-water mark
+(``/proc/self/clear_refs``); elsewhere it falls back to the process's lifetime peak. On a GPU the
+clock synchronises before reading, and the CUDA allocator's peak is recorded too.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+
+PHASES = ("rollout", "analysis", "teacher", "student", "optimizer", "push")
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_peak_gib() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    scale = 2**30 if sys.platform == "darwin" else 2**20  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+class PhaseClock:
+    """Accumulates seconds and peaks per phase over one step; ``take()`` returns and resets them."""
+
+    def __init__(self):
+        self.cuda = torch.cuda.is_available()
+        self._reset()
+
+    def _reset(self):
+        self.seconds = {p: 0.0 for p in PHASES}
+        self.peak_rss = {}
+        self.peak_gpu = 0.0
+
+    @contextmanager
+    def __call__(self, phase: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        _reset_rss_peak()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+                self.peak_gpu = max(self.peak_gpu, torch.cuda.max_memory_allocated() / 2**30)
+            self.seconds[phase] += time.perf_counter() - start
+            self.peak_rss[phase] = max(self.peak_rss.get(phase, 0.0), _rss_peak_gib())
+
+    def take(self) -> dict:
+        """This step's figures as MetricsRow fields."""
+        out = {f"{p}_seconds": round(s, 4) for p, s in self.seconds.items()}
+        out["peak_rss_gib"] = round(max(self.peak_rss.values(), default=_rss_peak_gib()), 3)
+        out["phase_peak_rss_gib"] = {p: round(v, 3) for p, v in self.peak_rss.items()}
+        out["peak_gpu_gib"] = round(self.peak_gpu, 3) if self.cuda else None
+        self._reset()
+        return out
+
+
+@contextmanager
+def no_clock(_phase: str):
+    yield

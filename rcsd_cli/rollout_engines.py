@@ -1,0 +1,167 @@
+"""Who generates inside ``rcsd train``: the student's rollouts and the teacher's analyses.
+
+``hf``: rcsd's own decoding loop on the training modules (always current, nothing to sync).
+``vllm``: colocated vLLM engines in the training process, created once. The student engine
+receives the student's weights after every optimizer step (parameter by parameter, gathered
+from FSDP shards one at a time; LoRA deltas added on the fly, the adapter left untouched). A
+frozen teacher's analyses come from a second engine that keeps the initial weights, an EMA
+teacher's from one that follows the teacher, a live teacher's from the student engine: never
+silently from the student when the teacher is meant to differ. Either way a generation is
+seeded per item, returns token ids (no decode/re-encode) and keeps its end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Iterator
+
+import torch
+
+from rcsd_cli import sharding
+from rcsd_cli.generation import Generation, generate
+from rcsd_cli.phases import no_clock
+from rcsd_cli.schemas import BackendConfig, GenerationConfig, TrainConfig
+from rcsd_cli.ui import info
+
+Generate = Callable[[list[list[int]], GenerationConfig, list[int]], list[Generation]]
+
+
+def module_weights(module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, full tensor) of a causal LM as a vLLM engine loads them.
+
+    Sharded parameters are gathered one at a time (a collective: every process iterates in
+    the same order); a PEFT model yields its base weights with each LoRA delta added.
+    """
+    from torch.distributed.tensor import DTensor
+
+    lm = sharding.unwrap(module)
+    lora = _lora_layers(lm)
+    base = lm.get_base_model() if lora else lm
+    for name, p in base.named_parameters(remove_duplicate=False):  # tied heads by both names
+        if ".lora_" in name:
+            continue
+        value = p.full_tensor() if isinstance(p, DTensor) else p
+        owner, sep, leaf = name.rpartition(".base_layer.")
+        if sep and owner in lora:
+            if leaf == "weight":
+                layer = lora[owner]
+                value = value + sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+            name = f"{owner}.{leaf}"
+        yield name, value.detach()
+
+
+def _lora_layers(lm) -> dict:
+    if not hasattr(lm, "peft_config"):
+        return {}
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in lm.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+
+
+class EngineRollouts:
+    """A colocated vLLM engine that follows a module's weights (or keeps its initial ones)."""
+
+    def __init__(self, engine, follows=None):
+        self.engine, self.follows = engine, follows
+
+    def generate(self, prompts, gen_cfg, seeds):
+        self.engine.wake()
+        out = self.engine.generate(prompts, gen_cfg, 0, seeds=seeds)
+        self.engine.sleep(keep_weights=self.follows is None)
+        return out
+
+    def push(self) -> None:
+        """After an optimizer (or EMA) step: the module's current weights into the engine."""
+        if self.follows is not None:
+            self.engine.wake()
+            with torch.no_grad():
+                self.engine.load_weights(module_weights(self.follows))
+
+    def token_logprobs(self, prompt, continuation):
+        self.engine.wake()
+        return self.engine.token_logprobs(prompt, continuation)
+
+
+class Rollouts:
+    """The step's generation functions plus what must happen after each optimizer step."""
+
+    def __init__(self, student: Generate, teacher: Generate, engines: list[EngineRollouts] = ()):
+        self.student, self.teacher, self.engines = student, teacher, list(engines)
+
+    def after_update(self, clock=no_clock) -> None:
+        with clock("push"):
+            for e in self.engines:
+                e.push()
+
+    def report_sync(self, student, tok, log=info) -> None:
+        """Once, after the first push: the student engine's log-probs of a probe text vs the student's."""
+        if self.engines:
+            log(f"vllm: weights pushed; engine and student log-probs of a probe text differ by at most "
+                f"{sync_gap(self.engines[0], student, tok):.2g}")
+
+
+PROBE = "Question: What is 12 times 7?\nLet me think step by step. 12 times 7 is 84.\nAnswer: 84"
+
+
+@torch.no_grad()
+def student_token_logprobs(student, prompt: list[int], continuation: list[int], pad_id: int) -> list[float]:
+    """The module's log-probability of each continuation token (eval mode: no dropout)."""
+    from rcsd_cli.batching import aligned_hidden, build_pair_batch
+
+    pb = build_pair_batch([prompt], [prompt], [continuation], pad_id)
+    was_training = student.training
+    student.eval()
+    try:
+        logits = student.get_output_embeddings()(aligned_hidden(student, pb.student)).float()[0, : len(continuation)]
+    finally:
+        student.train(was_training)
+    return logits.log_softmax(-1).gather(-1, torch.tensor(continuation, device=logits.device)[:, None])[:, 0].tolist()
+
+
+def sync_gap(engine: EngineRollouts, student, tok, text: str = PROBE) -> float:
+    """Largest |engine - student| log-probability over the probe's tokens: ~1e-5 in fp32 when the
+    push worked, the size of a training step's change when it silently did not."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    prompt, continuation = ids[:4], ids[4:]
+    ours = student_token_logprobs(student, prompt, continuation, tok.pad_token_id)
+    theirs = engine.token_logprobs(prompt, continuation)
+    return max(abs(a - b) for a, b in zip(ours, theirs, strict=True))
+
+
+def hf_generate(module, tok, scope=nullcontext) -> Generate:
+    def gen(prompts, gen_cfg, seeds):
+        with scope():
+            return generate(module, tok, prompts, gen_cfg, 0, seeds=seeds)
+
+    return gen
+
+
+def build_rollouts(cfg: TrainConfig, student, teacher, tok, teacher_scope, *, trust_remote_code: bool) -> Rollouts:
+    """HF generation on the modules, or vLLM engines mirroring them (see the module docstring)."""
+    if cfg.rollout_backend == "hf":
+        t_module = teacher if teacher is not None else student
+        return Rollouts(hf_generate(student, tok), hf_generate(t_module, tok, teacher_scope))
+    from rcsd_cli.models import compute_dtype
+
+    needs_teacher = (cfg.teacher_context == "reason-first" and cfg.analysis_by == "teacher"
+                     and cfg.task == "reasoner" and cfg.method in ("rcsd", "opsd"))
+    separate_teacher = needs_teacher and cfg.teacher != "live"
+    dtype = str(compute_dtype()).removeprefix("torch.")
+    kv = cfg.vllm_kv_cache_gib or (None if torch.cuda.is_available() else 1.0)
+    share = cfg.vllm_memory_utilization / (2 if separate_teacher else 1)
+
+    def engine(role):
+        from rcsd_cli.backends.vllm import VLLMBackend
+
+        return VLLMBackend(BackendConfig(kind="vllm", memory_utilization=share), cfg.model, trust_remote_code,
+                           dtype=dtype, enforce_eager=cfg.vllm_enforce_eager, kv_cache_gib=kv,
+                           sleep_mode=cfg.vllm_sleep, in_process=True, role=role)
+
+    s_engine = EngineRollouts(engine("student engine"), follows=student)
+    engines = [s_engine]
+    t_gen = s_engine.generate
+    if separate_teacher:
+        t_engine = EngineRollouts(engine("teacher engine"), follows=teacher if cfg.teacher == "ema" else None)
+        engines.append(t_engine)
+        t_gen = t_engine.generate
+    return Rollouts(s_engine.generate, t_gen, engines)
