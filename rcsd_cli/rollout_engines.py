@@ -89,6 +89,8 @@ class Rollouts:
         self.student, self.teacher, self.engines = student, teacher, list(engines)
 
     def after_update(self, clock=no_clock) -> None:
+        if not any(e.follows is not None for e in self.engines):
+            return
         with clock("push"):
             for e in self.engines:
                 e.push()

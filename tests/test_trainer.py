@@ -92,6 +92,11 @@ def test_train_writes_model_metrics_and_resumes_exactly(tiny_model, tmp_path):
     metrics = train(config(tiny_model, save_every=2), rows, full)
     assert [m.step for m in metrics] == [1, 2, 3, 4]
     assert all(m.completion_tokens > 0 and m.kl >= 0 and 0 <= m.top1_agreement <= 1 for m in metrics)
+    for m in metrics:  # where the step's time went: the phases are timed, disjoint, inside the step
+        phases = [m.rollout_seconds, m.teacher_seconds, m.student_seconds, m.optimizer_seconds]
+        assert all(p > 0 for p in phases) and m.push_seconds == 0 and m.analysis_seconds == 0
+        assert sum(phases) <= m.seconds
+        assert m.peak_rss_gib > 0.05 and set(m.phase_peak_rss_gib) == {"rollout", "teacher", "student", "optimizer"}
     saved, meta = read_artifact(full / "metrics.parquet", "metrics")
     assert saved == metrics and meta["config"]["steps"] == 4
     assert (full / "checkpoint-2" / "optimizer.pt").is_file()

