@@ -83,7 +83,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationCo
         input_ids[i, width - len(p):] = torch.tensor(p)
         attention[i, width - len(p):] = 1
     input_ids, attention = input_ids.to(device), attention.to(device)
-    stop = torch.tensor(sorted(_stop_ids(tokenizer, model)) or [-1], device=device)
+    stop = torch.tensor([-1] if cfg.ignore_eos else sorted(_stop_ids(tokenizer, model)) or [-1], device=device)
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     was_training = model.training
     model.eval()

@@ -241,6 +241,8 @@ class GenerationConfig(_Config):
     enable_thinking: bool | None = opt(None, panel="Generation", flag="--thinking",
                                        help="enable_thinking for chat templates that have it (e.g. Qwen3); unset "
                                        "keeps the template's default.")
+    ignore_eos: bool = Field(False, description="Benchmarks (hf and vllm engines): always generate max_new_tokens "
+                             "tokens; end-of-sequence tokens do not stop a completion.")
 
 
 class BackendConfig(_Config):

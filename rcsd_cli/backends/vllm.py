@@ -91,7 +91,7 @@ class VLLMBackend:
         from vllm import SamplingParams
 
         return SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                              top_k=cfg.top_k if cfg.top_k else -1, seed=seed, **extra)
+                              top_k=cfg.top_k if cfg.top_k else -1, seed=seed, ignore_eos=cfg.ignore_eos, **extra)
 
     def generate(self, prompts, cfg, seed, on_done=None, seeds=None):
         from vllm.inputs import TokensPrompt
