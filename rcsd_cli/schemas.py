@@ -260,6 +260,8 @@ class BackendConfig(_Config):
     backoff_s: float = Field(0.5, ge=0.0, description="First retry delay; doubles each attempt.")
     timeout_s: float = opt(300.0, gt=0, panel="Backend", flag="--request-timeout", help="openai: seconds per request.")
     tensor_parallel_size: int = opt(1, ge=1, panel="Backend", help="vllm: GPUs per engine.")
+    enforce_eager: bool = opt(False, panel="Backend", flag="--vllm-enforce-eager", help="vllm: skip graph "
+                              "compilation (on CPU the engine starts in ~6 s instead of ~45 s, decodes ~20% slower).")
     memory_utilization: float | None = opt(None, gt=0, le=1, panel="Backend",
                                            help="vllm: fraction of each GPU's memory (default 0.85) or, on CPU, of "
                                            "the machine's memory (default 0.3) the engine may reserve.")

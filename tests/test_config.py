@@ -122,6 +122,10 @@ def test_every_recipe_runs_one_step_on_a_tiny_model(run_cli, tmp_path, rubrics, 
     from rcsd_cli.options import read_config_file
 
     values = read_config_file(recipe, TrainConfig)
+    if values.get("rollout_backend") == "vllm":  # the tiny model's heads are too small for vLLM: HF rollouts here
+        values = {k: v for k, v in values.items() if k != "rollout_backend" and not k.startswith("vllm_")}
+        recipe = tmp_path / recipe.name
+        recipe.write_text(json.dumps(values))
     small = ["--steps", "1", "--batch-size", "2", "--micro-batch-size", "1", "--max-new-tokens", "4",
              "--gen-batch-size", "2"]
     if values.get("teacher_context") == "reason-first":

@@ -1,0 +1,181 @@
+"""A comparison built to see an effect at the embedded scale: diagnose first, then train where the teacher helps.
+
+Per seed: ``gen-rubrics`` (reference rubrics) on --train-items ARC-Easy items; ``rcsd diagnose`` on them (rubric
+teacher vs a shuffled rubric); keep the items on which the rubric teacher raises the gold answer's log-prob
+after the student's own reasoning (the signal distillation would transfer); train base (no training), OPSD,
+RCSD and RCSD with shuffled rubrics on those items with the same rollout-token budget (vLLM rollouts); then
+measure, on the focus items and on --eval-items held-out items, the log-likelihood metrics (acc, acc_norm and
+the mean log-prob of the gold choice, lm-eval's protocol) and greedy generative accuracy. Every command is a
+real ``rcsd`` subprocess of --python; finished runs are skipped on a rerun, so it resumes.
+
+    python examples/compare_focused.py --python .venv-vllm/bin/python --out focus
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rcsd_cli.artifacts import read_artifact, write_artifact  # noqa: E402
+from rcsd_cli.stats import Z95  # noqa: E402
+
+METHODS = {"base": None, "opsd": ["--method", "opsd"], "rcsd": ["--method", "rcsd"],
+           "rcsd-shuffled": ["--method", "rcsd", "--rubric-ablation", "shuffled"]}
+
+
+def rcsd(args, python: str, log: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([python, "-m", "rcsd_cli", *map(str, args)], capture_output=True, text=True, env=env)
+    with log.open("a") as f:
+        f.write(f"$ rcsd {' '.join(map(str, args))}\n{proc.stdout}{proc.stderr[-4000:]}\n[exit {proc.returncode}]\n")
+    if proc.returncode:
+        raise SystemExit(f"rcsd {args[0]} failed (see {log}):\n{proc.stderr[-1500:]}")
+
+
+def focus_items(args, seed: int, root: Path, log: Path) -> tuple[Path, dict]:
+    rubrics, diag, focus = (root / f"{name}-seed{seed}.parquet" for name in ("rubrics", "diagnose", "focus"))
+    if not rubrics.exists():
+        rcsd(["gen-rubrics", args.bench, "--generator", "reference", "--limit", args.train_items, "--seed", seed,
+              "-o", rubrics], args.python, log)
+    if not diag.exists():
+        rcsd(["diagnose", rubrics, "--limit", args.train_items, "--seed", seed, "--conditions", "rubric,shuffled",
+              "--prompt-style", "answer-line", "--max-new-tokens", args.diagnose_tokens, "-o", diag],
+             args.python, log)
+    rows, meta = read_artifact(diag, "diagnose")
+    helped = {r.id for r in rows if r.condition == "rubric" and r.gold_logprob_teacher is not None
+              and r.gold_logprob_teacher > r.gold_logprob_student}
+    if not focus.exists():
+        items, _ = read_artifact(rubrics, "rubrics")
+        write_artifact(focus, "rubrics", [r for r in items if r.id in helped], stage="gen-rubrics",
+                       config={"selected_from": str(rubrics), "rule": "rubric teacher raises the gold log-prob"},
+                       inputs=[rubrics, diag], overwrite=True)
+    return focus, {"summary": meta["summary"], "verdict": meta["verdict"], "focus_items": len(helped),
+                   "diagnosed_items": len({r.id for r in rows})}
+
+
+def gold_logprob(path: Path, ids: set | None = None) -> tuple[float, float, float]:
+    """(acc, acc_norm, mean gold-choice log-prob) of a loglik eval file, over ``ids`` if given."""
+    rows, _ = read_artifact(path, "eval")
+    rows = [r for r in rows if ids is None or r.id in ids]
+    return (statistics.fmean(accuracy(r) for r in rows), statistics.fmean(float(r.acc_norm) for r in rows),
+            statistics.fmean(r.gold_logprob for r in rows))
+
+
+def accuracy(row) -> float:
+    return statistics.fmean(float(bool(c)) for c in row.correct)
+
+
+def run_one(method: str, seed: int, focus: Path, args, root: Path, log: Path) -> dict:
+    run = root / f"{method}-seed{seed}"
+    done = run / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    run.mkdir(parents=True, exist_ok=True)
+    model, steps, tokens, t0 = args.model, 0, 0, time.perf_counter()
+    if METHODS[method] is not None:
+        rcsd(["train", "--config", ROOT / "examples" / "recipes" / "cpu-embedded.yaml", "--rubrics", focus,
+              "--model", args.model, *METHODS[method], "--seed", seed, "--steps", args.max_steps,
+              "--max-rollout-tokens", args.rollout_tokens, "--lr", args.lr, "--rollout-backend", "vllm",
+              "--vllm-enforce-eager",
+              "-o", run / "model", "--overwrite"], args.python, log)
+        metrics, _ = read_artifact(run / "model" / "metrics.parquet", "metrics")
+        model, steps, tokens = run / "model", len(metrics), metrics[-1].rollout_tokens
+    train_seconds = time.perf_counter() - t0
+    held = ["--bench", args.bench, "--model", model, "--seed", seed, "--offset", args.train_items,
+            "--limit", args.eval_items, "--prompt-style", "answer-line"]
+    rcsd(["eval", *held, "--backend", "vllm", "--vllm-enforce-eager", "--max-new-tokens", 128, "-o", run / "gen.parquet", "--overwrite"],
+         args.python, log)
+    rcsd(["eval", *held, "--scoring", "loglik", "-o", run / "loglik.parquet", "--overwrite"], args.python, log)
+    rcsd(["eval", "--bench", args.bench, "--model", model, "--seed", seed, "--limit", args.train_items,
+          "--scoring", "loglik", "-o", run / "loglik-train.parquet", "--overwrite"], args.python, log)
+    focus_ids = {r.id for r in read_artifact(focus, "rubrics")[0]}
+    gen_rows, _ = read_artifact(run / "gen.parquet", "eval")
+    acc, acc_norm, gold = gold_logprob(run / "loglik.parquet")
+    f_acc, f_norm, f_gold = gold_logprob(run / "loglik-train.parquet", focus_ids)
+    result = {"method": method, "seed": seed, "steps": steps, "rollout_tokens": tokens,
+              "train_seconds": round(train_seconds, 1),
+              "heldout_generative_accuracy": statistics.fmean(accuracy(r) for r in gen_rows),
+              "heldout_acc": acc, "heldout_acc_norm": acc_norm, "heldout_gold_logprob": gold,
+              "focus_acc": f_acc, "focus_acc_norm": f_norm, "focus_gold_logprob": f_gold}
+    done.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def mean_ci(values) -> str:
+    m = statistics.fmean(values)
+    half = Z95 * statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+    return f"{m:.3f} ± {half:.3f}"
+
+
+def paired(results, method, key) -> str:
+    """Mean difference to base over seeds (paired by seed), with its 95% interval."""
+    base = {r["seed"]: r[key] for r in results if r["method"] == "base"}
+    diffs = [r[key] - base[r["seed"]] for r in results if r["method"] == method and r["seed"] in base]
+    return mean_ci(diffs) if diffs else "n/a"
+
+
+def table(results, args) -> str:
+    keys = [("focus gold log-prob", "focus_gold_logprob"), ("focus acc", "focus_acc"),
+            ("held-out gold log-prob", "heldout_gold_logprob"), ("held-out acc", "heldout_acc"),
+            ("held-out acc_norm", "heldout_acc_norm"), ("held-out generative acc", "heldout_generative_accuracy")]
+    lines = ["| method | " + " | ".join(k for k, _ in keys) + " | steps | rollout tokens |",
+             "| --- " * (len(keys) + 3) + "|"]
+    for method in METHODS:
+        rs = [r for r in results if r["method"] == method]
+        if rs:
+            lines.append(f"| {method} | " + " | ".join(mean_ci([r[k] for r in rs]) for _, k in keys) +
+                         f" | {statistics.fmean(r['steps'] for r in rs):.1f} | "
+                         f"{statistics.fmean(r['rollout_tokens'] for r in rs):.0f} |")
+    lines += ["", "Paired differences to base (same seed), mean ± 95% interval over seeds:", "",
+              "| method | " + " | ".join(k for k, _ in keys) + " |", "| --- " * (len(keys) + 1) + "|"]
+    for method in [m for m in METHODS if m != "base"]:
+        if any(r["method"] == method for r in results):
+            lines.append(f"| {method} − base | " + " | ".join(paired(results, method, k) for _, k in keys) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--python", default=sys.executable, help="interpreter with vLLM (e.g. .venv-vllm/bin/python)")
+    p.add_argument("--out", type=Path, default=Path("focus"))
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--bench", default="arc-easy")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--train-items", type=int, default=64)
+    p.add_argument("--eval-items", type=int, default=80)
+    p.add_argument("--diagnose-tokens", type=int, default=64, help="student rollout length in diagnose")
+    p.add_argument("--rollout-tokens", type=int, default=6000, help="rollout-token budget per training run "
+                   "(3x the earlier comparison's 2000)")
+    p.add_argument("--max-steps", type=int, default=40)
+    p.add_argument("--lr", type=float, default=5e-6)
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "commands.log"
+    t0 = time.perf_counter()
+    results, diagnoses = [], {}
+    for seed in args.seeds:
+        focus, diagnoses[seed] = focus_items(args, seed, args.out, log)
+        print(f"seed {seed}: {diagnoses[seed]['focus_items']} of {diagnoses[seed]['diagnosed_items']} items "
+              f"helped; {diagnoses[seed]['verdict']}", file=sys.stderr)
+        for method in args.methods:
+            results.append(run_one(method, seed, focus, args, args.out, log))
+            print(f"seed {seed} {method}: done ({time.perf_counter() - t0:.0f} s so far)", file=sys.stderr)
+    text = table(results, args)
+    (args.out / "results.json").write_text(json.dumps({"diagnose": diagnoses, "runs": results}, indent=2))
+    (args.out / "table.md").write_text(text + "\n")
+    print(text)
+    print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
