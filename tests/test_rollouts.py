@@ -97,6 +97,10 @@ def test_engine_follows_the_student_after_a_push_and_samples_reproducibly(vllm_m
     assert all(1 <= len(g.token_ids) <= 16 for g in first)
     assert all(g.token_ids[-1] == tok.eos_token_id for g in first if g.finish_reason == "stop")
     assert len({tuple(g.token_ids) for g in engine.generate(prompts[:1] * 3, cfg, [1, 2, 3])}) > 1
+    # More prompt tokens than one scheduler step takes: vLLM 0.32 on CPU crashed on seeded requests split by
+    # chunked prefill ("CPU Generator does not use offset"); rcsd turns chunked prefill off there
+    long = [tok(f"Item {i}: " + "the quick brown fox jumps over the lazy dog " * 40)["input_ids"] for i in range(40)]
+    assert len(engine.generate(long, GenerationConfig(max_new_tokens=2, temperature=1.0), list(range(40)))) == 40
 
     # An optimizer step changes the student; until pushed, the engine is visibly stale
     with torch.no_grad():

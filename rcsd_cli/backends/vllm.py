@@ -33,6 +33,12 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+def _launched_processes() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class VLLMBackend:
     name = "vllm"
 
@@ -59,6 +65,10 @@ class VLLMBackend:
         self.gpu = gpu
         label = f"vllm{' ' + role if role else ''}"
         extra = {}
+        if in_process and _launched_processes() > 1:  # torchrun: one engine per process, on the launcher's group
+            extra["distributed_executor_backend"] = "external_launcher"
+        if not gpu:  # vLLM 0.32 CPU: a seeded request split by chunked prefill crashes the engine
+            extra["enable_chunked_prefill"] = False  # ("CPU Generator does not use offset")
         if kv_cache_gib:
             extra["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         if gpu:
