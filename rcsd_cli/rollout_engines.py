@@ -95,6 +95,10 @@ class Rollouts:
             for e in self.engines:
                 e.push()
 
+    def close(self) -> None:
+        for e in self.engines:
+            e.engine.close()
+
     def report_sync(self, student, tok, log=info) -> None:
         """Once, after the first push: the student engine's log-probs of a probe text vs the student's."""
         if self.engines:

@@ -338,6 +338,7 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
         (out / "rcsd_train_config.json").write_text(cfg.model_dump_json(indent=2))
         write_metrics(out, metrics, cfg, inputs, world)
     dist.barrier()
+    rollouts.close()
     return metrics
 
 

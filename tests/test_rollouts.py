@@ -126,3 +126,30 @@ def test_train_with_vllm_rollouts_and_a_frozen_teacher_engine(run_cli, vllm_mode
     assert [m.step for m in metrics] == [1, 2]
     assert all(m.rollout_seconds > 0 and m.analysis_seconds > 0 and m.push_seconds > 0 for m in metrics)
     assert json.loads((out / "rcsd_train_config.json").read_text())["rollout_backend"] == "vllm"
+
+
+def test_two_processes_each_with_an_engine_train_like_one(run_cli, vllm_model, tmp_path):
+    """torchrun: one engine per process on the launcher's group; greedy rollouts make the runs comparable."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    write_jsonl(tmp_path / "p.jsonl", PROBLEMS)
+    run_cli("gen-rubrics", tmp_path / "p.jsonl", "-o", tmp_path / "r.parquet", "--generator", "reference", check=True)
+    args = ["train", "--rubrics", tmp_path / "r.parquet", "--model", vllm_model, "--steps", "2", "--batch-size", "4",
+            "--micro-batch-size", "2", "--max-new-tokens", "6", "--temperature", "0", "--lr", "1e-3",
+            "--rollout-backend", "vllm", "--vllm-enforce-eager", "--vllm-kv-cache-gib", "0.25"]
+    run_cli(*args, "-o", tmp_path / "one", check=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "rcsd_cli", *map(str, args), "-o", str(tmp_path / "two")], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert float(re.search(r"differ by at most (\S+)", p.stderr).group(1)) < 1e-3
+    one, _ = read_artifact(tmp_path / "one" / "metrics.parquet", "metrics")
+    two, meta = read_artifact(tmp_path / "two" / "metrics.parquet", "metrics")
+    assert meta["world_size"] == 2
+    assert [m.completion_tokens for m in two] == [m.completion_tokens for m in one]
+    assert [m.loss for m in two] == pytest.approx([m.loss for m in one], rel=1e-3)
