@@ -47,7 +47,7 @@ def focus_items(args, seed: int, root: Path, log: Path) -> tuple[Path, dict]:
         rcsd(["gen-rubrics", args.bench, "--generator", "reference", "--limit", args.train_items, "--seed", seed,
               "-o", rubrics], args.python, log)
     if not diag.exists():
-        rcsd(["diagnose", rubrics, "--limit", args.train_items, "--seed", seed, "--conditions", "rubric,shuffled",
+        rcsd(["diagnose", rubrics, "--limit", args.train_items, "--seed", seed, "--conditions", args.diagnose_conditions,
               "--prompt-style", "answer-line", "--max-new-tokens", args.diagnose_tokens, "-o", diag],
              args.python, log)
     rows, meta = read_artifact(diag, "diagnose")
@@ -154,6 +154,8 @@ def main():
     p.add_argument("--train-items", type=int, default=64)
     p.add_argument("--eval-items", type=int, default=80)
     p.add_argument("--diagnose-tokens", type=int, default=64, help="student rollout length in diagnose")
+    p.add_argument("--diagnose-conditions", default="rubric,shuffled",
+                   help="teacher conditions diagnose compares (the focus rule reads 'rubric')")
     p.add_argument("--rollout-tokens", type=int, default=6000, help="rollout-token budget per training run "
                    "(3x the earlier comparison's 2000)")
     p.add_argument("--max-steps", type=int, default=40)
