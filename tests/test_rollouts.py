@@ -58,6 +58,19 @@ def test_rollout_options_that_would_be_ignored_are_refused(run_cli, tmp_path, ar
     assert not (tmp_path / "out").exists()
 
 
+def test_vllm_rollouts_without_vllm_fail_in_one_line_before_anything_is_written(run_cli, tmp_path, tiny_model):
+    from rcsd_cli.backends.vllm import vllm_available
+
+    if vllm_available():
+        pytest.skip("vLLM is installed here")
+    write_jsonl(tmp_path / "p.jsonl", PROBLEMS)
+    run_cli("gen-rubrics", tmp_path / "p.jsonl", "-o", tmp_path / "r.parquet", "--generator", "reference", check=True)
+    p = run_cli("train", "--rubrics", tmp_path / "r.parquet", "--model", tiny_model, "-o", tmp_path / "out",
+                "--rollout-backend", "vllm")
+    assert p.returncode == 2 and "--rollout-backend vllm needs vLLM" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- with vLLM installed
 
 

@@ -79,6 +79,11 @@ def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume
     else:
         raise RcsdError("give --rubrics for online training, or --samples and --scores for an offline round")
     rows = rows[: cfg.limit] if cfg.limit else rows
+    if cfg.rollout_backend == "vllm":
+        from rcsd_cli.backends.vllm import vllm_available
+
+        if not vllm_available():  # before any folder is made or weight loaded
+            raise RcsdError("--rollout-backend vllm needs vLLM: pip install 'rcsd[vllm]' (CPU: examples/test_vllm.sh)")
     if cfg.rubric_ablation:
         from rcsd_cli.ablations import ablate
 
