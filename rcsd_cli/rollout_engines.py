@@ -63,11 +63,18 @@ class EngineRollouts:
 
     def __init__(self, engine, follows=None):
         self.engine, self.follows = engine, follows
+        self.weights_dropped = False  # GPU sleep mode drops a following engine's weights between calls
+
+    def _ready(self) -> None:
+        self.engine.wake()
+        if self.weights_dropped:  # e.g. the analysis and then the rollouts of one step, both from this engine
+            self.push()
 
     def generate(self, prompts, gen_cfg, seeds):
-        self.engine.wake()
+        self._ready()
         out = self.engine.generate(prompts, gen_cfg, 0, seeds=seeds)
         self.engine.sleep(keep_weights=self.follows is None)
+        self.weights_dropped = self.follows is not None and self.engine.asleep
         return out
 
     def push(self) -> None:
@@ -76,9 +83,10 @@ class EngineRollouts:
             self.engine.wake()
             with torch.no_grad():
                 self.engine.load_weights(module_weights(self.follows))
+            self.weights_dropped = False
 
     def token_logprobs(self, prompt, continuation):
-        self.engine.wake()
+        self._ready()
         return self.engine.token_logprobs(prompt, continuation)
 
 
