@@ -3,6 +3,12 @@
 Backends take prompt token ids and return completion token ids, so every stage can swap the
 engine without touching how prompts are built. Later backends (vLLM, OpenAI-compatible
 servers) implement the same ``generate`` signature.
+
+Two decoding loops give the same tokens. The plain one grows a dynamic KV cache and asks the
+device after every token whether all rows stopped. The static one (``compile_decoding``)
+preallocates the KV cache and the attention mask for the whole completion, so every decode step
+has the same shapes and can run as one compiled graph (``torch.compile``; CUDA graphs on a GPU),
+and looks for stop tokens only every ``STOP_CHECK_EVERY`` tokens: no host sync per token.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from rcsd_cli.schemas import GenerationConfig
+
+STOP_CHECK_EVERY = 16  # static loop: tokens between two "have all rows stopped?" host syncs
 
 
 @dataclass
@@ -88,7 +96,9 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationCo
     was_training = model.training
     model.eval()
     with _decoding(model) as lm:
-        rows = _decode(lm, input_ids, attention, cfg, generators, stop, pad)
+        static = use_compiled_decoding(cfg, device)
+        decode = _decode_static if static else _decode
+        rows = decode(lm, input_ids, attention, cfg, generators, stop, pad)
     model.train(was_training)
     stop_ids = set(stop.tolist())
     results = []
@@ -132,6 +142,52 @@ def _decode(model, input_ids, attention, cfg, generators, stop, pad) -> list[lis
         out = model(input_ids=nxt.unsqueeze(-1), attention_mask=attention, position_ids=position,
                     past_key_values=out.past_key_values, use_cache=True)
     return torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in range(input_ids.shape[0])]
+
+
+def use_compiled_decoding(cfg: GenerationConfig, device) -> bool:
+    """``compile_decoding`` unset: the static compiled loop on CUDA, the plain loop elsewhere (where
+    it measured as fast or faster: examples/bench_decoding.py)."""
+    return cfg.compile_decoding if cfg.compile_decoding is not None else device.type == "cuda"
+
+
+def _compiled_step(model):
+    """The model's forward compiled for fixed-shape decode steps (CUDA graphs on a GPU), once per module."""
+    step = getattr(model, "_rcsd_decode_step", None)
+    if step is None:
+        device = next(model.parameters()).device
+        step = torch.compile(model.forward, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+        model._rcsd_decode_step = step  # a plain attribute: not a parameter, not in the state dict
+    return step
+
+
+def _decode_static(model, input_ids, attention, cfg, generators, stop, pad, compiled=True) -> list[list[int]]:
+    """The plain loop's tokens from a preallocated KV cache and mask; stop checks every few tokens."""
+    from transformers import StaticCache
+
+    rows, width = input_ids.shape
+    device, total = input_ids.device, input_ids.shape[1] + cfg.max_new_tokens
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    cache = StaticCache(config=config, max_cache_len=total)
+    mask = torch.ones((rows, total), dtype=attention.dtype, device=device)  # generated tokens (and pads) count,
+    mask[:, :width] = attention  # as in the plain loop; the causal mask hides the future
+    position = (attention.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position, past_key_values=cache,
+                cache_position=torch.arange(width, device=device), use_cache=True)
+    logits = out.logits[:, -1, :]
+    step = _compiled_step(model) if compiled else model
+    position = position[:, -1:]
+    tokens = torch.full((rows, cfg.max_new_tokens), pad, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    for t in range(cfg.max_new_tokens):
+        nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), _next_tokens(logits, cfg, generators))
+        tokens[:, t] = nxt
+        done |= torch.isin(nxt, stop)
+        if t + 1 == cfg.max_new_tokens or ((t + 1) % STOP_CHECK_EVERY == 0 and bool(done.all())):
+            return tokens[:, : t + 1].tolist()
+        position = position + 1
+        logits = step(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=position, past_key_values=cache,
+                      cache_position=torch.tensor([width + t], device=device), use_cache=True).logits[:, -1, :]
+    return [[] for _ in range(rows)]
 
 
 def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, seed: int,

@@ -106,30 +106,26 @@ def pick_device():
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def compute_dtype():
-    """bf16 when training or generating on CUDA, fp32 on CPU."""
-    import torch
-
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-
-
-def load_model(name: str | None, trust_remote_code: bool = False, device=None, dtype=None) -> LoadedModel:
+def load_model(name: str | None, trust_remote_code: bool = False, device=None, dtype=None,
+               attn_implementation: str = "sdpa") -> LoadedModel:
     """Load a causal LM and its tokenizer, failing with one clean line if that is impossible.
 
-    ``device``/``dtype`` default to CUDA in bf16 when available, else CPU in fp32.
+    ``device``/``dtype`` default to CUDA in bf16 when available, else CPU in fp32 (inference;
+    training picks its dtype from ``--precision``).
     """
     import torch
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name)
     if (Path(path) / "adapter_config.json").is_file():
-        return _load_adapter(Path(path), trust_remote_code, device, dtype)
+        return _load_adapter(Path(path), trust_remote_code, device, dtype, attn_implementation)
     tokenizer = load_tokenizer(name, trust_remote_code)
     device = device or pick_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True, dtype=dtype)
+                                                     use_safetensors=True, dtype=dtype,
+                                                     attn_implementation=attn_implementation)
     except Exception as exc:
         raise RcsdError(f"{name}: cannot load model ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from exc
     model.to(device)
@@ -148,11 +144,11 @@ def adapter_base(folder: Path) -> str:
     return base
 
 
-def _load_adapter(folder: Path, trust_remote_code: bool, device, dtype) -> LoadedModel:
+def _load_adapter(folder: Path, trust_remote_code: bool, device, dtype, attn_implementation: str) -> LoadedModel:
     """A PEFT LoRA folder (what ``rcsd train --lora-rank`` writes): its base model, adapter merged in."""
     from peft import PeftModel
 
-    base = load_model(adapter_base(folder), trust_remote_code, device, dtype)
+    base = load_model(adapter_base(folder), trust_remote_code, device, dtype, attn_implementation)
     try:
         model = PeftModel.from_pretrained(base.model, str(folder)).merge_and_unload()
     except Exception as exc:

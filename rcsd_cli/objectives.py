@@ -19,6 +19,7 @@ additionally seeing the reference rubric.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,7 +27,6 @@ import torch
 
 from rcsd_cli.batching import SideBatch, aligned_hidden, build_pair_batch
 from rcsd_cli.generation import generate, item_seed
-from rcsd_cli.phases import no_clock
 from rcsd_cli.losses import (
     chunked_distill_loss,
     chunked_token_logprobs,
@@ -34,6 +34,7 @@ from rcsd_cli.losses import (
     group_advantages,
     k3_kl,
 )
+from rcsd_cli.phases import no_clock
 from rcsd_cli.prompts import (
     analysis_message,
     chat_prompt_ids,
@@ -73,6 +74,7 @@ class StepContext:
     rank: int = 0
     student_generate: Callable | None = None  # as teacher_generate, from the current student (default: HF)
     clock: Callable = no_clock  # phases.PhaseClock: with ctx.clock("rollout"): ...
+    compute: Callable = nullcontext  # precision.compute: forward passes run in it, backward outside it
 
     def student_samples(self, prompts, gen_cfg, seeds):
         if self.student_generate is not None:
@@ -241,13 +243,14 @@ def distill_backward(ctx: StepContext, s_prompts, t_prompts, completions) -> Ste
         with torch.no_grad(), ctx.clock("teacher"):
             t_hidden = ctx.teacher_hidden(pb.teacher)
         with ctx.clock("student"):
-            s_hidden = aligned_hidden(ctx.student, pb.student)
-            dev = s_hidden.device
-            loss_sum, kl_sum, agree_sum, weighted = chunked_distill_loss(
-                s_hidden, t_hidden, s_head, ctx.teacher_head, pb.mask.to(dev), pb.targets.to(dev), kind=cfg.loss,
-                chunk_size=cfg.chunk_size, beta=cfg.beta, top_k=cfg.loss_top_k, temperature=cfg.loss_temperature,
-                clip=cfg.clip, diag_top_k=cfg.loss_top_k, tail=cfg.tail_bucket,
-                row_weights=torch.tensor(weights[sl], device=dev))
+            with ctx.compute():
+                s_hidden = aligned_hidden(ctx.student, pb.student)
+                dev = s_hidden.device
+                loss_sum, kl_sum, agree_sum, weighted = chunked_distill_loss(
+                    s_hidden, t_hidden, s_head, ctx.teacher_head, pb.mask.to(dev), pb.targets.to(dev),
+                    kind=cfg.loss, chunk_size=cfg.chunk_size, beta=cfg.beta, top_k=cfg.loss_top_k,
+                    temperature=cfg.loss_temperature, clip=cfg.clip, diag_top_k=cfg.loss_top_k, tail=cfg.tail_bucket,
+                    row_weights=torch.tensor(weights[sl], device=dev))
             weighted.backward()
         objective += weighted.item()
         loss_total += loss_sum.item()
@@ -273,7 +276,7 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     for j in range(0, len(completions), cfg.micro_batch_size):
         sl = slice(j, j + cfg.micro_batch_size)
         pb = build_pair_batch(prompts[sl], prompts[sl], completions[sl], tok.pad_token_id)
-        with ctx.clock("student"):
+        with ctx.clock("student"), ctx.compute():
             hidden = aligned_hidden(ctx.student, pb.student)
             dev = hidden.device
             targets, mask = pb.targets.to(dev), pb.mask.to(dev).float()
@@ -287,8 +290,9 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
             per_tok = per_tok + cfg.kl_coef * kl
             kl_total += (kl.detach() * mask).sum().item()
         with ctx.clock("student"):
-            loss_sum = (per_tok * mask).sum()
-            weighted = (per_tok * mask * torch.tensor(weights[sl], device=dev).unsqueeze(-1)).sum()
+            with ctx.compute():
+                loss_sum = (per_tok * mask).sum()
+                weighted = (per_tok * mask * torch.tensor(weights[sl], device=dev).unsqueeze(-1)).sum()
             weighted.backward()
         objective += weighted.item()
         loss_total += loss_sum.item()
@@ -308,11 +312,12 @@ def sft_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
         sl = slice(j, j + cfg.micro_batch_size)
         pb = build_pair_batch(prompts[sl], prompts[sl], targets_ids[sl], tok.pad_token_id)
         with ctx.clock("student"):
-            hidden = aligned_hidden(ctx.student, pb.student)
-            dev = hidden.device
-            logp = chunked_token_logprobs(hidden, head, pb.targets.to(dev), cfg.chunk_size)
-            per_tok = -(logp * pb.mask.to(dev).float())
-            weighted = (per_tok * torch.tensor(weights[sl], device=dev).unsqueeze(-1)).sum()
+            with ctx.compute():
+                hidden = aligned_hidden(ctx.student, pb.student)
+                dev = hidden.device
+                logp = chunked_token_logprobs(hidden, head, pb.targets.to(dev), cfg.chunk_size)
+                per_tok = -(logp * pb.mask.to(dev).float())
+                weighted = (per_tok * torch.tensor(weights[sl], device=dev).unsqueeze(-1)).sum()
             weighted.backward()
         objective += weighted.item()
         loss_total += per_tok.sum().item()
@@ -354,27 +359,28 @@ def offline_step(ctx: StepContext, items: list[OfflineItem]) -> StepResult:
         prompts = [it.prompt_ids for it in part]
         pb = build_pair_batch(prompts, prompts, [it.completion_ids for it in part], tok.pad_token_id,
                               cfg.skip_first_tokens)
-        hidden = aligned_hidden(ctx.student, pb.student)
-        dev = hidden.device
-        k = len(part[0].teacher_ids[0])
-        t_ids = torch.zeros((len(part), hidden.shape[1], k), dtype=torch.long)
-        t_lp = torch.zeros((len(part), hidden.shape[1], k))
-        for i, it in enumerate(part):
-            t_ids[i, : len(it.teacher_ids)] = torch.tensor(it.teacher_ids)
-            t_lp[i, : len(it.teacher_logprobs)] = torch.tensor(it.teacher_logprobs)
-        mask = pb.mask.to(dev).float()
+        with ctx.compute():
+            hidden = aligned_hidden(ctx.student, pb.student)
+            dev = hidden.device
+            k = len(part[0].teacher_ids[0])
+            t_ids = torch.zeros((len(part), hidden.shape[1], k), dtype=torch.long)
+            t_lp = torch.zeros((len(part), hidden.shape[1], k))
+            for i, it in enumerate(part):
+                t_ids[i, : len(it.teacher_ids)] = torch.tensor(it.teacher_ids)
+                t_lp[i, : len(it.teacher_logprobs)] = torch.tensor(it.teacher_logprobs)
+            mask = pb.mask.to(dev).float()
 
-        w = torch.tensor(weights[j: j + cfg.micro_batch_size], device=dev).unsqueeze(-1)
+            w = torch.tensor(weights[j: j + cfg.micro_batch_size], device=dev).unsqueeze(-1)
 
-        def chunk(h, ids, lp, m):
-            per_tok = stored_topk_distill_loss(head(h), ids, lp, temperature=cfg.loss_temperature, clip=cfg.clip)
-            return torch.stack([(per_tok * m).sum(), (per_tok * m * w).sum()])
+            def chunk(h, ids, lp, m):
+                per_tok = stored_topk_distill_loss(head(h), ids, lp, temperature=cfg.loss_temperature, clip=cfg.clip)
+                return torch.stack([(per_tok * m).sum(), (per_tok * m * w).sum()])
 
-        sums = hidden.new_zeros(2)
-        for start in range(0, hidden.shape[1], cfg.chunk_size):
-            sl = slice(start, start + cfg.chunk_size)
-            sums = sums + checkpoint(chunk, hidden[:, sl], t_ids[:, sl].to(dev), t_lp[:, sl].to(dev),
-                                     mask[:, sl], use_reentrant=False)
+            sums = hidden.new_zeros(2)
+            for start in range(0, hidden.shape[1], cfg.chunk_size):
+                sl = slice(start, start + cfg.chunk_size)
+                sums = sums + checkpoint(chunk, hidden[:, sl], t_ids[:, sl].to(dev), t_lp[:, sl].to(dev),
+                                         mask[:, sl], use_reentrant=False)
         sums[1].backward()
         objective += sums[1].item()
         loss_total += sums[0].item()

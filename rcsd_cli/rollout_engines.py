@@ -142,25 +142,26 @@ def sync_gap(engine: EngineRollouts, student, tok, text: str = PROBE) -> float:
     return max(abs(a - b) for a, b in zip(ours, theirs, strict=True))
 
 
-def hf_generate(module, tok, scope=nullcontext) -> Generate:
+def hf_generate(module, tok, scope=nullcontext, compute=nullcontext) -> Generate:
     def gen(prompts, gen_cfg, seeds):
-        with scope():
+        with scope(), compute():
             return generate(module, tok, prompts, gen_cfg, 0, seeds=seeds)
 
     return gen
 
 
-def build_rollouts(cfg: TrainConfig, student, teacher, tok, teacher_scope, *, trust_remote_code: bool) -> Rollouts:
-    """HF generation on the modules, or vLLM engines mirroring them (see the module docstring)."""
+def build_rollouts(cfg: TrainConfig, student, teacher, tok, teacher_scope, compute=nullcontext, *,
+                   trust_remote_code: bool) -> Rollouts:
+    """HF generation on the modules (under the precision's ``compute`` context), or vLLM engines
+    mirroring them (see the module docstring): bf16 engines unless the run computes in fp32."""
     if cfg.rollout_backend == "hf":
         t_module = teacher if teacher is not None else student
-        return Rollouts(hf_generate(student, tok), hf_generate(t_module, tok, teacher_scope))
-    from rcsd_cli.models import compute_dtype
-
+        return Rollouts(hf_generate(student, tok, compute=compute),
+                        hf_generate(t_module, tok, teacher_scope, compute))
     needs_teacher = (cfg.teacher_context == "reason-first" and cfg.analysis_by == "teacher"
                      and cfg.task == "reasoner" and cfg.method in ("rcsd", "opsd"))
     separate_teacher = needs_teacher and cfg.teacher != "live"
-    dtype = str(compute_dtype()).removeprefix("torch.")
+    dtype = "float32" if cfg.precision == "fp32" else "bfloat16"
     kv = cfg.vllm_kv_cache_gib or (None if torch.cuda.is_available() else 1.0)
     share = cfg.vllm_memory_utilization / (2 if separate_teacher else 1)
 

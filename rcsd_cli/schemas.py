@@ -216,6 +216,9 @@ class MetricsRow(_Row):
     peak_rss_gib: float | None = Field(None, description="Peak resident memory of this process during the step.")
     phase_peak_rss_gib: dict[str, float] | None = Field(None, description="Peak resident memory per phase.")
     peak_gpu_gib: float | None = Field(None, description="Peak CUDA memory allocated by torch during the step.")
+    weights_moved: float | None = Field(None, description="Step 1 only: share of weight entries with a "
+                                        "non-zero gradient that the optimizer step changed (sampled per tensor; "
+                                        "pure bf16 at a small lr leaves most unchanged).")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -230,6 +233,15 @@ _PROMPT_STYLE_HELP = ("paper: the authors' prompts (Question: ..., \\boxed{} ans
                       "and rubric JSON); answer-line: question and an 'Answer: X' line instruction.")
 
 
+AttnImplementation = Literal["sdpa", "flash_attention_2", "eager"]
+
+
+def attn_option(panel: str):
+    """``--attn-implementation``, the same on every stage that loads a model with transformers."""
+    return opt("sdpa", panel=panel, help="Attention kernel of every model load: sdpa (PyTorch), flash_attention_2 "
+               "(needs the flash-attn package; what the authors' launch used) or eager.")
+
+
 class GenerationConfig(_Config):
     """Sampling settings shared by every generating stage (each stage sets its own defaults)."""
 
@@ -241,6 +253,10 @@ class GenerationConfig(_Config):
     enable_thinking: bool | None = opt(None, panel="Generation", flag="--thinking",
                                        help="enable_thinking for chat templates that have it (e.g. Qwen3); unset "
                                        "keeps the template's default.")
+    compile_decoding: bool | None = opt(
+        None, panel="Generation", help="hf: decode from a static KV cache with a compiled step (torch.compile; CUDA "
+        "graphs on GPU) and no host sync per token; same tokens as the plain loop. Unset: on for CUDA, off on CPU "
+        "(examples/bench_decoding.py).")
     ignore_eos: bool = Field(False, description="Benchmarks (hf and vllm engines): always generate max_new_tokens "
                              "tokens; end-of-sequence tokens do not stop a completion.")
 
@@ -265,6 +281,7 @@ class BackendConfig(_Config):
     memory_utilization: float | None = opt(None, gt=0, le=1, panel="Backend",
                                            help="vllm: fraction of each GPU's memory (default 0.85) or, on CPU, of "
                                            "the machine's memory (default 0.3) the engine may reserve.")
+    attn_implementation: AttnImplementation = attn_option("Backend")
 
 
 def _generation(**defaults):
@@ -346,6 +363,7 @@ class TrainConfig(_Config):
     seed: int = opt(0, panel="Data", help="Random seed (data order, sampling).")
     prompt_style: PromptStyle = opt("paper", panel="Data", help=_PROMPT_STYLE_HELP)
     model: str = opt(DEFAULT_MODEL, panel="Model", help=_MODEL_HELP)
+    attn_implementation: AttnImplementation = attn_option("Model")
     task: Literal["reasoner", "rubric-generator"] = opt(
         "reasoner", panel="Model", help="rubric-generator: stage I, the student writes rubrics, the teacher also sees "
         "the reference rubric.")
@@ -391,6 +409,10 @@ class TrainConfig(_Config):
     micro_batch_size: int = opt(4, ge=1, panel="Optimiser", help="Sequences per forward/backward pass.")
     gradient_checkpointing: bool = opt(False, panel="Optimiser", help="Recompute the student's decoder layers in "
                                        "backward instead of holding their activations (less memory, more time).")
+    precision: Literal["fp32", "bf16-mixed", "bf16"] | None = opt(
+        None, panel="Optimiser", help="fp32; bf16-mixed: fp32 master weights and AdamW state, bf16 compute (HF "
+        "Trainer's bf16=True, the authors' DeepSpeed bf16); bf16: weights and AdamW state in bf16 (updates under "
+        "half a bf16 ulp vanish: at lr 5e-6 about 99% of weights never move). Unset: bf16-mixed on CUDA, fp32 on CPU.")
     lr: float = opt(5e-6, gt=0, panel="Optimiser", help="Peak learning rate (AdamW).")
     lr_schedule: Literal["constant", "linear", "cosine"] = opt(
         "linear", panel="Optimiser", help="After warm-up: constant, linear decay to 0 at --steps (the Trainer "
@@ -413,6 +435,11 @@ class TrainConfig(_Config):
         "(FSDP2, ZeRO-3-like) or shard-grad-op (ZeRO-2-like). Unset: what an accelerate FSDP config asks for, "
         "else replicate.")
     save_every: int = opt(0, ge=0, panel="Output", help="Checkpoint every N steps (0 = only the final model).")
+    save_total_limit: int | None = opt(None, ge=1, panel="Output", help="Keep only the newest N checkpoints (never "
+                                       "the one a run resumed from); unset keeps all.")
+    save_dtype: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "auto", panel="Output", help="dtype of the final weights (full or merged); auto: the dtype the model's "
+        "config declares. Checkpoints always keep the training weights (fp32 master under bf16-mixed).")
     report_to: Literal["none", "tensorboard", "wandb", "trackio"] = opt(
         "none", panel="Output", help="Also log every step to TensorBoard (OUTPUT/runs), Weights & Biases or Trackio "
         "(optional extras). metrics.parquet is always written.")

@@ -24,17 +24,17 @@ from pathlib import Path
 import torch
 
 from rcsd_cli import distributed as dist
-from rcsd_cli import sharding
+from rcsd_cli import precision, sharding
 from rcsd_cli.artifacts import clear_own_folder, write_artifact
 from rcsd_cli.batching import aligned_hidden
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.models import compute_dtype, load_model
+from rcsd_cli.models import load_model, pick_device
 from rcsd_cli.objectives import OBJECTIVES, StepContext
 from rcsd_cli.phases import PhaseClock
 from rcsd_cli.rollout_engines import build_rollouts
 from rcsd_cli.schemas import MetricsRow, TrainConfig
 from rcsd_cli.tracking import Tracker, numeric, open_tracker
-from rcsd_cli.ui import info, progress
+from rcsd_cli.ui import info, progress, warn
 
 
 def batch_order(n_items: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -116,19 +116,50 @@ def lora_targets(spec: str) -> str | list[str]:
 
 
 def save_final(out: Path, student, tok, cfg: TrainConfig, state_dict=None) -> None:
-    """The trained model: full weights, or with LoRA the PEFT adapter (plus merged weights if asked)."""
+    """The trained model: full weights, or with LoRA the PEFT adapter (plus merged weights if asked).
+
+    Full and merged weights are written in ``--save-dtype``; the adapter keeps its training dtype.
+    """
     if cfg.lora_rank:
         student.save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)
         if cfg.merge_lora:
             merged = copy.deepcopy(student).merge_and_unload()
-            merged.save_pretrained(out / "merged", safe_serialization=True)
-            tok.save_pretrained(out / "merged")
-            _drop_private_config_keys(out / "merged" / "config.json")
+            _save_weights(merged, sharding.full_state_dict(merged), out / "merged", tok, cfg.save_dtype)
         return
-    sharding.unwrap(student).save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-    tok.save_pretrained(out)
-    _drop_private_config_keys(out / "config.json")
+    lm = sharding.unwrap(student)
+    _save_weights(lm, state_dict if state_dict is not None else sharding.full_state_dict(lm), out, tok,
+                  cfg.save_dtype)
+
+
+def _save_weights(lm, state: dict, folder: Path, tok, choice: str) -> None:
+    """``save_pretrained`` of ``state`` cast to the chosen dtype, the config saying that dtype."""
+    dtype = precision.save_dtype(choice, lm.config)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    declared = lm.config.dtype
+    lm.config.dtype = dtype
+    try:
+        lm.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    finally:
+        lm.config.dtype = declared
+    tok.save_pretrained(folder)
+    _drop_private_config_keys(folder / "config.json")
+
+
+def prune_checkpoints(out: Path, limit: int | None, keep: Path | None) -> list[Path]:
+    """``--save-total-limit``: delete all but the newest ``limit`` complete checkpoints.
+
+    Never the one this run resumed from (``keep``), never a ``.tmp`` being written (it is not a
+    complete checkpoint). Returns what was deleted.
+    """
+    if not limit:
+        return []
+    found = sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*")
+                   if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file())
+    old = [p for _, p in found[:-limit] if keep is None or p.resolve() != keep.resolve()]
+    for p in old:
+        shutil.rmtree(p)
+    return old
 
 
 def _drop_private_config_keys(path: Path) -> None:
@@ -164,6 +195,8 @@ def model_card(cfg: TrainConfig, metrics: list[MetricsRow], inputs: list[str], w
         f"| loss | `{cfg.loss}`, top-{cfg.loss_top_k}, T {cfg.loss_temperature:g}, clip {cfg.clip}, "
         f"reduction `{cfg.loss_reduction}` |",
         f"| optimiser | AdamW lr {cfg.lr:g} ({cfg.lr_schedule}), seed {cfg.seed} |",
+        f"| precision | `{cfg.precision}` (weights in {str(precision.param_dtype(cfg.precision))[6:]}), attention "
+        f"`{cfg.attn_implementation}`, saved as {cfg.save_dtype} |",
     ]
     for path, digest in data.items():
         lines.append(f"| data | `{Path(path).name}` sha256 `{digest}` |")
@@ -182,7 +215,8 @@ def _build_models(cfg: TrainConfig, ckpt: Path | None, trust_remote_code: bool, 
     ``on_cpu``: load into host memory (in the compute dtype) so that sharding moves only each
     process's shard to the GPU, instead of a full student and teacher per GPU.
     """
-    where = dict(device=torch.device("cpu"), dtype=compute_dtype()) if on_cpu else {}
+    where = dict(device=torch.device("cpu") if on_cpu else pick_device(), dtype=precision.param_dtype(cfg.precision),
+                 attn_implementation=cfg.attn_implementation)
     loaded = load_model(cfg.model, trust_remote_code, **where)
     base, tok = loaded.model, loaded.tokenizer
     if cfg.lora_rank:
@@ -206,12 +240,14 @@ def _build_models(cfg: TrainConfig, ckpt: Path | None, trust_remote_code: bool, 
         teacher.load_state_dict(load_file(ckpt / "ema_teacher.safetensors"))
     if teacher is not None:
         teacher.requires_grad_(False).eval()
+        if cfg.teacher == "frozen":  # no gradients, no optimizer state: no master copy needed
+            teacher.to(precision.frozen_dtype(cfg.precision))
     return student, teacher, tok
 
 
-def _teacher_view(cfg: TrainConfig, student, teacher):
+def _teacher_view(cfg: TrainConfig, student, teacher, compute):
     """(hidden-state function, output head, scope) of the teacher; ``scope`` turns a LoRA student into its
-    frozen base (for HF generation too)."""
+    frozen base (for HF generation too). ``compute``: the precision's autocast context."""
     from contextlib import nullcontext
 
     if teacher is not None:
@@ -222,7 +258,7 @@ def _teacher_view(cfg: TrainConfig, student, teacher):
         module, head, scope = student, student.get_output_embeddings(), nullcontext
 
     def hidden(side):
-        with scope():
+        with scope(), compute():
             return aligned_hidden(module, side)
 
     return hidden, head, scope
@@ -246,6 +282,9 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
     rank, world = dist.setup()
     main = rank == 0
     log = info if main else (lambda *_: None)
+    cfg = resolve_precision(cfg)
+    device_type = pick_device().type
+    compute = lambda: precision.compute(cfg.precision, device_type)  # noqa: E731
     torch.manual_seed(cfg.seed)
     ckpt = latest_checkpoint(out) if resume else None
     start_step, metrics = 0, []
@@ -257,11 +296,10 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
     student, teacher, tok = _build_models(cfg, ckpt, trust_remote_code, on_cpu=sharded)
     dist.broadcast_from_main(student)
     dist.broadcast_from_main(teacher)
-    if sharded:
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"  # fully_shard moves each shard there
-        reshard = cfg.sharding == "full-shard"
-        student = sharding.shard(student, reshard, device_type)
-        teacher = None if teacher is None else sharding.shard(teacher, reshard, device_type)
+    if sharded:  # fully_shard moves each shard to the device
+        reshard, mixed = cfg.sharding == "full-shard", cfg.precision == "bf16-mixed"
+        student = sharding.shard(student, reshard, device_type, mixed)
+        teacher = None if teacher is None else sharding.shard(teacher, reshard, device_type, mixed)
         log(f"FSDP2 {cfg.sharding} over {world} processes")
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(student)
@@ -273,8 +311,9 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
         opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
         sharding.load_optimizer_state(student, optimizer, opt_state["optimizer"])
         scheduler.load_state_dict(opt_state["scheduler"])
-    teacher_hidden, teacher_head, teacher_scope = _teacher_view(cfg, student, teacher)
-    rollouts = build_rollouts(cfg, student, teacher, tok, teacher_scope, trust_remote_code=trust_remote_code)
+    teacher_hidden, teacher_head, teacher_scope = _teacher_view(cfg, student, teacher, compute)
+    rollouts = build_rollouts(cfg, student, teacher, tok, teacher_scope, compute,
+                              trust_remote_code=trust_remote_code)
     if ckpt is not None:  # engines start from --model: give them the resumed weights
         rollouts.after_update()
     clock = PhaseClock()
@@ -290,7 +329,7 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
             t0 = time.perf_counter()
             batch = [rows[i] for i in batch_order(len(rows), cfg.batch_size, step, cfg.seed)[rank::world]]
             ctx = StepContext(student, tok, teacher_hidden, teacher_head, cfg, step, rollouts.teacher, rank,
-                              student_generate=rollouts.student, clock=clock)
+                              student_generate=rollouts.student, clock=clock, compute=compute)
             optimizer.zero_grad(set_to_none=True)
             res = objective(ctx, batch)
             with clock("optimizer"):
@@ -300,8 +339,11 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
                     res = _combine(res)
                 grad_norm = sharding.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
                 lr = scheduler.get_last_lr()[0]
+                first = step == 0  # once per run history: a resumed run's metrics equal an uninterrupted one's
+                before = precision.snapshot(params) if first else None
                 if math.isfinite(grad_norm):
                     optimizer.step()
+                moved = precision.moved_share(params, before) if first else None
                 scheduler.step()
                 if cfg.teacher == "ema" and teacher is not None:
                     _ema_update(teacher, student, cfg.ema_decay)
@@ -317,7 +359,13 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
                 top1_agreement=None if res.agree_sum is None else res.agree_sum / n, reward=res.reward,
                 grad_norm=grad_norm, lr=lr, completion_tokens=res.tokens,
                 mean_completion_length=res.tokens / max(1, res.reward_count or min(cfg.batch_size, len(rows))),
-                rollout_tokens=used, tokens_per_second=res.tokens / seconds, seconds=seconds, **clock.take()))
+                rollout_tokens=used, tokens_per_second=res.tokens / seconds, seconds=seconds, weights_moved=moved,
+                **clock.take()))
+            if cfg.precision == "bf16" and moved is not None and moved < 0.99:
+                if main:
+                    warn(f"--precision bf16: only {moved:.1%} of the weights that got a gradient moved in step "
+                         f"{step + 1} (an update of ~lr {cfg.lr:g} rounds away for weights above "
+                         f"{precision.vanishing_below(cfg.lr):.1e}); --precision bf16-mixed keeps fp32 master weights")
             advance(1)
             m = metrics[-1]
             extras = "".join(f"  {k} {v:.4f}" for k, v in (("kl", m.kl), ("top1", m.top1_agreement),
@@ -330,6 +378,8 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 save_checkpoint(out / f"checkpoint-{step + 1}", student, teacher, tok, optimizer, scheduler, step + 1,
                                 cfg, metrics)
+                if main:
+                    prune_checkpoints(out, cfg.save_total_limit, keep=ckpt)
     final_state = sharding.full_state_dict(student) if sharded else None
     if main:
         tracker.close()
@@ -340,6 +390,13 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
     dist.barrier()
     rollouts.close()
     return metrics
+
+
+def resolve_precision(cfg: TrainConfig) -> TrainConfig:
+    """An unset ``--precision``: bf16-mixed on CUDA, fp32 elsewhere (recorded in the run's config)."""
+    if cfg.precision is not None:
+        return cfg
+    return cfg.model_copy(update={"precision": precision.resolve(None, pick_device().type)})
 
 
 def write_metrics(out: Path, metrics: list[MetricsRow], cfg: TrainConfig, inputs, world: int) -> None:

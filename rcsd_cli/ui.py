@@ -83,3 +83,8 @@ def _log_lines(description: str, total: int):
 def info(message: str) -> None:
     if VERBOSITY["level"] > 0:
         console.print(message, highlight=False)
+
+
+def warn(message: str) -> None:
+    """One line that something is likely wrong with the run; shown even with ``-q``."""
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)

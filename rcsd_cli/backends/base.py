@@ -25,10 +25,10 @@ class Backend(Protocol):
 class HFBackend:
     name = "hf"
 
-    def __init__(self, model_name: str, trust_remote_code: bool = False):
+    def __init__(self, model_name: str, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
         from rcsd_cli.models import load_model
 
-        loaded = load_model(model_name, trust_remote_code)
+        loaded = load_model(model_name, trust_remote_code, attn_implementation=attn_implementation)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
 
     def generate(self, prompts, cfg, seed, on_done=None, seeds=None):
@@ -43,7 +43,7 @@ class HFBackend:
 
 def open_backend(cfg: BackendConfig, model_name: str, trust_remote_code: bool = False) -> Backend:
     if cfg.kind == "hf":
-        return HFBackend(model_name, trust_remote_code)
+        return HFBackend(model_name, trust_remote_code, cfg.attn_implementation)
     if cfg.kind == "openai":
         from rcsd_cli.backends.openai import OpenAIBackend
 

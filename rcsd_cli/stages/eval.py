@@ -68,7 +68,7 @@ def run_loglik(cfg: EvalConfig, problems, output: Path, overwrite: bool, trust_r
     if cfg.backend.kind != "hf":
         raise RcsdError("--scoring loglik runs on the hf backend")
     t0 = time.perf_counter()
-    lm = load_model(cfg.model, trust_remote_code)
+    lm = load_model(cfg.model, trust_remote_code, attn_implementation=cfg.backend.attn_implementation)
     with progress(f"loglik {cfg.bench}", len(problems)) as advance:
         scores = choice_logprobs(lm.model, lm.tokenizer, problems, cfg.generation.batch_size, on_done=advance)
     items = []

@@ -10,7 +10,7 @@ from rcsd_cli.errors import RcsdError, where
 from rcsd_cli.objectives import OfflineItem, offline_step
 from rcsd_cli.schemas import TrainConfig
 from rcsd_cli.sharding import from_launcher_env
-from rcsd_cli.trainer import check_output_folder, train
+from rcsd_cli.trainer import check_output_folder, resolve_precision, train
 from rcsd_cli.ui import info
 
 
@@ -115,7 +115,7 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
     from rcsd_cli.objectives import analysis_prompt, student_prompt, teacher_prompt, teacher_rubric
     from rcsd_cli.prompts import text_ids, transition_text
 
-    cfg = resolve_sharding(cfg)
+    cfg = resolve_precision(resolve_sharding(cfg))
     tok = load_tokenizer(cfg.model, trust_remote_code)
     shown: dict = {"config": cfg.model_dump(mode="json")}
     if cfg.samples:

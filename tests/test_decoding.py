@@ -1,0 +1,65 @@
+"""The static, compiled decoding loop gives the plain loop's tokens: greedy, seeded sampling, stop
+tokens inside a check window, left-padded prompts of different lengths, LoRA students."""
+
+import pytest
+import torch
+
+from rcsd_cli.generation import generate_batch, use_compiled_decoding
+from rcsd_cli.models import load_model
+from rcsd_cli.schemas import GenerationConfig
+
+CPU = torch.device("cpu")
+PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 9], [1, 4, 4, 300, 2000]]
+
+
+def both(model, tok, cfg, seeds=(11, 12, 13)):
+    plain = generate_batch(model, tok, PROMPTS, cfg.model_copy(update={"compile_decoding": False}), list(seeds))
+    static = generate_batch(model, tok, PROMPTS, cfg.model_copy(update={"compile_decoding": True}), list(seeds))
+    return plain, static
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return load_model(str(tiny_model), device=CPU)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_static_compiled_loop_equals_the_plain_loop(tiny, temperature):
+    cfg = GenerationConfig(max_new_tokens=40, temperature=temperature, top_k=20, top_p=0.95)
+    plain, static = both(tiny.model, tiny.tokenizer, cfg)
+    assert [g.token_ids for g in static] == [g.token_ids for g in plain]
+    assert [g.finish_reason for g in static] == [g.finish_reason for g in plain]
+    assert all(len(g.token_ids) == 40 for g in plain)  # a random model never stops: full length
+
+
+def test_stop_tokens_end_rows_at_the_same_place(tiny, monkeypatch):
+    """Rows stop at different steps, none on a check boundary: same completions, same finish reasons."""
+    cfg = GenerationConfig(max_new_tokens=30, temperature=0.0)
+    free = generate_batch(tiny.model, tiny.tokenizer, PROMPTS, cfg.model_copy(update={"compile_decoding": False}), 0)
+    stop_id = free[0].token_ids[4]  # row 0 stops at its 5th token (others when, or if, they emit it)
+    monkeypatch.setattr(tiny.model.generation_config, "eos_token_id", stop_id)
+    monkeypatch.setattr(tiny.tokenizer, "eos_token_id", stop_id)
+    plain, static = both(tiny.model, tiny.tokenizer, cfg)
+    assert plain[0].finish_reason == "stop" and len(plain[0].token_ids) <= 5
+    assert [(g.token_ids, g.finish_reason) for g in static] == [(g.token_ids, g.finish_reason) for g in plain]
+
+
+def test_lora_student_decodes_the_same(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    lm = load_model(str(tiny_model), device=CPU)
+    student = get_peft_model(lm.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():  # non-zero adapters, so the LoRA path matters
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    cfg = GenerationConfig(max_new_tokens=20, temperature=1.0, top_k=20)
+    plain, static = both(student, lm.tokenizer, cfg)
+    assert [g.token_ids for g in static] == [g.token_ids for g in plain]
+
+
+def test_compiled_decoding_default_follows_the_device():
+    assert use_compiled_decoding(GenerationConfig(), torch.device("cuda"))
+    assert not use_compiled_decoding(GenerationConfig(), CPU)
+    assert use_compiled_decoding(GenerationConfig(compile_decoding=True), CPU)

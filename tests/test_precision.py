@@ -1,0 +1,159 @@
+"""Precision on CPU in the GPU's semantics: bf16-mixed keeps fp32 master weights that every step
+moves, pure bf16 loses small updates (and says so), checkpoints keep the master, final weights are
+saved in the dtype asked for."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from rcsd_cli import precision
+from rcsd_cli.artifacts import read_artifact, write_artifact
+from rcsd_cli.batching import aligned_hidden, build_pair_batch
+from rcsd_cli.losses import chunked_distill_loss
+from rcsd_cli.models import load_model
+from rcsd_cli.trainer import prune_checkpoints, train
+from tests.test_trainer import config, rubric_rows
+
+CPU = torch.device("cpu")
+
+
+def test_vanishing_threshold_by_hand():
+    # bf16: 1.0 has an ulp of 2^-7; an update under half of it (2^-8 = 1/256) rounds away
+    one = torch.tensor(1.0, dtype=torch.bfloat16)
+    assert one + 0.9 / 256 == one and one + 1.1 / 256 != one
+    assert precision.vanishing_below(5e-6) == 2.0 ** -9  # the binade above 256 * 5e-6 = 1.28e-3
+    w = torch.tensor([1.2e-3, 1.9e-3, 2.0e-3, 0.5], dtype=torch.bfloat16)
+    assert (w + 5e-6 != w).tolist() == [True, True, False, False]
+
+
+def test_resolve_and_dtypes():
+    assert precision.resolve(None, "cuda") == "bf16-mixed"
+    assert precision.resolve(None, "cpu") == "fp32"
+    assert precision.resolve("bf16", "cpu") == "bf16"
+    assert precision.param_dtype("bf16-mixed") == torch.float32
+    assert precision.param_dtype("bf16") == torch.bfloat16
+    assert precision.frozen_dtype("bf16-mixed") == torch.bfloat16 and precision.frozen_dtype("fp32") == torch.float32
+
+
+def test_moved_share_counts_only_entries_with_a_gradient():
+    p = torch.nn.Parameter(torch.zeros(10))
+    p.grad = torch.tensor([1.0] * 4 + [0.0] * 6)
+    before = precision.snapshot([p])
+    with torch.no_grad():
+        p[:2] += 1  # two of the four with a gradient move; entries without one do not count
+        p[8] += 1
+    assert precision.moved_share([p], before) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("choice, low, high", [("fp32", 0.99, 1.0), ("bf16-mixed", 0.99, 1.0), ("bf16", 0.0, 0.5)])
+def test_one_step_at_the_papers_lr_moves_the_weights(tiny_model, tmp_path, choice, low, high):
+    """The 1% trap: pure bf16 at lr 5e-6 leaves most weights where they were; a master copy does not."""
+    metrics = train(config(tiny_model, steps=1, lr=5e-6, precision=choice), rubric_rows(), tmp_path)
+    assert low <= metrics[0].weights_moved <= high
+    meta = read_artifact(tmp_path / "metrics.parquet", "metrics")[1]
+    assert meta["config"]["precision"] == choice
+    card = (tmp_path / "README.md").read_text()
+    assert f"precision | `{choice}`" in card
+
+
+def test_bf16_mixed_matches_fp32_loss_and_gradient(tiny_model):
+    """Same loss and gradient as fp32 within bf16 rounding; the master weights and grads stay fp32."""
+    lm = load_model(str(tiny_model), device=CPU)
+    teacher = load_model(str(tiny_model), device=CPU).model
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pb = build_pair_batch([[1, 5, 6], [1, 9, 9, 9]], [[1, 2, 3, 5, 6], [1, 9]],
+                          [[11, 12, 13, 14, 15], [21, 22, 23]], pad_id=0)
+    head_s, head_t = lm.model.get_output_embeddings(), teacher.get_output_embeddings()
+    results = {}
+    for choice in ("fp32", "bf16-mixed"):
+        lm.model.zero_grad()
+        with precision.compute(choice, "cpu"):
+            t_hidden = aligned_hidden(teacher, pb.teacher).detach()
+            loss, _, _, weighted = chunked_distill_loss(aligned_hidden(lm.model, pb.student), t_hidden, head_s, head_t,
+                                                        pb.mask, pb.targets, top_k=20, temperature=1.2)
+        weighted.backward()
+        grad = torch.cat([p.grad.reshape(-1) for p in lm.model.parameters()])
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in lm.model.parameters())
+        results[choice] = (loss.item(), grad)
+    (l32, g32), (lmix, gmix) = results["fp32"], results["bf16-mixed"]
+    assert l32 > 0 and lmix == pytest.approx(l32, rel=3e-2)
+    assert torch.nn.functional.cosine_similarity(g32, gmix, dim=0) > 0.99
+    assert (gmix - g32).norm() / g32.norm() < 0.1
+
+
+def test_bf16_mixed_resumes_exactly_from_its_fp32_master(tiny_model, tmp_path):
+    rows = rubric_rows()
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    cfg = config(tiny_model, steps=3, save_every=1, precision="bf16-mixed", save_dtype="fp32")
+    full.mkdir()
+    train(cfg, rows, full)
+    ckpt = load_file(full / "checkpoint-1" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in ckpt.values())
+    resumed.mkdir()
+    import shutil
+
+    shutil.copytree(full / "checkpoint-1", resumed / "checkpoint-1")
+    train(cfg, rows, resumed, resume=True)
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pure_bf16_warns_and_saves_in_the_asked_dtype(run_cli, tiny_model, tmp_path):
+    rubrics = write_artifact(tmp_path / "r.parquet", "rubrics", rubric_rows(), stage="test")
+    out = tmp_path / "bf16"
+    proc = run_cli("train", "--rubrics", rubrics, "-o", out, "--model", tiny_model, "--steps", "1", "--batch-size",
+                   "2", "--max-new-tokens", "6", "--precision", "bf16", "--save-dtype", "bf16", check=True)
+    warning = [line for line in proc.stderr.splitlines() if "warning:" in line]
+    assert len(warning) == 1 and "--precision bf16: only" in warning[0] and "bf16-mixed" in warning[0]
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+    out = tmp_path / "mixed"  # auto: the dtype the model declares (the tiny model: float32); no warning
+    proc = run_cli("train", "--rubrics", rubrics, "-o", out, "--model", tiny_model, "--steps", "1", "--batch-size",
+                   "2", "--max-new-tokens", "6", "--precision", "bf16-mixed", "--attn-implementation", "eager",
+                   check=True)
+    assert "warning:" not in proc.stderr
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    card = (out / "README.md").read_text()
+    assert "precision | `bf16-mixed`" in card and "attention `eager`" in card
+
+
+def test_attn_implementation_reaches_the_model(tiny_model):
+    for kind in ("eager", "sdpa"):
+        assert load_model(str(tiny_model), device=CPU, attn_implementation=kind).model.config._attn_implementation \
+            == kind
+
+
+def test_save_total_limit_keeps_the_newest_and_the_resumed_one(tmp_path):
+    for step in (1, 2, 3, 4, 5):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-6.tmp").mkdir()  # being written: not a checkpoint yet
+    deleted = prune_checkpoints(tmp_path, 2, keep=tmp_path / "checkpoint-1")
+    assert sorted(p.name for p in deleted) == ["checkpoint-2", "checkpoint-3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-4", "checkpoint-5",
+                                                          "checkpoint-6.tmp"]
+    assert prune_checkpoints(tmp_path, None, keep=None) == []
+
+
+def test_save_total_limit_in_a_run_then_resume(tiny_model, tmp_path):
+    rows = rubric_rows()
+    cfg = config(tiny_model, steps=5, save_every=1, save_total_limit=2, lr_schedule="constant")
+    train(cfg.model_copy(update={"steps": 3}), rows, tmp_path)  # a run stopped after step 3
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    train(cfg, rows, tmp_path, resume=True)  # resumes from checkpoint-2: kept while newer ones come and go
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3",
+                                                                     "checkpoint-4"]
+    straight = tmp_path.parent / "straight"
+    straight.mkdir()
+    train(cfg, rows, straight)
+    a, b = load_file(straight / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
