@@ -11,10 +11,10 @@ import re
 import pytest
 import torch
 
-from tests.conftest import make_tiny_llama, write_jsonl
 from rcsd_cli.artifacts import read_artifact
 from rcsd_cli.models import load_model
 from rcsd_cli.rollout_engines import module_weights
+from tests.conftest import make_tiny_llama, write_jsonl
 
 PROBLEMS = [{"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i),
              "reference_answer": f"{i} + {i} = {2 * i}"} for i in range(4)]
