@@ -160,6 +160,15 @@ def _compiled_step(model):
     return step
 
 
+def _same_dtype(update):
+    """A static cache layer allocates one dtype (the keys'); store the values in it too."""
+
+    def cast_update(key_states, value_states, *args, **kwargs):
+        return update(key_states, value_states.to(key_states.dtype), *args, **kwargs)
+
+    return cast_update
+
+
 def _decode_static(model, input_ids, attention, cfg, generators, stop, pad, compiled=True) -> list[list[int]]:
     """The plain loop's tokens from a preallocated KV cache and mask; stop checks every few tokens."""
     from transformers import StaticCache
@@ -168,6 +177,8 @@ def _decode_static(model, input_ids, attention, cfg, generators, stop, pad, comp
     device, total = input_ids.device, input_ids.shape[1] + cfg.max_new_tokens
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
     cache = StaticCache(config=config, max_cache_len=total)
+    for layer in cache.layers:  # bf16 autocast over fp32 weights: rotary keys come out fp32, values bf16
+        layer.update = _same_dtype(layer.update)
     mask = torch.ones((rows, total), dtype=attention.dtype, device=device)  # generated tokens (and pads) count,
     mask[:, :width] = attention  # as in the plain loop; the causal mask hides the future
     position = (attention.cumsum(-1) - 1).clamp(min=0)

@@ -63,3 +63,14 @@ def test_compiled_decoding_default_follows_the_device():
     assert use_compiled_decoding(GenerationConfig(), torch.device("cuda"))
     assert not use_compiled_decoding(GenerationConfig(), CPU)
     assert use_compiled_decoding(GenerationConfig(compile_decoding=True), CPU)
+
+
+@pytest.mark.parametrize("choice", ["bf16-mixed", "bf16"])
+def test_static_loop_in_bf16_semantics(tiny_model, choice):
+    """Under bf16 autocast over fp32 weights (rotary keys fp32, values bf16) and with bf16 weights."""
+    from rcsd_cli import precision
+
+    lm = load_model(str(tiny_model), device=CPU, dtype=precision.param_dtype(choice))
+    with precision.compute(choice, "cpu"):
+        plain, static = both(lm.model, lm.tokenizer, GenerationConfig(max_new_tokens=24, temperature=0.0))
+    assert [g.token_ids for g in static] == [g.token_ids for g in plain]
