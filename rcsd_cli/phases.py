@@ -28,6 +28,18 @@ def _reset_rss_peak() -> bool:
         return False
 
 
+def current_rss_gib() -> float:
+    """This process's resident memory now (Linux; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
 def _rss_peak_gib() -> float:
     try:
         with open("/proc/self/status") as f:

@@ -36,12 +36,17 @@ class FinalHidden(nn.Module):
         self.reshard_after_forward = reshard_after_forward  # of the layer units, restored after generation
 
     def forward(self, input_ids, attention_mask, position_ids):
-        return self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids, use_cache=False).last_hidden_state
+        lm = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm  # a LoRA (peft) model
+        return lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids, use_cache=False).last_hidden_state
 
     # What training and generation use of a causal LM, forwarded to the wrapped model.
     def get_output_embeddings(self):
         return self.lm.get_output_embeddings()
+
+    def disable_adapter(self):
+        """A LoRA student's frozen base (the ``frozen`` teacher), as ``PeftModel.disable_adapter``."""
+        return self.lm.disable_adapter()
 
     @property
     def generation_config(self):

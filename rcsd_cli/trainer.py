@@ -121,7 +121,7 @@ def save_final(out: Path, student, tok, cfg: TrainConfig, state_dict=None) -> No
     Full and merged weights are written in ``--save-dtype``; the adapter keeps its training dtype.
     """
     if cfg.lora_rank:
-        student.save_pretrained(out, safe_serialization=True)
+        sharding.unwrap(student).save_pretrained(out, state_dict=state_dict, safe_serialization=True)
         tok.save_pretrained(out)
         if cfg.merge_lora:
             merged = copy.deepcopy(student).merge_and_unload()

@@ -20,14 +20,14 @@ def tokenizer_dir() -> Path:
     return default_model_dir()
 
 
-def make_tiny_llama(out: Path, tokenizer_dir: Path, hidden: int = 32, heads: int = 4) -> Path:
-    """A 2-layer random Llama saved as safetensors with SmolLM2's real tokenizer and chat template."""
+def make_tiny_llama(out: Path, tokenizer_dir: Path, hidden: int = 32, heads: int = 4, layers: int = 2) -> Path:
+    """A random Llama (2 layers by default) saved as safetensors with SmolLM2's real tokenizer and chat template."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=2048,
                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)

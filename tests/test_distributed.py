@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from rcsd_cli.artifacts import read_artifact
@@ -134,12 +135,87 @@ def test_accelerate_launch_with_example_configs(run_cli, tiny_model, tmp_path, r
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
+def test_fsdp_full_shard_with_lora_matches_one_process(run_cli, tiny_model, tmp_path, rubrics):
+    """The published setting (LoRA + ZeRO-3): adapters sharded with the frozen base, whose adapter-free
+    forward is the frozen teacher; the saved adapter equals the one-process run's."""
+    lora = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--lora-targets", "all-linear"]
+    run_cli(*train_args(tiny_model, rubrics, tmp_path / "one", *lora), check=True)
+    p = torchrun(2, train_args(tiny_model, rubrics, tmp_path / "fsdp", *lora, "--sharding", "full-shard",
+                               "--save-every", "2"), dist_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    one, _ = read_artifact(tmp_path / "one" / "metrics.parquet", "metrics")
+    two, _ = read_artifact(tmp_path / "fsdp" / "metrics.parquet", "metrics")
+    for a, b in zip(one, two, strict=True):
+        assert b.loss == pytest.approx(a.loss, rel=1e-4, abs=1e-7)
+        assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-3, abs=1e-7)
+    a1 = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    a2 = load_file(tmp_path / "fsdp" / "adapter_model.safetensors")
+    assert sorted(a1) == sorted(a2) and any("lora_B" in k for k in a1)
+    assert max((a1[k] - a2[k]).abs().max().item() for k in a1) < 1e-5
+    assert max(a1[k].abs().max().item() for k in a1 if "lora_B" in k) > 0  # the adapter did train
+    ckpt = tmp_path / "fsdp" / "checkpoint-2"
+    assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "optimizer.pt").is_file()
+    resumed = resume_folder(ckpt, tmp_path / "resumed")  # resumes in one process, unsharded
+    run_cli(*train_args(tiny_model, rubrics, resumed, *lora, "--resume"), check=True)
+    again, _ = read_artifact(resumed / "metrics.parquet", "metrics")
+    assert again[-1].loss == pytest.approx(two[-1].loss, rel=1e-4, abs=1e-7)
+
+
+def test_fsdp_bf16_mixed_two_processes_match_one(run_cli, tiny_model, tmp_path, rubrics):
+    """MixedPrecisionPolicy: bf16 gathers, fp32 gradient reduction, fp32 master shards in the checkpoint."""
+    mixed = ["--precision", "bf16-mixed", "--save-every", "2"]
+    runs = {}
+    for n in (1, 2):
+        p = torchrun(n, train_args(tiny_model, rubrics, tmp_path / f"n{n}", *mixed, "--sharding", "full-shard"),
+                     dist_env())
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs[n], meta = read_artifact(tmp_path / f"n{n}" / "metrics.parquet", "metrics")
+        assert meta["config"]["precision"] == "bf16-mixed"
+    for a, b in zip(runs[1], runs[2], strict=True):  # bf16 compute: equal up to bf16 rounding
+        assert b.completion_tokens == a.completion_tokens
+        assert b.loss == pytest.approx(a.loss, rel=2e-2, abs=1e-5)
+        assert b.grad_norm == pytest.approx(a.grad_norm, rel=2e-2)
+    assert runs[1][0].weights_moved > 0.99 and runs[2][0].weights_moved > 0.99
+    ckpt = load_file(tmp_path / "n2" / "checkpoint-2" / "model.safetensors")
+    assert {v.dtype for v in ckpt.values()} == {torch.float32}
+    w1, w2 = load_file(tmp_path / "n1" / "model.safetensors"), load_file(tmp_path / "n2" / "model.safetensors")
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-3
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--batch-size", "3"], "--sharding full-shard: --batch-size 3 must be a multiple of the 2 processes"),
-    (["--lora-rank", "4"], "--sharding full-shard does not support --lora-rank"),
+    (["--lora-rank", "4", "--merge-lora"], "--merge-lora is not available with --sharding full-shard"),
 ])
 def test_sharding_rejects_what_it_cannot_run(tiny_model, tmp_path, rubrics, extra, message):
     p = torchrun(2, train_args(tiny_model, rubrics, tmp_path / "bad", "--sharding", "full-shard", *extra), dist_env())
     assert p.returncode != 0
     assert f"rcsd: error: {message}" in p.stderr
     assert not (tmp_path / "bad" / "metrics.parquet").exists()
+
+
+def test_two_nodes_train_like_one_process(run_cli, tiny_model, tmp_path, rubrics):
+    """Two ``torchrun --nnodes 2`` launchers (one process each, rendezvous on 127.0.0.1), each in its own
+    working folder as on two machines: the result equals one process, and only global rank 0 writes."""
+    import socket
+
+    run_cli(*train_args(tiny_model, rubrics, tmp_path / "one", "--sharding", "full-shard"), check=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    for rank in (0, 1):
+        node = tmp_path / f"node{rank}"
+        node.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+               "-m", "rcsd_cli", *train_args(tiny_model, rubrics, "out", "--sharding", "full-shard",
+                                             "--save-every", "2")]
+        nodes.append(subprocess.Popen(cmd, cwd=node, env=dist_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outputs = [p.communicate(timeout=600) for p in nodes]
+    for p, (_, err) in zip(nodes, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "FSDP2 full-shard over 2 processes" in outputs[0][1]
+    assert_same_run(tmp_path / "one", tmp_path / "node0" / "out", world_size=2)
+    assert (tmp_path / "node0" / "out" / "checkpoint-2" / "model.safetensors").is_file()
+    assert not (tmp_path / "node1" / "out").exists()  # the other node writes nothing

@@ -47,6 +47,13 @@ def test_moved_share_counts_only_entries_with_a_gradient():
         p[8] += 1
     assert precision.moved_share([p], before) == pytest.approx(0.5)
 
+    big = torch.nn.Parameter(torch.zeros(3 * 2**16 + 7))  # sampled: a strided subset, never out of bounds
+    big.grad = torch.ones_like(big)
+    before = precision.snapshot([big])
+    with torch.no_grad():
+        big[: big.numel() // 4] += 1
+    assert precision.moved_share([big], before) == pytest.approx(0.25, abs=0.01)
+
 
 @pytest.mark.parametrize("choice, low, high", [("fp32", 0.99, 1.0), ("bf16-mixed", 0.99, 1.0), ("bf16", 0.0, 0.5)])
 def test_one_step_at_the_papers_lr_moves_the_weights(tiny_model, tmp_path, choice, low, high):

@@ -35,14 +35,18 @@ def offline_items(samples_path: str, scores_path: str) -> list[OfflineItem]:
 
 
 def check_sharding(cfg: TrainConfig, world: int) -> None:
-    """FSDP needs every process to run the same number of forward passes, and no LoRA."""
+    """FSDP needs every process to run the same number of forward passes."""
     if cfg.sharding == "replicate":
         return
     if not dist.is_initialized():
         info(f"--sharding {cfg.sharding} has no effect in a single process without a launcher")
         return
-    if cfg.lora_rank:
-        raise RcsdError(f"--sharding {cfg.sharding} does not support --lora-rank; LoRA runs with --sharding replicate")
+    if cfg.merge_lora:
+        raise RcsdError(f"--merge-lora is not available with --sharding {cfg.sharding}: the adapter in OUTPUT loads "
+                        "merged with --model OUTPUT in every stage")
+    if cfg.rollout_backend == "vllm" and cfg.lora_rank:
+        raise RcsdError(f"--rollout-backend vllm with --lora-rank is not available with --sharding {cfg.sharding}; "
+                        "use --sharding replicate (adapters are small)")
     if cfg.batch_size % world:
         raise RcsdError(f"--sharding {cfg.sharding}: --batch-size {cfg.batch_size} must be a multiple of the "
                         f"{world} processes (every process runs the same number of passes)")
@@ -103,14 +107,34 @@ def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume
     return metrics
 
 
+def memory_plan(cfg: TrainConfig, student_prompt_len: int, teacher_prompt_len: int,
+                trust_remote_code: bool = False) -> dict[str, float]:
+    """Estimated peak GiB per device of this run (``memory.estimate``), from the model's config only."""
+    import torch
+    from transformers import AutoConfig
+
+    from rcsd_cli.memory import estimate
+    from rcsd_cli.models import pick_device, resolve_model
+
+    try:
+        model_config = AutoConfig.from_pretrained(resolve_model(cfg.model), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise RcsdError(f"{cfg.model}: cannot read the model's config ({type(exc).__name__})") from exc
+    device = pick_device()
+    device_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if device.type == "cuda" else None
+    new = cfg.generation.max_new_tokens
+    return estimate(cfg, model_config, student_tokens=student_prompt_len + new, teacher_tokens=teacher_prompt_len + new,
+                    world=dist.world()[1], device_type=device.type, device_gib=device_gib)
+
 
 def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
     """What a run would feed the model, without loading weights or writing anything.
 
-    Returns (and the command prints) the resolved config and the first item's student prompt,
+    Returns (and the command prints) the resolved config, the first item's student prompt,
     teacher prompt, and for reason-first the analysis prompt and transition, decoded from the
-    very token ids training would use.
+    very token ids training would use, and the estimated peak memory per device (``memory``).
     """
+    from rcsd_cli.memory import format_plan
     from rcsd_cli.models import load_tokenizer
     from rcsd_cli.objectives import analysis_prompt, student_prompt, teacher_prompt, teacher_rubric
     from rcsd_cli.prompts import text_ids, transition_text
@@ -122,6 +146,8 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
         items = offline_items(cfg.samples, cfg.scores) if cfg.scores else []
         if items:
             shown["student_prompt"] = tok.decode(items[0].prompt_ids)
+            n = len(items[0].prompt_ids)
+            shown["memory"] = format_plan(memory_plan(cfg, n, n, trust_remote_code))
         return shown
     if not cfg.rubrics:
         raise RcsdError("give --rubrics for online training, or --samples and --scores for an offline round")
@@ -130,12 +156,20 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
 
     row = ablate(rows, cfg.rubric_ablation, cfg.seed)[0]
     shown["item"] = row.id
-    shown["student_prompt"] = tok.decode(student_prompt(tok, row, cfg))
+    s_ids = student_prompt(tok, row, cfg)
+    shown["student_prompt"] = tok.decode(s_ids)
+    t_len = len(s_ids)
     if cfg.method in ("rcsd", "opsd"):
         if cfg.teacher_context == "reason-first" and cfg.task == "reasoner":
             rubric, _ = teacher_rubric(row, cfg.method, cfg.teacher_context, cfg.rubric_ablation)
-            shown["analysis_prompt"] = tok.decode(analysis_prompt(tok, row, cfg))
-            shown["transition"] = tok.decode(text_ids(tok, transition_text(row, rubric, cfg.prompt_style)))
+            a_ids = analysis_prompt(tok, row, cfg)
+            shown["analysis_prompt"] = tok.decode(a_ids)
+            transition = text_ids(tok, transition_text(row, rubric, cfg.prompt_style))
+            shown["transition"] = tok.decode(transition)
+            t_len = len(a_ids) + cfg.analysis_max_new_tokens + len(transition)  # the analysis at its limit
         else:
-            shown["teacher_prompt"] = tok.decode(teacher_prompt(tok, row, cfg))
+            t_ids = teacher_prompt(tok, row, cfg)
+            shown["teacher_prompt"] = tok.decode(t_ids)
+            t_len = len(t_ids)
+    shown["memory"] = format_plan(memory_plan(cfg, len(s_ids), t_len, trust_remote_code))
     return shown
