@@ -1,6 +1,7 @@
 """One training step, phase by phase: rcsd with HF vs vLLM rollouts, and TRL's SDFTTrainer.
 
-The same work for every setting: the embedded SmolLM2-135M-Instruct (fp32), 8 prompts per step,
+The same work for every setting: the embedded SmolLM2-135M-Instruct (fp32 weights; the bf16-mixed
+and TRL bf16 settings compute under bf16 autocast), 8 prompts per step,
 1 rollout each of exactly --tokens tokens (EOS ignored), temperature 1.2 / top-p 0.95 / top-k 20,
 frozen initial-weights teacher with privileged context (rubric + reference), top-20 forward KL,
 AdamW lr 5e-6, one optimizer step per batch. Each setting runs in a fresh process (so peak RSS is
@@ -50,7 +51,7 @@ args = SDFTConfig(
     distillation_mode="topk_logits", distillation_topk=20, distillation_alpha=0.0,
     gradient_checkpointing=spec["gc"], use_vllm=spec["vllm"], vllm_mode="colocate",
     generation_kwargs={"ignore_eos": True} if spec["vllm"] else {"min_new_tokens": spec["tokens"]},
-    logging_steps=1, save_strategy="no", report_to=[], bf16=False, use_cpu=not torch.cuda.is_available(),
+    logging_steps=1, save_strategy="no", report_to=[], bf16=spec["bf16"], use_cpu=not torch.cuda.is_available(),
     seed=0, dataloader_num_workers=0, disable_tqdm=True,
 )
 trainer = SDFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
@@ -83,14 +84,21 @@ def rcsd_settings(python: str) -> dict:
         "rcsd vllm": dict(kind="rcsd", python=python, extra={"rollout_backend": "vllm"}),
         "rcsd vllm +gc": dict(kind="rcsd", python=python, extra={"rollout_backend": "vllm",
                                                                   "gradient_checkpointing": True}),
+        "rcsd hf bf16-mixed": dict(kind="rcsd", python=python, extra={"precision": "bf16-mixed"}),
+        "rcsd hf bf16-mixed +gc": dict(kind="rcsd", python=python, extra={"precision": "bf16-mixed",
+                                                                           "gradient_checkpointing": True}),
+        "rcsd vllm bf16-mixed": dict(kind="rcsd", python=python, extra={"rollout_backend": "vllm",
+                                                                         "precision": "bf16-mixed"}),
     }
 
 
 def trl_settings(python: str) -> dict:
     return {
-        "TRL hf": dict(kind="trl", python=python, gc=False, vllm=False),
-        "TRL hf +gc": dict(kind="trl", python=python, gc=True, vllm=False),
-        "TRL vllm": dict(kind="trl", python=python, gc=False, vllm=True),
+        "TRL hf": dict(kind="trl", python=python, gc=False, vllm=False, bf16=False),
+        "TRL hf +gc": dict(kind="trl", python=python, gc=True, vllm=False, bf16=False),
+        "TRL vllm": dict(kind="trl", python=python, gc=False, vllm=True, bf16=False),
+        "TRL hf bf16": dict(kind="trl", python=python, gc=False, vllm=False, bf16=True),
+        "TRL hf bf16 +gc": dict(kind="trl", python=python, gc=True, vllm=False, bf16=True),
     }
 
 
@@ -117,7 +125,7 @@ def run_trl(setting: dict, rows: list[dict], work: Path, args) -> list[dict]:
 
     spec = {"root": str(ROOT), "model": resolve_model(args.model), "rows": rows, "out": str(work / "trl"),
             "batch": args.batch, "steps": args.steps, "tokens": args.tokens, "gc": setting["gc"],
-            "vllm": setting["vllm"], "result": str(work / "trl.json")}
+            "vllm": setting["vllm"], "bf16": setting["bf16"], "result": str(work / "trl.json")}
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     proc = subprocess.run([setting["python"], "-c", TRL_CHILD, json.dumps(spec)], capture_output=True, text=True,
                           env=env)

