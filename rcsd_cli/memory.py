@@ -102,14 +102,19 @@ def estimate(cfg: TrainConfig, model_config, *, student_tokens: int, teacher_tok
         else:
             plan["vllm_engines"] = n_params * (2 if choice != "fp32" else 4) + (cfg.vllm_kv_cache_gib or 1.0) * GIB
     plan["runtime"] = 0.5 * GIB if device_type == "cuda" else current_rss_gib() * GIB
+    if cfg.offload == "full" and shard > 1 and device_type == "cuda":  # the state lives in host memory
+        for key in ("weights", "gradients", "adamw_moments", "teacher_copy"):
+            plan[f"host_{key}"] = plan.pop(key)
+        plan["gathered_layers"] = 2 * n_params / layers * 2  # two bf16/fp32 layers in flight, roughly
     out = {k: v / GIB for k, v in plan.items()}
-    out["total"] = sum(out.values())
+    out["total"] = sum(v for k, v in out.items() if not k.startswith("host_"))
     return out
 
 
 def format_plan(plan: dict[str, float]) -> str:
-    """One line per term, largest first, then the total."""
+    """One line per device term, largest first, then the total; host-offloaded terms after it."""
     rows = sorted(((k, v) for k, v in plan.items() if k != "total"), key=lambda kv: -kv[1])
     width = max(len(k) for k, _ in rows)
-    lines = [f"{k:<{width}}  {v:8.2f} GiB" for k, v in rows if v > 0]
-    return "\n".join(lines + [f"{'total':<{width}}  {plan['total']:8.2f} GiB per device"])
+    device = [f"{k:<{width}}  {v:8.2f} GiB" for k, v in rows if v > 0 and not k.startswith("host_")]
+    host = [f"{k:<{width}}  {v:8.2f} GiB (host memory, per process)" for k, v in rows if k.startswith("host_")]
+    return "\n".join(device + [f"{'total':<{width}}  {plan['total']:8.2f} GiB per device"] + host)

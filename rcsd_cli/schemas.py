@@ -434,6 +434,10 @@ class TrainConfig(_Config):
         None, panel="Distributed", help="Under torchrun/accelerate: replicate (plain data parallel), full-shard "
         "(FSDP2, ZeRO-3-like) or shard-grad-op (ZeRO-2-like). Unset: what an accelerate FSDP config asks for, "
         "else replicate.")
+    offload: Literal["none", "full"] = opt(
+        "none", panel="Distributed", help="Sharded runs: full keeps parameter shards, gradients and AdamW state in "
+        "host memory and steps the optimizer there (FSDP2 CPUOffloadPolicy; DeepSpeed's offload_param + "
+        "offload_optimizer); each layer is copied to the GPU for its forward and backward.")
     save_every: int = opt(0, ge=0, panel="Output", help="Checkpoint every N steps (0 = only the final model).")
     save_total_limit: int | None = opt(None, ge=1, panel="Output", help="Keep only the newest N checkpoints (never "
                                        "the one a run resumed from); unset keeps all.")

@@ -73,22 +73,26 @@ def _decoder_layers(lm) -> nn.ModuleList:
     raise ValueError(f"cannot find the decoder layers of {type(lm).__name__} to shard")
 
 
-def shard(lm, reshard_after_forward: bool, device_type: str, mixed: bool = False) -> FinalHidden:
+def shard(lm, reshard_after_forward: bool, device_type: str, mixed: bool = False,
+          offload: bool = False) -> FinalHidden:
     """Wrap ``lm`` in a ``FinalHidden`` root and shard it over all processes; gradients sum.
 
     ``mixed`` (``--precision bf16-mixed``): the fp32 shards stay the optimizer's master weights,
-    units gather them as bf16 for compute and reduce gradients in fp32.
+    units gather them as bf16 for compute and reduce gradients in fp32. ``offload``
+    (``--offload full``): shards, gradients and so the optimizer state live in host memory.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed \
-        else MixedPrecisionPolicy()
+    policies = dict(
+        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed
+        else MixedPrecisionPolicy(),
+        offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy())
     for layer in _decoder_layers(lm):
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
-    root = fully_shard(FinalHidden(lm, reshard_after_forward), mesh=mesh, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, **policies)
+    root = fully_shard(FinalHidden(lm, reshard_after_forward), mesh=mesh, **policies)
     for unit in _units(root):
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum

@@ -297,9 +297,10 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
     dist.broadcast_from_main(student)
     dist.broadcast_from_main(teacher)
     if sharded:  # fully_shard moves each shard to the device
-        reshard, mixed = cfg.sharding == "full-shard", cfg.precision == "bf16-mixed"
-        student = sharding.shard(student, reshard, device_type, mixed)
-        teacher = None if teacher is None else sharding.shard(teacher, reshard, device_type, mixed)
+        policy = dict(mixed=cfg.precision == "bf16-mixed", offload=cfg.offload == "full")
+        reshard = cfg.sharding == "full-shard"
+        student = sharding.shard(student, reshard, device_type, **policy)
+        teacher = None if teacher is None else sharding.shard(teacher, reshard, device_type, **policy)
         log(f"FSDP2 {cfg.sharding} over {world} processes")
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(student)

@@ -136,12 +136,12 @@ def test_accelerate_launch_with_example_configs(run_cli, tiny_model, tmp_path, r
 
 
 def test_fsdp_full_shard_with_lora_matches_one_process(run_cli, tiny_model, tmp_path, rubrics):
-    """The published setting (LoRA + ZeRO-3): adapters sharded with the frozen base, whose adapter-free
-    forward is the frozen teacher; the saved adapter equals the one-process run's."""
+    """The published setting (LoRA + ZeRO-3 with CPU offload): adapters sharded with the frozen base, whose
+    adapter-free forward is the frozen teacher; the saved adapter equals the one-process run's."""
     lora = ["--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--lora-targets", "all-linear"]
     run_cli(*train_args(tiny_model, rubrics, tmp_path / "one", *lora), check=True)
     p = torchrun(2, train_args(tiny_model, rubrics, tmp_path / "fsdp", *lora, "--sharding", "full-shard",
-                               "--save-every", "2"), dist_env())
+                               "--offload", "full", "--save-every", "2"), dist_env())
     assert p.returncode == 0, p.stderr[-3000:]
     one, _ = read_artifact(tmp_path / "one" / "metrics.parquet", "metrics")
     two, _ = read_artifact(tmp_path / "fsdp" / "metrics.parquet", "metrics")
@@ -189,6 +189,12 @@ def test_fsdp_bf16_mixed_two_processes_match_one(run_cli, tiny_model, tmp_path, 
     (["--batch-size", "3"], "--sharding full-shard: --batch-size 3 must be a multiple of the 2 processes"),
     (["--lora-rank", "4", "--merge-lora"], "--merge-lora is not available with --sharding full-shard"),
 ])
+def test_offload_needs_a_sharded_run(run_cli, tiny_model, tmp_path, rubrics):
+    p = run_cli(*train_args(tiny_model, rubrics, tmp_path / "bad", "--offload", "full"))
+    assert p.returncode != 0 and "rcsd: error: --offload full needs a sharded run" in p.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_sharding_rejects_what_it_cannot_run(tiny_model, tmp_path, rubrics, extra, message):
     p = torchrun(2, train_args(tiny_model, rubrics, tmp_path / "bad", "--sharding", "full-shard", *extra), dist_env())
     assert p.returncode != 0

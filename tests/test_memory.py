@@ -35,6 +35,11 @@ def test_terms_by_hand(tiny_model):
     ckpt = estimate(cfg.model_copy(update={"gradient_checkpointing": True}), mc, student_tokens=100,
                     teacher_tokens=200)
     assert ckpt["activations"] < plan["activations"]
+    offloaded = estimate(cfg.model_copy(update={"sharding": "full-shard", "offload": "full"}), mc, student_tokens=100,
+                         teacher_tokens=200, world=2, device_type="cuda", device_gib=80)
+    assert "weights" not in offloaded and offloaded["host_weights"] == pytest.approx(plan["weights"] / 2)
+    assert offloaded["total"] == pytest.approx(sum(v for k, v in offloaded.items()
+                                                   if k not in ("total",) and not k.startswith("host_")))
 
 
 @pytest.mark.parametrize("extra", [

@@ -36,6 +36,9 @@ def offline_items(samples_path: str, scores_path: str) -> list[OfflineItem]:
 
 def check_sharding(cfg: TrainConfig, world: int) -> None:
     """FSDP needs every process to run the same number of forward passes."""
+    if cfg.offload != "none" and (cfg.sharding == "replicate" or not dist.is_initialized()):
+        raise RcsdError(f"--offload {cfg.offload} needs a sharded run: launch with torchrun (even one process) and "
+                        "--sharding full-shard or shard-grad-op")
     if cfg.sharding == "replicate":
         return
     if not dist.is_initialized():
