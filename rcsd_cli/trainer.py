@@ -288,6 +288,9 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
     torch.manual_seed(cfg.seed)
     ckpt = latest_checkpoint(out) if resume else None
     start_step, metrics = 0, []
+    if resume and main:  # a save killed half-way leaves checkpoint-N.tmp: incomplete by construction
+        for partial in out.glob("checkpoint-*.tmp"):
+            shutil.rmtree(partial, ignore_errors=True)
     if ckpt is not None:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         start_step, metrics = state["step"], [MetricsRow(**m) for m in state["metrics"]]

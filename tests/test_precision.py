@@ -164,3 +164,50 @@ def test_save_total_limit_in_a_run_then_resume(tiny_model, tmp_path):
     train(cfg, rows, straight)
     a, b = load_file(straight / "model.safetensors"), load_file(tmp_path / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_nine_twice_and_mid_write_then_resume_is_bit_identical(tiny_model, tmp_path):
+    """Real SIGKILLs of a running ``rcsd train`` (with --save-total-limit), plus the half-written
+    ``.tmp`` folder a kill during a save leaves: the resumed run ends on the uninterrupted run's weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    rubrics = write_artifact(tmp_path / "r.parquet", "rubrics", rubric_rows(), stage="test")
+    args = ["train", "--rubrics", rubrics, "--model", tiny_model, "--steps", "30", "--batch-size", "3",
+            "--max-new-tokens", "12", "--lr", "1e-3", "--save-every", "5", "--save-total-limit", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def start(out, *extra):
+        return subprocess.Popen([sys.executable, "-m", "rcsd_cli", *map(str, args), "-o", str(out), *extra],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def kill_after(proc, checkpoint):
+        deadline = time.monotonic() + 300
+        while not (checkpoint / "trainer_state.json").is_file():
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert proc.poll() is None  # still training when killed
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    straight = start(tmp_path / "straight")
+    killed = tmp_path / "killed"
+    kill_after(start(killed), killed / "checkpoint-10")
+    kill_after(start(killed, "--resume"), killed / "checkpoint-20")
+    newest = max(int(p.name.split("-")[1]) for p in killed.glob("checkpoint-*") if "." not in p.name)
+    half = killed / f"checkpoint-{newest + 5}.tmp"  # what a kill in the middle of the next save leaves
+    half.mkdir(exist_ok=True)
+    (half / "model.safetensors").write_bytes(b"\0" * 100)
+    final = start(killed, "--resume")
+    assert final.wait(timeout=600) == 0, final.stderr.read()[-2000:]
+    assert straight.wait(timeout=600) == 0, straight.stderr.read()[-2000:]
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    kept = sorted(p.name for p in killed.glob("checkpoint-*"))
+    assert len(kept) <= 3 and not any(name.endswith(".tmp") for name in kept), kept
