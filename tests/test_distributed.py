@@ -185,16 +185,16 @@ def test_fsdp_bf16_mixed_two_processes_match_one(run_cli, tiny_model, tmp_path, 
     assert torch.nn.functional.cosine_similarity(u1, u2, dim=0) > 0.99  # AdamW flips the sign of a few tiny grads
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--batch-size", "3"], "--sharding full-shard: --batch-size 3 must be a multiple of the 2 processes"),
-    (["--lora-rank", "4", "--merge-lora"], "--merge-lora is not available with --sharding full-shard"),
-])
 def test_offload_needs_a_sharded_run(run_cli, tiny_model, tmp_path, rubrics):
     p = run_cli(*train_args(tiny_model, rubrics, tmp_path / "bad", "--offload", "full"))
     assert p.returncode != 0 and "rcsd: error: --offload full needs a sharded run" in p.stderr
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "3"], "--sharding full-shard: --batch-size 3 must be a multiple of the 2 processes"),
+    (["--lora-rank", "4", "--merge-lora"], "--merge-lora is not available with --sharding full-shard"),
+])
 def test_sharding_rejects_what_it_cannot_run(tiny_model, tmp_path, rubrics, extra, message):
     p = torchrun(2, train_args(tiny_model, rubrics, tmp_path / "bad", "--sharding", "full-shard", *extra), dist_env())
     assert p.returncode != 0
