@@ -28,26 +28,27 @@ def _reset_rss_peak() -> bool:
         return False
 
 
-def current_rss_gib() -> float:
-    """This process's resident memory now (Linux; 0 where /proc is missing)."""
+def _proc_status_gib(field: str) -> float | None:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in GiB; None without /proc."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 2**20
     except OSError:
         pass
-    return 0.0
+    return None
+
+
+def current_rss_gib() -> float:
+    """This process's resident memory now (Linux; 0 where /proc is missing)."""
+    return _proc_status_gib("VmRSS") or 0.0
 
 
 def _rss_peak_gib() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
+    peak = _proc_status_gib("VmHWM")
+    if peak is not None:
+        return peak
     scale = 2**30 if sys.platform == "darwin" else 2**20  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
