@@ -66,7 +66,7 @@ def estimate(cfg: TrainConfig, model_config, *, student_tokens: int, teacher_tok
     model = _meta_model(model_config)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = _lora_parameters(model, cfg) if cfg.lora_rank else n_params
-    w_bytes = _BYTES[precision.param_dtype(choice)]
+    w_bytes = _BYTES[precision.base_dtype(choice, bool(cfg.lora_rank))]
     train_bytes = 4 if cfg.lora_rank else w_bytes  # peft keeps adapters in fp32
     shard = world if cfg.sharding in ("full-shard", "shard-grad-op") and world > 1 else 1
     text = getattr(model_config, "get_text_config", lambda: model_config)()

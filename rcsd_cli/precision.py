@@ -13,7 +13,8 @@
   move). A pure-bf16 run where most weights stay put warns once, with the measured share.
 
 A frozen teacher has no gradients and no optimizer state, so under ``bf16-mixed`` its own copy
-is held in bf16 (half its memory); LoRA adapters on an fp32 master stay fp32.
+is held in bf16 (half its memory). With LoRA the frozen base is held in bf16 the same way (as HF
+Trainer + peft with ``bf16=True``) and only the adapters are fp32 master weights.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ def resolve(precision: str | None, device_type: str) -> str:
 def param_dtype(precision: str) -> torch.dtype:
     """The dtype trainable weights (and so AdamW's moments) are stored in."""
     return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def base_dtype(precision: str, lora: bool) -> torch.dtype:
+    """The dtype the model loads in: with LoRA the base is frozen (no master copy needed), so it is
+    bf16 unless the run computes in fp32; peft keeps the adapters themselves in fp32."""
+    return frozen_dtype(precision) if lora else param_dtype(precision)
 
 
 def frozen_dtype(precision: str) -> torch.dtype:

@@ -178,6 +178,7 @@ def model_card(cfg: TrainConfig, metrics: list[MetricsRow], inputs: list[str], w
     base = model_provenance(cfg.model)
     data = {str(p): sha256_file(p) for p in inputs if Path(p).is_file()}
     last = metrics[-1] if metrics else None
+    weights_dtype = str(precision.base_dtype(cfg.precision, bool(cfg.lora_rank))).removeprefix("torch.")
     kind = f"LoRA adapter (r {cfg.lora_rank}, alpha {cfg.lora_alpha:g}, {cfg.lora_targets})" if cfg.lora_rank \
         else "full fine-tune"
     load = ("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(\"OUT\")"
@@ -195,7 +196,8 @@ def model_card(cfg: TrainConfig, metrics: list[MetricsRow], inputs: list[str], w
         f"| loss | `{cfg.loss}`, top-{cfg.loss_top_k}, T {cfg.loss_temperature:g}, clip {cfg.clip}, "
         f"reduction `{cfg.loss_reduction}` |",
         f"| optimiser | AdamW lr {cfg.lr:g} ({cfg.lr_schedule}), seed {cfg.seed} |",
-        f"| precision | `{cfg.precision}` (weights in {str(precision.param_dtype(cfg.precision))[6:]}), attention "
+        f"| precision | `{cfg.precision}` (weights in {weights_dtype}{', adapters in float32' if cfg.lora_rank else ''}"
+        f"), attention "
         f"`{cfg.attn_implementation}`, saved as {cfg.save_dtype} |",
     ]
     for path, digest in data.items():
@@ -215,7 +217,8 @@ def _build_models(cfg: TrainConfig, ckpt: Path | None, trust_remote_code: bool, 
     ``on_cpu``: load into host memory (in the compute dtype) so that sharding moves only each
     process's shard to the GPU, instead of a full student and teacher per GPU.
     """
-    where = dict(device=torch.device("cpu") if on_cpu else pick_device(), dtype=precision.param_dtype(cfg.precision),
+    where = dict(device=torch.device("cpu") if on_cpu else pick_device(),
+                 dtype=precision.base_dtype(cfg.precision, bool(cfg.lora_rank)),
                  attn_implementation=cfg.attn_implementation)
     loaded = load_model(cfg.model, trust_remote_code, **where)
     base, tok = loaded.model, loaded.tokenizer

@@ -211,3 +211,12 @@ def test_kill_nine_twice_and_mid_write_then_resume_is_bit_identical(tiny_model, 
     assert all(torch.equal(a[k], b[k]) for k in a)
     kept = sorted(p.name for p in killed.glob("checkpoint-*"))
     assert len(kept) <= 3 and not any(name.endswith(".tmp") for name in kept), kept
+
+
+def test_lora_under_bf16_mixed_keeps_a_bf16_base_and_fp32_adapters(tiny_model, tmp_path):
+    """As HF Trainer + peft with bf16=True: the frozen base needs no master copy; the adapters are fp32 and move."""
+    metrics = train(config(tiny_model, steps=1, lr=5e-6, precision="bf16-mixed", lora_rank=4, lora_dropout=0.0),
+                    rubric_rows(), tmp_path)
+    assert metrics[0].weights_moved >= 0.99  # lora_B (lora_A gets no gradient while B is zero)
+    assert {v.dtype for v in load_file(tmp_path / "adapter_model.safetensors").values()} == {torch.float32}
+    assert "weights in bfloat16, adapters in float32" in (tmp_path / "README.md").read_text()
