@@ -42,6 +42,7 @@ def test_terms_by_hand(tiny_model):
                                                    if k not in ("total",) and not k.startswith("host_")))
 
 
+@pytest.mark.slow  # trains a 44M-parameter model twice per case
 @pytest.mark.parametrize("extra", [
     [],  # full fine-tuning in fp32 with a frozen teacher copy
     ["--lora-rank", "16", "--lora-targets", "all-linear", "--gradient-checkpointing", "--precision", "bf16-mixed"],

@@ -166,6 +166,7 @@ def test_save_total_limit_in_a_run_then_resume(tiny_model, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # three 30-step runs beside an uninterrupted one
 def test_kill_nine_twice_and_mid_write_then_resume_is_bit_identical(tiny_model, tmp_path):
     """Real SIGKILLs of a running ``rcsd train`` (with --save-total-limit), plus the half-written
     ``.tmp`` folder a kill during a save leaves: the resumed run ends on the uninterrupted run's weights."""
