@@ -194,11 +194,11 @@ def _decode_static(model, input_ids, attention, cfg, generators, stop, pad, comp
         tokens[:, t] = nxt
         done |= torch.isin(nxt, stop)
         if t + 1 == cfg.max_new_tokens or ((t + 1) % STOP_CHECK_EVERY == 0 and bool(done.all())):
-            return tokens[:, : t + 1].tolist()
+            break
         position = position + 1
         logits = step(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=position, past_key_values=cache,
                       cache_position=torch.tensor([width + t], device=device), use_cache=True).logits[:, -1, :]
-    return [[] for _ in range(rows)]
+    return tokens[:, : t + 1].tolist()
 
 
 def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, seed: int,

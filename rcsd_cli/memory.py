@@ -100,7 +100,8 @@ def estimate(cfg: TrainConfig, model_config, *, student_tokens: int, teacher_tok
         if device_type == "cuda" and device_gib:
             plan["vllm_engines"] = cfg.vllm_memory_utilization * device_gib * GIB
         else:
-            plan["vllm_engines"] = n_params * (2 if choice != "fp32" else 4) + (cfg.vllm_kv_cache_gib or 1.0) * GIB
+            engine_bytes = _BYTES[precision.frozen_dtype(choice)]  # engines get the run's compute dtype
+            plan["vllm_engines"] = n_params * engine_bytes + (cfg.vllm_kv_cache_gib or 1.0) * GIB
     plan["runtime"] = 0.5 * GIB if device_type == "cuda" else current_rss_gib() * GIB
     if cfg.offload == "full" and shard > 1 and device_type == "cuda":  # the state lives in host memory
         for key in ("weights", "gradients", "adamw_moments", "teacher_copy"):

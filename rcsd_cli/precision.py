@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Literal
+from typing import get_args
 
 import torch
 
-Precision = Literal["fp32", "bf16-mixed", "bf16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed", "bf16")
-SaveDtype = Literal["auto", "fp32", "bf16", "fp16"]
+from rcsd_cli.schemas import Precision
+
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Of a weight entry: share sampled per tensor to measure how many moved (exact below this size).
@@ -92,14 +92,16 @@ def _sample_index(n: int) -> torch.Tensor | None:
     return None if n <= _SAMPLE else torch.arange(_SAMPLE) * (n // _SAMPLE)  # evenly strided, in bounds
 
 
+def _sampled(t: torch.Tensor) -> torch.Tensor:
+    """This process's entries of ``t``, flat; an evenly strided subset of a large tensor."""
+    flat = _local(t.detach()).reshape(-1)
+    idx = _sample_index(flat.numel())
+    return flat if idx is None else flat[idx.to(flat.device)]
+
+
 def snapshot(params) -> list[torch.Tensor]:
     """A (sampled) copy of the trainable weights, to measure afterwards which ones an update moved."""
-    out = []
-    for p in params:
-        flat = _local(p.detach()).reshape(-1)
-        idx = _sample_index(flat.numel())
-        out.append((flat if idx is None else flat[idx.to(flat.device)]).clone())
-    return out
+    return [_sampled(p).clone() for p in params]
 
 
 @torch.no_grad()
@@ -113,14 +115,9 @@ def moved_share(params, before: list[torch.Tensor]) -> float | None:
     for p, old in zip(params, before, strict=True):
         if p.grad is None:
             continue
-        flat, grad = _local(p.detach()).reshape(-1), _local(p.grad).reshape(-1)
-        idx = _sample_index(flat.numel())
-        if idx is not None:
-            idx = idx.to(flat.device)
-            flat, grad = flat[idx], grad[idx]
-        got = grad != 0
+        got = _sampled(p.grad) != 0
         counted += int(got.sum())
-        moved += int((got & (flat != old)).sum())
+        moved += int((got & (_sampled(p) != old)).sum())
     from rcsd_cli import distributed as dist
 
     moved, counted = dist.reduce_sum(moved), dist.reduce_sum(counted)

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from rcsd_cli import sharding
+from rcsd_cli import precision, sharding
 from rcsd_cli.generation import Generation, generate
 from rcsd_cli.phases import no_clock
 from rcsd_cli.schemas import BackendConfig, GenerationConfig, TrainConfig
@@ -161,7 +161,7 @@ def build_rollouts(cfg: TrainConfig, student, teacher, tok, teacher_scope, compu
     needs_teacher = (cfg.teacher_context == "reason-first" and cfg.analysis_by == "teacher"
                      and cfg.task == "reasoner" and cfg.method in ("rcsd", "opsd"))
     separate_teacher = needs_teacher and cfg.teacher != "live"
-    dtype = "float32" if cfg.precision == "fp32" else "bfloat16"
+    dtype = str(precision.frozen_dtype(cfg.precision)).removeprefix("torch.")  # bf16 unless the run is fp32
     kv = cfg.vllm_kv_cache_gib or (None if torch.cuda.is_available() else 1.0)
     share = cfg.vllm_memory_utilization / (2 if separate_teacher else 1)
 

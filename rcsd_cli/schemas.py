@@ -234,6 +234,8 @@ _PROMPT_STYLE_HELP = ("paper: the authors' prompts (Question: ..., \\boxed{} ans
 
 
 AttnImplementation = Literal["sdpa", "flash_attention_2", "eager"]
+Precision = Literal["fp32", "bf16-mixed", "bf16"]  # what each means: rcsd_cli/precision.py
+SaveDtype = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 def attn_option(panel: str):
@@ -409,7 +411,7 @@ class TrainConfig(_Config):
     micro_batch_size: int = opt(4, ge=1, panel="Optimiser", help="Sequences per forward/backward pass.")
     gradient_checkpointing: bool = opt(False, panel="Optimiser", help="Recompute the student's decoder layers in "
                                        "backward instead of holding their activations (less memory, more time).")
-    precision: Literal["fp32", "bf16-mixed", "bf16"] | None = opt(
+    precision: Precision | None = opt(
         None, panel="Optimiser", help="fp32; bf16-mixed: fp32 master weights and AdamW state, bf16 compute (HF "
         "Trainer's bf16=True, the authors' DeepSpeed bf16); bf16: weights and AdamW state in bf16 (updates under "
         "half a bf16 ulp vanish: at lr 5e-6 about 99% of weights never move). Unset: bf16-mixed on CUDA, fp32 on CPU.")
@@ -441,7 +443,7 @@ class TrainConfig(_Config):
     save_every: int = opt(0, ge=0, panel="Output", help="Checkpoint every N steps (0 = only the final model).")
     save_total_limit: int | None = opt(None, ge=1, panel="Output", help="Keep only the newest N checkpoints (never "
                                        "the one a run resumed from); unset keeps all.")
-    save_dtype: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+    save_dtype: SaveDtype = opt(
         "auto", panel="Output", help="dtype of the final weights (full or merged); auto: the dtype the model's "
         "config declares. Checkpoints always keep the training weights (fp32 master under bf16-mixed).")
     report_to: Literal["none", "tensorboard", "wandb", "trackio"] = opt(

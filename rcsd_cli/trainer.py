@@ -63,10 +63,16 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_frac)))
 
 
-def latest_checkpoint(out: Path) -> Path | None:
+def checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints in ``out`` (``checkpoint-N`` with its trainer state), oldest first."""
     found = [(int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*")
              if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = checkpoints(out)
+    return found[-1] if found else None
 
 
 def save_checkpoint(path: Path, student, teacher, tokenizer, optimizer, scheduler, step: int, cfg: TrainConfig,
@@ -154,9 +160,7 @@ def prune_checkpoints(out: Path, limit: int | None, keep: Path | None) -> list[P
     """
     if not limit:
         return []
-    found = sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*")
-                   if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file())
-    old = [p for _, p in found[:-limit] if keep is None or p.resolve() != keep.resolve()]
+    old = [p for p in checkpoints(out)[:-limit] if keep is None or p.resolve() != keep.resolve()]
     for p in old:
         shutil.rmtree(p)
     return old
