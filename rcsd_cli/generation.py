@@ -27,7 +27,8 @@ STOP_CHECK_EVERY = 16  # static loop: tokens between two "have all rows stopped?
 class Generation:
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" when an end-of-sequence token was produced, else "length"
+    finish_reason: str  # "stop" when an end-of-sequence token was produced, "length", or "error"
+    error: str | None = None  # why a served request failed after its retries (openai backend only)
 
 
 def _stop_ids(tokenizer, model) -> set[int]:

@@ -16,7 +16,8 @@ from rcsd_cli.artifacts import PartialLog
 from rcsd_cli.generation import Generation, item_seed
 from rcsd_cli.ui import info
 
-OPERATIONAL = {"base_url", "concurrency", "max_retries", "backoff_s", "timeout_s", "api_key_env"}
+OPERATIONAL = {"base_url", "concurrency", "max_retries", "backoff_s", "timeout_s", "api_key_env",
+               "max_failures"}
 
 
 class FinishedGeneration(BaseModel):
@@ -54,10 +55,13 @@ class ResumableGenerator:
             if on_done:
                 on_done(len(rows))
 
+        failed = {}  # requests that failed for good (openai --max-failures): returned, never kept
         if todo:  # seeded by key: a resumed run draws what the uninterrupted one would have
-            self.engine.generate([prompts[i] for i in todo], gen_cfg, seed, on_done=keep,
-                                 seeds=[item_seed(seed, keys[i]) for i in todo])
-        return [Generation(self.done[k].token_ids, self.done[k].text, self.done[k].finish_reason) for k in keys]
+            gens = self.engine.generate([prompts[i] for i in todo], gen_cfg, seed, on_done=keep,
+                                        seeds=[item_seed(seed, keys[i]) for i in todo])
+            failed = {keys[i]: g for i, g in zip(todo, gens, strict=True) if g.error}
+        return [failed[k] if k in failed else
+                Generation(self.done[k].token_ids, self.done[k].text, self.done[k].finish_reason) for k in keys]
 
     def finish(self) -> None:
         self.log.finish()

@@ -112,8 +112,10 @@ class Sample(_Row):
     prompt_token_ids: list[int]
     completion_token_ids: list[int]
     completion: str
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "error"]
     backend: str = "hf"
+    error: str | None = Field(None, description="Why the request failed after its retries (openai backend, "
+                              "--max-failures); such rows have no completion and later stages skip them.")
 
 
 class CriterionVerdict(_Row):
@@ -167,6 +169,8 @@ class EvalItem(_Row):
                                                 "each choice as a continuation (lm-eval's protocol).")
     acc_norm: float | None = Field(None, description="--scoring loglik: correct under length normalisation.")
     gold_logprob: float | None = Field(None, description="--scoring loglik: log-probability of the gold choice.")
+    errors: list[str | None] | None = Field(None, description="Per completion: why its request failed for good "
+                                            "(openai backend, --max-failures); graded as an empty answer.")
 
 
 class DiagnoseRow(_Row):
@@ -277,6 +281,9 @@ class BackendConfig(_Config):
     max_retries: int = opt(5, ge=0, panel="Backend", help="openai: retries per request.")
     backoff_s: float = Field(0.5, ge=0.0, description="First retry delay; doubles each attempt.")
     timeout_s: float = opt(300.0, gt=0, panel="Backend", flag="--request-timeout", help="openai: seconds per request.")
+    max_failures: int = opt(0, ge=0, panel="Backend", help="openai: requests that may still fail after their "
+                            "retries; each is recorded with its reason (samples: an error column) and the stage "
+                            "goes on. One more and it stops, keeping every finished row for a rerun to resume.")
     tensor_parallel_size: int = opt(1, ge=1, panel="Backend", help="vllm: GPUs per engine.")
     enforce_eager: bool = opt(False, panel="Backend", flag="--vllm-enforce-eager", help="vllm: skip graph "
                               "compilation (on CPU the engine starts in ~6 s instead of ~45 s, decodes ~20% slower).")
@@ -564,6 +571,21 @@ class EvalConfig(_Config):
     backend: BackendConfig = nested(BackendConfig)
 
 
+class ServeConfig(_Config):
+    """``rcsd serve``: one model behind an OpenAI-compatible HTTP API, refusing what it cannot serve."""
+
+    model: str = opt(DEFAULT_MODEL, panel="Model", help=_MODEL_HELP)
+    served_name: str | None = opt(None, panel="Model", help="Model name clients use (default --model).")
+    host: str = opt("127.0.0.1", panel="Server", help="Interface to bind (loopback by default).")
+    port: int = opt(8000, ge=0, le=65535, panel="Server", help="0 picks a free port.")
+    max_tokens_limit: int | None = opt(None, ge=1, panel="Server", help="Largest max_tokens a request may ask "
+                                       "for (default: the model's context length); above it: 400.")
+    max_n: int = opt(64, ge=1, panel="Server", help="Largest n (completions per request); above it: 400.")
+    max_queue: int = opt(64, ge=1, panel="Server", help="Requests running or waiting at once; one more gets 503 "
+                         "with Retry-After instead of stalling (generation serves one request at a time).")
+    exit_after: int | None = opt(None, ge=1, panel="Server", help="Die abruptly after N requests (fault tests).")
+
+
 ROW_MODELS: dict[str, type[BaseModel]] = {
     "problems": Problem,
     "rubrics": Rubric,
@@ -582,6 +604,7 @@ CONFIG_MODELS: dict[str, type[BaseModel]] = {
     "eval": EvalConfig,
     "diagnose": DiagnoseConfig,
     "explain": ExplainConfig,
+    "serve": ServeConfig,
 }
 EXTRA_MODELS: dict[str, type[BaseModel]] = {"criterion": Criterion, "criterion-verdict": CriterionVerdict}
 

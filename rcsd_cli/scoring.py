@@ -64,8 +64,11 @@ class JudgeRequest:
 
 
 def score_completion(sample_id: str, problem: Problem, rubric: list[Criterion], completion: str,
-                     judged: dict[str, tuple[bool, str] | None] | None = None) -> Score:
-    """Combine check results and judge verdicts (by criterion id) into a Score row."""
+                     judged: dict[str, tuple[bool | None, str]] | None = None) -> Score:
+    """Combine check results and judge verdicts (by criterion id) into a Score row.
+
+    A verdict ``(None, reason)`` is a criterion the judge was asked about but could not decide
+    (malformed replies, a failed request): unjudged, with the reason, never counted as unmet."""
     judged = judged or {}
     verdicts = []
     for c in rubric:
@@ -73,13 +76,13 @@ def score_completion(sample_id: str, problem: Problem, rubric: list[Criterion], 
             met, why = check_met(c.check, completion, problem.choices)
             verdicts.append(CriterionVerdict(criterion_id=c.id, weight=c.weight, met=met, method="check",
                                              explanation=why))
-        elif judged.get(c.id) is not None:
+        elif c.id in judged and judged[c.id][0] is not None:
             met, why = judged[c.id]
             verdicts.append(CriterionVerdict(criterion_id=c.id, weight=c.weight, met=met, method="judge",
                                              explanation=why))
         else:
             verdicts.append(CriterionVerdict(criterion_id=c.id, weight=c.weight, met=None, method="unjudged",
-                                             explanation="judge output malformed" if c.id in judged else "no judge"))
+                                             explanation=judged[c.id][1] if c.id in judged else "no judge"))
     score, met, possible = rubric_score(verdicts)
     pred = extract_answer(completion, problem.choices)
     correct = answers_match(pred, problem.answer, problem.choices) if problem.answer is not None else None
@@ -89,16 +92,19 @@ def score_completion(sample_id: str, problem: Problem, rubric: list[Criterion], 
 
 
 def run_judge(backend, requests: list[JudgeRequest], gen_cfg, retries: int, seed: int,
-              on_done=None, runner=None) -> dict[tuple[str, str], tuple[bool, str] | None]:
-    """Ask the judge (any backend) about each request; retry malformed replies, then give up (None).
+              on_done=None, runner=None) -> dict[tuple[str, str], tuple[bool | None, str]]:
+    """Ask the judge (any backend) about each request: ``key -> (met, explanation)``.
 
-    ``runner`` (a ``ResumableGenerator``) keeps finished replies across interruptions.
+    A malformed reply is asked again (``retries`` times, another seed each time), then left
+    unjudged: ``(None, reason)``. A request that failed for good (the client already retried it)
+    is unjudged at once with its reason. ``runner`` (a ``ResumableGenerator``) keeps finished
+    replies across interruptions.
     """
     from rcsd_cli.prompts import chat_prompt_ids, judge_message
 
     tokenizer = backend.tokenizer
-
-    results: dict[tuple[str, str], tuple[bool, str] | None] = {r.key: None for r in requests}
+    attempts = retries + 1
+    results = {r.key: (None, f"judge output malformed ({attempts} attempts)") for r in requests}
     pending = list(requests)
     for attempt in range(retries + 1):
         if not pending:
@@ -111,6 +117,9 @@ def run_judge(backend, requests: list[JudgeRequest], gen_cfg, retries: int, seed
             outs = backend.generate(prompts, gen_cfg, seed + 7919 * attempt)
         still = []
         for r, out in zip(pending, outs, strict=True):
+            if out.error:
+                results[r.key] = (None, f"judge request failed: {out.error}")
+                continue
             parsed = parse_judge_reply(out.text)
             if parsed is None:
                 still.append(r)

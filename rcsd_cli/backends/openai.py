@@ -1,18 +1,30 @@
-"""Client for OpenAI-compatible ``/v1/completions`` endpoints.
+"""Client for OpenAI-compatible ``/v1/completions`` endpoints, built to survive a flaky server.
 
 Prompts are sent as token ids (the server must accept ``prompt`` as a list of integers, as vLLM
 and ``rcsd serve`` do) and ``return_token_ids`` asks for the completion's ids; a server that does
 not return them gets its text re-tokenised locally (noted in the Sample's ``backend`` field as
-``openai-retokenised``). Requests run with bounded concurrency; 429, 5xx, connection errors and
-timeouts are retried with exponential backoff; the API key is read from an environment variable
-and never printed.
+``openai-retokenised``). The API key is read from an environment variable and never printed.
+
+Faults, and what each costs (README "Serving and judges" has the tested table):
+
+- connection refused/reset, timeouts, truncated or non-JSON bodies, 408/409/429/5xx: retried up to
+  ``max_retries`` times with exponential backoff and jitter; a ``Retry-After`` header (seconds or
+  an HTTP date) is honoured, capped at ``MAX_RETRY_AFTER_S``;
+- any other 4xx: the request is wrong, so it is not retried;
+- a request that still fails is returned as a ``Generation`` with ``finish_reason="error"`` and
+  its one-line reason; up to ``max_failures`` of them are allowed per backend, one more stops the
+  run at once (queued requests are cancelled, backoff sleeps cut short) with one ``RcsdError`` line.
+  Finished completions have already gone to ``on_done``, so a rerun resumes from them.
 """
 
 from __future__ import annotations
 
+import email.utils
+import http.client
 import json
 import os
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,8 +33,66 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.generation import Generation
 from rcsd_cli.schemas import BackendConfig, GenerationConfig
+from rcsd_cli.ui import warn
 
-RETRYABLE = {408, 409, 429, 500, 502, 503, 504}
+RETRYABLE = {408, 409, 429, 500, 502, 503, 504}  # as the OpenAI and vLLM clients retry
+MAX_BACKOFF_S = 30.0
+MAX_RETRY_AFTER_S = 60.0
+
+
+class RequestFailed(Exception):
+    """A request that failed for good; the message is one line."""
+
+
+class _Aborted(Exception):
+    """The run is stopping (too many failures): give up without counting another failure."""
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A ``Retry-After`` header as seconds to wait: delta-seconds or an HTTP date; None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def parse_choice(body: bytes) -> dict:
+    """The first choice of a completions reply; ValueError names what is wrong with a malformed one."""
+    try:
+        reply = json.loads(body)
+    except ValueError:
+        raise ValueError(f"malformed reply (not JSON: {body[:40]!r})") from None
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise ValueError("malformed reply (no choices)")
+    choice = choices[0]
+    ids = choice.get("token_ids")
+    if not isinstance(choice.get("text", ""), str) or (
+            ids is not None and not (isinstance(ids, list) and all(isinstance(t, int) for t in ids))):
+        raise ValueError("malformed reply (text or token_ids of the wrong type)")
+    return choice
+
+
+def _http_error_detail(exc: urllib.error.HTTPError) -> str:
+    body = exc.read().decode(errors="replace")
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body
+    return " ".join(str(message).split())[:200]
+
+
+def _network_reason(exc: Exception) -> str:
+    reason = getattr(exc, "reason", exc)
+    text = str(reason).strip()
+    return type(reason).__name__ + (f" ({text[:80]})" if text and type(reason).__name__ not in text else "")
 
 
 class OpenAIBackend:
@@ -36,30 +106,43 @@ class OpenAIBackend:
         self.served_model = cfg.served_model or model_name
         self.tokenizer = load_tokenizer(cfg.tokenizer or model_name, trust_remote_code)
         self.api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        self.url = cfg.base_url.rstrip("/") + "/completions"
+        self.failed = 0  # requests that failed for good, over this backend's life
+        self._stop = threading.Event()
 
     def _post(self, payload: dict) -> dict:
-        url = self.cfg.base_url.rstrip("/") + "/completions"
+        """POST with retries; the first choice of the reply, or RequestFailed."""
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         data = json.dumps(payload).encode()
-        last = ""
-        for attempt in range(self.cfg.max_retries + 1):
+        attempts = self.cfg.max_retries + 1
+        for attempt in range(attempts):
+            if self._stop.is_set():
+                raise _Aborted
+            wait = None
             try:
-                req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+                req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
-                    return json.loads(resp.read())
+                    body = resp.read()
+                return parse_choice(body)
             except urllib.error.HTTPError as exc:
+                detail = _http_error_detail(exc)
                 if exc.code not in RETRYABLE:
-                    body = exc.read().decode(errors="replace")[:200]
-                    raise RcsdError(f"{url}: HTTP {exc.code}: {body}") from exc
-                last = f"HTTP {exc.code}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
-                last = type(getattr(exc, "reason", exc)).__name__
-            if attempt < self.cfg.max_retries:
-                time.sleep(min(self.cfg.backoff_s * 2 ** attempt, 30.0) * (1 + 0.25 * random.random()))
-        raise RcsdError(f"{url}: request failed after {self.cfg.max_retries + 1} attempts ({last}); "
-                        "finished rows are kept, rerun the same command to resume")
+                    raise RequestFailed(f"HTTP {exc.code}: {detail} (not retried)") from None
+                last = f"HTTP {exc.code}: {detail}"
+                wait = retry_after_seconds(exc.headers.get("Retry-After") if exc.headers else None)
+            except ValueError as exc:  # a body that is not a completions reply (truncated, HTML, ...)
+                last = str(exc)
+            except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as exc:
+                last = _network_reason(exc)
+            if attempt + 1 < attempts:
+                delay = min(self.cfg.backoff_s * 2 ** attempt, MAX_BACKOFF_S) * (1 + 0.25 * random.random())
+                if wait is not None:
+                    delay = max(delay, min(wait, MAX_RETRY_AFTER_S))
+                if self._stop.wait(delay):
+                    raise _Aborted
+        raise RequestFailed(f"{last} (after {attempts} attempts)")
 
     def _one(self, prompt: list[int], cfg: GenerationConfig, seed: int) -> Generation:
         payload = {"model": self.served_model, "prompt": prompt, "max_tokens": cfg.max_new_tokens,
@@ -67,7 +150,7 @@ class OpenAIBackend:
                    "skip_special_tokens": True}
         if cfg.top_k:
             payload["top_k"] = cfg.top_k
-        choice = self._post(payload)["choices"][0]
+        choice = self._post(payload)
         text = choice.get("text", "")
         finish = "stop" if choice.get("finish_reason") == "stop" else "length"
         ids = choice.get("token_ids")
@@ -79,22 +162,40 @@ class OpenAIBackend:
         return Generation(list(ids), text, finish)
 
     def generate(self, prompts, cfg, seed, on_done=None, seeds=None):
+        """One completion per prompt; failed ones come back as ``finish_reason="error"`` (see module doc)."""
         from rcsd_cli.generation import item_seed
 
         seeds = seeds if seeds is not None else [item_seed(seed, i) for i in range(len(prompts))]
         results: list[Generation | None] = [None] * len(prompts)
-        failure: RcsdError | None = None
+        first, failed_here, answered = "", 0, 0
         with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
             futures = {pool.submit(self._one, p, cfg, seeds[i] % 2**31): i for i, p in enumerate(prompts)}
             for fut in as_completed(futures):
                 i = futures[fut]
+                if fut.cancelled():
+                    continue
                 try:
                     results[i] = fut.result()
-                except RcsdError as exc:
-                    failure = failure or exc
+                except _Aborted:
                     continue
+                except RequestFailed as exc:
+                    results[i] = Generation([], "", "error", error=str(exc))
+                    self.failed += 1
+                    failed_here += 1
+                    first = first or str(exc)
+                    if self.failed > self.cfg.max_failures and not self._stop.is_set():
+                        self._stop.set()
+                        for other in futures:
+                            other.cancel()
+                    continue
+                answered += 1
                 if on_done:
                     on_done([i], [results[i]])
-        if failure:
-            raise failure
+        if self._stop.is_set():
+            raise RcsdError(f"{self.url}: {self.failed} request(s) failed after retries, more than --max-failures "
+                            f"{self.cfg.max_failures} (first: {first}); {answered} answered in this call are kept, "
+                            "rerun the same command to resume")
+        if failed_here:
+            warn(f"{failed_here} of {len(prompts)} requests to {self.url} failed after retries (first: {first}); "
+                 "recorded as errors (--max-failures)")
         return results

@@ -31,20 +31,22 @@ def _param(name: str, annotation, default) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation)
 
 
-def stage_command(config_model, run, *, output: str, doc: str, extra: tuple[inspect.Parameter, ...] = ()):
+def stage_command(config_model, run, *, output: str | None, doc: str, extra: tuple[inspect.Parameter, ...] = ()):
     """A Typer command whose options are ``config_model``'s fields; calls ``run(config, output, **flags)``.
 
     Values come from the model's defaults, then ``--config FILE``, then flags typed on the
     command line. ``extra`` are invocation flags that are not part of the config (``--resume``).
+    ``output=None``: a command that writes nothing (``serve``), called as ``run(config, **flags)``.
     """
     from rcsd_cli.options import build_config, given_on_command_line, read_config_file, typer_parameters
 
     options = typer_parameters(config_model)
     names = [p.name for p in options]
-    invocation = [_param("output", Annotated[Path, typer.Option("-o", "--output", help="Where to write the result.",
-                                                                rich_help_panel="Output")], Path(output)),
-                  _param("config", ConfigFile, None), *extra,
-                  _param("overwrite", Overwrite, False), _param("trust_remote_code", TrustRemoteCode, False)]
+    writes = [_param("output", Annotated[Path, typer.Option("-o", "--output", help="Where to write the result.",
+                                                            rich_help_panel="Output")], Path(output)),
+              _param("overwrite", Overwrite, False)] if output is not None else []
+    invocation = [*writes[:1], _param("config", ConfigFile, None), *extra, *writes[1:],
+                  _param("trust_remote_code", TrustRemoteCode, False)]
 
     def command(ctx: typer.Context, **kwargs):
         config_file = kwargs.pop("config")

@@ -145,7 +145,7 @@ def run_eval(cfg: EvalConfig, output: Path, *, overwrite: bool = False, trust_re
     with progress(f"eval {bench}", len(prompts)) as advance:
         gens = runner.generate(keys, prompts, generation, seed, on_done=advance)
     scored = [(f"{p.id}:{k}", p, rubric, gens[i * n + k].text) for i, (p, rubric) in enumerate(pairs)
-              for k in range(n) if rubric]
+              for k in range(n) if rubric and not gens[i * n + k].error]
     scores = {s.sample_id: s for s in judge_and_score(scored, judge_model, GenerationConfig(temperature=0.0,
               max_new_tokens=192), seed=seed, trust_remote_code=trust_remote_code, backend=cfg.backend,
               resume=(output, cfg, overwrite))}
@@ -165,7 +165,8 @@ def run_eval(cfg: EvalConfig, output: Path, *, overwrite: bool = False, trust_re
                               predictions=preds, correct=correct,
                               accuracy=None if p.answer is None else sum(correct) / n,
                               rubric_scores=rscores, rubric_score=sum(known) / len(known) if known else None,
-                              extraction_rules=rules, strict_correct=strict))
+                              extraction_rules=rules, strict_correct=strict,
+                              errors=[x.error for x in g] if any(x.error for x in g) else None))
     summary = summarise(items, n, time.perf_counter() - t0)
     summary.update(strict_summary(items, STRICT_RULE[cfg.prompt_style]))
     write_artifact(output, "eval", items, stage="eval", config=cfg, model_id=model,

@@ -21,6 +21,7 @@ from rcsd_cli.models import load_model
 from rcsd_cli.objectives import teacher_prompt_ids
 from rcsd_cli.schemas import ExplainConfig
 from rcsd_cli.stages.diagnose import token_logits
+from rcsd_cli.stages.sample import read_samples
 from rcsd_cli.ui import info, progress, results
 
 
@@ -65,7 +66,7 @@ def render_html(entries: list[dict], title: str) -> str:
 def run_explain(cfg: ExplainConfig, output: Path, *, overwrite: bool = False, trust_remote_code: bool = False,
                 show: bool = False) -> list[dict]:
     ensure_writable(output, overwrite)
-    samples, meta = read_artifact(cfg.samples, "samples")
+    samples, meta = read_samples(cfg.samples)
     rubrics = {r.id: r for r in read_artifact(cfg.rubrics, "rubrics")[0]}
     samples = [s for s in samples if s.completion_token_ids][: cfg.limit]
     missing = [s.problem_id for s in samples if s.problem_id not in rubrics]

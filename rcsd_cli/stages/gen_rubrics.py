@@ -44,6 +44,11 @@ def _llm_rubrics(todo: list[InputRow], cfg: GenRubricsConfig, trust_remote_code:
             outs = runner.generate(keys, prompts, cfg.generation, cfg.seed + 104_729 * attempt)
             retry = []
             for row, out in zip(pending, outs, strict=True):
+                if out.error:  # the client already retried it: recorded, not asked again
+                    rejected.append(RejectedRubric(problem_id=row.problem.id, attempt=attempt, raw_output="",
+                                                   reason=f"request failed: {out.error}"))
+                    advance(1)
+                    continue
                 try:
                     crit = parse_rubric_output(out.text)
                     accepted[row.problem.id] = Rubric(**row.problem.model_dump(), rubric=crit, rubric_origin="llm")

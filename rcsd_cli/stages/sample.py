@@ -11,7 +11,7 @@ from rcsd_cli.inputs import load_problems
 from rcsd_cli.prompts import student_prompt_ids
 from rcsd_cli.resume import fingerprint
 from rcsd_cli.schemas import Problem, Sample, SampleConfig
-from rcsd_cli.ui import info, progress
+from rcsd_cli.ui import info, progress, warn
 
 
 def load_rubric_or_problems(path: str | Path) -> list[Problem]:
@@ -20,6 +20,15 @@ def load_rubric_or_problems(path: str | Path) -> list[Problem]:
         rows, _ = read_artifact(path, "rubrics")
         return rows
     return [r.problem for r in load_problems(path)]
+
+
+def read_samples(path: str | Path) -> tuple[list[Sample], dict]:
+    """Samples to work on: rows whose request failed for good (error column) are skipped, with a line saying so."""
+    samples, meta = read_artifact(path, "samples")
+    failed = [s for s in samples if s.error is not None]
+    if failed:
+        warn(f"{path}: skipping {len(failed)} failed sample(s) (first {failed[0].id!r}: {failed[0].error})")
+    return [s for s in samples if s.error is None], meta
 
 
 def run_sample(cfg: SampleConfig, output: Path, *, overwrite: bool = False,
@@ -48,13 +57,20 @@ def run_sample(cfg: SampleConfig, output: Path, *, overwrite: bool = False,
                 done.update({r.id: r for r in rows})
                 advance(len(rows))
 
-            engine.generate(prompts, generation, seed, on_done=keep,
-                            seeds=[item_seed(seed, p.id, k) for p, k in jobs])
+            gens = engine.generate(prompts, generation, seed, on_done=keep,
+                                   seeds=[item_seed(seed, p.id, k) for p, k in jobs])
+        for (p, k), prompt, g in zip(jobs, prompts, gens, strict=True):
+            if g.error:  # recorded in the artifact, never in the partial log: a rerun asks again
+                done[f"{p.id}:{k}"] = Sample(id=f"{p.id}:{k}", problem_id=p.id, sample_index=k,
+                                             prompt_token_ids=prompt, completion_token_ids=[], completion="",
+                                             finish_reason="error", backend=engine.name, error=g.error)
     samples = [done[f"{p.id}:{k}"] for p in problems for k in range(n)]
     write_artifact(output, "samples", samples, stage="sample", config=cfg, model_id=model, inputs=[rubrics],
                    overwrite=overwrite)
     partial.finish()
     tokens = sum(len(s.completion_token_ids) for s in samples)
-    info(f"wrote {len(samples)} samples ({tokens} completion tokens) to {output}")
+    failed = sum(s.error is not None for s in samples)
+    info(f"wrote {len(samples)} samples ({tokens} completion tokens) to {output}"
+         + (f"; {failed} failed (error column), later stages skip them" if failed else ""))
     return samples
 

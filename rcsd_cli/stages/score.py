@@ -9,6 +9,7 @@ from rcsd_cli.errors import RcsdError, where
 from rcsd_cli.models import DEFAULT_MODEL
 from rcsd_cli.schemas import BackendConfig, Criterion, GenerationConfig, Problem, Score, ScoreConfig
 from rcsd_cli.scoring import JudgeRequest, run_judge, score_completion
+from rcsd_cli.stages.sample import read_samples
 from rcsd_cli.stats import mean_interval
 from rcsd_cli.ui import info, progress
 
@@ -76,7 +77,7 @@ def run_score(cfg: ScoreConfig, output: Path, *, overwrite: bool = False,
     """Verdicts per criterion, weighted score and correctness; optionally the teacher's top-k log-probs."""
     ensure_writable(output, overwrite)
     samples_path, rubrics_path = cfg.samples, cfg.rubrics
-    samples, samples_meta = read_artifact(samples_path, "samples")
+    samples, samples_meta = read_samples(samples_path)
     sample_cfg = samples_meta.get("config") or {}
     if cfg.teacher_logprobs and not cfg.teacher_model:
         cfg = cfg.model_copy(update={"teacher_model": samples_meta.get("model") or DEFAULT_MODEL})

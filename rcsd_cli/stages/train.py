@@ -10,13 +10,14 @@ from rcsd_cli.errors import RcsdError, where
 from rcsd_cli.objectives import OfflineItem, offline_step
 from rcsd_cli.schemas import TrainConfig
 from rcsd_cli.sharding import from_launcher_env
+from rcsd_cli.stages.sample import read_samples
 from rcsd_cli.trainer import check_output_folder, resolve_precision, train
 from rcsd_cli.ui import info
 
 
 def offline_items(samples_path: str, scores_path: str) -> list[OfflineItem]:
     """Join samples with the teacher top-k stored by ``score --teacher-logprobs``."""
-    samples, _ = read_artifact(samples_path, "samples")
+    samples, _ = read_samples(samples_path)
     scores, _ = read_artifact(scores_path, "scores")
     by_id = {s.sample_id: (i, s) for i, s in enumerate(scores)}
     items = []
