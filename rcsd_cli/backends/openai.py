@@ -109,6 +109,7 @@ class OpenAIBackend:
         self.url = cfg.base_url.rstrip("/") + "/completions"
         self.failed = 0  # requests that failed for good, over this backend's life
         self._stop = threading.Event()
+        self._count = threading.Lock()
 
     def _post(self, payload: dict) -> dict:
         """POST with retries; the first choice of the reply, or RequestFailed."""
@@ -161,6 +162,17 @@ class OpenAIBackend:
             self.name = "openai-retokenised"
         return Generation(list(ids), text, finish)
 
+    def _counted(self, prompt: list[int], cfg: GenerationConfig, seed: int) -> Generation:
+        """``_one``, counting a failure in the worker itself so the next queued request already sees the stop."""
+        try:
+            return self._one(prompt, cfg, seed)
+        except RequestFailed:
+            with self._count:
+                self.failed += 1
+                if self.failed > self.cfg.max_failures:
+                    self._stop.set()
+            raise
+
     def generate(self, prompts, cfg, seed, on_done=None, seeds=None):
         """One completion per prompt; failed ones come back as ``finish_reason="error"`` (see module doc)."""
         from rcsd_cli.generation import item_seed
@@ -169,7 +181,7 @@ class OpenAIBackend:
         results: list[Generation | None] = [None] * len(prompts)
         first, failed_here, answered = "", 0, 0
         with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
-            futures = {pool.submit(self._one, p, cfg, seeds[i] % 2**31): i for i, p in enumerate(prompts)}
+            futures = {pool.submit(self._counted, p, cfg, seeds[i] % 2**31): i for i, p in enumerate(prompts)}
             for fut in as_completed(futures):
                 i = futures[fut]
                 if fut.cancelled():
@@ -180,11 +192,9 @@ class OpenAIBackend:
                     continue
                 except RequestFailed as exc:
                     results[i] = Generation([], "", "error", error=str(exc))
-                    self.failed += 1
                     failed_here += 1
                     first = first or str(exc)
-                    if self.failed > self.cfg.max_failures and not self._stop.is_set():
-                        self._stop.set()
+                    if self._stop.is_set():
                         for other in futures:
                             other.cancel()
                     continue

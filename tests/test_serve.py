@@ -1,0 +1,166 @@
+"""``rcsd serve`` under bad requests, a full queue, an internal failure and load.
+
+Bad requests go to a real server process (its console is checked for tracebacks at the end);
+the queue and the 500 path run the same handler in-process with generation held or broken on
+purpose, so the cases are deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from rcsd_cli.schemas import ServeConfig
+from tests.conftest import ROOT
+from tests.test_backends import start_server
+
+
+def post(url: str, body, timeout: float = 60) -> tuple[int, dict, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read()), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), dict(exc.headers)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model):
+    proc, url = start_server(tiny_model, "--max-tokens-limit", "64", "--max-n", "4")
+    yield proc, url
+    proc.kill()
+    proc.wait()
+
+
+BAD = [  # (endpoint, body, field named, words in the message)
+    ("completions", {"prompt": [99999999]}, "prompt.0", "outside the vocabulary"),
+    ("completions", {"prompt": [1, -2]}, "prompt.1", "outside the vocabulary"),
+    ("completions", {"prompt": "hi", "n": 0}, "n", "greater than or equal to 1"),
+    ("completions", {"prompt": "hi", "n": 5}, "n", "at most 4"),
+    ("completions", {"prompt": "hi", "max_tokens": 10**6}, "max_tokens", "at most 64"),
+    ("completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    ("completions", {"prompt": "hi", "temperature": "hot"}, "temperature", "valid number"),
+    ("completions", {"prompt": "hi", "top_p": 0}, "top_p", "greater than 0"),
+    ("completions", {"prompt": "hi", "seed": "x"}, "seed", "valid integer"),
+    ("completions", {"prompt": "hi", "stream": True}, "stream", "not supported"),
+    ("completions", {"prompt": "hi", "stop": ["\n"]}, "stop", "not supported"),
+    ("completions", {"prompt": []}, "prompt", "non-empty"),
+    ("completions", {"prompt": ["a", "b"]}, "prompt", "one prompt per request"),
+    ("completions", {"prompt": [1, 2.5]}, "prompt.1", "must be integers"),
+    ("completions", {}, "prompt", "is missing"),
+    ("completions", b"{not json", None, "not valid JSON"),
+    ("completions", b"[1, 2]", None, "JSON object"),
+    ("chat/completions", {"messages": "hi"}, "messages", "valid list"),
+    ("chat/completions", {"messages": []}, "messages", "at least 1"),
+    ("chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role", "'user'"),
+    ("chat/completions", {"messages": [{"role": "user"}]}, "messages.0.content", "is missing"),
+]
+
+
+@pytest.mark.parametrize("endpoint,body,field,words", BAD, ids=[f"{e}-{i}" for i, (e, *_) in enumerate(BAD)])
+def test_bad_requests_get_400_naming_the_field(served, endpoint, body, field, words):
+    _, url = served
+    code, reply, _ = post(f"{url}/{endpoint}", body)
+    assert code == 400
+    message = reply["error"]["message"]
+    assert "\n" not in message and words in message, message
+    assert reply["error"]["param"] == field
+    if field:
+        assert message.startswith(f"field '{field}'")
+
+
+def test_server_stays_healthy_and_quiet_after_bad_requests(served):
+    proc, url = served
+    for _, body, *_ in BAD[:3]:
+        post(url + "/completions", body)
+    code, reply, _ = post(url + "/completions", {"prompt": [1, 2, 3], "max_tokens": 3, "n": 2, "seed": 1,
+                                                 "return_token_ids": True})
+    assert code == 200 and len(reply["choices"]) == 2 and all(len(c["token_ids"]) <= 3 for c in reply["choices"])
+    assert reply["usage"]["prompt_tokens"] == 3
+    req = urllib.request.Request(url + "/nowhere", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 404
+    assert json.loads(urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=30).read()) == {
+        "status": "ok"}
+    proc.kill()
+    console = proc.stderr.read()
+    assert "Traceback" not in console, console
+
+
+def in_process_server(tiny_model, **cfg):
+    """The real handler on a thread, for cases that need generation held or broken on purpose."""
+    from rcsd_cli.models import load_model
+    from rcsd_cli.server import Server, ServerState, make_handler
+
+    loaded = load_model(str(tiny_model))
+    state = ServerState(loaded.model, loaded.tokenizer, ServeConfig(model=str(tiny_model), port=0, **cfg))
+    httpd = Server(("127.0.0.1", 0), make_handler(state))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+
+
+def test_full_queue_answers_503_with_retry_after(tiny_model, monkeypatch):
+    import rcsd_cli.server as server
+
+    release, started = threading.Event(), threading.Event()
+    real = server.generate_batch
+
+    def held(*args, **kwargs):
+        started.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(server, "generate_batch", held)
+    httpd, url = in_process_server(tiny_model, max_queue=1)
+    first: list = []
+    t = threading.Thread(target=lambda: first.append(post(url + "/completions", {"prompt": "hi", "max_tokens": 2})))
+    t.start()
+    assert started.wait(30)
+    code, reply, headers = post(url + "/completions", {"prompt": "hi", "max_tokens": 2})
+    assert code == 503 and headers["Retry-After"] == "1" and "--max-queue" in reply["error"]["message"]
+    release.set()
+    t.join(30)
+    assert first[0][0] == 200
+    assert post(url + "/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200  # the slot came back
+    httpd.shutdown()
+
+
+def test_internal_failure_is_a_500_with_one_line(tiny_model, monkeypatch, capfd):
+    import rcsd_cli.server as server
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: device-side assert triggered\nmore detail")
+
+    monkeypatch.setattr(server, "generate_batch", broken)
+    monkeypatch.delenv("RCSD_DEBUG", raising=False)
+    httpd, url = in_process_server(tiny_model)
+    code, reply, _ = post(url + "/completions", {"prompt": "hi", "max_tokens": 2})
+    assert code == 500
+    assert reply["error"]["message"] == "internal error: RuntimeError: CUDA error: device-side assert triggered"
+    err = capfd.readouterr().err
+    assert "rcsd serve: 500 on /v1/completions: RuntimeError" in err and "Traceback" not in err
+    monkeypatch.setenv("RCSD_DEBUG", "1")
+    post(url + "/completions", {"prompt": "hi", "max_tokens": 2})
+    assert "Traceback" in capfd.readouterr().err
+    httpd.shutdown()
+
+
+def test_load_every_request_answered_or_refused(tiny_model):
+    """examples/load_serve.py: 8 threads against rcsd serve with a small queue; none dropped."""
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "load_serve.py"), "--model", str(tiny_model),
+                           "--requests", "48", "--threads", "8", "--max-queue", "4", "--max-tokens", "8", "--json"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["dropped"] == 0 and result["other"] == 0
+    assert result["ok"] + result["busy"] == 48 and result["ok"] >= 1
+    assert result["p50_s"] <= result["p95_s"]
+
