@@ -121,7 +121,8 @@ class ServerState:
                 text = tok.apply_chat_template([m.model_dump() for m in req.messages], tokenize=False,
                                                add_generation_prompt=True)
             except Exception as exc:  # the model's own template rejects the conversation
-                raise BadRequest("messages", f"the chat template refused them: {str(exc).splitlines()[0][:120]}")
+                reason = (str(exc).splitlines() or [""])[0][:120]
+                raise BadRequest("messages", f"the chat template refused them: {reason}") from None
             ids = tok(text, add_special_tokens=False)["input_ids"]
         else:
             ids = self._completion_prompt(req.prompt)

@@ -31,9 +31,12 @@ def post(url: str, body, timeout: float = 60) -> tuple[int, dict, dict]:
         return exc.code, json.loads(exc.read()), dict(exc.headers)
 
 
+SERVE_FLAGS = ("--max-tokens-limit", "64", "--max-n", "4")
+
+
 @pytest.fixture(scope="module")
 def served(tiny_model):
-    proc, url = start_server(tiny_model, "--max-tokens-limit", "64", "--max-n", "4")
+    proc, url = start_server(tiny_model, *SERVE_FLAGS)
     yield proc, url
     proc.kill()
     proc.wait()
@@ -76,10 +79,10 @@ def test_bad_requests_get_400_naming_the_field(served, endpoint, body, field, wo
         assert message.startswith(f"field '{field}'")
 
 
-def test_server_stays_healthy_and_quiet_after_bad_requests(served):
-    proc, url = served
-    for _, body, *_ in BAD[:3]:
-        post(url + "/completions", body)
+def test_server_stays_healthy_and_quiet_after_bad_requests(tiny_model):
+    proc, url = start_server(tiny_model, *SERVE_FLAGS)  # its own: the console is read after a kill
+    for endpoint, body, *_ in BAD:
+        assert post(f"{url}/{endpoint}", body)[0] == 400
     code, reply, _ = post(url + "/completions", {"prompt": [1, 2, 3], "max_tokens": 3, "n": 2, "seed": 1,
                                                  "return_token_ids": True})
     assert code == 200 and len(reply["choices"]) == 2 and all(len(c["token_ids"]) <= 3 for c in reply["choices"])
@@ -164,3 +167,16 @@ def test_load_every_request_answered_or_refused(tiny_model):
     assert result["ok"] + result["busy"] == 48 and result["ok"] >= 1
     assert result["p50_s"] <= result["p95_s"]
 
+
+
+@pytest.mark.parametrize("length,status", [("999999999", 413), ("abc", 400)])
+def test_oversized_or_unreadable_body_length_is_refused_before_reading(served, length, status):
+    import socket
+    from urllib.parse import urlparse
+
+    _, url = served
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
+        reply = sock.recv(65536).decode()
+    assert reply.startswith(f"HTTP/1.0 {status}") or reply.startswith(f"HTTP/1.1 {status}"), reply[:80]
