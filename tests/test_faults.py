@@ -222,3 +222,28 @@ def test_judge_retries_malformed_replies_and_counts_what_it_could_not_judge(run_
     assert score.verdicts[1].explanation == "judge output malformed (3 attempts)"
     assert score.verdicts[2].explanation.startswith("judge request failed: HTTP 400: prompt is too long")
     assert score.score == 1.0 and score.points_possible == 3  # judged criteria only: never a silent 0
+
+
+def test_eval_and_gen_rubrics_record_failed_requests(run_cli, fake, rubrics, tiny_model, tmp_path):
+    server = fake([("reply", "Answer: C"), "400", ("reply", "Answer: A")])
+    cfg = tmp_path / "fast-backoff.yaml"
+    cfg.write_text("backend:\n  backoff_s: 0.05\n")
+    common = ["--model", tiny_model, "--backend", "openai", "--base-url", server.url, "--concurrency", "1",
+              "--config", cfg, "--max-failures", "1"]
+    p = run_cli("eval", "--bench", "rubric", "--data", rubrics, "--limit", "3", "-o", tmp_path / "e.parquet",
+                *common)
+    assert p.returncode == 0, p.stderr
+    items, _ = read_artifact(tmp_path / "e.parquet", "eval")
+    failed = [it for it in items if it.errors]
+    assert len(failed) == 1 and failed[0].errors[0].startswith("HTTP 400: prompt is too long")
+    assert failed[0].predictions == [None] and failed[0].correct == [False]  # graded as an empty answer
+    assert sorted(it.correct[0] for it in items) == [False, False, True]
+
+    server = fake(["400"])
+    write_jsonl(tmp_path / "q.jsonl", [{"id": "q0", "question": "Why is the sky blue?"}])
+    p = run_cli("gen-rubrics", tmp_path / "q.jsonl", "-o", tmp_path / "g.parquet", "--generator", "llm",
+                *common[:5], server.url, *common[6:])
+    assert_one_line_error(p, "no valid rubric for any of 1 problems")
+    rejected, _ = read_artifact(tmp_path / "g.rejected.parquet", "rejected-rubrics")
+    assert [r.reason for r in rejected] == ["request failed: HTTP 400: prompt is too long (not retried)"]
+    assert server.requests == 1  # a failed request is not asked again by gen-rubrics' own retries
