@@ -21,6 +21,7 @@ import sys
 CHILD = r"""
 import json, resource, sys, time, torch
 from rcsd_cli.losses import chunked_distill_loss
+from rcsd_cli.schemas import LossConfig
 T, chunk, V, H, device, repeats = map(eval, sys.argv[1:7])
 torch.manual_seed(0)
 head_s = torch.nn.Linear(H, V, bias=False).to(device)
@@ -35,8 +36,7 @@ if device == "cuda":
 for _ in range(repeats):
     h_s = torch.randn(1, T, H, device=device, requires_grad=True)
     t0 = time.perf_counter()
-    _, _, _, loss = chunked_distill_loss(h_s, h_t, head_s, head_t, mask, targets, chunk_size=chunk, top_k=20,
-                                      temperature=1.2, clip=0.05)
+    _, _, _, loss = chunked_distill_loss(h_s, h_t, head_s, head_t, mask, targets, LossConfig(), chunk_size=chunk)
     loss.backward()
     if device == "cuda":
         torch.cuda.synchronize()

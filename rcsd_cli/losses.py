@@ -13,6 +13,10 @@ the caller masks prompt and padding positions and normalises by the token count 
   ``tail=True`` keeps the mass outside the top-k as one extra entry instead of renormalising.
 - ``sampled_token_reverse_kl``: REINFORCE-style estimator on the sampled token only, with
   advantage log p_T - log p_S held constant; O(1) memory per token.
+- ``LOSSES`` (``register_loss``): the ``--loss`` choices ``topk_kl``, ``jsd``, ``sampled_rkl``, each a
+  pure function of (student logits, teacher logits, sampled ids, ``LossConfig``) returning the
+  per-token loss and its clip share. ``token_loss`` is what ``train`` backpropagates and what
+  ``diagnose`` and ``explain`` report: one definition, so they cannot disagree.
 - ``chunked_distill_loss``: evaluates the above over completion positions in chunks, so
   [batch, time, vocab] logits never exist at once; each chunk's logits are recomputed in
   the backward pass (activation checkpointing) instead of kept — unless there is only one chunk,
@@ -23,10 +27,15 @@ the caller masks prompt and padding positions and normalises by the token count 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:
+    from rcsd_cli.schemas import LossConfig
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -54,30 +63,42 @@ def _restrict(student_logits, teacher_logits, top_k: int | None, tail: bool = Fa
     return out[0], out[1]
 
 
-def forward_kl_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, top_k: int | None,
-                     temperature: float) -> torch.Tensor:
-    """[..., k] terms p_T (log p_T - log p_S) on the teacher's top-k, both renormalised there."""
-    s, t = _restrict(student_logits, teacher_logits, top_k)  # gather first: no full-vocabulary copies
-    log_s, log_t = F.log_softmax(_upcast(s) / temperature, dim=-1), F.log_softmax(_upcast(t) / temperature, dim=-1)
-    return log_t.exp() * (log_t - log_s)
+def kl_terms(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """[..., k] terms p (log p - log q) of KL(p || q): the one place the formula is written."""
+    return log_p.exp() * (log_p - log_q)
+
+
+def divergence_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: float = 0.0,
+                     top_k: int | None = None, temperature: float = 1.0, tail: bool = False) -> torch.Tensor:
+    """[..., k] unclipped terms of the generalized JSD (beta 0: forward KL(teacher||student), 1: reverse KL)."""
+    if tail:  # the tail entry needs the full distributions: upcast before restricting
+        s, t = _restrict(_upcast(student_logits) / temperature, _upcast(teacher_logits) / temperature, top_k, tail)
+    else:  # gather first: no full-vocabulary fp32 copies
+        s, t = _restrict(student_logits, teacher_logits, top_k)
+        s, t = _upcast(s) / temperature, _upcast(t) / temperature
+    log_s, log_t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+    if beta == 0.0:
+        return kl_terms(log_t, log_s)
+    if beta == 1.0:
+        return kl_terms(log_s, log_t)
+    log_m = torch.logsumexp(torch.stack([log_s + math.log(1 - beta), log_t + math.log(beta)]), dim=0)
+    return beta * kl_terms(log_t, log_m) + (1 - beta) * kl_terms(log_s, log_m)
+
+
+def clipped_sum(terms: torch.Tensor, clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token loss with each term capped at ``clip``, share of the token's terms at the cap)."""
+    if clip is None:
+        return terms.sum(-1), torch.zeros(terms.shape[:-1], device=terms.device)
+    return terms.clamp(max=clip).sum(-1), (terms >= clip).float().mean(-1)
 
 
 def distill_token_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta: float = 0.0,
                        top_k: int | None = None, temperature: float = 1.0, clip: float | None = None,
                        tail: bool = False) -> torch.Tensor:
     """Per-token generalized JSD between teacher and student next-token distributions."""
-    s, t = _restrict(_upcast(student_logits) / temperature, _upcast(teacher_logits) / temperature, top_k, tail)
-    log_s, log_t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
-    if beta == 0.0:
-        terms = log_t.exp() * (log_t - log_s)
-    elif beta == 1.0:
-        terms = log_s.exp() * (log_s - log_t)
-    else:
-        log_m = torch.logsumexp(torch.stack([log_s + math.log(1 - beta), log_t + math.log(beta)]), dim=0)
-        terms = beta * log_t.exp() * (log_t - log_m) + (1 - beta) * log_s.exp() * (log_s - log_m)
-    if clip is not None:
-        terms = terms.clamp(max=clip)
-    return terms.sum(-1)
+    terms = divergence_terms(student_logits, teacher_logits, beta=beta, top_k=top_k, temperature=temperature,
+                             tail=tail)
+    return clipped_sum(terms, clip)[0]
 
 
 def sampled_token_reverse_kl(student_token_logp: torch.Tensor, teacher_token_logp: torch.Tensor) -> torch.Tensor:
@@ -90,17 +111,82 @@ def sampled_token_reverse_kl(student_token_logp: torch.Tensor, teacher_token_log
     return -advantage * student_token_logp
 
 
-def topk_kl_and_agreement(student_logits, teacher_logits, top_k: int, temperature: float):
-    """Diagnostics per token: unclipped top-k forward KL and whether both argmaxes agree."""
-    kl = distill_token_loss(student_logits, teacher_logits, beta=0.0, top_k=top_k, temperature=temperature)
-    agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float()
+# ----------------------------------------------------------------------------- the loss registry
+
+
+@dataclass
+class TokenLoss:
+    """One loss on [...] positions: what is backpropagated, and what the clip did."""
+
+    loss: torch.Tensor  # [...] per-token loss, after the clip
+    clip_share: torch.Tensor  # [...] share of the token's (token, entry) terms at the clip
+    forward_kl: torch.Tensor | None = None  # [...] unclipped top-k forward KL, when the loss is made of its terms
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "LossConfig"], TokenLoss]
+LOSSES: dict[str, LossFn] = {}
+
+
+def register_loss(name: str):
+    """Add a loss ``fn(student_logits, teacher_logits, targets, cfg) -> TokenLoss`` under ``--loss NAME``."""
+
+    def add(fn: LossFn) -> LossFn:
+        LOSSES[name] = fn
+        return fn
+
+    return add
+
+
+def _divergence(student_logits, teacher_logits, cfg, top_k) -> TokenLoss:
+    terms = divergence_terms(student_logits, teacher_logits, beta=cfg.beta, top_k=top_k,
+                             temperature=cfg.temperature, tail=cfg.tail_bucket)
+    loss, share = clipped_sum(terms, cfg.clip)
+    forward_kl = terms.detach().sum(-1) if cfg.beta == 0.0 and not cfg.tail_bucket and top_k == cfg.top_k else None
+    return TokenLoss(loss, share, forward_kl)
+
+
+@register_loss("topk_kl")
+def topk_kl(student_logits, teacher_logits, targets, cfg) -> TokenLoss:
+    """Generalized JSD on the teacher's top-k entries, both distributions renormalised there (or + a tail)."""
+    return _divergence(student_logits, teacher_logits, cfg, cfg.top_k)
+
+
+@register_loss("jsd")
+def jsd(student_logits, teacher_logits, targets, cfg) -> TokenLoss:
+    """Generalized JSD on the full vocabulary."""
+    return _divergence(student_logits, teacher_logits, cfg, None)
+
+
+@register_loss("sampled_rkl")
+def sampled_rkl(student_logits, teacher_logits, targets, cfg) -> TokenLoss:
+    """Reverse KL estimated on the sampled token only (REINFORCE with advantage log p_T - log p_S)."""
+
+    def token_logp(logits):
+        return F.log_softmax(_upcast(logits) / cfg.temperature, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    loss = sampled_token_reverse_kl(token_logp(student_logits), token_logp(teacher_logits))
+    return TokenLoss(loss, torch.zeros_like(loss))
+
+
+def token_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+               cfg: LossConfig) -> TokenLoss:
+    """The loss ``cfg`` names, per position: train backpropagates it, diagnose and explain report it."""
+    return LOSSES[cfg.kind](student_logits, teacher_logits, targets, cfg)
+
+
+def token_diagnostics(student_logits, teacher_logits, cfg: LossConfig, terms: TokenLoss):
+    """Per position, without gradient: unclipped top-k forward KL and whether both argmaxes agree."""
+    with torch.no_grad():
+        kl = terms.forward_kl
+        if kl is None:
+            kl = divergence_terms(student_logits.detach(), teacher_logits, top_k=cfg.top_k,
+                                  temperature=cfg.temperature).sum(-1)
+        agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float()
     return kl, agree
 
 
 def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head, teacher_head,
-                         mask: torch.Tensor, targets: torch.Tensor, *, kind: str = "topk_kl", chunk_size: int = 128,
-                         beta: float = 0.0, top_k: int | None = 20, temperature: float = 1.0,
-                         clip: float | None = None, diag_top_k: int = 20, tail: bool = False,
+                         mask: torch.Tensor, targets: torch.Tensor, loss: LossConfig, *, chunk_size: int = 128,
                          row_weights: torch.Tensor | None = None):
     """Sums of masked per-token losses over [B, T] completion positions, chunked over T.
 
@@ -116,27 +202,11 @@ def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
     kl_sum = torch.zeros(())
     agree_sum = torch.zeros(())
 
-    # The forward-KL top-k loss and its unclipped diagnostic share the same terms: compute them once.
-    shared = kind == "topk_kl" and beta == 0.0 and not tail and diag_top_k == top_k
-
     def chunk_loss(h_s, t_logits, m, y, w):
         s_logits = student_head(h_s)
-        if kind == "sampled_rkl":
-            s_lp = F.log_softmax(s_logits.float() / temperature, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-            t_lp = F.log_softmax(t_logits.float() / temperature, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-            per_tok = sampled_token_reverse_kl(s_lp, t_lp)
-        elif shared:
-            terms = forward_kl_terms(s_logits, t_logits, top_k, temperature)
-            per_tok = (terms.clamp(max=clip) if clip is not None else terms).sum(-1)
-        else:
-            per_tok = distill_token_loss(s_logits, t_logits, beta=beta, top_k=top_k if kind == "topk_kl" else None,
-                                         temperature=temperature, clip=clip, tail=tail)
-        with torch.no_grad():
-            if shared:
-                kl = terms.detach().sum(-1)
-                agree = (s_logits.argmax(-1) == t_logits.argmax(-1)).float()
-            else:
-                kl, agree = topk_kl_and_agreement(s_logits.detach(), t_logits, diag_top_k, temperature)
+        terms = token_loss(s_logits, t_logits, y, loss)
+        kl, agree = token_diagnostics(s_logits, t_logits, loss, terms)
+        per_tok = terms.loss
         return (per_tok * m).sum(), (per_tok * m * w.unsqueeze(-1)).sum(), (kl * m).sum(), (agree * m).sum()
 
     # One chunk holds all the logits anyway: recomputing it in backward would buy no memory.
@@ -150,11 +220,11 @@ def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
             t_logits = teacher_head(teacher_hidden[:, sl].detach())
         args = (student_hidden[:, sl], t_logits, m, targets[:, sl], weights)
         if recompute and torch.is_grad_enabled() and student_hidden.requires_grad:
-            loss, weighted, kl, agree = checkpoint(chunk_loss, *args, use_reentrant=False)
+            chunk_sum, weighted, kl, agree = checkpoint(chunk_loss, *args, use_reentrant=False)
         else:
-            loss, weighted, kl, agree = chunk_loss(*args)
+            chunk_sum, weighted, kl, agree = chunk_loss(*args)
         del t_logits
-        loss_sum = loss_sum + loss.detach()
+        loss_sum = loss_sum + chunk_sum.detach()
         weighted_sum = weighted_sum + weighted
         kl_sum += kl.detach().cpu()
         agree_sum += agree.detach().cpu()
@@ -209,24 +279,4 @@ def stored_topk_distill_loss(student_logits: torch.Tensor, teacher_ids: torch.Te
     s = _upcast(student_logits).gather(-1, teacher_ids) / temperature
     log_s = F.log_softmax(s, dim=-1)
     log_t = F.log_softmax(_upcast(teacher_logp) / temperature, dim=-1)
-    terms = log_t.exp() * (log_t - log_s)
-    if clip is not None:
-        terms = terms.clamp(max=clip)
-    return terms.sum(-1)
-
-
-def divergence_diagnostics(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, top_k: int = 20,
-                           temperature: float = 1.0, clip: float | None = None):
-    """Per token: the loss ``train`` would apply (top-k forward KL, clipped), the share of its
-    (token, entry) terms at the clip, and whether teacher and student agree on the top token.
-
-    Returns three [...] tensors. A teacher that carries signal shows a loss well above zero and
-    agreement below one on the student's own tokens.
-    """
-    s, t = _restrict(_upcast(student_logits) / temperature, _upcast(teacher_logits) / temperature, top_k)
-    log_s, log_t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
-    terms = log_t.exp() * (log_t - log_s)
-    clipped = (terms >= clip).float().mean(-1) if clip is not None else torch.zeros(terms.shape[:-1])
-    loss = (terms.clamp(max=clip) if clip is not None else terms).sum(-1)
-    agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float()
-    return loss, clipped, agree
+    return clipped_sum(kl_terms(log_t, log_s), clip)[0]

@@ -174,6 +174,23 @@ def reduction_weights(ctx: StepContext, counts: list[int]) -> list[float]:
     return [1.0 / (n * sequences) if n > 0 else 0.0 for n in counts]
 
 
+def accumulate(ctx: StepContext, n: int, micro_step) -> tuple[float, dict[str, float]]:
+    """Every method's micro-batch loop: ``micro_step(rows)`` returns (weighted loss, {name: sum}).
+
+    Each micro-batch's weighted loss is backpropagated as soon as it exists (gradients add up in
+    ``.grad``; the weights make the sum the step's loss); returns the objective and the summed stats.
+    """
+    objective, sums = 0.0, {}
+    for j in range(0, n, ctx.cfg.micro_batch_size):
+        weighted, stats = micro_step(slice(j, j + ctx.cfg.micro_batch_size))
+        with ctx.clock("student"):
+            weighted.backward()
+        objective += weighted.item()
+        for name, value in stats.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+    return objective, sums
+
+
 def reference_target(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
     """SFT target ids: the reference answer (ending in the answer line the prompt asks for), then EOS."""
     if cfg.task == "rubric-generator":
@@ -236,28 +253,22 @@ def distill_backward(ctx: StepContext, s_prompts, t_prompts, completions) -> Ste
     weights = reduction_weights(ctx, counts)
     total = max(ctx.global_sum(sum(counts)), 1)
     s_head = ctx.student.get_output_embeddings()
-    objective = loss_total = kl_total = agree_total = 0.0
-    for j in range(0, len(completions), cfg.micro_batch_size):
-        sl = slice(j, j + cfg.micro_batch_size)
+
+    def micro_step(sl):
         pb = build_pair_batch(s_prompts[sl], t_prompts[sl], completions[sl], tok.pad_token_id, cfg.skip_first_tokens)
         with torch.no_grad(), ctx.clock("teacher"):
             t_hidden = ctx.teacher_hidden(pb.teacher)
-        with ctx.clock("student"):
-            with ctx.compute():
-                s_hidden = aligned_hidden(ctx.student, pb.student)
-                dev = s_hidden.device
-                loss_sum, kl_sum, agree_sum, weighted = chunked_distill_loss(
-                    s_hidden, t_hidden, s_head, ctx.teacher_head, pb.mask.to(dev), pb.targets.to(dev),
-                    kind=cfg.loss, chunk_size=cfg.chunk_size, beta=cfg.beta, top_k=cfg.loss_top_k,
-                    temperature=cfg.loss_temperature, clip=cfg.clip, diag_top_k=cfg.loss_top_k, tail=cfg.tail_bucket,
-                    row_weights=torch.tensor(weights[sl], device=dev))
-            weighted.backward()
-        objective += weighted.item()
-        loss_total += loss_sum.item()
-        kl_total += kl_sum.item()
-        agree_total += agree_sum.item()
-    return StepResult(loss_total, total, kl_total, agree_total, None, sum(len(c) for c in completions),
-                      objective=objective)
+        with ctx.clock("student"), ctx.compute():
+            s_hidden = aligned_hidden(ctx.student, pb.student)
+            dev = s_hidden.device
+            loss_sum, kl_sum, agree_sum, weighted = chunked_distill_loss(
+                s_hidden, t_hidden, s_head, ctx.teacher_head, pb.mask.to(dev), pb.targets.to(dev), cfg.loss,
+                chunk_size=cfg.chunk_size, row_weights=torch.tensor(weights[sl], device=dev))
+        return weighted, {"loss": loss_sum, "kl": kl_sum, "agree": agree_sum}
+
+    objective, sums = accumulate(ctx, len(completions), micro_step)
+    return StepResult(sums.get("loss", 0.0), total, sums.get("kl", 0.0), sums.get("agree", 0.0), None,
+                      sum(len(c) for c in completions), objective=objective)
 
 
 def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
@@ -272,9 +283,8 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     total = max(ctx.global_sum(sum(len(c) for c in completions)), 1)
     weights = reduction_weights(ctx, [len(c) for c in completions])
     head = ctx.student.get_output_embeddings()
-    objective = loss_total = kl_total = 0.0
-    for j in range(0, len(completions), cfg.micro_batch_size):
-        sl = slice(j, j + cfg.micro_batch_size)
+
+    def micro_step(sl):
         pb = build_pair_batch(prompts[sl], prompts[sl], completions[sl], tok.pad_token_id)
         with ctx.clock("student"), ctx.compute():
             hidden = aligned_hidden(ctx.student, pb.student)
@@ -282,22 +292,22 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
             targets, mask = pb.targets.to(dev), pb.mask.to(dev).float()
             logp = chunked_token_logprobs(hidden, head, targets, cfg.chunk_size)
             per_tok = clipped_policy_loss(logp, logp.detach(), advantages[sl].to(dev).unsqueeze(-1), cfg.clip_eps)
+        stats = {}
         if cfg.kl_coef > 0:
             with torch.no_grad(), ctx.clock("teacher"):
                 ref_logp = chunked_token_logprobs(ctx.teacher_hidden(pb.student), ctx.teacher_head, targets,
                                                   cfg.chunk_size)
             kl = k3_kl(logp, ref_logp)
             per_tok = per_tok + cfg.kl_coef * kl
-            kl_total += (kl.detach() * mask).sum().item()
-        with ctx.clock("student"):
-            with ctx.compute():
-                loss_sum = (per_tok * mask).sum()
-                weighted = (per_tok * mask * torch.tensor(weights[sl], device=dev).unsqueeze(-1)).sum()
-            weighted.backward()
-        objective += weighted.item()
-        loss_total += loss_sum.item()
-    return StepResult(loss_total, total, kl_total if cfg.kl_coef > 0 else None, None, rewards.mean().item(),
-                      sum(len(c) for c in completions), len(group_rows), objective=objective)
+            stats["kl"] = (kl.detach() * mask).sum()
+        with ctx.clock("student"), ctx.compute():
+            stats["loss"] = (per_tok * mask).sum().detach()
+            weighted = (per_tok * mask * torch.tensor(weights[sl], device=dev).unsqueeze(-1)).sum()
+        return weighted, stats
+
+    objective, sums = accumulate(ctx, len(completions), micro_step)
+    return StepResult(sums.get("loss", 0.0), total, sums.get("kl", 0.0) if cfg.kl_coef > 0 else None, None,
+                      rewards.mean().item(), sum(len(c) for c in completions), len(group_rows), objective=objective)
 
 
 def sft_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
@@ -307,21 +317,19 @@ def sft_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     total = max(ctx.global_sum(sum(len(t) for t in targets_ids)), 1)
     weights = reduction_weights(ctx, [len(t) for t in targets_ids])
     head = ctx.student.get_output_embeddings()
-    objective = loss_total = 0.0
-    for j in range(0, len(rows), cfg.micro_batch_size):
-        sl = slice(j, j + cfg.micro_batch_size)
+
+    def micro_step(sl):
         pb = build_pair_batch(prompts[sl], prompts[sl], targets_ids[sl], tok.pad_token_id)
-        with ctx.clock("student"):
-            with ctx.compute():
-                hidden = aligned_hidden(ctx.student, pb.student)
-                dev = hidden.device
-                logp = chunked_token_logprobs(hidden, head, pb.targets.to(dev), cfg.chunk_size)
-                per_tok = -(logp * pb.mask.to(dev).float())
-                weighted = (per_tok * torch.tensor(weights[sl], device=dev).unsqueeze(-1)).sum()
-            weighted.backward()
-        objective += weighted.item()
-        loss_total += per_tok.sum().item()
-    return StepResult(loss_total, total, None, None, None, 0, objective=objective)
+        with ctx.clock("student"), ctx.compute():
+            hidden = aligned_hidden(ctx.student, pb.student)
+            dev = hidden.device
+            logp = chunked_token_logprobs(hidden, head, pb.targets.to(dev), cfg.chunk_size)
+            per_tok = -(logp * pb.mask.to(dev).float())
+            weighted = (per_tok * torch.tensor(weights[sl], device=dev).unsqueeze(-1)).sum()
+        return weighted, {"loss": per_tok.detach().sum()}
+
+    objective, sums = accumulate(ctx, len(rows), micro_step)
+    return StepResult(sums.get("loss", 0.0), total, None, None, None, 0, objective=objective)
 
 
 OBJECTIVES = {"rcsd": distill_step, "opsd": distill_step, "grpo": grpo_step, "sft": sft_step}
@@ -353,9 +361,9 @@ def offline_step(ctx: StepContext, items: list[OfflineItem]) -> StepResult:
     total = max(ctx.global_sum(sum(counts)), 1)
     weights = reduction_weights(ctx, counts)
     head = ctx.student.get_output_embeddings()
-    objective = loss_total = 0.0
-    for j in range(0, len(items), cfg.micro_batch_size):
-        part = items[j: j + cfg.micro_batch_size]
+
+    def micro_step(rows):
+        part = items[rows]
         prompts = [it.prompt_ids for it in part]
         pb = build_pair_batch(prompts, prompts, [it.completion_ids for it in part], tok.pad_token_id,
                               cfg.skip_first_tokens)
@@ -370,10 +378,11 @@ def offline_step(ctx: StepContext, items: list[OfflineItem]) -> StepResult:
                 t_lp[i, : len(it.teacher_logprobs)] = torch.tensor(it.teacher_logprobs)
             mask = pb.mask.to(dev).float()
 
-            w = torch.tensor(weights[j: j + cfg.micro_batch_size], device=dev).unsqueeze(-1)
+            w = torch.tensor(weights[rows], device=dev).unsqueeze(-1)
 
             def chunk(h, ids, lp, m):
-                per_tok = stored_topk_distill_loss(head(h), ids, lp, temperature=cfg.loss_temperature, clip=cfg.clip)
+                per_tok = stored_topk_distill_loss(head(h), ids, lp, temperature=cfg.loss.temperature,
+                                                   clip=cfg.loss.clip)
                 return torch.stack([(per_tok * m).sum(), (per_tok * m * w).sum()])
 
             sums = hidden.new_zeros(2)
@@ -381,10 +390,10 @@ def offline_step(ctx: StepContext, items: list[OfflineItem]) -> StepResult:
                 sl = slice(start, start + cfg.chunk_size)
                 sums = sums + checkpoint(chunk, hidden[:, sl], t_ids[:, sl].to(dev), t_lp[:, sl].to(dev),
                                          mask[:, sl], use_reentrant=False)
-        sums[1].backward()
-        objective += sums[1].item()
-        loss_total += sums[0].item()
-    return StepResult(loss_total, total, None, None, None, 0, objective=objective)
+        return sums[1], {"loss": sums[0].detach()}
+
+    objective, sums = accumulate(ctx, len(items), micro_step)
+    return StepResult(sums.get("loss", 0.0), total, None, None, None, 0, objective=objective)
 
 
 @torch.no_grad()

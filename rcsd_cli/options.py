@@ -99,6 +99,41 @@ def option_specs(model: type[BaseModel], prefix: tuple[str, ...] = (), defaults:
     return specs
 
 
+def fold_flat_options(model: type[BaseModel], data: dict) -> dict:
+    """Options of nested models given flat, by option name (``loss_top_k: 5``), moved to their place
+    (``loss: {top_k: 5}``): the library, config files and the command line accept the same names.
+
+    A key that is both a nested field and an option name (``loss``) is the nested model when its
+    value is a mapping or a model, and the option (``--loss``) otherwise.
+    """
+    flat = _nested_option_paths(model)
+    if not flat or not any(k in flat for k in data):
+        return data
+    out, moved = {}, {}
+    for key, value in data.items():
+        path = flat.get(key)
+        if path is None or (key in model.model_fields and isinstance(value, (dict, BaseModel))):
+            out[key] = value
+        else:
+            moved.setdefault(path[0], {})[path[1]] = value
+    for field, values in moved.items():
+        given = out.get(field)
+        given = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else dict(given or {})
+        out[field] = given | values
+    return out
+
+
+_PATHS: dict[type, dict[str, tuple[str, ...]]] = {}
+
+
+def _nested_option_paths(model: type[BaseModel]) -> dict[str, tuple[str, ...]]:
+    """Option name -> field path, for the options that live in nested models (cached per model)."""
+    if model not in _PATHS:
+        has_nested = any("cli_nested" in _extra(f) for f in model.model_fields.values())
+        _PATHS[model] = {s.name: s.path for s in option_specs(model) if len(s.path) > 1} if has_nested else {}
+    return _PATHS[model]
+
+
 # ----------------------------------------------------------------------------- Typer signature
 
 
@@ -238,7 +273,7 @@ def describe_option_error(err: ValidationError, model: type[BaseModel]) -> str:
     value = first.get("input")
     shown = repr(value) if isinstance(value, (str, int, float, bool)) or value is None else type(value).__name__
     msg = first["msg"].removeprefix("Value error, ")
-    if not label:  # a rule across options: its message names them
+    if not label or (spec is None and first["type"] == "value_error"):  # a rule across options names them
         return msg
     return f"{label}: {msg}" + (f", got {shown[:60]}" if spec else "")
 
@@ -247,3 +282,12 @@ def changed_from_default(cfg: BaseModel, names: tuple[str, ...]) -> list[str]:
     """Which of ``names`` (top-level fields) hold something other than their default."""
     fields = type(cfg).model_fields
     return [n for n in names if getattr(cfg, n) != _default(fields[n])]
+
+
+def refuse_changed(cfg: BaseModel, names: tuple[str, ...], why: str) -> None:
+    """A validator's refusal of options a run would ignore: ``--loss-top-k has no effect with ...``."""
+    bad = changed_from_default(cfg, names)
+    if bad:
+        field = type(cfg).model_fields[bad[0]]
+        flag = (_extra(field).get("cli") or {}).get("flag") or "--" + bad[0].replace("_", "-")
+        raise ValueError(f"{flag} has no effect {why}")

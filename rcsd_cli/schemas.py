@@ -229,7 +229,16 @@ class MetricsRow(_Row):
 
 
 class _Config(BaseModel):
+    """A stage's settings. Options of nested models may also be given flat, by option name."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_options(cls, data: Any) -> Any:
+        from rcsd_cli.options import fold_flat_options
+
+        return fold_flat_options(cls, data) if isinstance(data, dict) else data
 
 
 PromptStyle = Literal["paper", "answer-line"]
@@ -265,6 +274,31 @@ class GenerationConfig(_Config):
         "(examples/bench_decoding.py).")
     ignore_eos: bool = Field(False, description="Benchmarks (hf and vllm engines): always generate max_new_tokens "
                              "tokens; end-of-sequence tokens do not stop a completion.")
+
+
+class LossConfig(_Config):
+    """The distillation loss: ``train`` applies it, ``diagnose`` and ``explain`` measure exactly it."""
+
+    kind: Literal["topk_kl", "jsd", "sampled_rkl"] = opt(
+        "topk_kl", panel="Loss", flag="--loss", help="topk_kl: divergence on the teacher's top-k; jsd: full "
+        "vocabulary; sampled_rkl: sampled-token reverse KL (O(1) memory per token).")
+    top_k: int = opt(20, ge=1, panel="Loss", flag="--loss-top-k", help="Teacher top-k tokens the loss is computed "
+                     "on.")
+    tail_bucket: bool = opt(False, panel="Loss", help="Keep the mass outside the top-k as one extra entry.")
+    beta: float = opt(0.0, ge=0.0, le=1.0, panel="Loss", help="Generalized JSD mixing: 0 forward KL, 1 reverse KL.")
+    temperature: float = opt(1.2, gt=0, panel="Loss", flag="--loss-temperature", help="Logits are divided by this "
+                             "before the loss.")
+    clip: float | None = opt(0.05, gt=0, panel="Loss", help="Per (token, entry) clip of the loss terms; none = off.")
+
+    @model_validator(mode="after")
+    def _no_silently_ignored_options(self) -> LossConfig:
+        from rcsd_cli.options import refuse_changed
+
+        if self.kind == "sampled_rkl":
+            refuse_changed(self, ("beta", "clip", "tail_bucket", "top_k"), "with --loss sampled_rkl")
+        if self.kind == "jsd":
+            refuse_changed(self, ("top_k", "tail_bucket"), "with --loss jsd (full vocabulary)")
+        return self
 
 
 class BackendConfig(_Config):
@@ -398,14 +432,7 @@ class TrainConfig(_Config):
     analysis_top_p: float = opt(0.95, gt=0.0, le=1.0, panel="Teacher", help="reason-first: analysis top-p.")
     analysis_top_k: int = opt(20, ge=0, panel="Teacher", help="reason-first: analysis top-k (0 = off).")
     analysis_max_new_tokens: int = opt(4096, ge=1, panel="Teacher", help="reason-first: analysis length limit.")
-    loss: Literal["topk_kl", "jsd", "sampled_rkl"] = opt(
-        "topk_kl", panel="Loss", help="topk_kl: divergence on the teacher's top-k; jsd: full vocabulary; "
-        "sampled_rkl: sampled-token reverse KL (O(1) memory per token).")
-    loss_top_k: int = opt(20, ge=1, panel="Loss", help="Teacher top-k tokens the loss is computed on.")
-    tail_bucket: bool = opt(False, panel="Loss", help="Keep the mass outside the top-k as one extra entry.")
-    beta: float = opt(0.0, ge=0.0, le=1.0, panel="Loss", help="Generalized JSD mixing: 0 forward KL, 1 reverse KL.")
-    loss_temperature: float = opt(1.2, gt=0, panel="Loss", help="Logits are divided by this before the loss.")
-    clip: float | None = opt(0.05, gt=0, panel="Loss", help="Per (token, entry) clip of the loss terms; none = off.")
+    loss: LossConfig = nested(LossConfig)
     loss_reduction: Reduction = opt(
         "sequence", panel="Loss", help="sequence: mean over sequences of each sequence's token mean (the authors'); "
         "token: sum over the step's completion tokens / their number.")
@@ -473,12 +500,10 @@ class TrainConfig(_Config):
 
     @model_validator(mode="after")
     def _no_silently_ignored_options(self) -> TrainConfig:
-        from rcsd_cli.options import changed_from_default
+        from rcsd_cli.options import refuse_changed
 
         def refuse(names, why):
-            bad = changed_from_default(self, names)
-            if bad:
-                raise ValueError(f"--{bad[0].replace('_', '-')} has no effect {why}")
+            refuse_changed(self, names, why)
 
         offline = bool(self.samples or self.scores)
         if self.method != "rcsd" or self.task != "reasoner":
@@ -489,10 +514,6 @@ class TrainConfig(_Config):
                    "on an offline round (--samples/--scores: the teacher's log-probs are stored)")
         if self.method != "grpo":
             refuse(_GRPO_ONLY, f"with --method {self.method} (GRPO only)")
-        if self.loss == "sampled_rkl":
-            refuse(("beta", "clip", "tail_bucket", "loss_top_k"), "with --loss sampled_rkl")
-        if self.loss == "jsd":
-            refuse(("loss_top_k", "tail_bucket"), "with --loss jsd (full vocabulary)")
         if self.teacher != "ema":
             refuse(("ema_decay",), f"with --teacher {self.teacher}")
         if self.teacher_context != "reason-first":
@@ -520,9 +541,7 @@ class DiagnoseConfig(_Config):
                           "none (the student's own prompt: the zero point).")
     teacher_thinking: bool | None = opt(None, panel="Teacher", help="enable_thinking of the teacher prompts "
                                         "(default: as --student-thinking).")
-    loss_top_k: int = opt(20, ge=1, panel="Loss", help="Teacher top-k tokens of the loss (as train).")
-    loss_temperature: float = opt(1.2, gt=0, panel="Loss", help="Loss temperature (as train).")
-    clip: float | None = opt(0.05, gt=0, panel="Loss", help="Per (token, entry) clip (as train); none = off.")
+    loss: LossConfig = nested(LossConfig, help="The loss train would apply (same options as train).")
     generation: GenerationConfig = nested(_generation(max_new_tokens=128, temperature=1.2, top_p=0.95, top_k=20),
                                           flags={"enable_thinking": "--student-thinking"})
 
@@ -549,9 +568,7 @@ class ExplainConfig(_Config):
                                                                  help="What the teacher sees besides the question.")
     teacher_thinking: bool | None = opt(None, panel="Teacher", help="enable_thinking of the teacher prompt "
                                         "(default: the samples' student setting).")
-    loss_top_k: int = opt(20, ge=1, panel="Loss", help="Teacher top-k tokens of the loss (as train).")
-    loss_temperature: float = opt(1.2, gt=0, panel="Loss", help="Loss temperature (as train).")
-    clip: float | None = opt(0.05, gt=0, panel="Loss", help="Per (token, entry) clip (as train); none = off.")
+    loss: LossConfig = nested(LossConfig, help="The loss train would apply (same options as train).")
 
 
 class EvalConfig(_Config):

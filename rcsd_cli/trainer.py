@@ -197,7 +197,7 @@ def model_card(cfg: TrainConfig, metrics: list[MetricsRow], inputs: list[str], w
         "| | |", "| --- | --- |",
         f"| base model | `{cfg.model}` (weights sha256 `{base.get('weights_sha256') or 'n/a'}`) |",
         f"| method | `{cfg.method}`, teacher `{cfg.teacher}` / `{cfg.teacher_context}`, prompts `{cfg.prompt_style}` |",
-        f"| loss | `{cfg.loss}`, top-{cfg.loss_top_k}, T {cfg.loss_temperature:g}, clip {cfg.clip}, "
+        f"| loss | `{cfg.loss.kind}`, top-{cfg.loss.top_k}, T {cfg.loss.temperature:g}, clip {cfg.loss.clip}, "
         f"reduction `{cfg.loss_reduction}` |",
         f"| optimiser | AdamW lr {cfg.lr:g} ({cfg.lr_schedule}), seed {cfg.seed} |",
         f"| precision | `{cfg.precision}` (weights in {weights_dtype}{', adapters in float32' if cfg.lora_rank else ''}"

@@ -57,7 +57,7 @@ def test_config_file_then_flags(run_cli, tmp_path, rubrics, tiny_model):
                    "generation:\n  temperature: 0.9\n")
     p = run_cli("train", "--config", cfg, "--rubrics", rubrics, "--steps", "3", "--dry-run", check=True)
     shown = dry_run_config(p)
-    assert (shown["lr"], shown["steps"], shown["loss_top_k"]) == (2e-5, 3, 5)  # the flag wins over the file
+    assert (shown["lr"], shown["steps"], shown["loss"]["top_k"]) == (2e-5, 3, 5)  # the flag wins over the file
     assert shown["generation"]["temperature"] == 0.9 and shown["generation"]["enable_thinking"] is False
     assert "===== student_prompt =====" in p.stdout and "===== teacher_prompt =====" in p.stdout
     assert not (ROOT / "rcsd-model").exists() and not list(tmp_path.glob("rcsd-model*"))

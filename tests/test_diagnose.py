@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rcsd_cli.artifacts import read_artifact
+from rcsd_cli.schemas import LossConfig
 
 from .conftest import MC_ROWS, write_jsonl
 
@@ -66,3 +67,35 @@ def test_explain_writes_self_contained_html(run_cli, tiny_model, tmp_path):
     assert len(losses) == page.count("<span") and all(x >= 0 for x in losses)
     assert "Correct final answer" in page and samples[0].id in page
     assert samples[0].id in p.stdout  # --show prints the shaded text
+
+
+@pytest.mark.parametrize("loss", [
+    LossConfig(),  # the authors': top-20 forward KL, T 1.2, clip 0.05
+    LossConfig(kind="jsd", beta=0.5, clip=0.01),
+    LossConfig(kind="sampled_rkl"),
+    LossConfig(top_k=5, tail_bucket=True, beta=0.3, clip=None),
+], ids=["topk_kl", "jsd", "sampled_rkl", "tail"])
+def test_diagnose_and_explain_measure_the_loss_train_applies(tiny_model, loss):
+    """Per token, the loss diagnose/explain report (``token_logits`` + ``token_loss``) is the train step's."""
+    import torch
+
+    from rcsd_cli.batching import aligned_hidden
+    from rcsd_cli.losses import token_loss
+    from rcsd_cli.models import load_model
+    from rcsd_cli.objectives import StepContext, distill_backward
+    from rcsd_cli.stages.diagnose import token_logits
+    from tests.test_trainer import config
+
+    lm = load_model(str(tiny_model), device=torch.device("cpu"))
+    model, tok = lm.model, lm.tokenizer
+    s_prompts, t_prompts = [[1, 5, 6], [1, 9, 9, 9, 9]], [[1, 2, 3, 5, 6, 7, 8], [1, 9]]
+    completions = [[11, 12, 13, 14, 15], [21, 22, 23]]
+    ctx = StepContext(model, tok, lambda side: aligned_hidden(model, side), model.get_output_embeddings(),
+                      config(tiny_model, loss=loss, chunk_size=2), 0)  # teacher = the same weights, as diagnose
+    train = distill_backward(ctx, s_prompts, t_prompts, completions)
+    s_logits = token_logits(model, s_prompts, completions, tok.pad_token_id)
+    t_logits = token_logits(model, t_prompts, completions, tok.pad_token_id)
+    measured = sum(token_loss(s, t, torch.tensor(c), loss).loss.sum().item()
+                   for s, t, c in zip(s_logits, t_logits, completions, strict=True))
+    assert abs(train.loss_sum) > 1e-4
+    assert measured == pytest.approx(train.loss_sum, rel=1e-5, abs=1e-7)

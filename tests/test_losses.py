@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from rcsd_cli.losses import chunked_distill_loss, distill_token_loss, sampled_token_reverse_kl
+from rcsd_cli.losses import LOSSES, chunked_distill_loss, distill_token_loss, sampled_token_reverse_kl, token_loss
+from rcsd_cli.schemas import LossConfig
 
 
 def kl(p, q):
@@ -76,7 +77,16 @@ def test_sampled_token_estimator_value_and_gradient():
     assert s.grad.item() == pytest.approx(-(math.log(0.5) - math.log(0.25)))  # advantage is held constant
 
 
-@pytest.mark.parametrize("kind", ["topk_kl", "jsd", "sampled_rkl"])
+LOSS_CONFIGS = {"topk_kl": LossConfig(kind="topk_kl", beta=0.3, top_k=5, temperature=1.2, clip=0.05),
+                "jsd": LossConfig(kind="jsd", beta=0.3, temperature=1.2, clip=0.05),
+                "sampled_rkl": LossConfig(kind="sampled_rkl", temperature=1.2)}
+
+
+def test_every_loss_choice_is_registered():
+    assert sorted(LOSSES) == sorted(LOSS_CONFIGS) == sorted(LossConfig.model_fields["kind"].annotation.__args__)
+
+
+@pytest.mark.parametrize("kind", sorted(LOSS_CONFIGS))
 def test_chunked_equals_unchunked_in_value_and_gradient(kind):
     torch.manual_seed(0)
     B, T, H, V = 2, 9, 8, 30
@@ -90,8 +100,8 @@ def test_chunked_equals_unchunked_in_value_and_gradient(kind):
     for chunk in (T, 4, 1):
         h_s = torch.randn(B, T, H, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
         head_s.zero_grad()
-        _, kl_sum, agree, loss = chunked_distill_loss(h_s, h_t, head_s, head_t, mask, targets, kind=kind,
-                                                      chunk_size=chunk, beta=0.3, top_k=5, temperature=1.2, clip=0.05)
+        _, kl_sum, agree, loss = chunked_distill_loss(h_s, h_t, head_s, head_t, mask, targets, LOSS_CONFIGS[kind],
+                                                      chunk_size=chunk)
         loss.backward()
         results.append((loss.item(), kl_sum.item(), h_s.grad.clone(), head_s.weight.grad.clone()))
     for other in results[1:]:
@@ -112,8 +122,9 @@ def test_row_weights_weigh_each_sequence():
     targets = torch.randint(0, V, (B, T))
     with torch.no_grad():
         per_tok = distill_token_loss(head_s(h_s), head_t(h_t), top_k=5, temperature=1.2) * mask
-        plain, _, _, weighted = chunked_distill_loss(h_s, h_t, head_s, head_t, mask, targets, chunk_size=2, top_k=5,
-                                                     temperature=1.2, row_weights=torch.tensor([1 / 2, 1 / 5]))
+        plain, _, _, weighted = chunked_distill_loss(h_s, h_t, head_s, head_t, mask, targets,
+                                                     LossConfig(top_k=5, temperature=1.2, clip=None), chunk_size=2,
+                                                     row_weights=torch.tensor([1 / 2, 1 / 5]))
     assert plain.item() == pytest.approx(per_tok.sum().item(), rel=1e-6)
     # weights 1/n_i: the sum of per-sequence means
     assert weighted.item() == pytest.approx(per_tok[0].sum().item() / 2 + per_tok[1].sum().item() / 5, rel=1e-6)
@@ -171,15 +182,20 @@ def test_chunked_token_logprobs_matches_full():
     assert torch.allclose(chunked_token_logprobs(h, head, y, chunk_size=3), full, atol=1e-6)
 
 
-def test_divergence_diagnostics_by_hand():
-    from rcsd_cli.losses import divergence_diagnostics
-
+def test_registered_losses_by_hand():
     t = [0.7, 0.2, 0.1]
-    s = [0.2, 0.5, 0.3]
-    terms = [ti * math.log(ti / si) for ti, si in zip(t, s, strict=True)]  # 0.877, -0.183, -0.110
-    loss, clipped, agree = divergence_diagnostics(logits_of(s), logits_of(t), top_k=3, clip=0.05)
-    assert loss.item() == pytest.approx(0.05 + terms[1] + terms[2], abs=1e-9)
-    assert clipped.item() == pytest.approx(1 / 3)
-    assert agree.item() == 0.0
-    loss, clipped, agree = divergence_diagnostics(logits_of(t), logits_of(t), top_k=3, clip=0.05)
-    assert loss.item() == pytest.approx(0.0, abs=1e-12) and clipped.item() == 0.0 and agree.item() == 1.0
+    s_ = [0.2, 0.5, 0.3]
+    terms = [ti * math.log(ti / si) for ti, si in zip(t, s_, strict=True)]  # 0.877, -0.183, -0.110
+    y = torch.tensor(1)  # the sampled token
+    got = token_loss(logits_of(s_), logits_of(t), y, LossConfig(top_k=3, temperature=1.0, clip=0.05))
+    assert got.loss.item() == pytest.approx(0.05 + terms[1] + terms[2], abs=1e-9)
+    assert got.clip_share.item() == pytest.approx(1 / 3)
+    assert got.forward_kl.item() == pytest.approx(sum(terms), abs=1e-9)  # unclipped, shared with the loss
+    got = token_loss(logits_of(s_), logits_of(t), y, LossConfig(kind="jsd", beta=1.0, temperature=1.0, clip=None))
+    assert got.loss.item() == pytest.approx(kl(s_, t), abs=1e-9) and got.forward_kl is None
+    got = token_loss(logits_of(s_), logits_of(t), y, LossConfig(kind="sampled_rkl", temperature=1.0))
+    # -(log p_T(y) - log p_S(y)) * log p_S(y) with y = entry 1
+    assert got.loss.item() == pytest.approx(-(math.log(0.2) - math.log(0.5)) * math.log(0.5), abs=1e-9)
+    assert got.clip_share.item() == 0.0
+    same = token_loss(logits_of(t), logits_of(t), y, LossConfig(top_k=3, temperature=1.0, clip=0.05))
+    assert same.loss.item() == pytest.approx(0.0, abs=1e-12) and same.clip_share.item() == 0.0

@@ -14,6 +14,7 @@ from rcsd_cli.artifacts import read_artifact, write_artifact
 from rcsd_cli.batching import aligned_hidden, build_pair_batch
 from rcsd_cli.losses import chunked_distill_loss
 from rcsd_cli.models import load_model
+from rcsd_cli.schemas import LossConfig
 from rcsd_cli.trainer import prune_checkpoints, train
 from tests.test_trainer import config, rubric_rows
 
@@ -83,7 +84,7 @@ def test_bf16_mixed_matches_fp32_loss_and_gradient(tiny_model):
         with precision.compute(choice, "cpu"):
             t_hidden = aligned_hidden(teacher, pb.teacher).detach()
             loss, _, _, weighted = chunked_distill_loss(aligned_hidden(lm.model, pb.student), t_hidden, head_s, head_t,
-                                                        pb.mask, pb.targets, top_k=20, temperature=1.2)
+                                                        pb.mask, pb.targets, LossConfig(clip=None))
         weighted.backward()
         grad = torch.cat([p.grad.reshape(-1) for p in lm.model.parameters()])
         assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in lm.model.parameters())

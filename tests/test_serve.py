@@ -81,19 +81,21 @@ def test_bad_requests_get_400_naming_the_field(served, endpoint, body, field, wo
 
 def test_server_stays_healthy_and_quiet_after_bad_requests(tiny_model):
     proc, url = start_server(tiny_model, *SERVE_FLAGS)  # its own: the console is read after a kill
-    for endpoint, body, *_ in BAD:
-        assert post(f"{url}/{endpoint}", body)[0] == 400
-    code, reply, _ = post(url + "/completions", {"prompt": [1, 2, 3], "max_tokens": 3, "n": 2, "seed": 1,
-                                                 "return_token_ids": True})
-    assert code == 200 and len(reply["choices"]) == 2 and all(len(c["token_ids"]) <= 3 for c in reply["choices"])
-    assert reply["usage"]["prompt_tokens"] == 3
-    req = urllib.request.Request(url + "/nowhere", data=b"{}", method="POST")
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(req, timeout=30)
-    assert err.value.code == 404
-    assert json.loads(urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=30).read()) == {
-        "status": "ok"}
-    proc.kill()
+    try:
+        for endpoint, body, *_ in BAD:
+            assert post(f"{url}/{endpoint}", body)[0] == 400
+        code, reply, _ = post(url + "/completions", {"prompt": [1, 2, 3], "max_tokens": 3, "n": 2, "seed": 1,
+                                                     "return_token_ids": True})
+        assert code == 200 and len(reply["choices"]) == 2 and all(len(c["token_ids"]) <= 3 for c in reply["choices"])
+        assert reply["usage"]["prompt_tokens"] == 3
+        req = urllib.request.Request(url + "/nowhere", data=b"{}", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=30)
+        assert err.value.code == 404
+        assert json.loads(urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=30).read()) == {
+            "status": "ok"}
+    finally:
+        proc.kill()
     console = proc.stderr.read()
     assert "Traceback" not in console, console
 

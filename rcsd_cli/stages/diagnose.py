@@ -5,8 +5,8 @@ seeded sample of items, with the prompts ``train`` would use, this measures:
 
 - the *teacher advantage*: the teacher's own answers (from its privileged prompt) against the
   student's rollouts, in accuracy and rubric score, paired per item with 95% intervals;
-- on the student's rollouts, what training would apply: the mean per-token loss (top-k forward KL,
-  temperature, clip as ``train``), the share of loss terms at the clip, teacher–student top-1
+- on the student's rollouts, what training would apply: the mean per-token loss (``losses.token_loss``
+  with the same ``--loss`` options as ``train``), the share of loss terms at the clip, teacher–student top-1
   agreement, and the teacher's log-probability of the gold answer line after the student's own
   reasoning against the student's (a continuous signal that small models still show);
 - the same under ablated teachers: ``reference`` (OPSD's context), ``shuffled`` (another item's
@@ -28,7 +28,7 @@ from rcsd_cli.batching import aligned_hidden, build_pair_batch
 from rcsd_cli.benchmarks import select
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.generation import generate, item_seed
-from rcsd_cli.losses import divergence_diagnostics
+from rcsd_cli.losses import token_diagnostics, token_loss
 from rcsd_cli.models import load_model
 from rcsd_cli.objectives import student_prompt, teacher_prompt_ids, teacher_thinking
 from rcsd_cli.prompts import chat_prompt_ids, student_message, text_ids
@@ -147,8 +147,9 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
         t_logits = token_logits(model, t_prompts, conts, tok.pad_token_id)
         for i, r in enumerate(items):
             n = len(rollouts[i].token_ids)
-            loss, clipped, agree = divergence_diagnostics(s_logits[i][:n], t_logits[i][:n], top_k=cfg.loss_top_k,
-                                                          temperature=cfg.loss_temperature, clip=cfg.clip)
+            terms = token_loss(s_logits[i][:n], t_logits[i][:n], torch.tensor(conts[i][:n]), cfg.loss)
+            _, agree = token_diagnostics(s_logits[i][:n], t_logits[i][:n], cfg.loss, terms)
+            loss, clipped = terms.loss, terms.clip_share
             gold_t = gold_s = None
             if suffixes[i]:
                 target = torch.tensor(suffixes[i])

@@ -1,7 +1,7 @@
 """``rcsd explain``: where on a completion the rubric-conditioned teacher would move the student.
 
 For K stored samples, every completion token is shaded by the per-token loss ``train`` would apply
-there (top-k forward KL, temperature and clip as ``train``), with the teacher's preferred token and
+there (``losses.token_loss`` with the same ``--loss`` options as ``train``), with the teacher's preferred token and
 both models' probabilities on hover, and the item's rubric and reference beside it. The result is one
 self-contained HTML file (no scripts, fonts or network); ``--show`` also prints the shading in the
 terminal.
@@ -16,7 +16,7 @@ import torch
 
 from rcsd_cli.artifacts import ensure_writable, read_artifact
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.losses import divergence_diagnostics
+from rcsd_cli.losses import token_loss
 from rcsd_cli.models import load_model
 from rcsd_cli.objectives import teacher_prompt_ids
 from rcsd_cli.schemas import ExplainConfig
@@ -27,11 +27,10 @@ from rcsd_cli.ui import info, progress, results
 
 def token_credit(s_logits: torch.Tensor, t_logits: torch.Tensor, ids: list[int], cfg: ExplainConfig) -> list[dict]:
     """Per completion token: the loss train would apply, both models' probabilities, the teacher's top token."""
-    loss, _, _ = divergence_diagnostics(s_logits, t_logits, top_k=cfg.loss_top_k, temperature=cfg.loss_temperature,
-                                        clip=cfg.clip)
+    idx = torch.tensor(ids)
+    loss = token_loss(s_logits, t_logits, idx, cfg.loss).loss
     p_s, p_t = s_logits.softmax(-1), t_logits.softmax(-1)
     top = p_t.max(-1)
-    idx = torch.tensor(ids)
     return [{"loss": loss[i].item(), "p_student": p_s[i, idx[i]].item(), "p_teacher": p_t[i, idx[i]].item(),
              "teacher_top": top.indices[i].item(), "teacher_top_p": top.values[i].item()} for i in range(len(ids))]
 
