@@ -100,7 +100,7 @@ def test_options_the_run_would_ignore_are_refused(run_cli, rubrics, flags, messa
 
 def test_clip_can_be_switched_off():
     cfg = build_config(TrainConfig, {"clip": None, "rubrics": "r"})
-    assert cfg.clip is None
+    assert cfg.loss.clip is None
 
 
 def test_saved_run_config_reproduces_the_run(run_cli, tmp_path, rubrics, tiny_model):
