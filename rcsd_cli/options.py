@@ -5,8 +5,6 @@ line (flag name, help panel, positional argument). From a config model this modu
 
 - ``option_specs``: one flat list of options, nested models (``generation``, ``backend``)
   included, each named by its flag with underscores (``--loss-top-k`` -> ``loss_top_k``);
-- ``typer_parameters``: the Typer signature of a stage command, with choices for ``Literal``
-  fields and defaults read from the model itself;
 - ``read_config_file``: a YAML or JSON file keyed by option names; a config dumped by rcsd
   (nested, field names) is accepted too, so ``rcsd_train_config.json`` reproduces its run;
 - ``build_config``: model defaults < config file < flags given on the command line.
@@ -14,15 +12,13 @@ line (flag name, help panel, positional argument). From a config model this modu
 
 from __future__ import annotations
 
-import inspect
 import json
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional, Union
+from typing import Any, Union
 
-import typer
 from pydantic import BaseModel, Field, ValidationError
 
 from rcsd_cli.errors import RcsdError
@@ -134,25 +130,6 @@ def _nested_option_paths(model: type[BaseModel]) -> dict[str, tuple[str, ...]]:
     return _PATHS[model]
 
 
-# ----------------------------------------------------------------------------- Typer signature
-
-
-def _optional_parser(inner: type):
-    """Parse a number that may also be switched off with ``none``."""
-
-    def parse(value):
-        if value is None or isinstance(value, inner):
-            return value
-        if str(value).lower() in ("none", "off", "null"):
-            return None
-        try:
-            return inner(value)
-        except ValueError as exc:
-            raise typer.BadParameter(f"{value!r} is not a {inner.__name__} or 'none'") from exc
-
-    return parse
-
-
 def unwrap_optional(annotation) -> tuple[Any, bool]:
     if typing.get_origin(annotation) in (Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -160,44 +137,6 @@ def unwrap_optional(annotation) -> tuple[Any, bool]:
             return args[0], True
     return annotation, False
 
-
-def _typer_param(spec: OptionSpec) -> inspect.Parameter:
-    inner, optional = unwrap_optional(spec.annotation)
-    kwargs: dict[str, Any] = {"help": spec.help, "rich_help_panel": spec.panel}
-    py_type: Any = inner  # Typer turns a Literal into a choice
-    if optional and spec.default is not None and inner in (int, float):
-        kwargs["parser"] = _optional_parser(inner)
-    if inner is bool:
-        py_type = bool
-        decls = [f"{spec.flag}/--no-{spec.flag[2:]}"]
-    else:
-        decls = [spec.flag] + ([spec.short] if spec.short else [])
-    if optional or spec.argument:
-        py_type = Optional[py_type]
-    if spec.argument:
-        info = typer.Argument(show_default=False, help=spec.help, rich_help_panel=spec.panel,
-                              metavar=spec.name.upper())
-        default = None
-    else:
-        info = typer.Option(*decls, **kwargs)
-        default = spec.default
-    return inspect.Parameter(spec.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
-                             annotation=Annotated[py_type, info])
-
-
-def typer_parameters(model: type[BaseModel]) -> list[inspect.Parameter]:
-    specs = [s for s in option_specs(model) if s.on_cli]
-    return [_typer_param(s) for s in sorted(specs, key=lambda s: not s.argument)]
-
-
-def given_on_command_line(ctx: typer.Context, names) -> dict[str, Any]:
-    """The subset of the command's parameters the user actually typed (or set by environment)."""
-    out = {}
-    for name in names:
-        source = ctx.get_parameter_source(name)
-        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
-            out[name] = ctx.params[name]
-    return out
 
 
 # ----------------------------------------------------------------------------- config files

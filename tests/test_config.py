@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from rcsd_cli.commands.common import typer_parameters
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.options import build_config, option_specs, typer_parameters
+from rcsd_cli.options import build_config, option_specs
 from rcsd_cli.schemas import CONFIG_MODELS, SampleConfig, TrainConfig
 
 from .conftest import ROOT, write_jsonl

@@ -29,3 +29,14 @@ def test_criterion_validation():
         Check(kind="regex", value="(unclosed")
     with pytest.raises(ValidationError):
         Check(kind="max_words", value="many")
+
+
+def test_schemas_and_the_verl_reward_import_nothing_from_the_cli_layer():
+    """verl workers import the reward function: Typer and Rich stay out of that process."""
+    import subprocess
+    import sys
+
+    code = ("import sys, rcsd_cli.schemas, rcsd_cli.verl_reward, rcsd_cli.artifacts; "
+            "print(sorted(m for m in ('typer', 'rich', 'click') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

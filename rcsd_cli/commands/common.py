@@ -1,18 +1,22 @@
-"""Command-line plumbing shared by the subcommands.
+"""Command-line plumbing shared by the subcommands: the only place Typer meets the configs.
 
-``stage_command`` turns a stage's Pydantic config into its Typer command (options, ``--config``,
-precedence); the few ``Annotated`` options here are the invocation flags outside any config.
+``typer_parameters`` is a config model's Typer signature (choices for ``Literal`` fields, defaults
+read from the model); ``stage_command`` turns a stage's config into its command (options,
+``--config``, precedence); the few ``Annotated`` options here are the invocation flags outside any
+config. Configs and row schemas (``rcsd_cli.options``, ``schemas``) never import Typer.
 """
 
 from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from pydantic import BaseModel
 
 from rcsd_cli.models import DEFAULT_MODEL
+from rcsd_cli.options import OptionSpec, option_specs, unwrap_optional
 
 Output = Annotated[Path, typer.Option("-o", "--output", help="Where to write the result.")]
 Model = Annotated[str, typer.Option("--model", help="HF model id, local folder, or the embedded default.")]
@@ -31,6 +35,61 @@ def _param(name: str, annotation, default) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation)
 
 
+def _optional_parser(inner: type):
+    """Parse a number that may also be switched off with ``none``."""
+
+    def parse(value):
+        if value is None or isinstance(value, inner):
+            return value
+        if str(value).lower() in ("none", "off", "null"):
+            return None
+        try:
+            return inner(value)
+        except ValueError as exc:
+            raise typer.BadParameter(f"{value!r} is not a {inner.__name__} or 'none'") from exc
+
+    return parse
+
+
+def _typer_param(spec: OptionSpec) -> inspect.Parameter:
+    inner, optional = unwrap_optional(spec.annotation)
+    kwargs: dict[str, Any] = {"help": spec.help, "rich_help_panel": spec.panel}
+    py_type: Any = inner  # Typer turns a Literal into a choice
+    if optional and spec.default is not None and inner in (int, float):
+        kwargs["parser"] = _optional_parser(inner)
+    if inner is bool:
+        py_type = bool
+        decls = [f"{spec.flag}/--no-{spec.flag[2:]}"]
+    else:
+        decls = [spec.flag] + ([spec.short] if spec.short else [])
+    if optional or spec.argument:
+        py_type = Optional[py_type]
+    if spec.argument:
+        info = typer.Argument(show_default=False, help=spec.help, rich_help_panel=spec.panel,
+                              metavar=spec.name.upper())
+        default = None
+    else:
+        info = typer.Option(*decls, **kwargs)
+        default = spec.default
+    return inspect.Parameter(spec.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                             annotation=Annotated[py_type, info])
+
+
+def typer_parameters(model: type[BaseModel]) -> list[inspect.Parameter]:
+    specs = [s for s in option_specs(model) if s.on_cli]
+    return [_typer_param(s) for s in sorted(specs, key=lambda s: not s.argument)]
+
+
+def given_on_command_line(ctx: typer.Context, names) -> dict[str, Any]:
+    """The subset of the command's parameters the user actually typed (or set by environment)."""
+    out = {}
+    for name in names:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            out[name] = ctx.params[name]
+    return out
+
+
 def stage_command(config_model, run, *, output: str | None, doc: str, extra: tuple[inspect.Parameter, ...] = ()):
     """A Typer command whose options are ``config_model``'s fields; calls ``run(config, output, **flags)``.
 
@@ -38,7 +97,7 @@ def stage_command(config_model, run, *, output: str | None, doc: str, extra: tup
     command line. ``extra`` are invocation flags that are not part of the config (``--resume``).
     ``output=None``: a command that writes nothing (``serve``), called as ``run(config, **flags)``.
     """
-    from rcsd_cli.options import build_config, given_on_command_line, read_config_file, typer_parameters
+    from rcsd_cli.options import build_config, read_config_file
 
     options = typer_parameters(config_model)
     names = [p.name for p in options]
