@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     import torch
 
-    from rcsd_cli import generation, precision
+    from rcsd_cli.data.schemas import GenerationConfig
+    from rcsd_cli.modeling import generation, precision
     from rcsd_cli.models import load_model
-    from rcsd_cli.schemas import GenerationConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="Model (default: the embedded SmolLM2-135M-Instruct).")

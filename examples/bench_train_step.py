@@ -39,7 +39,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 sys.path.insert(0, spec["root"])
-from rcsd_cli.phases import _reset_rss_peak, _rss_peak_gib
+from rcsd_cli.train.phases import _reset_rss_peak, _rss_peak_gib
 
 tok = AutoTokenizer.from_pretrained(spec["model"])
 model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
@@ -137,8 +137,8 @@ def run_trl(setting: dict, rows: list[dict], work: Path, args) -> list[dict]:
 
 def trl_rows(rubrics: Path) -> list[dict]:
     """TRL's dataset: the same student prompt rcsd uses, the rubric + reference as privileged context."""
-    from rcsd_cli.artifacts import read_artifact
-    from rcsd_cli.prompts import rubric_json, student_message
+    from rcsd_cli.data.artifacts import read_artifact
+    from rcsd_cli.rubrics.prompts import rubric_json, student_message
 
     rows, _ = read_artifact(rubrics, "rubrics")
     return [{"prompt": [{"role": "user", "content": student_message(r, "answer-line")}],

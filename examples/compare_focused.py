@@ -25,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rcsd_cli.artifacts import read_artifact, write_artifact  # noqa: E402
-from rcsd_cli.stats import Z95  # noqa: E402
+from rcsd_cli.data.artifacts import read_artifact, write_artifact  # noqa: E402
+from rcsd_cli.evaluation.stats import Z95  # noqa: E402
 
 METHODS = {"base": None, "opsd": ["--method", "opsd"], "rcsd": ["--method", "rcsd"],
            "rcsd-shuffled": ["--method", "rcsd", "--rubric-ablation", "shuffled"]}
@@ -47,8 +47,9 @@ def focus_items(args, seed: int, root: Path, log: Path) -> tuple[Path, dict]:
         rcsd(["gen-rubrics", args.bench, "--generator", "reference", "--limit", args.train_items, "--seed", seed,
               "-o", rubrics], args.python, log)
     if not diag.exists():
-        rcsd(["diagnose", rubrics, "--limit", args.train_items, "--seed", seed, "--conditions", args.diagnose_conditions,
-              "--prompt-style", "answer-line", "--max-new-tokens", args.diagnose_tokens, "-o", diag],
+        rcsd(["diagnose", rubrics, "--limit", args.train_items, "--seed", seed,
+              "--conditions", args.diagnose_conditions, "--prompt-style", "answer-line",
+              "--max-new-tokens", args.diagnose_tokens, "-o", diag],
              args.python, log)
     rows, meta = read_artifact(diag, "diagnose")
     helped = {r.id for r in rows if r.condition == "rubric" and r.gold_logprob_teacher is not None
@@ -92,8 +93,8 @@ def run_one(method: str, seed: int, focus: Path, args, root: Path, log: Path) ->
     train_seconds = time.perf_counter() - t0
     held = ["--bench", args.bench, "--model", model, "--seed", seed, "--offset", args.train_items,
             "--limit", args.eval_items, "--prompt-style", "answer-line"]
-    rcsd(["eval", *held, "--backend", "vllm", "--vllm-enforce-eager", "--max-new-tokens", 128, "-o", run / "gen.parquet", "--overwrite"],
-         args.python, log)
+    rcsd(["eval", *held, "--backend", "vllm", "--vllm-enforce-eager", "--max-new-tokens", 128,
+          "-o", run / "gen.parquet", "--overwrite"], args.python, log)
     rcsd(["eval", *held, "--scoring", "loglik", "-o", run / "loglik.parquet", "--overwrite"], args.python, log)
     rcsd(["eval", "--bench", args.bench, "--model", model, "--seed", seed, "--limit", args.train_items,
           "--scoring", "loglik", "-o", run / "loglik-train.parquet", "--overwrite"], args.python, log)

@@ -20,12 +20,12 @@ import statistics
 import time
 from pathlib import Path
 
-from rcsd_cli.options import build_config, read_config_file
-from rcsd_cli.schemas import EvalConfig, GenerationConfig, GenRubricsConfig, TrainConfig
+from rcsd_cli.data.options import build_config, read_config_file
+from rcsd_cli.data.schemas import EvalConfig, GenerationConfig, GenRubricsConfig, TrainConfig
+from rcsd_cli.evaluation.stats import Z95
 from rcsd_cli.stages.eval import run_eval
 from rcsd_cli.stages.gen_rubrics import run_gen_rubrics
 from rcsd_cli.stages.train import run_train
-from rcsd_cli.stats import Z95
 from rcsd_cli.ui import quiet_libraries
 
 METHODS = ("base", "sft", "grpo", "opsd", "rcsd")

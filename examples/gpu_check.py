@@ -152,7 +152,7 @@ def quick(args) -> None:
 
 
 def metrics(folder: Path):
-    from rcsd_cli.artifacts import read_artifact
+    from rcsd_cli.data.artifacts import read_artifact
 
     rows, _ = read_artifact(folder / "metrics.parquet", "metrics")
     return rows

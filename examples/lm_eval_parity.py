@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from rcsd_cli.benchmarks import load_bench, select
-from rcsd_cli.inputs import LETTERS
+from rcsd_cli.data.inputs import LETTERS
+from rcsd_cli.data.schemas import EvalConfig, GenerationConfig
+from rcsd_cli.evaluation.benchmarks import load_bench, select
 from rcsd_cli.models import resolve_model
-from rcsd_cli.schemas import EvalConfig, GenerationConfig
 from rcsd_cli.stages.eval import run_eval
 
 TASK = """task: rcsd_parity

@@ -21,12 +21,12 @@ import re
 import time
 from pathlib import Path
 
-from rcsd_cli.artifacts import read_artifact
+from rcsd_cli.data.artifacts import read_artifact
+from rcsd_cli.data.schemas import GenerationConfig, GenRubricsConfig, TrainConfig
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.schemas import GenerationConfig, GenRubricsConfig, TrainConfig
+from rcsd_cli.evaluation.stats import mean_interval, wilson_interval
 from rcsd_cli.stages.gen_rubrics import run_gen_rubrics
 from rcsd_cli.stages.train import run_train
-from rcsd_cli.stats import mean_interval, wilson_interval
 from rcsd_cli.ui import quiet_libraries
 
 

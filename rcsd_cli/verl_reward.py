@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from rcsd_cli.schemas import Criterion, Problem
-from rcsd_cli.scoring import score_completion
+from rcsd_cli.data.schemas import Criterion, Problem
+from rcsd_cli.evaluation.scoring import score_completion
 
 
 def compute_score(data_source: str, solution_str: str, ground_truth: str | dict, extra_info: dict | None = None,

@@ -2,10 +2,10 @@
 
 import pytest
 
-from rcsd_cli.answers import answers_match, extract_answer
-from rcsd_cli.rubric_gen import reference_rubric
-from rcsd_cli.schemas import Check, Criterion, CriterionVerdict, Problem
-from rcsd_cli.scoring import check_met, parse_judge_reply, rubric_score, score_completion
+from rcsd_cli.data.schemas import Check, Criterion, CriterionVerdict, Problem
+from rcsd_cli.evaluation.answers import answers_match, extract_answer
+from rcsd_cli.evaluation.scoring import check_met, parse_judge_reply, rubric_score, score_completion
+from rcsd_cli.rubrics.rubric_gen import reference_rubric
 
 CHOICES = ["Oxygen", "Carbon dioxide", "Nitrogen", "Helium"]
 
@@ -131,7 +131,7 @@ def test_open_answers_table(text, gold, expected):
 
 
 def test_pass_at_k_by_hand():
-    from rcsd_cli.stats import pass_at_k
+    from rcsd_cli.evaluation.stats import pass_at_k
 
     assert pass_at_k(4, 1, 1) == pytest.approx(0.25)  # = avg@4
     assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # C(3,2)/C(4,2)
@@ -139,7 +139,7 @@ def test_pass_at_k_by_hand():
 
 
 def test_math_benchmarks_load_offline_with_boxed_gold():
-    from rcsd_cli.benchmarks import load_bench
+    from rcsd_cli.evaluation.benchmarks import load_bench
 
     math500, gsm8k = load_bench("math500"), load_bench("gsm8k")
     assert len(math500) == 500 and len(gsm8k) == 1319
@@ -151,7 +151,7 @@ def test_loglik_choice_scores_equal_a_plain_forward(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rcsd_cli.loglik import choice_logprobs, context_text, encode_pair, grade
+    from rcsd_cli.evaluation.loglik import choice_logprobs, context_text, encode_pair, grade
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -173,7 +173,7 @@ def test_loglik_choice_scores_equal_a_plain_forward(tiny_model):
 def test_encode_pair_moves_trailing_spaces_to_the_continuation(tiny_model):
     from transformers import AutoTokenizer
 
-    from rcsd_cli.loglik import encode_pair
+    from rcsd_cli.evaluation.loglik import encode_pair
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ctx, cont = encode_pair(tok, "Answer: ", "yes")
@@ -186,6 +186,6 @@ def test_encode_pair_moves_trailing_spaces_to_the_continuation(tiny_model):
     ("plants take in carbon dioxide", "choice_text"), ("no idea", None),
 ])
 def test_extraction_rules_are_reported(text, rule):
-    from rcsd_cli.answers import extract_with_rule
+    from rcsd_cli.evaluation.answers import extract_with_rule
 
     assert extract_with_rule(text, ["Oxygen", "Carbon dioxide", "Nitrogen", "Argon"])[1] == rule

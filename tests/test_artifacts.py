@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from rcsd_cli import __version__
-from rcsd_cli.artifacts import PartialLog, read_artifact, read_metadata, write_artifact
+from rcsd_cli.data.artifacts import PartialLog, read_artifact, read_metadata, write_artifact
+from rcsd_cli.data.schemas import Check, Criterion, GenerationConfig, Rubric, Sample, SampleConfig
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.schemas import Check, Criterion, GenerationConfig, Rubric, Sample, SampleConfig
 
 
 def rubric_row(i=0):
@@ -82,7 +82,7 @@ def test_partial_log_resumes_and_refuses_other_settings(tmp_path):
 
 
 def _score(i, topk):
-    from rcsd_cli.schemas import Score
+    from rcsd_cli.data.schemas import Score
 
     return Score(sample_id=f"s{i}", problem_id="q", verdicts=[], score=None, points_met=0.0, points_possible=1.0,
                  n_unjudged=0, extracted_answer=None, correct=None,
@@ -93,8 +93,8 @@ def test_sparse_and_full_files_share_one_schema_and_load_together(tmp_path):
     import pyarrow.dataset as ds
     from datasets import load_dataset
 
-    from rcsd_cli.artifacts import arrow_schema
-    from rcsd_cli.schemas import EvalItem, Score
+    from rcsd_cli.data.artifacts import arrow_schema
+    from rcsd_cli.data.schemas import EvalItem, Score
 
     sparse = write_artifact(tmp_path / "a.parquet", "scores", [_score(0, False)], stage="score")
     full = write_artifact(tmp_path / "b.parquet", "scores", [_score(1, True)], stage="score")
@@ -117,7 +117,7 @@ def test_sparse_and_full_files_share_one_schema_and_load_together(tmp_path):
 
 def test_files_from_the_last_release_still_read(tmp_path):
     """The previous release let Arrow guess types (a null-typed column when every value was None)."""
-    from rcsd_cli.artifacts import META_KEY, build_metadata
+    from rcsd_cli.data.artifacts import META_KEY, build_metadata
 
     rec = _score(0, False).model_dump(mode="json")
     table = pa.Table.from_pylist([rec])

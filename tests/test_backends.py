@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from rcsd_cli.artifacts import read_artifact
+from rcsd_cli.data.artifacts import read_artifact
 from tests.conftest import ROOT, make_tiny_llama, write_jsonl
 
 

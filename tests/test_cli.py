@@ -4,7 +4,7 @@
 import pyarrow.parquet as pq
 import pytest
 
-from rcsd_cli.artifacts import read_artifact, read_metadata
+from rcsd_cli.data.artifacts import read_artifact, read_metadata
 from tests.conftest import MC_ROWS, write_jsonl
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from rcsd_cli.commands.common import typer_parameters
+from rcsd_cli.data.options import build_config, option_specs
+from rcsd_cli.data.schemas import CONFIG_MODELS, SampleConfig, TrainConfig
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.options import build_config, option_specs
-from rcsd_cli.schemas import CONFIG_MODELS, SampleConfig, TrainConfig
 
 from .conftest import ROOT, write_jsonl
 
@@ -111,7 +111,7 @@ def test_saved_run_config_reproduces_the_run(run_cli, tmp_path, rubrics, tiny_mo
     p = run_cli("train", "--config", saved, "--dry-run", check=True)
     assert dry_run_config(p) == json.loads(saved.read_text())
     run_cli("train", "--config", saved, "-o", tmp_path / "b", check=True)
-    from rcsd_cli.artifacts import read_artifact
+    from rcsd_cli.data.artifacts import read_artifact
 
     a, _ = read_artifact(tmp_path / "a" / "metrics.parquet", "metrics")
     b, _ = read_artifact(tmp_path / "b" / "metrics.parquet", "metrics")
@@ -120,7 +120,7 @@ def test_saved_run_config_reproduces_the_run(run_cli, tmp_path, rubrics, tiny_mo
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_every_recipe_runs_one_step_on_a_tiny_model(run_cli, tmp_path, rubrics, tiny_model, recipe):
-    from rcsd_cli.options import read_config_file
+    from rcsd_cli.data.options import read_config_file
 
     values = read_config_file(recipe, TrainConfig)
     if values.get("rollout_backend") == "vllm":  # the tiny model's heads are too small for vLLM: HF rollouts here
@@ -183,9 +183,9 @@ def _authors_turn(template: str, message: str, thinking: bool) -> str:
 def test_paper_prompts_match_the_authors_token_for_token(tokenizer_dir, template, thinking):
     from transformers import AutoTokenizer
 
-    from rcsd_cli.objectives import analysis_prompt, student_prompt, teacher_prompt
-    from rcsd_cli.prompts import text_ids, transition_text
-    from rcsd_cli.schemas import Criterion, GenerationConfig, Rubric
+    from rcsd_cli.data.schemas import Criterion, GenerationConfig, Rubric
+    from rcsd_cli.rubrics.prompts import text_ids, transition_text
+    from rcsd_cli.train.objectives import analysis_prompt, student_prompt, teacher_prompt
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     if template == "qwen3":
@@ -231,10 +231,10 @@ def test_reason_first_teacher_input_is_prompt_analysis_transition(tiny_model, mo
     """Teacher ids = [analysis prompt ‖ sampled analysis ‖ transition]; the analysis is sampled as configured."""
     from transformers import AutoTokenizer
 
-    from rcsd_cli import objectives
-    from rcsd_cli.generation import Generation
-    from rcsd_cli.prompts import text_ids, transition_text
-    from rcsd_cli.schemas import Criterion, Rubric
+    from rcsd_cli.data.schemas import Criterion, Rubric
+    from rcsd_cli.modeling.generation import Generation
+    from rcsd_cli.rubrics.prompts import text_ids, transition_text
+    from rcsd_cli.train import objectives
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     row = Rubric(id="q", question="2+2?", answer="4", rubric=[Criterion(id="a", title="Says four", weight=5)],
@@ -256,7 +256,7 @@ def test_reason_first_teacher_input_is_prompt_analysis_transition(tiny_model, mo
 
 
 def test_reduction_weights_by_hand():
-    from rcsd_cli.objectives import StepContext, reduction_weights
+    from rcsd_cli.train.objectives import StepContext, reduction_weights
 
     counts = [2, 6, 0]
     seq = StepContext(None, None, None, None, TrainConfig(rubrics="r"), 0)
@@ -272,7 +272,7 @@ def test_reduction_weights_by_hand():
 
 
 def test_recipes_are_valid_configs():
-    from rcsd_cli.options import read_config_file
+    from rcsd_cli.data.options import read_config_file
 
     assert len(RECIPES) >= 5
     for recipe in RECIPES:
@@ -283,7 +283,7 @@ def test_json_config_for_sample(run_cli, tmp_path, rubrics, tiny_model):
     cfg = tmp_path / "s.json"
     cfg.write_text(json.dumps({"model": str(tiny_model), "n": 2, "max_new_tokens": 3, "prompt_style": "answer-line"}))
     run_cli("sample", rubrics, "--config", cfg, "-o", tmp_path / "s.parquet", "--limit", "2", check=True)
-    from rcsd_cli.artifacts import read_artifact
+    from rcsd_cli.data.artifacts import read_artifact
 
     rows, meta = read_artifact(tmp_path / "s.parquet", "samples")
     assert len(rows) == 4 and all(len(r.completion_token_ids) <= 3 for r in rows)
@@ -291,8 +291,8 @@ def test_json_config_for_sample(run_cli, tmp_path, rubrics, tiny_model):
 
 
 def test_rubric_ablations_change_only_the_rubric():
-    from rcsd_cli.ablations import GENERIC_RUBRIC, ablate
-    from rcsd_cli.schemas import Criterion, Rubric
+    from rcsd_cli.data.schemas import Criterion, Rubric
+    from rcsd_cli.rubrics.ablations import GENERIC_RUBRIC, ablate
 
     rows = [Rubric(id=f"q{i}", question=f"Q{i}?", answer="1", rubric_origin="imported",
                    rubric=[Criterion(id=f"c{i}{j}", title=f"T{i}{j}", weight=j + 1) for j in range(4)])

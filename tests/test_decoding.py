@@ -4,9 +4,9 @@ tokens inside a check window, left-padded prompts of different lengths, LoRA stu
 import pytest
 import torch
 
-from rcsd_cli.generation import generate_batch, use_compiled_decoding
+from rcsd_cli.data.schemas import GenerationConfig
+from rcsd_cli.modeling.generation import generate_batch, use_compiled_decoding
 from rcsd_cli.models import load_model
-from rcsd_cli.schemas import GenerationConfig
 
 CPU = torch.device("cpu")
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 9], [1, 4, 4, 300, 2000]]
@@ -68,7 +68,7 @@ def test_compiled_decoding_default_follows_the_device():
 @pytest.mark.parametrize("choice", ["bf16-mixed", "bf16"])
 def test_static_loop_in_bf16_semantics(tiny_model, choice):
     """Under bf16 autocast over fp32 weights (rotary keys fp32, values bf16) and with bf16 weights."""
-    from rcsd_cli import precision
+    from rcsd_cli.modeling import precision
 
     lm = load_model(str(tiny_model), device=CPU, dtype=precision.param_dtype(choice))
     with precision.compute(choice, "cpu"):

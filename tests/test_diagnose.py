@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rcsd_cli.artifacts import read_artifact
-from rcsd_cli.schemas import LossConfig
+from rcsd_cli.data.artifacts import read_artifact
+from rcsd_cli.data.schemas import LossConfig
 
 from .conftest import MC_ROWS, write_jsonl
 
@@ -76,14 +76,14 @@ def test_explain_writes_self_contained_html(run_cli, tiny_model, tmp_path):
     LossConfig(top_k=5, tail_bucket=True, beta=0.3, clip=None),
 ], ids=["topk_kl", "jsd", "sampled_rkl", "tail"])
 def test_diagnose_and_explain_measure_the_loss_train_applies(tiny_model, loss):
-    """Per token, the loss diagnose/explain report (``token_logits`` + ``token_loss``) is the train step's."""
+    """Per token, the loss diagnose/explain report (``continuation_logits`` + ``token_loss``) is the train step's."""
     import torch
 
-    from rcsd_cli.batching import aligned_hidden
-    from rcsd_cli.losses import token_loss
+    from rcsd_cli.modeling.batching import aligned_hidden
+    from rcsd_cli.modeling.logprobs import continuation_logits
     from rcsd_cli.models import load_model
-    from rcsd_cli.objectives import StepContext, distill_backward
-    from rcsd_cli.stages.diagnose import token_logits
+    from rcsd_cli.train.losses import token_loss
+    from rcsd_cli.train.objectives import StepContext, distill_backward
     from tests.test_trainer import config
 
     lm = load_model(str(tiny_model), device=torch.device("cpu"))
@@ -93,8 +93,8 @@ def test_diagnose_and_explain_measure_the_loss_train_applies(tiny_model, loss):
     ctx = StepContext(model, tok, lambda side: aligned_hidden(model, side), model.get_output_embeddings(),
                       config(tiny_model, loss=loss, chunk_size=2), 0)  # teacher = the same weights, as diagnose
     train = distill_backward(ctx, s_prompts, t_prompts, completions)
-    s_logits = token_logits(model, s_prompts, completions, tok.pad_token_id)
-    t_logits = token_logits(model, t_prompts, completions, tok.pad_token_id)
+    s_logits = continuation_logits(model, s_prompts, completions, tok.pad_token_id)
+    t_logits = continuation_logits(model, t_prompts, completions, tok.pad_token_id)
     measured = sum(token_loss(s, t, torch.tensor(c), loss).loss.sum().item()
                    for s, t, c in zip(s_logits, t_logits, completions, strict=True))
     assert abs(train.loss_sum) > 1e-7

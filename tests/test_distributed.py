@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rcsd_cli.artifacts import read_artifact
+from rcsd_cli.data.artifacts import read_artifact
 from tests.conftest import ROOT, write_jsonl
 
 PROBLEMS = [{"id": f"p{i}", "question": f"What is {i} + {i}?", "choices": [str(2 * i), str(2 * i + 1)],

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from rcsd_cli.artifacts import read_artifact
+from rcsd_cli.data.artifacts import read_artifact
 from tests.conftest import write_jsonl
 
 OK = {"choices": [{"text": "Answer: B", "token_ids": [330, 1234, 28], "finish_reason": "stop"}]}

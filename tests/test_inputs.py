@@ -4,8 +4,8 @@ import csv
 
 import pytest
 
+from rcsd_cli.data.inputs import load_problems
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.inputs import load_problems
 from tests.conftest import write_jsonl
 
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from rcsd_cli.losses import LOSSES, chunked_distill_loss, distill_token_loss, sampled_token_reverse_kl, token_loss
-from rcsd_cli.schemas import LossConfig
+from rcsd_cli.data.schemas import LossConfig
+from rcsd_cli.train.losses import LOSSES, chunked_distill_loss, distill_token_loss, sampled_token_reverse_kl, token_loss
 
 
 def kl(p, q):
@@ -139,7 +139,7 @@ def test_top_k_with_tail_bucket_keeps_the_rest_as_one_entry():
 
 
 def test_group_advantages_hand_values():
-    from rcsd_cli.losses import group_advantages
+    from rcsd_cli.train.losses import group_advantages
 
     r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]], dtype=torch.float64)
     adv = group_advantages(r, eps=0.0 + 1e-12)
@@ -149,7 +149,7 @@ def test_group_advantages_hand_values():
 
 
 def test_clipped_policy_loss_and_k3():
-    from rcsd_cli.losses import clipped_policy_loss, k3_kl
+    from rcsd_cli.train.losses import clipped_policy_loss, k3_kl
 
     logp = torch.tensor([math.log(0.6), math.log(0.3)], dtype=torch.float64)
     old = torch.tensor([math.log(0.4), math.log(0.4)], dtype=torch.float64)
@@ -161,7 +161,7 @@ def test_clipped_policy_loss_and_k3():
 
 
 def test_stored_topk_matches_online_topk():
-    from rcsd_cli.losses import stored_topk_distill_loss
+    from rcsd_cli.train.losses import stored_topk_distill_loss
 
     torch.manual_seed(0)
     s, t = torch.randn(2, 3, 50, dtype=torch.float64), torch.randn(2, 3, 50, dtype=torch.float64)
@@ -172,7 +172,7 @@ def test_stored_topk_matches_online_topk():
 
 
 def test_chunked_token_logprobs_matches_full():
-    from rcsd_cli.losses import chunked_token_logprobs
+    from rcsd_cli.modeling.logprobs import chunked_token_logprobs
 
     torch.manual_seed(0)
     head = torch.nn.Linear(4, 11, bias=False)

@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rcsd_cli.artifacts import read_artifact
-from rcsd_cli.objectives import reference_target, rubric_json, teacher_prompt
-from rcsd_cli.schemas import GenerationConfig, TrainConfig
-from rcsd_cli.trainer import lr_factor, train
+from rcsd_cli.data.artifacts import read_artifact
+from rcsd_cli.data.schemas import GenerationConfig, TrainConfig
+from rcsd_cli.train.objectives import reference_target, rubric_json, teacher_prompt
+from rcsd_cli.train.trainer import lr_factor, train
 from tests.conftest import MC_ROWS, write_jsonl
 from tests.test_trainer import rubric_rows
 
@@ -42,7 +42,7 @@ def test_method_trains_and_saves(tiny_model, tmp_path, kw, monkeypatch):
     if kw["method"] == "grpo":
         # A random model earns the same rubric score on every rollout, which (correctly) gives zero
         # advantage; a reward that varies with the text makes the update observable.
-        import rcsd_cli.objectives as objectives
+        import rcsd_cli.train.objectives as objectives
 
         monkeypatch.setattr(objectives, "rollout_reward", lambda row, text, c: min(1.0, len(text) / 100))
     metrics = train(cfg(tiny_model, **kw), rubric_rows(), tmp_path)
@@ -131,7 +131,7 @@ QWEN3_LIKE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content
 def test_thinking_templates_render_both_sides_alike(tiny_model, thinking, suffix):
     from transformers import AutoTokenizer
 
-    from rcsd_cli.objectives import student_prompt
+    from rcsd_cli.train.objectives import student_prompt
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     tok.chat_template = QWEN3_LIKE
@@ -143,7 +143,7 @@ def test_thinking_templates_render_both_sides_alike(tiny_model, thinking, suffix
 
 
 def test_reason_first_teacher_samples_an_analysis_each_step(tiny_model, tmp_path, monkeypatch):
-    import rcsd_cli.objectives as objectives
+    import rcsd_cli.train.objectives as objectives
 
     built = []
     original = objectives.reason_first_teacher_prompts

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from rcsd_cli.artifacts import read_metadata, weights_sha256
+from rcsd_cli.data.artifacts import read_metadata, weights_sha256
 
 from .conftest import write_jsonl
 

@@ -9,13 +9,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from rcsd_cli import precision
-from rcsd_cli.artifacts import read_artifact, write_artifact
-from rcsd_cli.batching import aligned_hidden, build_pair_batch
-from rcsd_cli.losses import chunked_distill_loss
+from rcsd_cli.data.artifacts import read_artifact, write_artifact
+from rcsd_cli.data.schemas import LossConfig
+from rcsd_cli.modeling import precision
+from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch
 from rcsd_cli.models import load_model
-from rcsd_cli.schemas import LossConfig
-from rcsd_cli.trainer import prune_checkpoints, train
+from rcsd_cli.train.losses import chunked_distill_loss
+from rcsd_cli.train.trainer import prune_checkpoints, train
 from tests.test_trainer import config, rubric_rows
 
 CPU = torch.device("cpu")

@@ -11,9 +11,9 @@ import re
 import pytest
 import torch
 
-from rcsd_cli.artifacts import read_artifact
+from rcsd_cli.data.artifacts import read_artifact
 from rcsd_cli.models import load_model
-from rcsd_cli.rollout_engines import module_weights
+from rcsd_cli.train.rollout_engines import module_weights
 from tests.conftest import make_tiny_llama, write_jsonl
 
 PROBLEMS = [{"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i),
@@ -85,16 +85,16 @@ def vllm_model(tmp_path, tiny_model):
 
 def engine_for(model_dir):
     from rcsd_cli.backends.vllm import VLLMBackend
-    from rcsd_cli.schemas import BackendConfig
+    from rcsd_cli.data.schemas import BackendConfig
 
     return VLLMBackend(BackendConfig(kind="vllm"), str(model_dir), dtype="float32", enforce_eager=True,
                        kv_cache_gib=0.25, in_process=True)
 
 
 def test_engine_follows_the_student_after_a_push_and_samples_reproducibly(vllm_model):
-    from rcsd_cli.generation import item_seed
-    from rcsd_cli.rollout_engines import EngineRollouts, sync_gap
-    from rcsd_cli.schemas import GenerationConfig
+    from rcsd_cli.data.schemas import GenerationConfig
+    from rcsd_cli.modeling.generation import item_seed
+    from rcsd_cli.train.rollout_engines import EngineRollouts, sync_gap
 
     loaded = load_model(str(vllm_model))
     student, tok = loaded.model, loaded.tokenizer

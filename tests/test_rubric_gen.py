@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rcsd_cli.rubric_gen import InvalidRubric, parse_rubric_output
+from rcsd_cli.rubrics.rubric_gen import InvalidRubric, parse_rubric_output
 
 GOOD = [{"title": "Correct final answer", "description": "Gives B as the answer.", "weight": 10},
         {"title": "Explains photosynthesis", "description": "Mentions CO2 uptake.", "weight": 4},

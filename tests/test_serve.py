@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from rcsd_cli.schemas import ServeConfig
+from rcsd_cli.data.schemas import ServeConfig
 from tests.conftest import ROOT
 from tests.test_backends import start_server
 
@@ -102,8 +102,8 @@ def test_server_stays_healthy_and_quiet_after_bad_requests(tiny_model):
 
 def in_process_server(tiny_model, **cfg):
     """The real handler on a thread, for cases that need generation held or broken on purpose."""
+    from rcsd_cli.backends.server import Server, ServerState, make_handler
     from rcsd_cli.models import load_model
-    from rcsd_cli.server import Server, ServerState, make_handler
 
     loaded = load_model(str(tiny_model))
     state = ServerState(loaded.model, loaded.tokenizer, ServeConfig(model=str(tiny_model), port=0, **cfg))
@@ -113,7 +113,7 @@ def in_process_server(tiny_model, **cfg):
 
 
 def test_full_queue_answers_503_with_retry_after(tiny_model, monkeypatch):
-    import rcsd_cli.server as server
+    import rcsd_cli.backends.server as server
 
     release, started = threading.Event(), threading.Event()
     real = server.generate_batch
@@ -139,7 +139,7 @@ def test_full_queue_answers_503_with_retry_after(tiny_model, monkeypatch):
 
 
 def test_internal_failure_is_a_500_with_one_line(tiny_model, monkeypatch, capfd):
-    import rcsd_cli.server as server
+    import rcsd_cli.backends.server as server
 
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: device-side assert triggered\nmore detail")

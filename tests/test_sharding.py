@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from rcsd_cli import sharding
 from rcsd_cli.errors import RcsdError
+from rcsd_cli.modeling import sharding
 
 FSDP_ENV = ("ACCELERATE_USE_FSDP", "FSDP_SHARDING_STRATEGY", "FSDP_RESHARD_AFTER_FORWARD", "ACCELERATE_USE_DEEPSPEED")
 

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from rcsd_cli.artifacts import read_artifact
+from rcsd_cli.data.artifacts import read_artifact
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow

@@ -6,13 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rcsd_cli.artifacts import read_artifact
-from rcsd_cli.batching import aligned_hidden, build_pair_batch
+from rcsd_cli.data.artifacts import read_artifact
+from rcsd_cli.data.schemas import GenerationConfig, Problem, Rubric, TrainConfig
+from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch
 from rcsd_cli.models import load_model
-from rcsd_cli.objectives import StepContext, distill_backward
-from rcsd_cli.rubric_gen import reference_rubric
-from rcsd_cli.schemas import GenerationConfig, Problem, Rubric, TrainConfig
-from rcsd_cli.trainer import batch_order, train
+from rcsd_cli.rubrics.rubric_gen import reference_rubric
+from rcsd_cli.train.objectives import StepContext, distill_backward
+from rcsd_cli.train.trainer import batch_order, train
 
 
 def rubric_rows():
@@ -118,8 +118,8 @@ def test_train_writes_model_metrics_and_resumes_exactly(tiny_model, tmp_path):
 
 def test_sampling_depends_only_on_item_seeds(tiny_model):
     """Same samples whatever the batch size; global RNG untouched; greedy equals transformers' generate."""
-    from rcsd_cli.generation import generate
-    from rcsd_cli.schemas import GenerationConfig
+    from rcsd_cli.data.schemas import GenerationConfig
+    from rcsd_cli.modeling.generation import generate
 
     lm = load_model(str(tiny_model), device=CPU)
     prompts = [[1, 5, 6], [1, 9, 9, 9, 9], [1, 4], [1, 7, 8, 9]]
@@ -139,7 +139,7 @@ def test_sampling_depends_only_on_item_seeds(tiny_model):
 
 
 def test_top_k_top_p_filter_by_hand():
-    from rcsd_cli.generation import _filter
+    from rcsd_cli.modeling.generation import _filter
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = torch.isfinite(_filter(logits, top_k=3, top_p=1.0))
@@ -151,7 +151,7 @@ def test_top_k_top_p_filter_by_hand():
 
 
 def test_gradient_checkpointing_keeps_the_gradient(tiny_model):
-    from rcsd_cli.trainer import enable_gradient_checkpointing
+    from rcsd_cli.train.trainer import enable_gradient_checkpointing
 
     teacher = load_model(str(tiny_model), device=CPU).model
     with torch.no_grad():

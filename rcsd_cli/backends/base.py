@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
-from rcsd_cli.generation import Generation
-from rcsd_cli.schemas import BackendConfig, GenerationConfig
+from rcsd_cli.data.schemas import BackendConfig, GenerationConfig
+from rcsd_cli.modeling.generation import Generation
 
 OnDone = Callable[[list[int], list[Generation]], None]  # (prompt indices, their generations)
 
@@ -32,7 +32,7 @@ class HFBackend:
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
 
     def generate(self, prompts, cfg, seed, on_done=None, seeds=None):
-        from rcsd_cli.generation import generate
+        from rcsd_cli.modeling.generation import generate
 
         def relay(start, batch):
             if on_done:

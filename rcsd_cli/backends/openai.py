@@ -30,9 +30,9 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+from rcsd_cli.data.schemas import BackendConfig, GenerationConfig
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.generation import Generation
-from rcsd_cli.schemas import BackendConfig, GenerationConfig
+from rcsd_cli.modeling.generation import Generation
 from rcsd_cli.ui import warn
 
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504}  # as the OpenAI and vLLM clients retry
@@ -175,7 +175,7 @@ class OpenAIBackend:
 
     def generate(self, prompts, cfg, seed, on_done=None, seeds=None):
         """One completion per prompt; failed ones come back as ``finish_reason="error"`` (see module doc)."""
-        from rcsd_cli.generation import item_seed
+        from rcsd_cli.modeling.generation import item_seed
 
         seeds = seeds if seeds is not None else [item_seed(seed, i) for i in range(len(prompts))]
         results: list[Generation | None] = [None] * len(prompts)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
+from rcsd_cli.data.schemas import BackendConfig
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.generation import Generation
-from rcsd_cli.schemas import BackendConfig
+from rcsd_cli.modeling.generation import Generation
 from rcsd_cli.ui import info
 
 
@@ -106,7 +106,7 @@ class VLLMBackend:
     def generate(self, prompts, cfg, seed, on_done=None, seeds=None):
         from vllm.inputs import TokensPrompt
 
-        from rcsd_cli.generation import item_seed
+        from rcsd_cli.modeling.generation import item_seed
 
         seeds = seeds if seeds is not None else [item_seed(seed, i) for i in range(len(prompts))]
         chunk_size = max(cfg.batch_size, 64)

@@ -3,7 +3,7 @@
 ``typer_parameters`` is a config model's Typer signature (choices for ``Literal`` fields, defaults
 read from the model); ``stage_command`` turns a stage's config into its command (options,
 ``--config``, precedence); the few ``Annotated`` options here are the invocation flags outside any
-config. Configs and row schemas (``rcsd_cli.options``, ``schemas``) never import Typer.
+config. Configs and row schemas (``rcsd_cli.data.options``, ``schemas``) never import Typer.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Annotated, Any, Optional
 import typer
 from pydantic import BaseModel
 
+from rcsd_cli.data.options import OptionSpec, option_specs, unwrap_optional
 from rcsd_cli.models import DEFAULT_MODEL
-from rcsd_cli.options import OptionSpec, option_specs, unwrap_optional
 
 Output = Annotated[Path, typer.Option("-o", "--output", help="Where to write the result.")]
 Model = Annotated[str, typer.Option("--model", help="HF model id, local folder, or the embedded default.")]
@@ -97,7 +97,7 @@ def stage_command(config_model, run, *, output: str | None, doc: str, extra: tup
     command line. ``extra`` are invocation flags that are not part of the config (``--resume``).
     ``output=None``: a command that writes nothing (``serve``), called as ``run(config, **flags)``.
     """
-    from rcsd_cli.options import build_config, read_config_file
+    from rcsd_cli.data.options import build_config, read_config_file
 
     options = typer_parameters(config_model)
     names = [p.name for p in options]

@@ -14,11 +14,11 @@ from typing import Annotated, Literal
 
 import typer
 
-from rcsd_cli.artifacts import clear_own_folder
 from rcsd_cli.commands import common as c
+from rcsd_cli.data.artifacts import clear_own_folder
+from rcsd_cli.data.schemas import EvalConfig, GenerationConfig, GenRubricsConfig, SampleConfig, ScoreConfig, TrainConfig
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.models import resolve_model
-from rcsd_cli.schemas import EvalConfig, GenerationConfig, GenRubricsConfig, SampleConfig, ScoreConfig, TrainConfig
 from rcsd_cli.stages.eval import run_eval, summary_table
 from rcsd_cli.stages.gen_rubrics import run_gen_rubrics
 from rcsd_cli.stages.sample import run_sample

@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import typer
 
-from rcsd_cli.artifacts import build_metadata, ensure_writable, read_artifact
+from rcsd_cli.data.artifacts import build_metadata, ensure_writable, read_artifact
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.prompts import student_message, teacher_message
+from rcsd_cli.rubrics.prompts import student_message, teacher_message
 
 
 def verl_rows(rubrics) -> list[dict]:

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import typer
 from rich.table import Table
 
-from rcsd_cli.artifacts import read_metadata
+from rcsd_cli.data.artifacts import read_metadata
 from rcsd_cli.ui import results as console
 
 

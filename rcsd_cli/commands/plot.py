@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from rcsd_cli.artifacts import ensure_writable, read_artifact
+from rcsd_cli.data.artifacts import ensure_writable, read_artifact
 from rcsd_cli.ui import info
 
 PANELS = (("loss", "loss"), ("kl", "KL(teacher || student), top-k"), ("top1_agreement", "top-1 agreement"),

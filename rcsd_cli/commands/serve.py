@@ -3,18 +3,18 @@
 Serves ``/v1/completions`` (prompt as text or token ids, ``return_token_ids`` supported),
 ``/v1/chat/completions`` (the model's chat template), ``/v1/models`` and ``/health``, so any
 stage's ``--backend openai`` — or another tool — can use a model loaded once, e.g. as a shared
-judge. Requests are validated, bounded and served one at a time (``rcsd_cli/server.py``): it is
+judge. Requests are validated, bounded and served one at a time (``rcsd_cli/backends/server.py``): it is
 meant for judges, tests and small fleets, not as a replacement for vLLM's server.
 """
 
 from __future__ import annotations
 
 from rcsd_cli.commands.common import stage_command
-from rcsd_cli.schemas import ServeConfig
+from rcsd_cli.data.schemas import ServeConfig
 
 
 def _serve(cfg: ServeConfig, *, trust_remote_code: bool = False):
-    from rcsd_cli.server import serve
+    from rcsd_cli.backends.server import serve
 
     serve(cfg, trust_remote_code)
 

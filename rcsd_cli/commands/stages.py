@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from rcsd_cli.commands.common import stage_command
-from rcsd_cli.schemas import (
+from rcsd_cli.data.schemas import (
     DiagnoseConfig,
     EvalConfig,
     ExplainConfig,

@@ -23,18 +23,18 @@ from pathlib import Path
 
 import torch
 
-from rcsd_cli.artifacts import ensure_writable, read_artifact, write_artifact
-from rcsd_cli.batching import aligned_hidden, build_pair_batch
-from rcsd_cli.benchmarks import select
+from rcsd_cli.data.artifacts import ensure_writable, read_artifact, write_artifact
+from rcsd_cli.data.schemas import DiagnoseConfig, DiagnoseRow, Rubric, TrainConfig
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.generation import generate, item_seed
-from rcsd_cli.losses import token_diagnostics, token_loss
+from rcsd_cli.evaluation.benchmarks import select
+from rcsd_cli.evaluation.scoring import score_completion
+from rcsd_cli.evaluation.stats import mean_interval
+from rcsd_cli.modeling.generation import generate, item_seed
+from rcsd_cli.modeling.logprobs import continuation_logits
 from rcsd_cli.models import load_model
-from rcsd_cli.objectives import student_prompt, teacher_prompt_ids, teacher_thinking
-from rcsd_cli.prompts import chat_prompt_ids, student_message, text_ids
-from rcsd_cli.schemas import DiagnoseConfig, DiagnoseRow, Rubric, TrainConfig
-from rcsd_cli.scoring import score_completion
-from rcsd_cli.stats import mean_interval
+from rcsd_cli.rubrics.prompts import chat_prompt_ids, student_message, text_ids
+from rcsd_cli.train.losses import token_diagnostics, token_loss
+from rcsd_cli.train.objectives import student_prompt, teacher_prompt_ids, teacher_thinking
 from rcsd_cli.ui import info, progress, results
 
 
@@ -57,18 +57,6 @@ def condition_prompt(tok, row: Rubric, partner: Rubric, condition: str, view: Tr
         row = row.model_copy(update={"rubric": partner.rubric})
     return teacher_prompt_ids(tok, row, method="rcsd", context="rubric+reference", style=view.prompt_style,
                               thinking=think)
-
-
-@torch.no_grad()
-def token_logits(model, prompts: list[list[int]], continuations: list[list[int]], pad_id: int):
-    """Per row: logits [len(continuation), V] predicting each continuation token after its prompt."""
-    head = model.get_output_embeddings()
-    out = []
-    for j in range(0, len(prompts), 4):
-        pb = build_pair_batch(prompts[j:j + 4], prompts[j:j + 4], continuations[j:j + 4], pad_id)
-        logits = head(aligned_hidden(model, pb.student)).float()
-        out += [logits[i, : len(c)] for i, c in enumerate(continuations[j:j + 4])]
-    return out
 
 
 def _paired(values: list[tuple[float, float]]) -> dict:
@@ -135,7 +123,7 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
                             on_batch=lambda _, b: advance(len(b)))
     suffixes = [text_ids(tok, s) if (s := gold_suffix(r, cfg.prompt_style)) else [] for r in items]
     conts = [g.token_ids + suf for g, suf in zip(rollouts, suffixes, strict=True)]
-    s_logits = token_logits(model, s_prompts, conts, tok.pad_token_id)
+    s_logits = continuation_logits(model, s_prompts, conts, tok.pad_token_id)
     s_scores = [score_completion(r.id, r, r.rubric, g.text) for r, g in zip(items, rollouts, strict=True)]
     rows: list[DiagnoseRow] = []
     for cond in conditions:
@@ -144,7 +132,7 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
             answers = generate(model, tok, t_prompts, cfg.generation, cfg.seed,
                                seeds=[item_seed(cfg.seed, "diagnose-teacher", cond, r.id) for r in items],
                                on_batch=lambda _, b: advance(len(b)))
-        t_logits = token_logits(model, t_prompts, conts, tok.pad_token_id)
+        t_logits = continuation_logits(model, t_prompts, conts, tok.pad_token_id)
         for i, r in enumerate(items):
             n = len(rollouts[i].token_ids)
             terms = token_loss(s_logits[i][:n], t_logits[i][:n], torch.tensor(conts[i][:n]), cfg.loss)

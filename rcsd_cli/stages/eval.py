@@ -10,17 +10,17 @@ from pathlib import Path
 
 from rich.table import Table
 
-from rcsd_cli.answers import RULES, STRICT_RULE, answers_match, extract_with_rule
-from rcsd_cli.artifacts import ensure_writable, read_artifact, write_artifact
 from rcsd_cli.backends import open_backend
-from rcsd_cli.benchmarks import ALL_BENCHES, load_bench, select
+from rcsd_cli.backends.resume import ResumableGenerator
+from rcsd_cli.data.artifacts import ensure_writable, read_artifact, write_artifact
+from rcsd_cli.data.schemas import EvalConfig, EvalItem, GenerationConfig
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.prompts import student_prompt_ids
-from rcsd_cli.resume import ResumableGenerator
-from rcsd_cli.rubric_gen import reference_rubric
-from rcsd_cli.schemas import EvalConfig, EvalItem, GenerationConfig
+from rcsd_cli.evaluation.answers import RULES, STRICT_RULE, answers_match, extract_with_rule
+from rcsd_cli.evaluation.benchmarks import ALL_BENCHES, load_bench, select
+from rcsd_cli.evaluation.stats import mean_interval, pass_at_k, wilson_interval
+from rcsd_cli.rubrics.prompts import student_prompt_ids
+from rcsd_cli.rubrics.rubric_gen import reference_rubric
 from rcsd_cli.stages.score import judge_and_score
-from rcsd_cli.stats import mean_interval, pass_at_k, wilson_interval
 from rcsd_cli.ui import progress, results
 
 
@@ -60,7 +60,7 @@ def summarise(items: list[EvalItem], n: int, seconds: float) -> dict:
 def run_loglik(cfg: EvalConfig, problems, output: Path, overwrite: bool, trust_remote_code: bool,
                show: bool) -> dict:
     """``--scoring loglik``: lm-eval's multiple-choice protocol, same item selection as generative eval."""
-    from rcsd_cli.loglik import choice_logprobs, grade
+    from rcsd_cli.evaluation.loglik import choice_logprobs, grade
     from rcsd_cli.models import load_model
 
     if any(not p.choices for p in problems):

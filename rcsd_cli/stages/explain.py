@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from rcsd_cli.artifacts import ensure_writable, read_artifact
+from rcsd_cli.data.artifacts import ensure_writable, read_artifact
+from rcsd_cli.data.schemas import ExplainConfig
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.losses import token_loss
+from rcsd_cli.modeling.logprobs import continuation_logits
 from rcsd_cli.models import load_model
-from rcsd_cli.objectives import teacher_prompt_ids
-from rcsd_cli.schemas import ExplainConfig
-from rcsd_cli.stages.diagnose import token_logits
 from rcsd_cli.stages.sample import read_samples
+from rcsd_cli.train.losses import token_loss
+from rcsd_cli.train.objectives import teacher_prompt_ids
 from rcsd_cli.ui import info, progress, results
 
 
@@ -83,8 +83,8 @@ def run_explain(cfg: ExplainConfig, output: Path, *, overwrite: bool = False, tr
                                     thinking=thinking) for r in rows]
     conts = [s.completion_token_ids for s in samples]
     with progress("explain", len(samples)) as advance:
-        s_logits = token_logits(lm.model, [s.prompt_token_ids for s in samples], conts, tok.pad_token_id)
-        t_logits = token_logits(lm.model, t_prompts, conts, tok.pad_token_id)
+        s_logits = continuation_logits(lm.model, [s.prompt_token_ids for s in samples], conts, tok.pad_token_id)
+        t_logits = continuation_logits(lm.model, t_prompts, conts, tok.pad_token_id)
         advance(len(samples))
     credits = [token_credit(a, b, c, cfg) for a, b, c in zip(s_logits, t_logits, conts, strict=True)]
     scale = max((c["loss"] for cs in credits for c in cs), default=0.0)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rcsd_cli.artifacts import ensure_writable, write_artifact
-from rcsd_cli.benchmarks import BENCHES, load_bench, select
+from rcsd_cli.data.artifacts import ensure_writable, write_artifact
+from rcsd_cli.data.inputs import InputRow, load_problems
+from rcsd_cli.data.schemas import GenRubricsConfig, RejectedRubric, Rubric
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.inputs import InputRow, load_problems
-from rcsd_cli.rubric_gen import InvalidRubric, parse_rubric_output, reference_rubric
-from rcsd_cli.schemas import GenRubricsConfig, RejectedRubric, Rubric
+from rcsd_cli.evaluation.benchmarks import BENCHES, load_bench, select
+from rcsd_cli.rubrics.rubric_gen import InvalidRubric, parse_rubric_output, reference_rubric
 from rcsd_cli.ui import info, progress
 
 
@@ -25,8 +25,8 @@ def load_sources(data: str, limit: int | None, seed: int, offset: int = 0, split
 
 def _llm_rubrics(todo: list[InputRow], cfg: GenRubricsConfig, trust_remote_code: bool, runner_args: tuple):
     from rcsd_cli.backends import open_backend
-    from rcsd_cli.prompts import chat_prompt_ids, rubric_designer_message
-    from rcsd_cli.resume import ResumableGenerator
+    from rcsd_cli.backends.resume import ResumableGenerator
+    from rcsd_cli.rubrics.prompts import chat_prompt_ids, rubric_designer_message
 
     engine = open_backend(cfg.backend, cfg.model, trust_remote_code)
     runner = ResumableGenerator(engine, *runner_args)

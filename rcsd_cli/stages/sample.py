@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rcsd_cli.artifacts import PartialLog, ensure_writable, read_artifact, read_metadata, write_artifact
 from rcsd_cli.backends import open_backend
-from rcsd_cli.generation import item_seed
-from rcsd_cli.inputs import load_problems
-from rcsd_cli.prompts import student_prompt_ids
-from rcsd_cli.resume import fingerprint
-from rcsd_cli.schemas import Problem, Sample, SampleConfig
+from rcsd_cli.backends.resume import fingerprint
+from rcsd_cli.data.artifacts import PartialLog, ensure_writable, read_artifact, read_metadata, write_artifact
+from rcsd_cli.data.inputs import load_problems
+from rcsd_cli.data.schemas import Problem, Sample, SampleConfig
+from rcsd_cli.modeling.generation import item_seed
+from rcsd_cli.rubrics.prompts import student_prompt_ids
 from rcsd_cli.ui import info, progress, warn
 
 

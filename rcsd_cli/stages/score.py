@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rcsd_cli.artifacts import ensure_writable, read_artifact, write_artifact
+from rcsd_cli.data.artifacts import ensure_writable, read_artifact, write_artifact
+from rcsd_cli.data.schemas import BackendConfig, Criterion, GenerationConfig, Problem, Score, ScoreConfig
 from rcsd_cli.errors import RcsdError, where
+from rcsd_cli.evaluation.scoring import JudgeRequest, run_judge, score_completion
+from rcsd_cli.evaluation.stats import mean_interval
 from rcsd_cli.models import DEFAULT_MODEL
-from rcsd_cli.schemas import BackendConfig, Criterion, GenerationConfig, Problem, Score, ScoreConfig
-from rcsd_cli.scoring import JudgeRequest, run_judge, score_completion
 from rcsd_cli.stages.sample import read_samples
-from rcsd_cli.stats import mean_interval
 from rcsd_cli.ui import info, progress
 
 
@@ -27,7 +27,7 @@ def judge_and_score(items: list[tuple[str, Problem, list[Criterion], str]], judg
     verdicts: dict = {}
     if requests and judge_model:
         from rcsd_cli.backends import open_backend
-        from rcsd_cli.resume import ResumableGenerator
+        from rcsd_cli.backends.resume import ResumableGenerator
 
         judge = open_backend(backend or BackendConfig(), judge_model, trust_remote_code)
         runner = None
@@ -48,7 +48,8 @@ def add_teacher_logprobs(scores: list[Score], samples, by_id: dict, cfg: ScoreCo
                          trust_remote_code: bool, style: str, thinking: bool | None) -> list[Score]:
     """Attach the teacher's top-k log-probs over each sample's own completion ids."""
     from rcsd_cli.backends import open_backend
-    from rcsd_cli.objectives import teacher_prompt_ids, teacher_topk
+    from rcsd_cli.modeling.logprobs import teacher_topk
+    from rcsd_cli.train.objectives import teacher_prompt_ids
 
     if cfg.backend.kind == "openai":
         raise RcsdError("--teacher-logprobs needs the hf or vllm backend (prompt log-probs of given tokens)")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rcsd_cli import distributed as dist
-from rcsd_cli.artifacts import read_artifact
+from rcsd_cli.data.artifacts import read_artifact
+from rcsd_cli.data.schemas import TrainConfig
 from rcsd_cli.errors import RcsdError, where
-from rcsd_cli.objectives import OfflineItem, offline_step
-from rcsd_cli.schemas import TrainConfig
-from rcsd_cli.sharding import from_launcher_env
+from rcsd_cli.modeling import distributed as dist
+from rcsd_cli.modeling.sharding import from_launcher_env
 from rcsd_cli.stages.sample import read_samples
-from rcsd_cli.trainer import check_output_folder, resolve_precision, train
+from rcsd_cli.train.objectives import OfflineItem, offline_step
+from rcsd_cli.train.trainer import check_output_folder, resolve_precision, train
 from rcsd_cli.ui import info
 
 
@@ -93,7 +93,7 @@ def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume
         if not vllm_available():  # before any folder is made or weight loaded
             raise RcsdError("--rollout-backend vllm needs vLLM: pip install 'rcsd[vllm]' (CPU: examples/test_vllm.sh)")
     if cfg.rubric_ablation:
-        from rcsd_cli.ablations import ablate
+        from rcsd_cli.rubrics.ablations import ablate
 
         rows = ablate(rows, cfg.rubric_ablation, cfg.seed)
     rank, world = dist.setup(always=cfg.sharding != "replicate")
@@ -117,8 +117,8 @@ def memory_plan(cfg: TrainConfig, student_prompt_len: int, teacher_prompt_len: i
     import torch
     from transformers import AutoConfig
 
-    from rcsd_cli.memory import estimate
     from rcsd_cli.models import pick_device, resolve_model
+    from rcsd_cli.train.memory import estimate
 
     try:
         model_config = AutoConfig.from_pretrained(resolve_model(cfg.model), trust_remote_code=trust_remote_code)
@@ -138,10 +138,10 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
     teacher prompt, and for reason-first the analysis prompt and transition, decoded from the
     very token ids training would use, and the estimated peak memory per device (``memory``).
     """
-    from rcsd_cli.memory import format_plan
     from rcsd_cli.models import load_tokenizer
-    from rcsd_cli.objectives import analysis_prompt, student_prompt, teacher_prompt, teacher_rubric
-    from rcsd_cli.prompts import text_ids, transition_text
+    from rcsd_cli.rubrics.prompts import text_ids, transition_text
+    from rcsd_cli.train.memory import format_plan
+    from rcsd_cli.train.objectives import analysis_prompt, student_prompt, teacher_prompt, teacher_rubric
 
     cfg = resolve_precision(resolve_sharding(cfg))
     tok = load_tokenizer(cfg.model, trust_remote_code)
@@ -156,7 +156,7 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
     if not cfg.rubrics:
         raise RcsdError("give --rubrics for online training, or --samples and --scores for an offline round")
     rows, _ = read_artifact(cfg.rubrics, "rubrics")
-    from rcsd_cli.ablations import ablate
+    from rcsd_cli.rubrics.ablations import ablate
 
     row = ablate(rows, cfg.rubric_ablation, cfg.seed)[0]
     shown["item"] = row.id

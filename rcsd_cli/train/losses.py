@@ -34,13 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from rcsd_cli.modeling.logprobs import upcast
+
 if TYPE_CHECKING:
-    from rcsd_cli.schemas import LossConfig
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 logits are computed in fp32; fp64 stays fp64."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    from rcsd_cli.data.schemas import LossConfig
 
 
 def _restrict(student_logits, teacher_logits, top_k: int | None, tail: bool = False):
@@ -72,10 +69,10 @@ def divergence_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                      top_k: int | None = None, temperature: float = 1.0, tail: bool = False) -> torch.Tensor:
     """[..., k] unclipped terms of the generalized JSD (beta 0: forward KL(teacher||student), 1: reverse KL)."""
     if tail:  # the tail entry needs the full distributions: upcast before restricting
-        s, t = _restrict(_upcast(student_logits) / temperature, _upcast(teacher_logits) / temperature, top_k, tail)
+        s, t = _restrict(upcast(student_logits) / temperature, upcast(teacher_logits) / temperature, top_k, tail)
     else:  # gather first: no full-vocabulary fp32 copies
         s, t = _restrict(student_logits, teacher_logits, top_k)
-        s, t = _upcast(s) / temperature, _upcast(t) / temperature
+        s, t = upcast(s) / temperature, upcast(t) / temperature
     log_s, log_t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
     if beta == 0.0:
         return kl_terms(log_t, log_s)
@@ -162,7 +159,7 @@ def sampled_rkl(student_logits, teacher_logits, targets, cfg) -> TokenLoss:
     """Reverse KL estimated on the sampled token only (REINFORCE with advantage log p_T - log p_S)."""
 
     def token_logp(logits):
-        return F.log_softmax(_upcast(logits) / cfg.temperature, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return F.log_softmax(upcast(logits) / cfg.temperature, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
     loss = sampled_token_reverse_kl(token_logp(student_logits), token_logp(teacher_logits))
     return TokenLoss(loss, torch.zeros_like(loss))
@@ -251,24 +248,6 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(delta) - delta - 1
 
 
-def chunked_token_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_size: int = 128,
-                           temperature: float = 1.0) -> torch.Tensor:
-    """log p(targets) [B, T] from hidden states, one chunk of vocabulary logits at a time."""
-
-    def chunk(h, y):
-        logits = _upcast(head(h)) / temperature
-        return F.log_softmax(logits, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-
-    out = []
-    for start in range(0, hidden.shape[1], chunk_size):
-        sl = slice(start, start + chunk_size)
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            out.append(checkpoint(chunk, hidden[:, sl], targets[:, sl], use_reentrant=False))
-        else:
-            out.append(chunk(hidden[:, sl], targets[:, sl]))
-    return torch.cat(out, dim=1)
-
-
 def stored_topk_distill_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logp: torch.Tensor,
                              *, temperature: float = 1.0, clip: float | None = None) -> torch.Tensor:
     """Forward KL on a teacher's stored top-k (ids, log-probs), both renormalised over those k entries.
@@ -276,7 +255,7 @@ def stored_topk_distill_loss(student_logits: torch.Tensor, teacher_ids: torch.Te
     Dividing log-probs by T and renormalising over k entries equals doing so with the logits,
     so top-k log-probs stored at T=1 serve any training temperature.
     """
-    s = _upcast(student_logits).gather(-1, teacher_ids) / temperature
+    s = upcast(student_logits).gather(-1, teacher_ids) / temperature
     log_s = F.log_softmax(s, dim=-1)
-    log_t = F.log_softmax(_upcast(teacher_logp) / temperature, dim=-1)
+    log_t = F.log_softmax(upcast(teacher_logp) / temperature, dim=-1)
     return clipped_sum(kl_terms(log_t, log_s), clip)[0]

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import torch
 
-from rcsd_cli import precision
-from rcsd_cli.phases import current_rss_gib
-from rcsd_cli.schemas import TrainConfig
+from rcsd_cli.data.schemas import TrainConfig
+from rcsd_cli.modeling import precision
+from rcsd_cli.train.phases import current_rss_gib
 
 GIB = 2**30
 _BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -43,7 +43,7 @@ def _meta_model(model_config):
 
 
 def _lora_parameters(model, cfg: TrainConfig) -> int:
-    from rcsd_cli.trainer import lora_targets
+    from rcsd_cli.train.trainer import lora_targets
 
     targets = lora_targets(cfg.lora_targets)
     head = model.get_output_embeddings()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from rcsd_cli.schemas import Criterion, Rubric
+from rcsd_cli.data.schemas import Criterion, Rubric
 
 GENERIC_RUBRIC = [
     Criterion(id="generic-correct", title="Correct final answer", weight=10,

@@ -23,17 +23,17 @@ from pathlib import Path
 
 import torch
 
-from rcsd_cli import distributed as dist
-from rcsd_cli import precision, sharding
-from rcsd_cli.artifacts import clear_own_folder, write_artifact
-from rcsd_cli.batching import aligned_hidden
+from rcsd_cli.data.artifacts import clear_own_folder, write_artifact
+from rcsd_cli.data.schemas import MetricsRow, TrainConfig
 from rcsd_cli.errors import RcsdError
+from rcsd_cli.modeling import distributed as dist
+from rcsd_cli.modeling import precision, sharding
+from rcsd_cli.modeling.batching import aligned_hidden
 from rcsd_cli.models import load_model, pick_device
-from rcsd_cli.objectives import OBJECTIVES, StepContext
-from rcsd_cli.phases import PhaseClock
-from rcsd_cli.rollout_engines import build_rollouts
-from rcsd_cli.schemas import MetricsRow, TrainConfig
-from rcsd_cli.tracking import Tracker, numeric, open_tracker
+from rcsd_cli.train.objectives import OBJECTIVES, StepContext
+from rcsd_cli.train.phases import PhaseClock
+from rcsd_cli.train.rollout_engines import build_rollouts
+from rcsd_cli.train.tracking import Tracker, numeric, open_tracker
 from rcsd_cli.ui import info, progress, warn
 
 
@@ -177,7 +177,7 @@ def _drop_private_config_keys(path: Path) -> None:
 
 def model_card(cfg: TrainConfig, metrics: list[MetricsRow], inputs: list[str], world: int) -> str:
     """``OUT/README.md``: what was trained from what, how, and how to load it."""
-    from rcsd_cli.artifacts import library_versions, model_provenance, sha256_file
+    from rcsd_cli.data.artifacts import library_versions, model_provenance, sha256_file
 
     base = model_provenance(cfg.model)
     data = {str(p): sha256_file(p) for p in inputs if Path(p).is_file()}
@@ -417,7 +417,7 @@ def write_metrics(out: Path, metrics: list[MetricsRow], cfg: TrainConfig, inputs
 
 def _combine(res):
     """Sum a step's statistics over processes (``tokens`` is already global)."""
-    from rcsd_cli.objectives import StepResult
+    from rcsd_cli.train.objectives import StepResult
 
     count = dist.reduce_sum(res.reward_count)
     reward = None

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from rcsd_cli.batching import aligned_hidden, build_pair_batch
-from rcsd_cli.inputs import LETTERS
-from rcsd_cli.losses import chunked_token_logprobs
-from rcsd_cli.schemas import Problem
+from rcsd_cli.data.inputs import LETTERS
+from rcsd_cli.data.schemas import Problem
+from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch
+from rcsd_cli.modeling.logprobs import chunked_token_logprobs
 
 
 def context_text(problem: Problem) -> str:

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rcsd_cli.data.options import nested, opt
 from rcsd_cli.models import DEFAULT_MODEL
-from rcsd_cli.options import nested, opt
 
 MAX_QUESTION_CHARS = 32_000
 CheckKind = Literal["answer_equals", "regex", "max_words"]
@@ -236,7 +236,7 @@ class _Config(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _flat_options(cls, data: Any) -> Any:
-        from rcsd_cli.options import fold_flat_options
+        from rcsd_cli.data.options import fold_flat_options
 
         return fold_flat_options(cls, data) if isinstance(data, dict) else data
 
@@ -247,7 +247,7 @@ _PROMPT_STYLE_HELP = ("paper: the authors' prompts (Question: ..., \\boxed{} ans
 
 
 AttnImplementation = Literal["sdpa", "flash_attention_2", "eager"]
-Precision = Literal["fp32", "bf16-mixed", "bf16"]  # what each means: rcsd_cli/precision.py
+Precision = Literal["fp32", "bf16-mixed", "bf16"]  # what each means: rcsd_cli/modeling/precision.py
 SaveDtype = Literal["auto", "fp32", "bf16", "fp16"]
 
 
@@ -292,7 +292,7 @@ class LossConfig(_Config):
 
     @model_validator(mode="after")
     def _no_silently_ignored_options(self) -> LossConfig:
-        from rcsd_cli.options import refuse_changed
+        from rcsd_cli.data.options import refuse_changed
 
         if self.kind == "sampled_rkl":
             refuse_changed(self, ("beta", "clip", "tail_bucket", "top_k"), "with --loss sampled_rkl")
@@ -500,7 +500,7 @@ class TrainConfig(_Config):
 
     @model_validator(mode="after")
     def _no_silently_ignored_options(self) -> TrainConfig:
-        from rcsd_cli.options import refuse_changed
+        from rcsd_cli.data.options import refuse_changed
 
         def refuse(names, why):
             refuse_changed(self, names, why)
@@ -637,7 +637,7 @@ def export_json_schemas() -> dict[str, dict]:
 
 
 def write_json_schemas(folder) -> list:
-    """Regenerate ``schemas/``: ``python -m rcsd_cli.schemas``."""
+    """Regenerate ``schemas/``: ``python -m rcsd_cli.data.schemas``."""
     import json
     from pathlib import Path
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rcsd_cli.schemas import GenerationConfig
+from rcsd_cli.data.schemas import GenerationConfig
 
 STOP_CHECK_EVERY = 16  # static loop: tokens between two "have all rows stopped?" host syncs
 
@@ -117,7 +117,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationCo
 @contextmanager
 def _decoding(model):
     """The causal LM to decode with: a sharded model is gathered once (no collectives per token)."""
-    from rcsd_cli.sharding import FinalHidden, gathered
+    from rcsd_cli.modeling.sharding import FinalHidden, gathered
 
     if isinstance(model, FinalHidden):
         with gathered(model):

@@ -23,9 +23,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from rcsd_cli.data.schemas import GenerationConfig, ServeConfig
 from rcsd_cli.errors import describe_validation_error
-from rcsd_cli.generation import generate_batch
-from rcsd_cli.schemas import GenerationConfig, ServeConfig
+from rcsd_cli.modeling.generation import generate_batch
 
 DEFAULT_MAX_TOKENS = 256
 MAX_BODY_BYTES = 32 * 2**20

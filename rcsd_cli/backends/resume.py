@@ -12,8 +12,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from rcsd_cli.artifacts import PartialLog
-from rcsd_cli.generation import Generation, item_seed
+from rcsd_cli.data.artifacts import PartialLog
+from rcsd_cli.modeling.generation import Generation, item_seed
 from rcsd_cli.ui import info
 
 OPERATIONAL = {"base_url", "concurrency", "max_retries", "backoff_s", "timeout_s", "api_key_env",

@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import re
 
-from rcsd_cli.inputs import LETTERS
-from rcsd_cli.schemas import Check, Criterion, Problem
+from rcsd_cli.data.inputs import LETTERS
+from rcsd_cli.data.schemas import Check, Criterion, Problem
 
 ANSWER_LINE_REGEX = r"^\W*(?:final\s+)?answer\s*:\s*\S|\\boxed\{\s*[^{}\s]"
 CONCISE_WORDS = 300

@@ -25,17 +25,12 @@ from typing import Callable
 
 import torch
 
-from rcsd_cli.batching import SideBatch, aligned_hidden, build_pair_batch
-from rcsd_cli.generation import generate, item_seed
-from rcsd_cli.losses import (
-    chunked_distill_loss,
-    chunked_token_logprobs,
-    clipped_policy_loss,
-    group_advantages,
-    k3_kl,
-)
-from rcsd_cli.phases import no_clock
-from rcsd_cli.prompts import (
+from rcsd_cli.data.schemas import GenerationConfig, Rubric, TrainConfig
+from rcsd_cli.evaluation.scoring import score_completion
+from rcsd_cli.modeling.batching import SideBatch, aligned_hidden, build_pair_batch
+from rcsd_cli.modeling.generation import generate, item_seed
+from rcsd_cli.modeling.logprobs import chunked_token_logprobs
+from rcsd_cli.rubrics.prompts import (
     analysis_message,
     chat_prompt_ids,
     rubric_designer_message,
@@ -45,9 +40,9 @@ from rcsd_cli.prompts import (
     text_ids,
     transition_text,
 )
-from rcsd_cli.rubric_gen import InvalidRubric, parse_rubric_output
-from rcsd_cli.schemas import GenerationConfig, Rubric, TrainConfig
-from rcsd_cli.scoring import score_completion
+from rcsd_cli.rubrics.rubric_gen import InvalidRubric, parse_rubric_output
+from rcsd_cli.train.losses import chunked_distill_loss, clipped_policy_loss, group_advantages, k3_kl
+from rcsd_cli.train.phases import no_clock
 
 
 @dataclass
@@ -83,7 +78,7 @@ class StepContext:
 
     def global_sum(self, value: float) -> float:
         """Sum over data-parallel processes (identity in one process)."""
-        from rcsd_cli.distributed import reduce_sum
+        from rcsd_cli.modeling.distributed import reduce_sum
 
         return reduce_sum(value)
 
@@ -354,7 +349,7 @@ def offline_step(ctx: StepContext, items: list[OfflineItem]) -> StepResult:
     """Distil towards stored teacher top-k log-probs: no sampling and no teacher forward."""
     from torch.utils.checkpoint import checkpoint
 
-    from rcsd_cli.losses import stored_topk_distill_loss
+    from rcsd_cli.train.losses import stored_topk_distill_loss
 
     cfg, tok = ctx.cfg, ctx.tokenizer
     counts = [max(len(it.completion_ids) - cfg.skip_first_tokens, 0) for it in items]
@@ -396,24 +391,3 @@ def offline_step(ctx: StepContext, items: list[OfflineItem]) -> StepResult:
     return StepResult(sums.get("loss", 0.0), total, None, None, None, 0, objective=objective)
 
 
-@torch.no_grad()
-def teacher_topk(model, tok, teacher_prompts: list[list[int]], completions: list[list[int]], k: int,
-                 micro_batch_size: int = 8, chunk_size: int = 128):
-    """Per completion token, the teacher's top-k (ids, log-probs at temperature 1)."""
-    head = model.get_output_embeddings()
-    ids_out, lp_out = [], []
-    for j in range(0, len(completions), micro_batch_size):
-        sl = slice(j, j + micro_batch_size)
-        pb = build_pair_batch(teacher_prompts[sl], teacher_prompts[sl], completions[sl], tok.pad_token_id)
-        hidden = aligned_hidden(model, pb.teacher)
-        parts_i, parts_v = [], []
-        for start in range(0, hidden.shape[1], chunk_size):
-            logp = torch.log_softmax(head(hidden[:, start: start + chunk_size]).float(), -1)
-            top = logp.topk(k, dim=-1)
-            parts_i.append(top.indices)
-            parts_v.append(top.values)
-        idx, val = torch.cat(parts_i, 1).cpu(), torch.cat(parts_v, 1).cpu()
-        for i, c in enumerate(completions[sl]):
-            ids_out.append(idx[i, : len(c)].tolist())
-            lp_out.append([[round(x, 5) for x in row] for row in val[i, : len(c)].tolist()])
-    return ids_out, lp_out

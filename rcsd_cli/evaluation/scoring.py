@@ -12,8 +12,8 @@ import json
 import re
 from dataclasses import dataclass
 
-from rcsd_cli.answers import answers_match, extract_answer
-from rcsd_cli.schemas import Check, Criterion, CriterionVerdict, Problem, Score
+from rcsd_cli.data.schemas import Check, Criterion, CriterionVerdict, Problem, Score
+from rcsd_cli.evaluation.answers import answers_match, extract_answer
 
 
 def check_met(check: Check, completion: str, choices: list[str] | None) -> tuple[bool, str]:
@@ -100,7 +100,7 @@ def run_judge(backend, requests: list[JudgeRequest], gen_cfg, retries: int, seed
     is unjudged at once with its reason. ``runner`` (a ``ResumableGenerator``) keeps finished
     replies across interruptions.
     """
-    from rcsd_cli.prompts import chat_prompt_ids, judge_message
+    from rcsd_cli.rubrics.prompts import chat_prompt_ids, judge_message
 
     tokenizer = backend.tokenizer
     attempts = retries + 1

@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
 
 from rcsd_cli import __version__
+from rcsd_cli.data.schemas import ROW_MODELS
 from rcsd_cli.errors import RcsdError, describe_validation_error, where
-from rcsd_cli.schemas import ROW_MODELS
 
 META_KEY = b"rcsd"
 M = TypeVar("M", bound=BaseModel)
@@ -146,7 +146,7 @@ def clear_own_folder(out: Path, own: Callable[[Path], bool], marker: Callable[[P
 
 
 def _dict_fields(model: type[BaseModel]) -> set[str]:
-    from rcsd_cli.options import unwrap_optional
+    from rcsd_cli.data.options import unwrap_optional
 
     out = set()
     for name, info in model.model_fields.items():
@@ -158,7 +158,7 @@ def _dict_fields(model: type[BaseModel]) -> set[str]:
 
 def _arrow_type(annotation) -> pa.DataType:
     """The Arrow type of a Pydantic field: fixed per artifact, never guessed from the values."""
-    from rcsd_cli.options import unwrap_optional
+    from rcsd_cli.data.options import unwrap_optional
 
     annotation, _ = unwrap_optional(annotation)
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)

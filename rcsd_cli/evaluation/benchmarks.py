@@ -14,9 +14,9 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from rcsd_cli.data.inputs import LETTERS, gpqa_problem, load_problems
+from rcsd_cli.data.schemas import Problem
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.inputs import LETTERS, gpqa_problem, load_problems
-from rcsd_cli.schemas import Problem
 
 MMLU_STEM = (
     "abstract_algebra", "anatomy", "astronomy", "college_biology", "college_chemistry",
@@ -98,7 +98,7 @@ def _requests(task: str) -> list[dict]:
 
 
 def _math500() -> list[Problem]:
-    from rcsd_cli.answers import boxed_contents
+    from rcsd_cli.evaluation.answers import boxed_contents
 
     out = []
     for i, doc in enumerate(_requests("minerva_math_500")):

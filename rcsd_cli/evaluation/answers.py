@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from rcsd_cli.inputs import LETTERS
+from rcsd_cli.data.inputs import LETTERS
 
 _ANSWER_LINE = re.compile(r"(?:final\s+)?answer\s*(?:is)?\s*[:：]\s*\**\s*(.+)", re.IGNORECASE)
 _ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*\(?\**([A-Z])\b", re.IGNORECASE)

@@ -17,10 +17,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from rcsd_cli import precision, sharding
-from rcsd_cli.generation import Generation, generate
-from rcsd_cli.phases import no_clock
-from rcsd_cli.schemas import BackendConfig, GenerationConfig, TrainConfig
+from rcsd_cli.data.schemas import BackendConfig, GenerationConfig, TrainConfig
+from rcsd_cli.modeling import precision, sharding
+from rcsd_cli.modeling.generation import Generation, generate
+from rcsd_cli.modeling.logprobs import continuation_logprobs
+from rcsd_cli.train.phases import no_clock
 from rcsd_cli.ui import info
 
 Generate = Callable[[list[list[int]], GenerationConfig, list[int]], list[Generation]]
@@ -117,27 +118,12 @@ class Rollouts:
 PROBE = "Question: What is 12 times 7?\nLet me think step by step. 12 times 7 is 84.\nAnswer: 84"
 
 
-@torch.no_grad()
-def student_token_logprobs(student, prompt: list[int], continuation: list[int], pad_id: int) -> list[float]:
-    """The module's log-probability of each continuation token (eval mode: no dropout)."""
-    from rcsd_cli.batching import aligned_hidden, build_pair_batch
-
-    pb = build_pair_batch([prompt], [prompt], [continuation], pad_id)
-    was_training = student.training
-    student.eval()
-    try:
-        logits = student.get_output_embeddings()(aligned_hidden(student, pb.student)).float()[0, : len(continuation)]
-    finally:
-        student.train(was_training)
-    return logits.log_softmax(-1).gather(-1, torch.tensor(continuation, device=logits.device)[:, None])[:, 0].tolist()
-
-
 def sync_gap(engine: EngineRollouts, student, tok, text: str = PROBE) -> float:
     """Largest |engine - student| log-probability over the probe's tokens: ~1e-5 in fp32 when the
     push worked, the size of a training step's change when it silently did not."""
     ids = tok(text, add_special_tokens=False)["input_ids"]
     prompt, continuation = ids[:4], ids[4:]
-    ours = student_token_logprobs(student, prompt, continuation, tok.pad_token_id)
+    ours = continuation_logprobs(student, prompt, continuation, tok.pad_token_id)
     theirs = engine.token_logprobs(prompt, continuation)
     return max(abs(a - b) for a, b in zip(ours, theirs, strict=True))
 

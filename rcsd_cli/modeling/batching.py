@@ -63,7 +63,7 @@ def build_pair_batch(student_prompts: list[list[int]], teacher_prompts: list[lis
 
 def aligned_hidden(model, side: SideBatch) -> torch.Tensor:
     """Final hidden states at the predicting positions: [B, C, H] (no vocabulary logits)."""
-    from rcsd_cli.sharding import FinalHidden
+    from rcsd_cli.modeling.sharding import FinalHidden
 
     device = next(model.parameters()).device
     inputs = dict(input_ids=side.input_ids.to(device), attention_mask=side.attention_mask.to(device),

@@ -26,8 +26,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from rcsd_cli.data.schemas import MAX_QUESTION_CHARS, Criterion, Problem
 from rcsd_cli.errors import RcsdError, describe_validation_error, where
-from rcsd_cli.schemas import MAX_QUESTION_CHARS, Criterion, Problem
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 GPQA_COLUMNS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")

@@ -1,0 +1,88 @@
+"""Scoring given continuations: what a model thinks of tokens it did not necessarily write.
+
+One room for every "log-probs of these ids after this prompt" question: the per-token logits
+``diagnose`` and ``explain`` compare (``continuation_logits``), log-probs from hidden states one
+chunk of the vocabulary at a time (``chunked_token_logprobs``: GRPO, SFT, log-likelihood eval), a
+teacher's stored top-k (``teacher_topk``: ``score --teacher-logprobs``) and the rollout engines'
+sync check (``continuation_logprobs``). Prompts and continuations are aligned by
+``batching.build_pair_batch``, so position t always predicts continuation token t.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits are computed in fp32; fp64 stays fp64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def chunked_token_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_size: int = 128,
+                           temperature: float = 1.0) -> torch.Tensor:
+    """log p(targets) [B, T] from hidden states, one chunk of vocabulary logits at a time."""
+
+    def chunk(h, y):
+        logits = upcast(head(h)) / temperature
+        return F.log_softmax(logits, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+    out = []
+    for start in range(0, hidden.shape[1], chunk_size):
+        sl = slice(start, start + chunk_size)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            out.append(checkpoint(chunk, hidden[:, sl], targets[:, sl], use_reentrant=False))
+        else:
+            out.append(chunk(hidden[:, sl], targets[:, sl]))
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def continuation_logits(model, prompts: list[list[int]], continuations: list[list[int]], pad_id: int):
+    """Per row: logits [len(continuation), V] predicting each continuation token after its prompt."""
+    head = model.get_output_embeddings()
+    out = []
+    for j in range(0, len(prompts), 4):
+        pb = build_pair_batch(prompts[j:j + 4], prompts[j:j + 4], continuations[j:j + 4], pad_id)
+        logits = head(aligned_hidden(model, pb.student)).float()
+        out += [logits[i, : len(c)] for i, c in enumerate(continuations[j:j + 4])]
+    return out
+
+
+@torch.no_grad()
+def teacher_topk(model, tok, teacher_prompts: list[list[int]], completions: list[list[int]], k: int,
+                 micro_batch_size: int = 8, chunk_size: int = 128):
+    """Per completion token, the teacher's top-k (ids, log-probs at temperature 1)."""
+    head = model.get_output_embeddings()
+    ids_out, lp_out = [], []
+    for j in range(0, len(completions), micro_batch_size):
+        sl = slice(j, j + micro_batch_size)
+        pb = build_pair_batch(teacher_prompts[sl], teacher_prompts[sl], completions[sl], tok.pad_token_id)
+        hidden = aligned_hidden(model, pb.teacher)
+        parts_i, parts_v = [], []
+        for start in range(0, hidden.shape[1], chunk_size):
+            logp = torch.log_softmax(head(hidden[:, start: start + chunk_size]).float(), -1)
+            top = logp.topk(k, dim=-1)
+            parts_i.append(top.indices)
+            parts_v.append(top.values)
+        idx, val = torch.cat(parts_i, 1).cpu(), torch.cat(parts_v, 1).cpu()
+        for i, c in enumerate(completions[sl]):
+            ids_out.append(idx[i, : len(c)].tolist())
+            lp_out.append([[round(x, 5) for x in row] for row in val[i, : len(c)].tolist()])
+    return ids_out, lp_out
+
+
+@torch.no_grad()
+def continuation_logprobs(student, prompt: list[int], continuation: list[int], pad_id: int) -> list[float]:
+    """The module's log-probability of each continuation token (eval mode: no dropout)."""
+    pb = build_pair_batch([prompt], [prompt], [continuation], pad_id)
+    was_training = student.training
+    student.eval()
+    try:
+        logits = student.get_output_embeddings()(aligned_hidden(student, pb.student)).float()[0, : len(continuation)]
+    finally:
+        student.train(was_training)
+    return logits.log_softmax(-1).gather(-1, torch.tensor(continuation, device=logits.device)[:, None])[:, 0].tolist()

@@ -1,0 +1,1 @@
+"""Prompts (student, teacher, analysis, rubric designer, judge), rubric generation and rubric ablations."""
