@@ -184,8 +184,8 @@ def test_paper_prompts_match_the_authors_token_for_token(tokenizer_dir, template
     from transformers import AutoTokenizer
 
     from rcsd_cli.data.schemas import Criterion, GenerationConfig, Rubric
-    from rcsd_cli.rubrics.prompts import text_ids, transition_text
-    from rcsd_cli.train.objectives import analysis_prompt, student_prompt, teacher_prompt
+    from rcsd_cli.rubrics.prompts import analysis_prompt, text_ids, transition_text
+    from rcsd_cli.train.objectives import student_ids, teacher_ids, teacher_view
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     if template == "qwen3":
@@ -220,10 +220,10 @@ def test_paper_prompts_match_the_authors_token_for_token(tokenizer_dir, template
     def ids(message):
         return tok(_authors_turn(template, message, thinking), add_special_tokens=False)["input_ids"]
 
-    assert student_prompt(tok, row, cfg) == ids(student)
-    assert teacher_prompt(tok, row, cfg) == ids(teacher)
+    assert student_ids(tok, row, cfg) == ids(student)
+    assert teacher_ids(tok, row, cfg) == ids(teacher)
     reason_first = cfg.model_copy(update={"teacher_context": "reason-first"})
-    assert analysis_prompt(tok, row, reason_first) == ids(analysis)
+    assert analysis_prompt(tok, row, **teacher_view(reason_first)) == ids(analysis)
     assert text_ids(tok, transition_text(row, row.rubric, "paper")) == tok(transition)["input_ids"]
 
 
@@ -233,7 +233,7 @@ def test_reason_first_teacher_input_is_prompt_analysis_transition(tiny_model, mo
 
     from rcsd_cli.data.schemas import Criterion, Rubric
     from rcsd_cli.modeling.generation import Generation
-    from rcsd_cli.rubrics.prompts import text_ids, transition_text
+    from rcsd_cli.rubrics.prompts import analysis_prompt, text_ids, transition_text
     from rcsd_cli.train import objectives
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -249,7 +249,7 @@ def test_reason_first_teacher_input_is_prompt_analysis_transition(tiny_model, mo
 
     ctx = objectives.StepContext(None, tok, None, None, cfg, 0, teacher_generate)
     (ids,) = objectives.reason_first_teacher_prompts(ctx, [row])
-    ask = objectives.analysis_prompt(tok, row, cfg)
+    ask = analysis_prompt(tok, row, **objectives.teacher_view(cfg))
     assert ids == ask + [11, 12, 2] + text_ids(tok, transition_text(row, row.rubric, "paper"))
     g = seen["cfg"]
     assert (g.temperature, g.top_p, g.top_k, g.max_new_tokens) == (0.7, 0.95, 5, 9)

@@ -6,7 +6,8 @@ from safetensors.torch import load_file
 
 from rcsd_cli.data.artifacts import read_artifact
 from rcsd_cli.data.schemas import GenerationConfig, TrainConfig
-from rcsd_cli.train.objectives import reference_target, rubric_json, teacher_prompt
+from rcsd_cli.rubrics.prompts import reference_target, rubric_json
+from rcsd_cli.train.objectives import teacher_ids
 from rcsd_cli.train.trainer import lr_factor, train
 from tests.conftest import MC_ROWS, write_jsonl
 from tests.test_trainer import rubric_rows
@@ -86,17 +87,17 @@ def test_prompts_and_targets(tiny_model):
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     row = rubric_rows()[1]
-    rcsd = tok.decode(teacher_prompt(tok, row, cfg(tiny_model)))
+    rcsd = tok.decode(teacher_ids(tok, row, cfg(tiny_model)))
     assert "Correct final answer" in rcsd and "Reference Answer:" in rcsd
-    opsd = tok.decode(teacher_prompt(tok, row, cfg(tiny_model, method="opsd")))
+    opsd = tok.decode(teacher_ids(tok, row, cfg(tiny_model, method="opsd")))
     assert "Correct final answer" not in opsd and "Reference Answer:" in opsd
-    only_rubric = tok.decode(teacher_prompt(tok, row, cfg(tiny_model, teacher_context="rubric")))
+    only_rubric = tok.decode(teacher_ids(tok, row, cfg(tiny_model, teacher_context="rubric")))
     assert "Reference Answer" not in only_rubric and "Rubric (JSON array)" in only_rubric
-    stage1 = tok.decode(teacher_prompt(tok, row, cfg(tiny_model, task="rubric-generator")))
+    stage1 = tok.decode(teacher_ids(tok, row, cfg(tiny_model, task="rubric-generator")))
     assert rubric_json(row.rubric) in stage1
-    target = tok.decode(reference_target(tok, row, cfg(tiny_model, method="sft")))
+    target = tok.decode(reference_target(tok, row, style="paper"))
     assert target.endswith("\\boxed{A}.<|im_end|>")
-    target = tok.decode(reference_target(tok, row, cfg(tiny_model, method="sft", prompt_style="answer-line")))
+    target = tok.decode(reference_target(tok, row, style="answer-line"))
     assert target.endswith("Answer: A<|im_end|>")
 
 
@@ -131,13 +132,13 @@ QWEN3_LIKE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content
 def test_thinking_templates_render_both_sides_alike(tiny_model, thinking, suffix):
     from transformers import AutoTokenizer
 
-    from rcsd_cli.train.objectives import student_prompt
+    from rcsd_cli.train.objectives import student_ids
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     tok.chat_template = QWEN3_LIKE
     c = cfg(tiny_model, generation=GenerationConfig(max_new_tokens=4, enable_thinking=thinking))
     row = rubric_rows()[0]
-    s, t = tok.decode(student_prompt(tok, row, c)), tok.decode(teacher_prompt(tok, row, c))
+    s, t = tok.decode(student_ids(tok, row, c)), tok.decode(teacher_ids(tok, row, c))
     assert s.endswith("<|im_start|>assistant\n" + suffix.removeprefix("assistant\n"))
     assert t.endswith("<|im_start|>assistant\n" + suffix.removeprefix("assistant\n"))
 

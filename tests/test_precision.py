@@ -14,8 +14,9 @@ from rcsd_cli.data.schemas import LossConfig
 from rcsd_cli.modeling import precision
 from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch
 from rcsd_cli.models import load_model
+from rcsd_cli.train.checkpoints import prune_checkpoints
 from rcsd_cli.train.losses import chunked_distill_loss
-from rcsd_cli.train.trainer import prune_checkpoints, train
+from rcsd_cli.train.trainer import train
 from tests.test_trainer import config, rubric_rows
 
 CPU = torch.device("cpu")

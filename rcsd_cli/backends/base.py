@@ -21,6 +21,10 @@ class Backend(Protocol):
         ``seeds``: one per prompt (``generation.item_seed`` of the item), so a sample does not depend
         on batching or on what was generated before; default ``item_seed(seed, i)``."""
 
+    # Backends that run the model themselves (hf, vllm) also score given tokens:
+    # topk_logprobs(prompts, continuations, k) -> (ids, log-probs), the top-k at every continuation
+    # position. Stages ask ``hasattr(backend, "topk_logprobs")``, never which kind a backend is.
+
 
 class HFBackend:
     name = "hf"
@@ -39,6 +43,11 @@ class HFBackend:
                 on_done(list(range(start, start + len(batch))), batch)
 
         return generate(self.model, self.tokenizer, prompts, cfg, seed, on_batch=relay, seeds=seeds)
+
+    def topk_logprobs(self, prompts, continuations, k):
+        from rcsd_cli.modeling.logprobs import teacher_topk
+
+        return teacher_topk(self.model, self.tokenizer, prompts, continuations, k)
 
 
 def open_backend(cfg: BackendConfig, model_name: str, trust_remote_code: bool = False) -> Backend:

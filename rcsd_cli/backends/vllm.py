@@ -2,7 +2,7 @@
 
 Before the engine starts, one line says what is loaded and how much memory it may take. The
 engine receives prompt token ids (``TokensPrompt``) and returns completion token ids, so
-artifacts match the other backends. ``teacher_topk`` scores given completions with prompt
+artifacts match the other backends. ``topk_logprobs`` scores given completions with prompt
 log-probs, for ``score --teacher-logprobs``.
 
 Inside ``rcsd train --rollout-backend vllm`` the same class runs colocated: in the training
@@ -124,7 +124,7 @@ class VLLMBackend:
                 on_done(list(range(start, start + len(batch))), batch)
         return results
 
-    def teacher_topk(self, teacher_prompts, completions, k):
+    def topk_logprobs(self, teacher_prompts, completions, k):
         """Top-k (ids, log-probs) of the teacher at every completion position, from prompt log-probs."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt

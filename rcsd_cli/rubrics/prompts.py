@@ -176,10 +176,63 @@ def chat_prompt_ids(tokenizer, user_text: str, enable_thinking: bool | None = No
     return tokenizer(f"{user_text}\n\nResponse:", add_special_tokens=True)["input_ids"]
 
 
-def student_prompt_ids(tok, problem: Problem, enable_thinking: bool | None = None, style: str = "paper") -> list[int]:
-    return chat_prompt_ids(tok, student_message(problem, style), enable_thinking)
-
-
 def text_ids(tok, text: str) -> list[int]:
     """Token ids of raw text (no chat markers, no BOS), e.g. the reason-first transition."""
     return tok(text, add_special_tokens=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------- token ids per role
+# Every stage builds its prompts here, from the few settings a prompt depends on: train, sample,
+# eval, score, diagnose and explain cannot drift apart.
+
+
+def teacher_rubric(row, method: str = "rcsd", context: str = "rubric+reference", ablation: str | None = None):
+    """What the teacher's prompt holds besides the question: (rubric or None, include the reference?)."""
+    if method == "opsd" or ablation == "none":
+        return None, True
+    return row.rubric, context != "rubric"
+
+
+def student_prompt(tok, row: Problem, *, style: str = "paper", thinking: bool | None = None,
+                   task: str = "reasoner") -> list[int]:
+    """The student's prompt: the question (reasoner) or the rubric-design request (stage I)."""
+    message = rubric_designer_message(row) if task == "rubric-generator" else student_message(row, style)
+    return chat_prompt_ids(tok, message, thinking)
+
+
+def teacher_prompt(tok, row, *, style: str = "paper", thinking: bool | None = None, method: str = "rcsd",
+                   context: str = "rubric+reference", ablation: str | None = None, task: str = "reasoner") -> list[int]:
+    """The teacher's privileged prompt (reason-first adds an analysis turn: ``analysis_prompt``)."""
+    if task == "rubric-generator":
+        return chat_prompt_ids(tok, rubric_designer_message(row) + "\n\nAn expert wrote this rubric for the "
+                               f"question; use it as your guide:\n{rubric_json(row.rubric)}", thinking)
+    rubric, with_reference = teacher_rubric(row, method, context, ablation)
+    return chat_prompt_ids(tok, teacher_message(row, rubric, with_reference, style), thinking)
+
+
+def analysis_prompt(tok, row, *, style: str = "paper", thinking: bool | None = None, method: str = "rcsd",
+                    context: str = "reason-first", ablation: str | None = None) -> list[int]:
+    """Reason-first: the analysis request, its own user turn, rendered with the teacher's thinking mode."""
+    rubric, _ = teacher_rubric(row, method, context, ablation)
+    return chat_prompt_ids(tok, analysis_message(row, rubric, style), thinking)
+
+
+def transition_ids(tok, row, *, style: str = "paper", thinking: bool | None = None, method: str = "rcsd",
+                   context: str = "reason-first", ablation: str | None = None) -> list[int]:
+    """Reason-first: the text between the teacher's analysis and the student's rollout."""
+    rubric, _ = teacher_rubric(row, method, context, ablation)
+    return text_ids(tok, transition_text(row, rubric, style))
+
+
+def reference_target(tok, row, *, style: str = "paper", task: str = "reasoner") -> list[int]:
+    """SFT target ids: the reference answer (ending in the answer line the prompt asks for), then EOS."""
+    if task == "rubric-generator":
+        text = rubric_json(row.rubric)
+    else:
+        text = (row.reference_answer or row.answer or "").strip()
+        if row.answer and style == "paper" and "\\boxed" not in text:
+            text += f"\n\nThe final answer is \\boxed{{{row.answer}}}."
+        elif row.answer and style != "paper" and "answer:" not in text.lower():
+            text += f"\nAnswer: {row.answer}"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])

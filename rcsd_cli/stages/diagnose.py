@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from rcsd_cli.data.artifacts import ensure_writable, read_artifact, write_artifact
-from rcsd_cli.data.schemas import DiagnoseConfig, DiagnoseRow, Rubric, TrainConfig
+from rcsd_cli.data.schemas import DiagnoseConfig, DiagnoseRow, Rubric
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.evaluation.benchmarks import select
 from rcsd_cli.evaluation.scoring import score_completion
@@ -32,9 +32,8 @@ from rcsd_cli.evaluation.stats import mean_interval
 from rcsd_cli.modeling.generation import generate, item_seed
 from rcsd_cli.modeling.logprobs import continuation_logits
 from rcsd_cli.models import load_model
-from rcsd_cli.rubrics.prompts import chat_prompt_ids, student_message, text_ids
+from rcsd_cli.rubrics.prompts import student_prompt, teacher_prompt, text_ids
 from rcsd_cli.train.losses import token_diagnostics, token_loss
-from rcsd_cli.train.objectives import student_prompt, teacher_prompt_ids, teacher_thinking
 from rcsd_cli.ui import info, progress, results
 
 
@@ -45,18 +44,15 @@ def gold_suffix(row: Rubric, style: str) -> str | None:
     return f"\n\nThe final answer is \\boxed{{{row.answer}}}." if style == "paper" else f"\nAnswer: {row.answer}"
 
 
-def condition_prompt(tok, row: Rubric, partner: Rubric, condition: str, view: TrainConfig) -> list[int]:
+def condition_prompt(tok, row: Rubric, partner: Rubric, condition: str, style: str,
+                     thinking: bool | None) -> list[int]:
     """The teacher prompt of one condition; ``partner`` lends its rubric to ``shuffled``."""
-    think = teacher_thinking(view)
     if condition == "none":
-        return chat_prompt_ids(tok, student_message(row, view.prompt_style), think)
-    if condition == "reference":
-        return teacher_prompt_ids(tok, row, method="opsd", context="rubric+reference", style=view.prompt_style,
-                                  thinking=think)
+        return student_prompt(tok, row, style=style, thinking=thinking)
     if condition == "shuffled":
         row = row.model_copy(update={"rubric": partner.rubric})
-    return teacher_prompt_ids(tok, row, method="rcsd", context="rubric+reference", style=view.prompt_style,
-                              thinking=think)
+    return teacher_prompt(tok, row, style=style, thinking=thinking,
+                          method="opsd" if condition == "reference" else "rcsd")
 
 
 def _paired(values: list[tuple[float, float]]) -> dict:
@@ -109,14 +105,14 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
     items: list[Rubric] = select(rubrics, cfg.seed, 0, cfg.limit)
     if len(items) < 2:
         raise RcsdError(f"{cfg.rubrics}: diagnose needs at least 2 items, found {len(items)}")
-    view = TrainConfig(rubrics=cfg.rubrics, model=cfg.model, prompt_style=cfg.prompt_style,
-                       teacher_thinking=cfg.teacher_thinking, generation=cfg.generation)
     order = list(range(len(items)))
     random.Random(cfg.seed).shuffle(order)
     partner = {items[order[i]].id: items[order[(i + 1) % len(items)]] for i in range(len(items))}  # never itself
     lm = load_model(cfg.model, trust_remote_code)
     model, tok = lm.model, lm.tokenizer
-    s_prompts = [student_prompt(tok, r, view) for r in items]
+    think = cfg.generation.enable_thinking
+    teacher_think = think if cfg.teacher_thinking is None else cfg.teacher_thinking
+    s_prompts = [student_prompt(tok, r, style=cfg.prompt_style, thinking=think) for r in items]
     with progress("diagnose: student rollouts", len(items)) as advance:
         rollouts = generate(model, tok, s_prompts, cfg.generation, cfg.seed,
                             seeds=[item_seed(cfg.seed, "diagnose-student", r.id) for r in items],
@@ -127,7 +123,7 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
     s_scores = [score_completion(r.id, r, r.rubric, g.text) for r, g in zip(items, rollouts, strict=True)]
     rows: list[DiagnoseRow] = []
     for cond in conditions:
-        t_prompts = [condition_prompt(tok, r, partner[r.id], cond, view) for r in items]
+        t_prompts = [condition_prompt(tok, r, partner[r.id], cond, cfg.prompt_style, teacher_think) for r in items]
         with progress(f"diagnose: {cond} teacher", len(items)) as advance:
             answers = generate(model, tok, t_prompts, cfg.generation, cfg.seed,
                                seeds=[item_seed(cfg.seed, "diagnose-teacher", cond, r.id) for r in items],

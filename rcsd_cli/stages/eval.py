@@ -18,7 +18,7 @@ from rcsd_cli.errors import RcsdError
 from rcsd_cli.evaluation.answers import RULES, STRICT_RULE, answers_match, extract_with_rule
 from rcsd_cli.evaluation.benchmarks import ALL_BENCHES, load_bench, select
 from rcsd_cli.evaluation.stats import mean_interval, pass_at_k, wilson_interval
-from rcsd_cli.rubrics.prompts import student_prompt_ids
+from rcsd_cli.rubrics.prompts import student_prompt
 from rcsd_cli.rubrics.rubric_gen import reference_rubric
 from rcsd_cli.stages.score import judge_and_score
 from rcsd_cli.ui import progress, results
@@ -139,7 +139,7 @@ def run_eval(cfg: EvalConfig, output: Path, *, overwrite: bool = False, trust_re
     t0 = time.perf_counter()
     engine = open_backend(cfg.backend, model, trust_remote_code)
     runner = ResumableGenerator(engine, output, cfg, fresh=overwrite)
-    prompts = [student_prompt_ids(engine.tokenizer, p, generation.enable_thinking, cfg.prompt_style)
+    prompts = [student_prompt(engine.tokenizer, p, style=cfg.prompt_style, thinking=generation.enable_thinking)
                for p, _ in pairs for _ in range(n)]
     keys = [f"{p.id}:{k}" for p, _ in pairs for k in range(n)]
     with progress(f"eval {bench}", len(prompts)) as advance:

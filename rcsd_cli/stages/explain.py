@@ -19,9 +19,9 @@ from rcsd_cli.data.schemas import ExplainConfig
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.modeling.logprobs import continuation_logits
 from rcsd_cli.models import load_model
+from rcsd_cli.rubrics.prompts import teacher_prompt
 from rcsd_cli.stages.sample import read_samples
 from rcsd_cli.train.losses import token_loss
-from rcsd_cli.train.objectives import teacher_prompt_ids
 from rcsd_cli.ui import info, progress, results
 
 
@@ -79,8 +79,7 @@ def run_explain(cfg: ExplainConfig, output: Path, *, overwrite: bool = False, tr
     lm = load_model(cfg.model or meta.get("model"), trust_remote_code)
     tok = lm.tokenizer
     rows = [rubrics[s.problem_id] for s in samples]
-    t_prompts = [teacher_prompt_ids(tok, r, method="rcsd", context=cfg.teacher_context, style=style,
-                                    thinking=thinking) for r in rows]
+    t_prompts = [teacher_prompt(tok, r, context=cfg.teacher_context, style=style, thinking=thinking) for r in rows]
     conts = [s.completion_token_ids for s in samples]
     with progress("explain", len(samples)) as advance:
         s_logits = continuation_logits(lm.model, [s.prompt_token_ids for s in samples], conts, tok.pad_token_id)

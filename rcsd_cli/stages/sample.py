@@ -10,7 +10,7 @@ from rcsd_cli.data.artifacts import PartialLog, ensure_writable, read_artifact, 
 from rcsd_cli.data.inputs import load_problems
 from rcsd_cli.data.schemas import Problem, Sample, SampleConfig
 from rcsd_cli.modeling.generation import item_seed
-from rcsd_cli.rubrics.prompts import student_prompt_ids
+from rcsd_cli.rubrics.prompts import student_prompt
 from rcsd_cli.ui import info, progress, warn
 
 
@@ -46,7 +46,7 @@ def run_sample(cfg: SampleConfig, output: Path, *, overwrite: bool = False,
     if jobs:
         engine = open_backend(cfg.backend, model, trust_remote_code)
         tok = engine.tokenizer
-        prompts = [student_prompt_ids(tok, p, generation.enable_thinking, cfg.prompt_style) for p, _ in jobs]
+        prompts = [student_prompt(tok, p, style=cfg.prompt_style, thinking=generation.enable_thinking) for p, _ in jobs]
         with progress("sample", len(jobs)) as advance:
             def keep(indices, gens):
                 rows = [Sample(id=f"{jobs[i][0].id}:{jobs[i][1]}", problem_id=jobs[i][0].id, sample_index=jobs[i][1],

@@ -48,24 +48,20 @@ def add_teacher_logprobs(scores: list[Score], samples, by_id: dict, cfg: ScoreCo
                          trust_remote_code: bool, style: str, thinking: bool | None) -> list[Score]:
     """Attach the teacher's top-k log-probs over each sample's own completion ids."""
     from rcsd_cli.backends import open_backend
-    from rcsd_cli.modeling.logprobs import teacher_topk
-    from rcsd_cli.train.objectives import teacher_prompt_ids
+    from rcsd_cli.rubrics.prompts import teacher_prompt
 
-    if cfg.backend.kind == "openai":
-        raise RcsdError("--teacher-logprobs needs the hf or vllm backend (prompt log-probs of given tokens)")
     engine = open_backend(cfg.backend, model_name, trust_remote_code)
+    if not hasattr(engine, "topk_logprobs"):
+        raise RcsdError(f"--teacher-logprobs needs a backend that scores given tokens (hf or vllm), not {engine.name}")
     tok = engine.tokenizer
-    prompts = [teacher_prompt_ids(tok, by_id[s.problem_id], method=cfg.teacher_method, context=cfg.teacher_context,
-                                  style=style, thinking=thinking) for s in samples]
+    prompts = [teacher_prompt(tok, by_id[s.problem_id], method=cfg.teacher_method, context=cfg.teacher_context,
+                              style=style, thinking=thinking) for s in samples]
     ids, lps = [], []
     with progress("teacher log-probs", len(samples)) as advance:
         for j in range(0, len(samples), 8):
             part = samples[j: j + 8]
             completions = [s.completion_token_ids for s in part]
-            if cfg.backend.kind == "vllm":
-                i, lp = engine.teacher_topk(prompts[j: j + 8], completions, cfg.teacher_top_k)
-            else:
-                i, lp = teacher_topk(engine.model, tok, prompts[j: j + 8], completions, cfg.teacher_top_k)
+            i, lp = engine.topk_logprobs(prompts[j: j + 8], completions, cfg.teacher_top_k)
             ids += i
             lps += lp
             advance(len(part))

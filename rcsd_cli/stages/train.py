@@ -10,8 +10,9 @@ from rcsd_cli.errors import RcsdError, where
 from rcsd_cli.modeling import distributed as dist
 from rcsd_cli.modeling.sharding import from_launcher_env
 from rcsd_cli.stages.sample import read_samples
+from rcsd_cli.train.checkpoints import check_output_folder
 from rcsd_cli.train.objectives import OfflineItem, offline_step
-from rcsd_cli.train.trainer import check_output_folder, resolve_precision, train
+from rcsd_cli.train.trainer import resolve_precision, train
 from rcsd_cli.ui import info
 
 
@@ -139,9 +140,9 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
     very token ids training would use, and the estimated peak memory per device (``memory``).
     """
     from rcsd_cli.models import load_tokenizer
-    from rcsd_cli.rubrics.prompts import text_ids, transition_text
+    from rcsd_cli.rubrics.prompts import analysis_prompt, transition_ids
     from rcsd_cli.train.memory import format_plan
-    from rcsd_cli.train.objectives import analysis_prompt, student_prompt, teacher_prompt, teacher_rubric
+    from rcsd_cli.train.objectives import student_ids, teacher_ids, teacher_view
 
     cfg = resolve_precision(resolve_sharding(cfg))
     tok = load_tokenizer(cfg.model, trust_remote_code)
@@ -160,19 +161,18 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
 
     row = ablate(rows, cfg.rubric_ablation, cfg.seed)[0]
     shown["item"] = row.id
-    s_ids = student_prompt(tok, row, cfg)
+    s_ids = student_ids(tok, row, cfg)
     shown["student_prompt"] = tok.decode(s_ids)
     t_len = len(s_ids)
     if cfg.method in ("rcsd", "opsd"):
         if cfg.teacher_context == "reason-first" and cfg.task == "reasoner":
-            rubric, _ = teacher_rubric(row, cfg.method, cfg.teacher_context, cfg.rubric_ablation)
-            a_ids = analysis_prompt(tok, row, cfg)
+            a_ids = analysis_prompt(tok, row, **teacher_view(cfg))
             shown["analysis_prompt"] = tok.decode(a_ids)
-            transition = text_ids(tok, transition_text(row, rubric, cfg.prompt_style))
+            transition = transition_ids(tok, row, **teacher_view(cfg))
             shown["transition"] = tok.decode(transition)
             t_len = len(a_ids) + cfg.analysis_max_new_tokens + len(transition)  # the analysis at its limit
         else:
-            t_ids = teacher_prompt(tok, row, cfg)
+            t_ids = teacher_ids(tok, row, cfg)
             shown["teacher_prompt"] = tok.decode(t_ids)
             t_len = len(t_ids)
     shown["memory"] = format_plan(memory_plan(cfg, len(s_ids), t_len, trust_remote_code))

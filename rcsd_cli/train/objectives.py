@@ -31,14 +31,11 @@ from rcsd_cli.modeling.batching import SideBatch, aligned_hidden, build_pair_bat
 from rcsd_cli.modeling.generation import generate, item_seed
 from rcsd_cli.modeling.logprobs import chunked_token_logprobs
 from rcsd_cli.rubrics.prompts import (
-    analysis_message,
-    chat_prompt_ids,
-    rubric_designer_message,
-    rubric_json,
-    student_prompt_ids,
-    teacher_message,
-    text_ids,
-    transition_text,
+    analysis_prompt,
+    reference_target,
+    student_prompt,
+    teacher_prompt,
+    transition_ids,
 )
 from rcsd_cli.rubrics.rubric_gen import InvalidRubric, parse_rubric_output
 from rcsd_cli.train.losses import chunked_distill_loss, clipped_policy_loss, group_advantages, k3_kl
@@ -83,7 +80,7 @@ class StepContext:
         return reduce_sum(value)
 
 
-# ----------------------------------------------------------------------------- prompts per task
+# ----------------------------------------------------------------------------- a train config's prompts
 
 
 def student_thinking(cfg) -> bool | None:
@@ -96,38 +93,19 @@ def teacher_thinking(cfg) -> bool | None:
     return student_thinking(cfg) if own is None else own
 
 
-def student_prompt(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
-    if cfg.task == "rubric-generator":
-        return chat_prompt_ids(tok, rubric_designer_message(row), student_thinking(cfg))
-    return student_prompt_ids(tok, row, student_thinking(cfg), cfg.prompt_style)
+def teacher_view(cfg: TrainConfig) -> dict:
+    """The settings the teacher's prompts depend on (``rubrics.prompts`` keywords)."""
+    return dict(style=cfg.prompt_style, thinking=teacher_thinking(cfg), method=cfg.method,
+                context=cfg.teacher_context, ablation=cfg.rubric_ablation)
 
 
-def teacher_rubric(row: Rubric, method: str, context: str, ablation: str | None = None):
-    """What the teacher's prompt holds besides the question: (rubric or None, include the reference?)."""
-    if method == "opsd" or ablation == "none":
-        return None, True
-    return row.rubric, context != "rubric"
+def student_ids(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
+    return student_prompt(tok, row, style=cfg.prompt_style, thinking=student_thinking(cfg), task=cfg.task)
 
 
-def teacher_prompt(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
+def teacher_ids(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
     """The teacher's privileged prompt (not reason-first: that one is built from a sampled analysis)."""
-    if cfg.task == "rubric-generator":
-        return chat_prompt_ids(tok, rubric_designer_message(row) + "\n\nAn expert wrote this rubric for the "
-                               f"question; use it as your guide:\n{rubric_json(row.rubric)}", teacher_thinking(cfg))
-    return teacher_prompt_ids(tok, row, method=cfg.method, context=cfg.teacher_context, style=cfg.prompt_style,
-                              thinking=teacher_thinking(cfg), ablation=cfg.rubric_ablation)
-
-
-def teacher_prompt_ids(tok, row: Rubric, *, method: str, context: str, style: str,
-                       thinking: bool | None, ablation: str | None = None) -> list[int]:
-    rubric, with_reference = teacher_rubric(row, method, context, ablation)
-    return chat_prompt_ids(tok, teacher_message(row, rubric, with_reference, style), thinking)
-
-
-def analysis_prompt(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
-    """Reason-first: the analysis request, its own user turn, rendered with the teacher's thinking mode."""
-    rubric, _ = teacher_rubric(row, cfg.method, cfg.teacher_context, cfg.rubric_ablation)
-    return chat_prompt_ids(tok, analysis_message(row, rubric, cfg.prompt_style), teacher_thinking(cfg))
+    return teacher_prompt(tok, row, task=cfg.task, **teacher_view(cfg))
 
 
 def reason_first_teacher_prompts(ctx: StepContext, rows: list[Rubric]) -> list[list[int]]:
@@ -137,7 +115,7 @@ def reason_first_teacher_prompts(ctx: StepContext, rows: list[Rubric]) -> list[l
     the frozen teacher, or by the current student with ``--analysis-by student``.
     """
     cfg, tok = ctx.cfg, ctx.tokenizer
-    asks = [analysis_prompt(tok, r, cfg) for r in rows]
+    asks = [analysis_prompt(tok, r, **teacher_view(cfg)) for r in rows]
     gen_cfg = GenerationConfig(max_new_tokens=cfg.analysis_max_new_tokens, temperature=cfg.analysis_temperature,
                                top_p=cfg.analysis_top_p, top_k=cfg.analysis_top_k,
                                batch_size=cfg.generation.batch_size)
@@ -147,11 +125,8 @@ def reason_first_teacher_prompts(ctx: StepContext, rows: list[Rubric]) -> list[l
             analyses = ctx.teacher_generate(asks, gen_cfg, seeds)
         else:
             analyses = ctx.student_samples(asks, gen_cfg, seeds)
-    out = []
-    for row, ask, analysis in zip(rows, asks, analyses, strict=True):
-        rubric, _ = teacher_rubric(row, cfg.method, cfg.teacher_context, cfg.rubric_ablation)
-        out.append(ask + analysis.token_ids + text_ids(tok, transition_text(row, rubric, cfg.prompt_style)))
-    return out
+    return [ask + analysis.token_ids + transition_ids(tok, row, **teacher_view(cfg))
+            for row, ask, analysis in zip(rows, asks, analyses, strict=True)]
 
 
 def reduction_weights(ctx: StepContext, counts: list[int]) -> list[float]:
@@ -186,20 +161,6 @@ def accumulate(ctx: StepContext, n: int, micro_step) -> tuple[float, dict[str, f
     return objective, sums
 
 
-def reference_target(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
-    """SFT target ids: the reference answer (ending in the answer line the prompt asks for), then EOS."""
-    if cfg.task == "rubric-generator":
-        text = rubric_json(row.rubric)
-    else:
-        text = (row.reference_answer or row.answer or "").strip()
-        if row.answer and cfg.prompt_style == "paper" and "\\boxed" not in text:
-            text += f"\n\nThe final answer is \\boxed{{{row.answer}}}."
-        elif row.answer and cfg.prompt_style != "paper" and "answer:" not in text.lower():
-            text += f"\nAnswer: {row.answer}"
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    return ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
-
-
 def rollout_reward(row: Rubric, text: str, cfg: TrainConfig) -> float:
     """Reasoner: rubric score from machine checks (unjudgeable -> 0) or correctness; stage I: valid rubric."""
     if cfg.task == "rubric-generator":
@@ -228,11 +189,11 @@ def rollouts(ctx: StepContext, prompts: list[list[int]], keys: list) -> list:
 
 def distill_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     cfg, tok = ctx.cfg, ctx.tokenizer
-    s_prompts = [student_prompt(tok, r, cfg) for r in rows]
+    s_prompts = [student_ids(tok, r, cfg) for r in rows]
     if cfg.teacher_context == "reason-first" and cfg.task == "reasoner":
         t_prompts = reason_first_teacher_prompts(ctx, rows)
     else:
-        t_prompts = [teacher_prompt(tok, r, cfg) for r in rows]
+        t_prompts = [teacher_ids(tok, r, cfg) for r in rows]
     gens = rollouts(ctx, s_prompts, [(r.id,) for r in rows])
     completions = [g.token_ids for g in gens]
     rewards = [rollout_reward(r, g.text, cfg) for r, g in zip(rows, gens, strict=True)]
@@ -269,7 +230,7 @@ def distill_backward(ctx: StepContext, s_prompts, t_prompts, completions) -> Ste
 def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     cfg, tok, G = ctx.cfg, ctx.tokenizer, ctx.cfg.group_size
     group_rows = [r for r in rows for _ in range(G)]
-    prompts = [student_prompt(tok, r, cfg) for r in group_rows]
+    prompts = [student_ids(tok, r, cfg) for r in group_rows]
     gens = rollouts(ctx, prompts, [(r.id, j % G) for j, r in enumerate(group_rows)])
     completions = [g.token_ids for g in gens]
     rewards = torch.tensor([rollout_reward(r, g.text, cfg) for r, g in zip(group_rows, gens, strict=True)],
@@ -307,8 +268,8 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
 
 def sft_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     cfg, tok = ctx.cfg, ctx.tokenizer
-    prompts = [student_prompt(tok, r, cfg) for r in rows]
-    targets_ids = [reference_target(tok, r, cfg) for r in rows]
+    prompts = [student_ids(tok, r, cfg) for r in rows]
+    targets_ids = [reference_target(tok, r, style=cfg.prompt_style, task=cfg.task) for r in rows]
     total = max(ctx.global_sum(sum(len(t) for t in targets_ids)), 1)
     weights = reduction_weights(ctx, [len(t) for t in targets_ids])
     head = ctx.student.get_output_embeddings()
