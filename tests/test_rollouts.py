@@ -138,7 +138,7 @@ def test_train_with_vllm_rollouts_and_a_frozen_teacher_engine(run_cli, vllm_mode
     metrics, _ = read_artifact(out / "metrics.parquet", "metrics")
     assert [m.step for m in metrics] == [1, 2]
     assert all(m.rollout_seconds > 0 and m.analysis_seconds > 0 and m.push_seconds > 0 for m in metrics)
-    assert json.loads((out / "rcsd_train_config.json").read_text())["rollout_backend"] == "vllm"
+    assert json.loads((out / "rcsd_train_config.json").read_text())["rollout"]["backend"] == "vllm"
 
 
 def test_two_processes_each_with_an_engine_train_like_one(run_cli, vllm_model, tmp_path):

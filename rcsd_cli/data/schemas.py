@@ -388,12 +388,84 @@ class ScoreConfig(_Config):
     backend: BackendConfig = nested(BackendConfig)
 
 
+class ReasonFirstConfig(_Config):
+    """``--teacher-context reason-first``: how the teacher's own analysis turn is sampled."""
+
+    by: Literal["teacher", "student"] = opt(
+        "teacher", panel="Teacher", flag="--analysis-by", help="reason-first: who writes the analysis. teacher = "
+        "the frozen teacher; student = the current student (what the authors' vLLM path did).")
+    temperature: float = opt(1.2, ge=0.0, panel="Teacher", flag="--analysis-temperature",
+                             help="reason-first: analysis temperature.")
+    top_p: float = opt(0.95, gt=0.0, le=1.0, panel="Teacher", flag="--analysis-top-p",
+                       help="reason-first: analysis top-p.")
+    top_k: int = opt(20, ge=0, panel="Teacher", flag="--analysis-top-k", help="reason-first: analysis top-k (0 = off).")
+    max_new_tokens: int = opt(4096, ge=1, panel="Teacher", flag="--analysis-max-new-tokens",
+                              help="reason-first: analysis length limit.")
+
+
+class GRPOConfig(_Config):
+    """``--method grpo``: group size, reward and the surrogate's clip and KL."""
+
+    group_size: int = opt(4, ge=1, panel="Optimiser", flag="--group-size", help="GRPO: rollouts per prompt.")
+    reward: Literal["rubric", "correct"] = opt("rubric", panel="Optimiser", flag="--reward",
+                                               help="GRPO reward: rubric score or correctness.")
+    clip_eps: float = opt(0.2, gt=0.0, panel="Optimiser", flag="--clip-eps", help="GRPO ratio clip.")
+    kl_coef: float = opt(0.0, ge=0.0, panel="Optimiser", flag="--kl-coef",
+                         help="GRPO: weight of the k3 KL to the frozen initial model.")
+
+
+class LoraConfig(_Config):
+    """LoRA adapters (peft) instead of full fine-tuning, when ``rank`` > 0."""
+
+    rank: int = opt(0, ge=0, panel="LoRA", flag="--lora-rank", help="0: full fine-tuning; >0: LoRA adapters of "
+                    "this rank.")
+    alpha: float = opt(32.0, gt=0, panel="LoRA", flag="--lora-alpha", help="LoRA scaling alpha.")
+    dropout: float = opt(0.05, ge=0.0, lt=1.0, panel="LoRA", flag="--lora-dropout", help="LoRA dropout.")
+    targets: str = opt("q_proj,v_proj", panel="LoRA", flag="--lora-targets", help="Comma-separated module names, "
+                       "or all-linear.")
+    merge: bool = opt(False, panel="LoRA", flag="--merge-lora", help="Also write merged full weights (to "
+                      "OUTPUT/merged).")
+
+    @model_validator(mode="after")
+    def _no_silently_ignored_options(self) -> LoraConfig:
+        from rcsd_cli.data.options import refuse_changed
+
+        if not self.rank:
+            refuse_changed(self, ("alpha", "dropout", "targets", "merge"), "without --lora-rank")
+        return self
+
+
+class RolloutConfig(_Config):
+    """Who generates training rollouts (and reason-first analyses): rcsd's own loop, or colocated vLLM."""
+
+    backend: Literal["hf", "vllm"] = opt(
+        "hf", panel="Rollouts", flag="--rollout-backend", help="Engine for rollouts and reason-first analyses: hf "
+        "(rcsd's decoding loop on the training modules) or vllm (colocated vLLM engine in this process, the "
+        "student's weights pushed after every optimizer step; a frozen teacher's analyses from a second engine; "
+        "needs rcsd[vllm]).")
+    memory_utilization: float = opt(0.3, gt=0, le=1, panel="Rollouts", flag="--vllm-memory-utilization",
+                                    help="vllm on GPU: share of the GPU's memory the engines may take (split "
+                                    "between student and teacher engines).")
+    kv_cache_gib: float | None = opt(None, gt=0, panel="Rollouts", flag="--vllm-kv-cache-gib", help="vllm: KV "
+                                     "cache per engine in GiB (default: 1 on CPU; on GPU from "
+                                     "--vllm-memory-utilization).")
+    enforce_eager: bool = opt(False, panel="Rollouts", flag="--vllm-enforce-eager", help="vllm: skip graph "
+                              "compilation (on CPU the engine starts in ~6 s instead of ~45 s and decodes ~20% "
+                              "slower).")
+    sleep: bool = opt(True, panel="Rollouts", flag="--vllm-sleep", help="vllm on GPU: free the engines' memory "
+                      "while the student trains (vLLM sleep mode). vLLM has no sleep mode on CPU.")
+
+    @model_validator(mode="after")
+    def _no_silently_ignored_options(self) -> RolloutConfig:
+        from rcsd_cli.data.options import refuse_changed
+
+        if self.backend != "vllm":
+            refuse_changed(self, ("memory_utilization", "kv_cache_gib", "enforce_eager", "sleep"),
+                           "without --rollout-backend vllm")
+        return self
+
+
 Reduction = Literal["sequence", "token"]
-_GRPO_ONLY = ("group_size", "reward", "clip_eps", "kl_coef")
-_REASON_FIRST_ONLY = ("analysis_by", "analysis_temperature", "analysis_top_p", "analysis_top_k",
-                      "analysis_max_new_tokens")
-_LORA_ONLY = ("lora_alpha", "lora_dropout", "lora_targets", "merge_lora")
-_VLLM_ONLY = ("vllm_memory_utilization", "vllm_kv_cache_gib", "vllm_enforce_eager", "vllm_sleep")
 
 
 class TrainConfig(_Config):
@@ -425,13 +497,7 @@ class TrainConfig(_Config):
     rubric_ablation: Literal["none", "generic", "shuffled", "noisy"] | None = opt(
         None, panel="Teacher", help="The authors' ablations: none (no rubric, reference only), generic (one rubric "
         "for every item), shuffled (another item's rubric), noisy (criteria reordered, 30% of weights negated).")
-    analysis_by: Literal["teacher", "student"] = opt(
-        "teacher", panel="Teacher", help="reason-first: who writes the analysis. teacher = the frozen teacher; "
-        "student = the current student (what the authors' vLLM path did).")
-    analysis_temperature: float = opt(1.2, ge=0.0, panel="Teacher", help="reason-first: analysis temperature.")
-    analysis_top_p: float = opt(0.95, gt=0.0, le=1.0, panel="Teacher", help="reason-first: analysis top-p.")
-    analysis_top_k: int = opt(20, ge=0, panel="Teacher", help="reason-first: analysis top-k (0 = off).")
-    analysis_max_new_tokens: int = opt(4096, ge=1, panel="Teacher", help="reason-first: analysis length limit.")
+    reason_first: ReasonFirstConfig = nested(ReasonFirstConfig)
     loss: LossConfig = nested(LossConfig)
     loss_reduction: Reduction = opt(
         "sequence", panel="Loss", help="sequence: mean over sequences of each sequence's token mean (the authors'); "
@@ -456,16 +522,8 @@ class TrainConfig(_Config):
     warmup_steps: int = opt(0, ge=0, panel="Optimiser", help="Linear warm-up steps.")
     weight_decay: float = opt(0.0, ge=0.0, panel="Optimiser", help="AdamW weight decay.")
     max_grad_norm: float = opt(1.0, gt=0, panel="Optimiser", help="Gradient clipping norm.")
-    group_size: int = opt(4, ge=1, panel="Optimiser", help="GRPO: rollouts per prompt.")
-    reward: Literal["rubric", "correct"] = opt("rubric", panel="Optimiser",
-                                               help="GRPO reward: rubric score or correctness.")
-    clip_eps: float = opt(0.2, gt=0.0, panel="Optimiser", help="GRPO ratio clip.")
-    kl_coef: float = opt(0.0, ge=0.0, panel="Optimiser", help="GRPO: weight of the k3 KL to the frozen initial model.")
-    lora_rank: int = opt(0, ge=0, panel="LoRA", help="0: full fine-tuning; >0: LoRA adapters of this rank.")
-    lora_alpha: float = opt(32.0, gt=0, panel="LoRA", help="LoRA scaling alpha.")
-    lora_dropout: float = opt(0.05, ge=0.0, lt=1.0, panel="LoRA", help="LoRA dropout.")
-    lora_targets: str = opt("q_proj,v_proj", panel="LoRA", help="Comma-separated module names, or all-linear.")
-    merge_lora: bool = opt(False, panel="LoRA", help="Also write merged full weights (to OUTPUT/merged).")
+    grpo: GRPOConfig = nested(GRPOConfig)
+    lora: LoraConfig = nested(LoraConfig)
     sharding: Literal["replicate", "full-shard", "shard-grad-op"] | None = opt(
         None, panel="Distributed", help="Under torchrun/accelerate: replicate (plain data parallel), full-shard "
         "(FSDP2, ZeRO-3-like) or shard-grad-op (ZeRO-2-like). Unset: what an accelerate FSDP config asks for, "
@@ -483,18 +541,7 @@ class TrainConfig(_Config):
     report_to: Literal["none", "tensorboard", "wandb", "trackio"] = opt(
         "none", panel="Output", help="Also log every step to TensorBoard (OUTPUT/runs), Weights & Biases or Trackio "
         "(optional extras). metrics.parquet is always written.")
-    rollout_backend: Literal["hf", "vllm"] = opt(
-        "hf", panel="Rollouts", help="Engine for rollouts and reason-first analyses: hf (rcsd's decoding loop on the "
-        "training modules) or vllm (colocated vLLM engine in this process, the student's weights pushed after every "
-        "optimizer step; a frozen teacher's analyses from a second engine; needs rcsd[vllm]).")
-    vllm_memory_utilization: float = opt(0.3, gt=0, le=1, panel="Rollouts", help="vllm on GPU: share of the GPU's "
-                                         "memory the engines may take (split between student and teacher engines).")
-    vllm_kv_cache_gib: float | None = opt(None, gt=0, panel="Rollouts", help="vllm: KV cache per engine in GiB "
-                                          "(default: 1 on CPU; on GPU from --vllm-memory-utilization).")
-    vllm_enforce_eager: bool = opt(False, panel="Rollouts", help="vllm: skip graph compilation (on CPU the engine "
-                                   "starts in ~6 s instead of ~45 s and decodes ~20% slower).")
-    vllm_sleep: bool = opt(True, panel="Rollouts", help="vllm on GPU: free the engines' memory while the student "
-                           "trains (vLLM sleep mode). vLLM has no sleep mode on CPU.")
+    rollout: RolloutConfig = nested(RolloutConfig)
     generation: GenerationConfig = nested(_generation(temperature=1.2, top_p=0.95, top_k=20),
                                           flags={"enable_thinking": "--student-thinking"})
 
@@ -506,24 +553,22 @@ class TrainConfig(_Config):
             refuse_changed(self, names, why)
 
         offline = bool(self.samples or self.scores)
+        reason_first = tuple(ReasonFirstConfig.model_fields)
         if self.method != "rcsd" or self.task != "reasoner":
             refuse(("rubric_ablation",), f"with --method {self.method} --task {self.task} (RCSD reasoner only)")
         if offline:
-            refuse(("teacher", "teacher_context", "teacher_thinking", "ema_decay", "rubric_ablation")
-                   + _REASON_FIRST_ONLY,
-                   "on an offline round (--samples/--scores: the teacher's log-probs are stored)")
+            why = "on an offline round (--samples/--scores: the teacher's log-probs are stored)"
+            refuse(("teacher", "teacher_context", "teacher_thinking", "ema_decay", "rubric_ablation"), why)
+            refuse_changed(self.reason_first, reason_first, why)
         if self.method != "grpo":
-            refuse(_GRPO_ONLY, f"with --method {self.method} (GRPO only)")
+            refuse_changed(self.grpo, tuple(GRPOConfig.model_fields), f"with --method {self.method} (GRPO only)")
         if self.teacher != "ema":
             refuse(("ema_decay",), f"with --teacher {self.teacher}")
         if self.teacher_context != "reason-first":
-            refuse(_REASON_FIRST_ONLY, "without --teacher-context reason-first")
-        if not self.lora_rank:
-            refuse(_LORA_ONLY, "without --lora-rank")
+            refuse_changed(self.reason_first, reason_first, "without --teacher-context reason-first")
         if offline or self.method == "sft":
-            refuse(("rollout_backend",), "on an offline round or with --method sft (nothing is generated)")
-        if self.rollout_backend != "vllm":
-            refuse(_VLLM_ONLY, "without --rollout-backend vllm")
+            refuse_changed(self.rollout, ("backend",), "on an offline round or with --method sft (nothing is "
+                           "generated)")
         return self
 
 

@@ -46,10 +46,10 @@ def check_sharding(cfg: TrainConfig, world: int) -> None:
     if not dist.is_initialized():
         info(f"--sharding {cfg.sharding} has no effect in a single process without a launcher")
         return
-    if cfg.merge_lora:
+    if cfg.lora.merge:
         raise RcsdError(f"--merge-lora is not available with --sharding {cfg.sharding}: the adapter in OUTPUT loads "
                         "merged with --model OUTPUT in every stage")
-    if cfg.rollout_backend == "vllm" and cfg.lora_rank:
+    if cfg.rollout.backend == "vllm" and cfg.lora.rank:
         raise RcsdError(f"--rollout-backend vllm with --lora-rank is not available with --sharding {cfg.sharding}; "
                         "use --sharding replicate (adapters are small)")
     if cfg.batch_size % world:
@@ -88,7 +88,7 @@ def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume
     else:
         raise RcsdError("give --rubrics for online training, or --samples and --scores for an offline round")
     rows = rows[: cfg.limit] if cfg.limit else rows
-    if cfg.rollout_backend == "vllm":
+    if cfg.rollout.backend == "vllm":
         from rcsd_cli.backends.vllm import vllm_available
 
         if not vllm_available():  # before any folder is made or weight loaded
@@ -170,7 +170,7 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
             shown["analysis_prompt"] = tok.decode(a_ids)
             transition = transition_ids(tok, row, **teacher_view(cfg))
             shown["transition"] = tok.decode(transition)
-            t_len = len(a_ids) + cfg.analysis_max_new_tokens + len(transition)  # the analysis at its limit
+            t_len = len(a_ids) + cfg.reason_first.max_new_tokens + len(transition)  # the analysis at its limit
         else:
             t_ids = teacher_ids(tok, row, cfg)
             shown["teacher_prompt"] = tok.decode(t_ids)

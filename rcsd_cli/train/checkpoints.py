@@ -95,10 +95,10 @@ def save_final(out: Path, student, tok, cfg: TrainConfig, state_dict=None) -> No
 
     Full and merged weights are written in ``--save-dtype``; the adapter keeps its training dtype.
     """
-    if cfg.lora_rank:
+    if cfg.lora.rank:
         sharding.unwrap(student).save_pretrained(out, state_dict=state_dict, safe_serialization=True)
         tok.save_pretrained(out)
-        if cfg.merge_lora:
+        if cfg.lora.merge:
             merged = copy.deepcopy(student).merge_and_unload()
             _save_weights(merged, sharding.full_state_dict(merged), out / "merged", tok, cfg.save_dtype)
         return
@@ -151,14 +151,14 @@ def model_card(cfg: TrainConfig, metrics: list[MetricsRow], inputs: list[str], w
     base = model_provenance(cfg.model)
     data = {str(p): sha256_file(p) for p in inputs if Path(p).is_file()}
     last = metrics[-1] if metrics else None
-    weights_dtype = str(precision.base_dtype(cfg.precision, bool(cfg.lora_rank))).removeprefix("torch.")
-    kind = f"LoRA adapter (r {cfg.lora_rank}, alpha {cfg.lora_alpha:g}, {cfg.lora_targets})" if cfg.lora_rank \
+    weights_dtype = str(precision.base_dtype(cfg.precision, bool(cfg.lora.rank))).removeprefix("torch.")
+    kind = f"LoRA adapter (r {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, {cfg.lora.targets})" if cfg.lora.rank \
         else "full fine-tune"
     load = ("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(\"OUT\")"
-            if cfg.lora_rank else
+            if cfg.lora.rank else
             "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(\"OUT\")")
     lines = [
-        "---", "library_name: " + ("peft" if cfg.lora_rank else "transformers"), f"base_model: {cfg.model}",
+        "---", "library_name: " + ("peft" if cfg.lora.rank else "transformers"), f"base_model: {cfg.model}",
         "tags: [rcsd, self-distillation, rubrics]", "---", "",
         f"# {cfg.method.upper()} ({cfg.task}) of {cfg.model}", "",
         f"Trained with rcsd {library_versions()['rcsd']} (`rcsd train`), {kind}, {len(metrics)} optimizer steps of "
@@ -169,7 +169,7 @@ def model_card(cfg: TrainConfig, metrics: list[MetricsRow], inputs: list[str], w
         f"| loss | `{cfg.loss.kind}`, top-{cfg.loss.top_k}, T {cfg.loss.temperature:g}, clip {cfg.loss.clip}, "
         f"reduction `{cfg.loss_reduction}` |",
         f"| optimiser | AdamW lr {cfg.lr:g} ({cfg.lr_schedule}), seed {cfg.seed} |",
-        f"| precision | `{cfg.precision}` (weights in {weights_dtype}{', adapters in float32' if cfg.lora_rank else ''}"
+        f"| precision | `{cfg.precision}` (weights in {weights_dtype}{', adapters in float32' if cfg.lora.rank else ''}"
         f"), attention "
         f"`{cfg.attn_implementation}`, saved as {cfg.save_dtype} |",
     ]

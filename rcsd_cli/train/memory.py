@@ -45,14 +45,14 @@ def _meta_model(model_config):
 def _lora_parameters(model, cfg: TrainConfig) -> int:
     from rcsd_cli.train.trainer import lora_targets
 
-    targets = lora_targets(cfg.lora_targets)
+    targets = lora_targets(cfg.lora.targets)
     head = model.get_output_embeddings()
     count = 0
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module is head:
             continue
         if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
-            count += cfg.lora_rank * (module.in_features + module.out_features)
+            count += cfg.lora.rank * (module.in_features + module.out_features)
     return count
 
 
@@ -65,9 +65,9 @@ def estimate(cfg: TrainConfig, model_config, *, student_tokens: int, teacher_tok
     choice = precision.resolve(cfg.precision, device_type)
     model = _meta_model(model_config)
     n_params = sum(p.numel() for p in model.parameters())
-    n_train = _lora_parameters(model, cfg) if cfg.lora_rank else n_params
-    w_bytes = _BYTES[precision.base_dtype(choice, bool(cfg.lora_rank))]
-    train_bytes = 4 if cfg.lora_rank else w_bytes  # peft keeps adapters in fp32
+    n_train = _lora_parameters(model, cfg) if cfg.lora.rank else n_params
+    w_bytes = _BYTES[precision.base_dtype(choice, bool(cfg.lora.rank))]
+    train_bytes = 4 if cfg.lora.rank else w_bytes  # peft keeps adapters in fp32
     shard = world if cfg.sharding in ("full-shard", "shard-grad-op") and world > 1 else 1
     text = getattr(model_config, "get_text_config", lambda: model_config)()
     h, layers = text.hidden_size, text.num_hidden_layers
@@ -82,7 +82,7 @@ def estimate(cfg: TrainConfig, model_config, *, student_tokens: int, teacher_tok
             "gradients": n_train * train_bytes / shard,
             "adamw_moments": 2 * n_train * train_bytes / shard}
     teacher = 0.0
-    if not cfg.lora_rank and cfg.teacher != "live":  # the trainer keeps a copy of the initial weights
+    if not cfg.lora.rank and cfg.teacher != "live":  # the trainer keeps a copy of the initial weights
         dtype = precision.frozen_dtype(choice) if cfg.teacher == "frozen" else precision.param_dtype(choice)
         teacher = n_params * _BYTES[dtype] / shard
     plan["teacher_copy"] = teacher
@@ -94,14 +94,14 @@ def estimate(cfg: TrainConfig, model_config, *, student_tokens: int, teacher_tok
         plan["activations"] = tokens * layers * per_layer_token
     plan["activations"] += micro * teacher_tokens * h * act_bytes  # teacher hidden states kept for the loss
     plan["loss_chunk_logits"] = 4 * micro * min(cfg.chunk_size, cfg.generation.max_new_tokens) * vocab * 4
-    rows = cfg.generation.batch_size * (cfg.group_size if cfg.method == "grpo" else 1)
+    rows = cfg.generation.batch_size * (cfg.grpo.group_size if cfg.method == "grpo" else 1)
     plan["rollout_kv_cache"] = min(rows, cfg.batch_size) * student_tokens * layers * 2 * kv_dim * act_bytes
-    if cfg.rollout_backend == "vllm":
+    if cfg.rollout.backend == "vllm":
         if device_type == "cuda" and device_gib:
-            plan["vllm_engines"] = cfg.vllm_memory_utilization * device_gib * GIB
+            plan["vllm_engines"] = cfg.rollout.memory_utilization * device_gib * GIB
         else:
             engine_bytes = _BYTES[precision.frozen_dtype(choice)]  # engines get the run's compute dtype
-            plan["vllm_engines"] = n_params * engine_bytes + (cfg.vllm_kv_cache_gib or 1.0) * GIB
+            plan["vllm_engines"] = n_params * engine_bytes + (cfg.rollout.kv_cache_gib or 1.0) * GIB
     plan["runtime"] = 0.5 * GIB if device_type == "cuda" else current_rss_gib() * GIB
     if cfg.offload == "full" and shard > 1 and device_type == "cuda":  # the state lives in host memory
         for key in ("weights", "gradients", "adamw_moments", "teacher_copy"):

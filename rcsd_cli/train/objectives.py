@@ -116,12 +116,12 @@ def reason_first_teacher_prompts(ctx: StepContext, rows: list[Rubric]) -> list[l
     """
     cfg, tok = ctx.cfg, ctx.tokenizer
     asks = [analysis_prompt(tok, r, **teacher_view(cfg)) for r in rows]
-    gen_cfg = GenerationConfig(max_new_tokens=cfg.analysis_max_new_tokens, temperature=cfg.analysis_temperature,
-                               top_p=cfg.analysis_top_p, top_k=cfg.analysis_top_k,
+    gen_cfg = GenerationConfig(max_new_tokens=cfg.reason_first.max_new_tokens, temperature=cfg.reason_first.temperature,
+                               top_p=cfg.reason_first.top_p, top_k=cfg.reason_first.top_k,
                                batch_size=cfg.generation.batch_size)
     seeds = [item_seed(cfg.seed, "analysis", ctx.step, r.id) for r in rows]
     with ctx.clock("analysis"):
-        if cfg.analysis_by == "teacher":
+        if cfg.reason_first.by == "teacher":
             analyses = ctx.teacher_generate(asks, gen_cfg, seeds)
         else:
             analyses = ctx.student_samples(asks, gen_cfg, seeds)
@@ -170,7 +170,7 @@ def rollout_reward(row: Rubric, text: str, cfg: TrainConfig) -> float:
         except InvalidRubric:
             return 0.0
     s = score_completion("rollout", row, row.rubric, text)
-    if cfg.reward == "correct":
+    if cfg.grpo.reward == "correct":
         return float(bool(s.correct))
     return s.score if s.score is not None else 0.0
 
@@ -228,7 +228,7 @@ def distill_backward(ctx: StepContext, s_prompts, t_prompts, completions) -> Ste
 
 
 def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
-    cfg, tok, G = ctx.cfg, ctx.tokenizer, ctx.cfg.group_size
+    cfg, tok, G = ctx.cfg, ctx.tokenizer, ctx.cfg.grpo.group_size
     group_rows = [r for r in rows for _ in range(G)]
     prompts = [student_ids(tok, r, cfg) for r in group_rows]
     gens = rollouts(ctx, prompts, [(r.id, j % G) for j, r in enumerate(group_rows)])
@@ -247,14 +247,14 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
             dev = hidden.device
             targets, mask = pb.targets.to(dev), pb.mask.to(dev).float()
             logp = chunked_token_logprobs(hidden, head, targets, cfg.chunk_size)
-            per_tok = clipped_policy_loss(logp, logp.detach(), advantages[sl].to(dev).unsqueeze(-1), cfg.clip_eps)
+            per_tok = clipped_policy_loss(logp, logp.detach(), advantages[sl].to(dev).unsqueeze(-1), cfg.grpo.clip_eps)
         stats = {}
-        if cfg.kl_coef > 0:
+        if cfg.grpo.kl_coef > 0:
             with torch.no_grad(), ctx.clock("teacher"):
                 ref_logp = chunked_token_logprobs(ctx.teacher_hidden(pb.student), ctx.teacher_head, targets,
                                                   cfg.chunk_size)
             kl = k3_kl(logp, ref_logp)
-            per_tok = per_tok + cfg.kl_coef * kl
+            per_tok = per_tok + cfg.grpo.kl_coef * kl
             stats["kl"] = (kl.detach() * mask).sum()
         with ctx.clock("student"), ctx.compute():
             stats["loss"] = (per_tok * mask).sum().detach()
@@ -262,7 +262,7 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
         return weighted, stats
 
     objective, sums = accumulate(ctx, len(completions), micro_step)
-    return StepResult(sums.get("loss", 0.0), total, sums.get("kl", 0.0) if cfg.kl_coef > 0 else None, None,
+    return StepResult(sums.get("loss", 0.0), total, sums.get("kl", 0.0) if cfg.grpo.kl_coef > 0 else None, None,
                       rewards.mean().item(), sum(len(c) for c in completions), len(group_rows), objective=objective)
 
 

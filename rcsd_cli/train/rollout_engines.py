@@ -140,23 +140,23 @@ def build_rollouts(cfg: TrainConfig, student, teacher, tok, teacher_scope, compu
                    trust_remote_code: bool) -> Rollouts:
     """HF generation on the modules (under the precision's ``compute`` context), or vLLM engines
     mirroring them (see the module docstring): bf16 engines unless the run computes in fp32."""
-    if cfg.rollout_backend == "hf":
+    if cfg.rollout.backend == "hf":
         t_module = teacher if teacher is not None else student
         return Rollouts(hf_generate(student, tok, compute=compute),
                         hf_generate(t_module, tok, teacher_scope, compute))
-    needs_teacher = (cfg.teacher_context == "reason-first" and cfg.analysis_by == "teacher"
+    needs_teacher = (cfg.teacher_context == "reason-first" and cfg.reason_first.by == "teacher"
                      and cfg.task == "reasoner" and cfg.method in ("rcsd", "opsd"))
     separate_teacher = needs_teacher and cfg.teacher != "live"
     dtype = str(precision.frozen_dtype(cfg.precision)).removeprefix("torch.")  # bf16 unless the run is fp32
-    kv = cfg.vllm_kv_cache_gib or (None if torch.cuda.is_available() else 1.0)
-    share = cfg.vllm_memory_utilization / (2 if separate_teacher else 1)
+    kv = cfg.rollout.kv_cache_gib or (None if torch.cuda.is_available() else 1.0)
+    share = cfg.rollout.memory_utilization / (2 if separate_teacher else 1)
 
     def engine(role):
         from rcsd_cli.backends.vllm import VLLMBackend
 
         return VLLMBackend(BackendConfig(kind="vllm", memory_utilization=share), cfg.model, trust_remote_code,
-                           dtype=dtype, enforce_eager=cfg.vllm_enforce_eager, kv_cache_gib=kv,
-                           sleep_mode=cfg.vllm_sleep, in_process=True, role=role)
+                           dtype=dtype, enforce_eager=cfg.rollout.enforce_eager, kv_cache_gib=kv,
+                           sleep_mode=cfg.rollout.sleep, in_process=True, role=role)
 
     s_engine = EngineRollouts(engine("student engine"), follows=student)
     engines = [s_engine]

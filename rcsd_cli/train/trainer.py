@@ -96,11 +96,11 @@ def _build_models(cfg: TrainConfig, ckpt: Path | None, trust_remote_code: bool, 
     process's shard to the GPU, instead of a full student and teacher per GPU.
     """
     where = dict(device=torch.device("cpu") if on_cpu else pick_device(),
-                 dtype=precision.base_dtype(cfg.precision, bool(cfg.lora_rank)),
+                 dtype=precision.base_dtype(cfg.precision, bool(cfg.lora.rank)),
                  attn_implementation=cfg.attn_implementation)
     loaded = load_model(cfg.model, trust_remote_code, **where)
     base, tok = loaded.model, loaded.tokenizer
-    if cfg.lora_rank:
+    if cfg.lora.rank:
         from peft import LoraConfig, PeftModel, get_peft_model
 
         if cfg.teacher == "ema":
@@ -108,9 +108,9 @@ def _build_models(cfg: TrainConfig, ckpt: Path | None, trust_remote_code: bool, 
         if ckpt is not None:
             student = PeftModel.from_pretrained(base, ckpt, is_trainable=True)
         else:
-            student = get_peft_model(base, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                                      lora_dropout=cfg.lora_dropout,
-                                                      target_modules=lora_targets(cfg.lora_targets)))
+            student = get_peft_model(base, LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
+                                                      lora_dropout=cfg.lora.dropout,
+                                                      target_modules=lora_targets(cfg.lora.targets)))
             student.peft_config["default"].base_model_name_or_path = cfg.model
         return student, None, tok
     teacher = None if cfg.teacher == "live" else copy.deepcopy(base)
@@ -133,7 +133,7 @@ def _teacher_view(cfg: TrainConfig, student, teacher, compute):
 
     if teacher is not None:
         module, head, scope = teacher, teacher.get_output_embeddings(), nullcontext
-    elif cfg.lora_rank and cfg.teacher == "frozen":
+    elif cfg.lora.rank and cfg.teacher == "frozen":
         module, head, scope = student, student.get_output_embeddings(), student.disable_adapter
     else:
         module, head, scope = student, student.get_output_embeddings(), nullcontext
