@@ -316,3 +316,24 @@ def test_no_rubric_ablation_shows_in_the_dry_run(run_cli, rubrics):
     assert "Sound step-by-step reasoning" in p.stdout.split("===== teacher_prompt =====")[1]
     p = run_cli("train", "--rubrics", rubrics, "--dry-run", "--rubric-ablation", "generic", "--method", "opsd")
     assert p.returncode == 2 and "--rubric-ablation has no effect with --method opsd" in p.stderr
+
+
+def test_config_files_take_the_nested_form_and_the_flat_one(tmp_path):
+    from rcsd_cli.data.options import read_config_file
+
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("rubrics: r.parquet\nloss: jsd\nbeta: 0.5\nlora_rank: 4\nlora_alpha: 8\nmethod: grpo\n"
+                    "group_size: 3\nrollout_backend: vllm\nvllm_sleep: false\nteacher_context: reason-first\n"
+                    "analysis_top_k: 5\n")
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("rubrics: r.parquet\nloss: {kind: jsd, beta: 0.5}\nlora: {rank: 4, alpha: 8}\nmethod: grpo\n"
+                      "grpo: {group_size: 3}\nrollout: {backend: vllm, sleep: false}\n"
+                      "teacher_context: reason-first\nreason_first: {top_k: 5}\n")
+    a = build_config(TrainConfig, read_config_file(flat, TrainConfig))
+    b = build_config(TrainConfig, read_config_file(nested, TrainConfig))
+    assert a == b == TrainConfig(rubrics="r.parquet", loss="jsd", beta=0.5, lora_rank=4, lora_alpha=8,
+                                 method="grpo", group_size=3, rollout_backend="vllm", vllm_sleep=False,
+                                 teacher_context="reason-first", analysis_top_k=5)
+    assert (a.loss.kind, a.lora.alpha, a.grpo.group_size, a.rollout.sleep, a.reason_first.top_k) == (
+        "jsd", 8, 3, False, 5)
+    assert TrainConfig.model_validate(a.model_dump(mode="json")) == a  # what rcsd dumps reads back
