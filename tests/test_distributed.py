@@ -108,6 +108,7 @@ def test_fsdp_full_shard_matches_one_process_and_resumes_unsharded(run_cli, tiny
     assert again[-1].grad_norm == pytest.approx(two[-1].grad_norm, rel=1e-3, abs=1e-7)
 
 
+@pytest.mark.slow  # ~20 s: one of the longest multi-process runs; CI runs -m slow
 def test_replicated_checkpoint_resumes_sharded(run_cli, tiny_model, tmp_path, rubrics):
     live = ["--teacher", "live"]  # the sharded student is its own teacher
     run_cli(*train_args(tiny_model, rubrics, tmp_path / "one", *live, "--save-every", "2"), check=True)
@@ -120,6 +121,7 @@ def test_replicated_checkpoint_resumes_sharded(run_cli, tiny_model, tmp_path, ru
     assert again[-1].loss == pytest.approx(one[-1].loss, rel=1e-4, abs=1e-7)
 
 
+@pytest.mark.slow  # two launcher runs of ~20 s; CI runs -m slow
 @pytest.mark.parametrize("config, extra, expect", [
     ("fsdp.yaml", ["--teacher", "ema"], "FSDP2 full-shard over 2 processes"),
     ("multi_gpu.yaml", [], None),
@@ -161,6 +163,7 @@ def test_fsdp_full_shard_with_lora_matches_one_process(run_cli, tiny_model, tmp_
     assert again[-1].loss == pytest.approx(two[-1].loss, rel=1e-4, abs=1e-7)
 
 
+@pytest.mark.slow  # ~20 s: one of the longest multi-process runs; CI runs -m slow
 def test_fsdp_bf16_mixed_two_processes_match_one(run_cli, tiny_model, tmp_path, rubrics):
     """MixedPrecisionPolicy: bf16 gathers, fp32 gradient reduction, fp32 master shards in the checkpoint."""
     mixed = ["--precision", "bf16-mixed", "--save-every", "2"]
@@ -202,6 +205,7 @@ def test_sharding_rejects_what_it_cannot_run(tiny_model, tmp_path, rubrics, extr
     assert not (tmp_path / "bad" / "metrics.parquet").exists()
 
 
+@pytest.mark.slow  # ~20 s: one of the longest multi-process runs; CI runs -m slow
 def test_two_nodes_train_like_one_process(run_cli, tiny_model, tmp_path, rubrics):
     """Two ``torchrun --nnodes 2`` launchers (one process each, rendezvous on 127.0.0.1), each in its own
     working folder as on two machines: the result equals one process, and only global rank 0 writes."""
