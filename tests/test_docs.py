@@ -22,10 +22,10 @@ def command_options() -> dict[str, set[str]]:
 
 
 def test_options_page_is_generated_from_the_commands():
-    from rcsd_cli.commands.reference import options_reference
+    from rcsd_cli.reference import options_reference
 
     page = (ROOT / "docs" / "options.md").read_text()
-    assert page == options_reference(), "stale: python -m rcsd_cli.commands.reference docs/options.md"
+    assert page == options_reference(), "stale: python -m rcsd_cli.reference docs/options.md"
     for name, flags in command_options().items():  # every option of every command is in the reference
         section = page.split(f"## `rcsd {name}`")[1].split("\n## ")[0]
         assert all(f"`{flag}`" in section for flag in flags - {"--help"}), name
@@ -38,6 +38,9 @@ def rcsd_invocations(text: str):
             for segment in re.split(r"&&|\||;", line.split(" #")[0]):
                 tokens = segment.split()
                 if "rcsd" not in tokens:
+                    continue
+                before = tokens[:tokens.index("rcsd")]  # only in command position: after env vars or a wrapper
+                if not all(re.match(r"^\w+=", t) or t in ("nohup", "time", "srun", "exec") for t in before):
                     continue
                 rest = [t for t in tokens[tokens.index("rcsd") + 1:] if t not in ("-q", "-v")]
                 if rest and not rest[0].startswith("-"):

@@ -2,7 +2,7 @@
 
 The page is generated from the commands Typer builds (the very objects ``--help`` prints),
 so it cannot disagree with ``--help``; a test fails when the committed page is stale.
-Regenerate with ``python -m rcsd_cli.commands.reference docs/options.md``.
+Regenerate with ``python -m rcsd_cli.reference docs/options.md``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def options_reference() -> str:
     group = get_command(app)
     out = ["# Every option of every command", "",
            "[← README](../README.md). Generated from the commands themselves (`python -m "
-           "rcsd_cli.commands.reference docs/options.md`); `rcsd COMMAND --help` shows the same, grouped in "
+           "rcsd_cli.reference docs/options.md`); `rcsd COMMAND --help` shows the same, grouped in "
            "panels. Options of a stage's config can also come from `--config FILE.yaml` (see "
            "[paper.md](paper.md#config-files-and-recipes)).", ""]
     for name, cmd in group.commands.items():
