@@ -254,6 +254,6 @@ def test_teacher_logprobs_need_a_backend_that_scores_tokens(run_cli, fake, rubri
             "--limit", "1", check=True)
     server = fake(["ok"])
     p = run_cli("score", tmp_path / "s.parquet", "--rubrics", rubrics, "-o", tmp_path / "sc.parquet",
-                "--teacher-logprobs", "--model", tiny_model, "--backend", "openai", "--base-url", server.url)
+                "--teacher-logprobs", "--teacher-model", tiny_model, "--backend", "openai", "--base-url", server.url)
     assert_one_line_error(p, "--teacher-logprobs needs a backend that scores given tokens (hf or vllm), not openai")
     assert server.requests == 0 and not (tmp_path / "sc.parquet").exists()

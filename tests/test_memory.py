@@ -25,7 +25,8 @@ def test_terms_by_hand(tiny_model):
     assert plan["adamw_moments"] * GIB == pytest.approx(8 * n) and plan["teacher_copy"] * GIB == pytest.approx(4 * n)
     mixed = estimate(cfg.model_copy(update={"precision": "bf16-mixed"}), mc, student_tokens=100, teacher_tokens=200)
     assert mixed["weights"] == plan["weights"] and mixed["teacher_copy"] == plan["teacher_copy"] / 2
-    lora = estimate(cfg.model_copy(update={"lora_rank": 4}), mc, student_tokens=100, teacher_tokens=200)
+    lora = estimate(cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"rank": 4})}), mc, student_tokens=100,
+                    teacher_tokens=200)
     # r 4 on q_proj (32 -> 32) and v_proj (32 -> 16) of 2 layers, fp32 adapters; no teacher copy
     assert lora["gradients"] * GIB == pytest.approx(4 * 2 * 4 * ((32 + 32) + (32 + 16)))
     assert lora["teacher_copy"] == 0
