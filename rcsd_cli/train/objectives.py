@@ -161,6 +161,20 @@ def accumulate(ctx: StepContext, n: int, micro_step) -> tuple[float, dict[str, f
     return objective, sums
 
 
+def sequence_logprobs(ctx: StepContext, prompts, continuations, sl: slice):
+    """The student's log-prob of each continuation token after its prompt, for micro-batch ``sl``.
+
+    Returns (log-probs [B, T], mask [B, T] on the student's device, the pair batch); call it under
+    ``ctx.compute()`` so the forward runs in the run's precision.
+    """
+    pb = build_pair_batch(prompts[sl], prompts[sl], continuations[sl], ctx.tokenizer.pad_token_id)
+    hidden = aligned_hidden(ctx.student, pb.student)
+    dev = hidden.device
+    logp = chunked_token_logprobs(hidden, ctx.student.get_output_embeddings(), pb.targets.to(dev),
+                                  ctx.cfg.chunk_size)
+    return logp, pb.mask.to(dev).float(), pb
+
+
 def rollout_reward(row: Rubric, text: str, cfg: TrainConfig) -> float:
     """Reasoner: rubric score from machine checks (unjudgeable -> 0) or correctness; stage I: valid rubric."""
     if cfg.task == "rubric-generator":
@@ -238,21 +252,17 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     advantages = group_advantages(rewards.view(len(rows), G)).view(-1)
     total = max(ctx.global_sum(sum(len(c) for c in completions)), 1)
     weights = reduction_weights(ctx, [len(c) for c in completions])
-    head = ctx.student.get_output_embeddings()
 
     def micro_step(sl):
-        pb = build_pair_batch(prompts[sl], prompts[sl], completions[sl], tok.pad_token_id)
         with ctx.clock("student"), ctx.compute():
-            hidden = aligned_hidden(ctx.student, pb.student)
-            dev = hidden.device
-            targets, mask = pb.targets.to(dev), pb.mask.to(dev).float()
-            logp = chunked_token_logprobs(hidden, head, targets, cfg.chunk_size)
+            logp, mask, pb = sequence_logprobs(ctx, prompts, completions, sl)
+            dev = logp.device
             per_tok = clipped_policy_loss(logp, logp.detach(), advantages[sl].to(dev).unsqueeze(-1), cfg.grpo.clip_eps)
         stats = {}
         if cfg.grpo.kl_coef > 0:
             with torch.no_grad(), ctx.clock("teacher"):
-                ref_logp = chunked_token_logprobs(ctx.teacher_hidden(pb.student), ctx.teacher_head, targets,
-                                                  cfg.chunk_size)
+                ref_logp = chunked_token_logprobs(ctx.teacher_hidden(pb.student), ctx.teacher_head,
+                                                  pb.targets.to(dev), cfg.chunk_size)
             kl = k3_kl(logp, ref_logp)
             per_tok = per_tok + cfg.grpo.kl_coef * kl
             stats["kl"] = (kl.detach() * mask).sum()
@@ -272,16 +282,12 @@ def sft_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     targets_ids = [reference_target(tok, r, style=cfg.prompt_style, task=cfg.task) for r in rows]
     total = max(ctx.global_sum(sum(len(t) for t in targets_ids)), 1)
     weights = reduction_weights(ctx, [len(t) for t in targets_ids])
-    head = ctx.student.get_output_embeddings()
 
     def micro_step(sl):
-        pb = build_pair_batch(prompts[sl], prompts[sl], targets_ids[sl], tok.pad_token_id)
         with ctx.clock("student"), ctx.compute():
-            hidden = aligned_hidden(ctx.student, pb.student)
-            dev = hidden.device
-            logp = chunked_token_logprobs(hidden, head, pb.targets.to(dev), cfg.chunk_size)
-            per_tok = -(logp * pb.mask.to(dev).float())
-            weighted = (per_tok * torch.tensor(weights[sl], device=dev).unsqueeze(-1)).sum()
+            logp, mask, _ = sequence_logprobs(ctx, prompts, targets_ids, sl)
+            per_tok = -(logp * mask)
+            weighted = (per_tok * torch.tensor(weights[sl], device=logp.device).unsqueeze(-1)).sum()
         return weighted, {"loss": per_tok.detach().sum()}
 
     objective, sums = accumulate(ctx, len(rows), micro_step)
