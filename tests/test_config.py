@@ -337,3 +337,11 @@ def test_config_files_take_the_nested_form_and_the_flat_one(tmp_path):
     assert (a.loss.kind, a.lora.alpha, a.grpo.group_size, a.rollout.sleep, a.reason_first.top_k) == (
         "jsd", 8, 3, False, 5)
     assert TrainConfig.model_validate(a.model_dump(mode="json")) == a  # what rcsd dumps reads back
+
+
+def test_model_copy_takes_flat_option_names_too():
+    cfg = TrainConfig(rubrics="r.parquet")
+    copy = cfg.model_copy(update={"lora_rank": 4, "loss": "jsd", "beta": 0.5, "steps": 3})
+    assert (copy.lora.rank, copy.loss.kind, copy.loss.beta, copy.steps) == (4, "jsd", 0.5, 3)
+    assert (cfg.lora.rank, cfg.loss.kind, cfg.steps) == (0, "topk_kl", 10)  # the original is untouched
+    assert not hasattr(copy, "lora_rank")
