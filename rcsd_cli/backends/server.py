@@ -121,8 +121,7 @@ class ServerState:
                 text = tok.apply_chat_template([m.model_dump() for m in req.messages], tokenize=False,
                                                add_generation_prompt=True)
             except Exception as exc:  # the model's own template rejects the conversation
-                reason = (str(exc).splitlines() or [""])[0][:120]
-                raise BadRequest("messages", f"the chat template refused them: {reason}") from None
+                raise BadRequest("messages", f"the chat template refused them: {first_line(exc, 120)}") from None
             ids = tok(text, add_special_tokens=False)["input_ids"]
         else:
             ids = self._completion_prompt(req.prompt)
@@ -169,10 +168,13 @@ def _debug() -> bool:
     return bool(os.environ.get("RCSD_DEBUG"))
 
 
+def first_line(exc: BaseException, width: int = 160) -> str:
+    return (str(exc).splitlines() or [""])[0][:width]
+
+
 def log_failure(what: str, exc: BaseException) -> None:
     """One line on the console; the traceback only with RCSD_DEBUG=1."""
-    first = (str(exc).splitlines() or [""])[0][:160]
-    print(f"rcsd serve: {what}: {type(exc).__name__}: {first}", file=sys.stderr, flush=True)
+    print(f"rcsd serve: {what}: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr, flush=True)
     if _debug():
         traceback.print_exception(exc, file=sys.stderr)
 
@@ -232,8 +234,7 @@ def make_handler(state: ServerState):
                 payload, served = self._generate(ids, req, chat)
             except Exception as exc:  # a bug or the machine, not the request: say so in one line
                 log_failure(f"500 on {path}", exc)
-                return self._error(500, f"internal error: {type(exc).__name__}: "
-                                   f"{(str(exc).splitlines() or [''])[0][:160]}")
+                return self._error(500, f"internal error: {type(exc).__name__}: {first_line(exc)}")
             finally:
                 state.slots.release()
             self._send(200, payload)

@@ -1,4 +1,4 @@
-"""vLLM offline engine backend (``pip install rcsd[vllm]``; see the README for the CPU recipe).
+"""vLLM offline engine backend (``pip install rcsd[vllm]``; see docs/scaling.md for the CPU recipe).
 
 Before the engine starts, one line says what is loaded and how much memory it may take. The
 engine receives prompt token ids (``TokensPrompt``) and returns completion token ids, so
@@ -46,7 +46,7 @@ class VLLMBackend:
                  dtype: str = "auto", enforce_eager: bool = False, kv_cache_gib: float | None = None,
                  sleep_mode: bool = False, in_process: bool = False, role: str = ""):
         if not vllm_available():
-            raise RcsdError("vllm: vLLM is not installed: pip install 'rcsd[vllm]' (see README, 'Scaling out')")
+            raise RcsdError("vllm: vLLM is not installed: pip install 'rcsd[vllm]' (see docs/scaling.md)")
         if in_process:  # engine core in this process: weight pushes hand over tensors, nothing is pickled
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
