@@ -9,7 +9,7 @@ import pytest
 
 from rcsd_cli.commands.common import typer_parameters
 from rcsd_cli.data.options import build_config, option_specs
-from rcsd_cli.data.schemas import CONFIG_MODELS, SampleConfig, TrainConfig
+from rcsd_cli.data.schemas import CONFIG_MODELS, EvalConfig, SampleConfig, TrainConfig
 from rcsd_cli.errors import RcsdError
 
 from .conftest import ROOT, write_jsonl
@@ -323,20 +323,58 @@ def test_config_files_take_the_nested_form_and_the_flat_one(tmp_path):
 
     flat = tmp_path / "flat.yaml"
     flat.write_text("rubrics: r.parquet\nloss: jsd\nbeta: 0.5\nlora_rank: 4\nlora_alpha: 8\nmethod: grpo\n"
-                    "group_size: 3\nrollout_backend: vllm\nvllm_sleep: false\nteacher_context: reason-first\n"
-                    "analysis_top_k: 5\n")
+                    "group_size: 3\nrollout_backend: vllm\nvllm_sleep: false\nvllm_kv_cache_gib: 2\n"
+                    "teacher: live\nteacher_context: reason-first\nanalysis_top_k: 5\nsharding: full-shard\n")
     nested = tmp_path / "nested.yaml"
     nested.write_text("rubrics: r.parquet\nloss: {kind: jsd, beta: 0.5}\nlora: {rank: 4, alpha: 8}\nmethod: grpo\n"
-                      "grpo: {group_size: 3}\nrollout: {backend: vllm, sleep: false}\n"
-                      "teacher_context: reason-first\nreason_first: {top_k: 5}\n")
+                      "grpo: {group_size: 3}\nrollout: {backend: vllm, vllm: {sleep: false, kv_cache_gib: 2}}\n"
+                      "teacher: {kind: live, context: reason-first}\nreason_first: {top_k: 5}\n"
+                      "distributed: {sharding: full-shard}\n")
     a = build_config(TrainConfig, read_config_file(flat, TrainConfig))
     b = build_config(TrainConfig, read_config_file(nested, TrainConfig))
     assert a == b == TrainConfig(rubrics="r.parquet", loss="jsd", beta=0.5, lora_rank=4, lora_alpha=8,
                                  method="grpo", group_size=3, rollout_backend="vllm", vllm_sleep=False,
-                                 teacher_context="reason-first", analysis_top_k=5)
-    assert (a.loss.kind, a.lora.alpha, a.grpo.group_size, a.rollout.sleep, a.reason_first.top_k) == (
-        "jsd", 8, 3, False, 5)
+                                 vllm_kv_cache_gib=2, teacher="live", teacher_context="reason-first",
+                                 analysis_top_k=5, sharding="full-shard")
+    assert (a.loss.kind, a.lora.alpha, a.grpo.group_size, a.rollout.vllm.sleep, a.rollout.vllm.kv_cache_gib,
+            a.teacher.kind, a.teacher.context, a.reason_first.top_k, a.distributed.sharding) == (
+        "jsd", 8, 3, False, 2, "live", "reason-first", 5, "full-shard")
     assert TrainConfig.model_validate(a.model_dump(mode="json")) == a  # what rcsd dumps reads back
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rubrics: r.parquet\nrollout: {vllm: {sleeps: false}}\n")
+    with pytest.raises(RcsdError, match="unknown key 'rollout.vllm.sleeps'"):
+        read_config_file(bad, TrainConfig)
+
+
+def test_a_group_given_in_part_keeps_the_stage_defaults(tmp_path):
+    """``--top-p 0.9`` on train must not reset its sampling temperature 1.2 / top-k 20 to the class defaults."""
+    from rcsd_cli.data.options import read_config_file
+
+    train = build_config(TrainConfig, {"rubrics": "r", "top_p": 0.9})
+    assert (train.generation.temperature, train.generation.top_k, train.generation.top_p) == (1.2, 20, 0.9)
+    evaluation = build_config(EvalConfig, {"bench": "gsm8k", "max_new_tokens": 64})
+    assert (evaluation.generation.temperature, evaluation.generation.max_new_tokens) == (0.0, 64)  # still greedy
+    file = tmp_path / "c.yaml"
+    file.write_text("rubrics: r\ngeneration: {max_new_tokens: 64}\n")
+    from_file = build_config(TrainConfig, read_config_file(file, TrainConfig))
+    assert (from_file.generation.temperature, from_file.generation.max_new_tokens) == (1.2, 64)
+    assert TrainConfig(rubrics="r", generation={"top_k": 5}).generation.temperature == 1.2
+    copied = train.model_copy(update={"temperature": 0.5})  # a copy starts from the config, not the defaults
+    assert (copied.generation.temperature, copied.generation.top_p) == (0.5, 0.9)
+
+
+def test_vllm_settings_are_one_model_for_stages_and_training():
+    from rcsd_cli.data.schemas import RolloutConfig, SampleConfig, VllmConfig
+
+    sample = SampleConfig(rubrics="r", backend="vllm", vllm_enforce_eager=True, vllm_memory_utilization=0.5)
+    train = TrainConfig(rubrics="r", rollout_backend="vllm", vllm_enforce_eager=True, vllm_memory_utilization=0.5)
+    assert type(sample.backend.vllm) is type(train.rollout.vllm) is VllmConfig
+    assert sample.backend.vllm.model_dump(exclude={"sleep"}) == train.rollout.vllm.model_dump(exclude={"sleep"})
+    assert RolloutConfig(backend="vllm").memory_share == 0.3 and train.rollout.memory_share == 0.5
+    with pytest.raises(ValueError, match="--vllm-enforce-eager has no effect without --backend vllm"):
+        SampleConfig(rubrics="r", vllm_enforce_eager=True)
+    with pytest.raises(ValueError, match="--vllm-kv-cache-gib has no effect without --rollout-backend vllm"):
+        TrainConfig(rubrics="r", vllm_kv_cache_gib=1)
 
 
 def test_model_copy_takes_flat_option_names_too():

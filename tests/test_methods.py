@@ -110,7 +110,7 @@ def test_offline_round_through_the_cli(run_cli, tiny_model, tmp_path):
             "--teacher-logprobs", "--teacher-top-k", "4", check=True)
     scores, meta = read_artifact(tmp_path / "sc.parquet", "scores")
     samples, _ = read_artifact(tmp_path / "s.parquet", "samples")
-    assert meta["config"]["teacher_model"] == str(tiny_model)
+    assert meta["config"]["teacher"]["model"] == str(tiny_model)
     for s, sc in zip(samples, scores, strict=True):
         assert len(sc.teacher_topk_ids) == len(s.completion_token_ids) and len(sc.teacher_topk_ids[0]) == 4
         assert sc.teacher_topk_logprobs[0] == sorted(sc.teacher_topk_logprobs[0], reverse=True)

@@ -87,8 +87,8 @@ def engine_for(model_dir):
     from rcsd_cli.backends.vllm import VLLMBackend
     from rcsd_cli.data.schemas import BackendConfig
 
-    return VLLMBackend(BackendConfig(kind="vllm"), str(model_dir), dtype="float32", enforce_eager=True,
-                       kv_cache_gib=0.25, in_process=True)
+    return VLLMBackend(BackendConfig(kind="vllm", vllm_enforce_eager=True, vllm_kv_cache_gib=0.25), str(model_dir),
+                       dtype="float32", in_process=True)
 
 
 def test_engine_follows_the_student_after_a_push_and_samples_reproducibly(vllm_model):

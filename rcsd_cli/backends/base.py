@@ -59,4 +59,4 @@ def open_backend(cfg: BackendConfig, model_name: str, trust_remote_code: bool = 
         return OpenAIBackend(cfg, model_name, trust_remote_code)
     from rcsd_cli.backends.vllm import VLLMBackend
 
-    return VLLMBackend(cfg, model_name, trust_remote_code, enforce_eager=cfg.enforce_eager)
+    return VLLMBackend(cfg, model_name, trust_remote_code)

@@ -43,8 +43,8 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, cfg: BackendConfig, model_name: str, trust_remote_code: bool = False, *,
-                 dtype: str = "auto", enforce_eager: bool = False, kv_cache_gib: float | None = None,
-                 sleep_mode: bool = False, in_process: bool = False, role: str = ""):
+                 dtype: str = "auto", in_process: bool = False, role: str = ""):
+        """``cfg.vllm`` holds the engine settings; ``in_process``: colocated in a training run."""
         if not vllm_available():
             raise RcsdError("vllm: vLLM is not installed: pip install 'rcsd[vllm]' (see docs/scaling.md)")
         if in_process:  # engine core in this process: weight pushes hand over tensors, nothing is pickled
@@ -69,25 +69,27 @@ class VLLMBackend:
             extra["distributed_executor_backend"] = "external_launcher"
         if not gpu:  # vLLM 0.32 CPU: a seeded request split by chunked prefill crashes the engine
             extra["enable_chunked_prefill"] = False  # ("CPU Generator does not use offset")
+        settings = cfg.vllm
+        kv_cache_gib = settings.kv_cache_gib
         if kv_cache_gib:
             extra["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         if gpu:
-            share = cfg.memory_utilization or 0.85
+            share = settings.memory_utilization or 0.85
             sized = f"{kv_cache_gib:g} GiB of KV cache" if kv_cache_gib else f"up to {share:.0%} of each GPU's " \
                 f"{total:.1f} GiB"
-            info(f"{label}: loading {path} (tensor parallel {cfg.tensor_parallel_size}); it may take {sized}")
+            info(f"{label}: loading {path} (tensor parallel {settings.tensor_parallel_size}); it may take {sized}")
         else:
-            share = cfg.memory_utilization or 0.3
+            share = settings.memory_utilization or 0.3
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
             sized = f"{kv_cache_gib:g} GiB of KV cache" if kv_cache_gib else \
                 f"up to {share:.0%} of this machine's {ram:.1f} GiB"
             info(f"{label}: loading {path} on CPU; it may reserve {sized}")
-        self.sleep_mode = sleep_mode and gpu  # vLLM has no sleep mode on CPU
+        self.sleep_mode = settings.sleep and in_process and gpu  # vLLM has no sleep mode on CPU
         self.asleep = False
         try:
             self.llm = LLM(model=path, tokenizer=path, trust_remote_code=trust_remote_code, dtype=dtype,
-                           tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=share, seed=0,
-                           enforce_eager=enforce_eager, enable_sleep_mode=self.sleep_mode, **extra)
+                           tensor_parallel_size=settings.tensor_parallel_size, gpu_memory_utilization=share,
+                           seed=0, enforce_eager=settings.enforce_eager, enable_sleep_mode=self.sleep_mode, **extra)
         except Exception as exc:  # noqa: BLE001 - the engine's own log above has the details
             raise RcsdError(f"{label}: engine failed to start ({_first_line(exc)})") from exc
 

@@ -97,7 +97,8 @@ def option_specs(model: type[BaseModel], prefix: tuple[str, ...] = (), defaults:
 
 def fold_flat_options(model: type[BaseModel], data: dict) -> dict:
     """Options of nested models given flat, by option name (``loss_top_k: 5``), moved to their place
-    (``loss: {top_k: 5}``): the library, config files and the command line accept the same names.
+    (``loss: {top_k: 5}``, ``rollout: {vllm: {enforce_eager: true}}``): the library, config files and
+    the command line accept the same names.
 
     A key that is both a nested field and an option name (``loss``) is the nested model when its
     value is a mapping or a model, and the option (``--loss``) otherwise.
@@ -105,17 +106,47 @@ def fold_flat_options(model: type[BaseModel], data: dict) -> dict:
     flat = _nested_option_paths(model)
     if not flat or not any(k in flat for k in data):
         return data
-    out, moved = {}, {}
+    out: dict[str, Any] = {}
     for key, value in data.items():
         path = flat.get(key)
         if path is None or (key in model.model_fields and isinstance(value, (dict, BaseModel))):
-            out[key] = value
+            out[key] = _merged(out.get(key), value) if key in out else value
         else:
-            moved.setdefault(path[0], {})[path[1]] = value
-    for field, values in moved.items():
-        given = out.get(field)
-        given = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else dict(given or {})
-        out[field] = given | values
+            _place(out, path, value)
+    return out
+
+
+def _as_dict(value) -> dict:
+    return value.model_dump(exclude_unset=True) if isinstance(value, BaseModel) else dict(value or {})
+
+
+def _merged(base, top) -> dict:
+    """``top`` over ``base``, mapping by mapping (models count as the fields they were given)."""
+    out = _as_dict(base)
+    for key, value in _as_dict(top).items():
+        both = isinstance(value, (dict, BaseModel)) and isinstance(out.get(key), (dict, BaseModel))
+        out[key] = _merged(out[key], value) if both else value
+    return out
+
+
+def _place(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        node[part] = _as_dict(node.get(part))
+        node = node[part]
+    node[path[-1]] = value
+
+
+def with_group_defaults(model: type[BaseModel], data: dict) -> dict:
+    """Groups given in part (``generation: {top_p: 0.9}``) keep this stage's defaults for the rest.
+
+    A stage sets its own defaults for a shared group (train samples at temperature 1.2, eval
+    greedily); a mapping naming one of its options must not fall back to the group's class defaults.
+    """
+    out = dict(data)
+    for name, field in model.model_fields.items():
+        if "cli_nested" in _extra(field) and isinstance(out.get(name), dict):
+            out[name] = _merged(_default(field), out[name])
     return out
 
 
@@ -165,22 +196,23 @@ def read_config_file(path: str | Path, model: type[BaseModel]) -> dict[str, Any]
     specs = option_specs(model)
     by_name = {s.name: s for s in specs}
     by_path = {s.path: s for s in specs}
-    nested_fields = {s.path[0] for s in specs if len(s.path) > 1}
+    groups = {s.path[:i] for s in specs for i in range(1, len(s.path))}
     out: dict[str, Any] = {}
-    for key, value in data.items():
-        key = str(key).replace("-", "_")
-        if key in nested_fields and isinstance(value, dict):
-            for sub, v in value.items():
-                spec = by_path.get((key, str(sub))) or by_name.get(str(sub).replace("-", "_"))
-                if spec is None or spec.path[0] != key:
-                    raise RcsdError(f"{path}: unknown key '{key}.{sub}'")
-                out[spec.name] = v
-            continue
-        spec = by_name.get(key) or by_path.get((key,))
-        if spec is None:
-            raise RcsdError(f"{path}: unknown key '{key}' (options of this stage: "
-                            f"{', '.join(sorted(by_name))[:200]})")
-        out[spec.name] = value
+
+    def take(mapping: dict, prefix: tuple[str, ...]) -> None:
+        for key, value in mapping.items():
+            key = str(key).replace("-", "_")
+            here = prefix + (key,)
+            if here in groups and isinstance(value, dict):
+                take(value, here)
+                continue
+            spec = by_path.get(here) or by_name.get(key)
+            if spec is None or spec.path[: len(prefix)] != prefix:
+                hint = "" if prefix else f" (options of this stage: {', '.join(sorted(by_name))[:200]})"
+                raise RcsdError(f"{path}: unknown key '{'.'.join(here)}'{hint}")
+            out[spec.name] = value
+
+    take(data, ())
     return out
 
 

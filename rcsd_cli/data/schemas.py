@@ -229,16 +229,17 @@ class MetricsRow(_Row):
 
 
 class _Config(BaseModel):
-    """A stage's settings. Options of nested models may also be given flat, by option name."""
+    """A stage's settings. Options of nested models may also be given flat, by option name; a nested
+    group given in part keeps the stage's defaults for the rest."""
 
     model_config = ConfigDict(extra="forbid")
 
     @model_validator(mode="before")
     @classmethod
     def _flat_options(cls, data: Any) -> Any:
-        from rcsd_cli.data.options import fold_flat_options
+        from rcsd_cli.data.options import fold_flat_options, with_group_defaults
 
-        return fold_flat_options(cls, data) if isinstance(data, dict) else data
+        return with_group_defaults(cls, fold_flat_options(cls, data)) if isinstance(data, dict) else data
 
     def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False):
         """As pydantic's (no validation), but flat option names (``lora_rank``) land in their nested group."""
@@ -313,6 +314,27 @@ class LossConfig(_Config):
         return self
 
 
+ROLLOUT_MEMORY_SHARE = 0.3  # train's engines share the GPU with the student, its gradients and AdamW state
+
+
+class VllmConfig(_Config):
+    """vLLM engine settings: the same for a stage's ``--backend vllm`` and train's ``--rollout-backend vllm``."""
+
+    tensor_parallel_size: int = opt(1, ge=1, panel="vLLM", help="vllm: GPUs per engine.")
+    memory_utilization: float | None = opt(
+        None, gt=0, le=1, panel="vLLM", flag="--vllm-memory-utilization", help="vllm: share of memory the engines "
+        f"may reserve. Unset: 0.85 of each GPU for a stage's engine, {ROLLOUT_MEMORY_SHARE} for train's rollout "
+        "engines (they share the GPU with training; split between student and teacher engines), 0.3 of the "
+        "machine's memory on CPU.")
+    kv_cache_gib: float | None = opt(None, gt=0, panel="vLLM", flag="--vllm-kv-cache-gib", help="vllm: KV cache "
+                                     "per engine in GiB instead of a memory share (train on CPU: 1 unless set).")
+    enforce_eager: bool = opt(False, panel="vLLM", flag="--vllm-enforce-eager", help="vllm: skip graph "
+                              "compilation (on CPU the engine starts in ~6 s instead of ~45 s, decodes ~20% slower).")
+    sleep: bool = opt(True, panel="vLLM", flag="--vllm-sleep", help="train on GPU: free the engines' memory "
+                      "while the student trains (vLLM sleep mode), wake them for the next rollouts. vLLM has no "
+                      "sleep mode on CPU.")
+
+
 class BackendConfig(_Config):
     """Which engine generates: transformers in-process, vLLM, or an OpenAI-compatible server."""
 
@@ -330,13 +352,17 @@ class BackendConfig(_Config):
     max_failures: int = opt(0, ge=0, panel="Backend", help="openai: requests that may still fail after their "
                             "retries; each is recorded with its reason (samples: an error column) and the stage "
                             "goes on. One more and it stops, keeping every finished row for a rerun to resume.")
-    tensor_parallel_size: int = opt(1, ge=1, panel="Backend", help="vllm: GPUs per engine.")
-    enforce_eager: bool = opt(False, panel="Backend", flag="--vllm-enforce-eager", help="vllm: skip graph "
-                              "compilation (on CPU the engine starts in ~6 s instead of ~45 s, decodes ~20% slower).")
-    memory_utilization: float | None = opt(None, gt=0, le=1, panel="Backend",
-                                           help="vllm: fraction of each GPU's memory (default 0.85) or, on CPU, of "
-                                           "the machine's memory (default 0.3) the engine may reserve.")
     attn_implementation: AttnImplementation = attn_option("Backend")
+    vllm: VllmConfig = nested(VllmConfig, hide=("sleep",))
+
+    @model_validator(mode="after")
+    def _no_silently_ignored_options(self) -> BackendConfig:
+        from rcsd_cli.data.options import refuse_changed
+
+        if self.kind != "vllm":
+            refuse_changed(self.vllm, tuple(VllmConfig.model_fields), "without --backend vllm")
+        refuse_changed(self.vllm, ("sleep",), "outside train --rollout-backend vllm")
+        return self
 
 
 def _generation(**defaults):
@@ -376,25 +402,64 @@ class SampleConfig(_Config):
     backend: BackendConfig = nested(BackendConfig)
 
 
+class TeacherPromptConfig(_Config):
+    """What the privileged teacher sees besides the question, and its chat template's thinking switch:
+    the same for score, explain, diagnose and train."""
+
+    context: Literal["rubric", "rubric+reference"] = opt(
+        "rubric+reference", panel="Teacher", flag="--teacher-context", help="What the rcsd teacher sees besides "
+        "the question.")
+    thinking: bool | None = opt(None, panel="Teacher", flag="--teacher-thinking", help="enable_thinking of the "
+                                "teacher prompts (default: the student's setting).")
+
+
+class ScoreTeacherConfig(TeacherPromptConfig):
+    """``score --teacher-logprobs``: the teacher whose top-k log-probs an offline round trains on."""
+
+    logprobs: bool = opt(False, panel="Teacher", flag="--teacher-logprobs", help="Store the teacher's top-k "
+                         "log-probs per completion token (for train --samples).")
+    model: str | None = opt(None, panel="Teacher", flag="--teacher-model", help="Teacher model (default: the "
+                            "samples' model).")
+    top_k: int = opt(20, ge=1, panel="Teacher", flag="--teacher-top-k", help="Top-k entries stored per token.")
+    method: Literal["rcsd", "opsd"] = opt("rcsd", panel="Teacher", flag="--teacher-method", help="rcsd: rubric "
+                                          "(+ reference) teacher; opsd: reference-answer teacher.")
+
+
+class TrainTeacherConfig(TeacherPromptConfig):
+    """The training teacher: which weights, what it sees, and the authors' rubric ablations."""
+
+    kind: Literal["frozen", "live", "ema"] = opt("frozen", panel="Teacher", flag="--teacher", help="frozen: "
+                                                 "initial weights; live: current weights; ema: moving average of "
+                                                 "the student.")
+    ema_decay: float = opt(0.99, gt=0.0, lt=1.0, panel="Teacher", flag="--ema-decay",
+                           help="ema teacher: decay per step.")
+    context: Literal["rubric", "rubric+reference", "reason-first"] = opt(
+        "rubric+reference", panel="Teacher", flag="--teacher-context", help="What the rcsd teacher sees besides "
+        "the question. reason-first: the teacher first writes an analysis of the reference and rubric (its own "
+        "sampled turn), then a transition text, then the student's rollout (the authors' published run).")
+    rubric_ablation: Literal["none", "generic", "shuffled", "noisy"] | None = opt(
+        None, panel="Teacher", flag="--rubric-ablation", help="The authors' ablations: none (no rubric, reference "
+        "only), generic (one rubric for every item), shuffled (another item's rubric), noisy (criteria reordered, "
+        "30% of weights negated).")
+
+    @model_validator(mode="after")
+    def _no_silently_ignored_options(self) -> TrainTeacherConfig:
+        from rcsd_cli.data.options import refuse_changed
+
+        if self.kind != "ema":
+            refuse_changed(self, ("ema_decay",), f"with --teacher {self.kind}")
+        return self
+
+
 class ScoreConfig(_Config):
     samples: str = opt(panel="Data", argument=True, help="samples.parquet from rcsd sample.")
     rubrics: str = opt(panel="Data", help="rubrics.parquet the samples were drawn from.")
     judge_model: str | None = opt(None, panel="Model", help="LLM judge for criteria without a machine check "
                                   "(unset: they stay unjudged).")
     judge_retries: int = opt(2, ge=0, panel="Model", help="Retries after a malformed judge reply.")
-    teacher_logprobs: bool = opt(False, panel="Teacher", help="Store the teacher's top-k log-probs per completion "
-                                 "token (for train --samples).")
-    teacher_model: str | None = opt(None, panel="Teacher", help="Teacher model (default: the samples' model).")
-    teacher_top_k: int = opt(20, ge=1, panel="Teacher", help="Top-k entries stored per token.")
-    teacher_method: Literal["rcsd", "opsd"] = opt("rcsd", panel="Teacher", help="rcsd: rubric (+ reference) "
-                                                  "teacher; opsd: reference-answer teacher.")
-    teacher_context: Literal["rubric", "rubric+reference"] = opt("rubric+reference", panel="Teacher",
-                                                                 help="What the rcsd teacher sees besides the "
-                                                                 "question.")
+    teacher: ScoreTeacherConfig = nested(ScoreTeacherConfig)
     prompt_style: PromptStyle | None = opt(None, panel="Teacher", help="Teacher prompt style (default: the "
                                            "samples' own). " + _PROMPT_STYLE_HELP)
-    teacher_thinking: bool | None = opt(None, panel="Teacher", help="enable_thinking of the teacher prompt "
-                                        "(default: the samples' student setting).")
     seed: int = opt(0, panel="Data", help="Random seed (judge sampling).")
     generation: GenerationConfig = nested(_generation(temperature=0.0, max_new_tokens=192), hide=("enable_thinking",))
     backend: BackendConfig = nested(BackendConfig)
@@ -455,26 +520,34 @@ class RolloutConfig(_Config):
         "(rcsd's decoding loop on the training modules) or vllm (colocated vLLM engine in this process, the "
         "student's weights pushed after every optimizer step; a frozen teacher's analyses from a second engine; "
         "needs rcsd[vllm]).")
-    memory_utilization: float = opt(0.3, gt=0, le=1, panel="Rollouts", flag="--vllm-memory-utilization",
-                                    help="vllm on GPU: share of the GPU's memory the engines may take (split "
-                                    "between student and teacher engines).")
-    kv_cache_gib: float | None = opt(None, gt=0, panel="Rollouts", flag="--vllm-kv-cache-gib", help="vllm: KV "
-                                     "cache per engine in GiB (default: 1 on CPU; on GPU from "
-                                     "--vllm-memory-utilization).")
-    enforce_eager: bool = opt(False, panel="Rollouts", flag="--vllm-enforce-eager", help="vllm: skip graph "
-                              "compilation (on CPU the engine starts in ~6 s instead of ~45 s and decodes ~20% "
-                              "slower).")
-    sleep: bool = opt(True, panel="Rollouts", flag="--vllm-sleep", help="vllm on GPU: free the engines' memory "
-                      "while the student trains (vLLM sleep mode). vLLM has no sleep mode on CPU.")
+    vllm: VllmConfig = nested(VllmConfig, hide=("tensor_parallel_size",))
 
     @model_validator(mode="after")
     def _no_silently_ignored_options(self) -> RolloutConfig:
         from rcsd_cli.data.options import refuse_changed
 
         if self.backend != "vllm":
-            refuse_changed(self, ("memory_utilization", "kv_cache_gib", "enforce_eager", "sleep"),
-                           "without --rollout-backend vllm")
+            refuse_changed(self.vllm, tuple(VllmConfig.model_fields), "without --rollout-backend vllm")
+        refuse_changed(self.vllm, ("tensor_parallel_size",), "in train (one rollout engine per process)")
         return self
+
+    @property
+    def memory_share(self) -> float:
+        """Share of the GPU all of the run's engines together may reserve."""
+        return self.vllm.memory_utilization or ROLLOUT_MEMORY_SHARE
+
+
+class DistributedConfig(_Config):
+    """How a launched run (torchrun, accelerate) spreads the student over processes."""
+
+    sharding: Literal["replicate", "full-shard", "shard-grad-op"] | None = opt(
+        None, panel="Distributed", help="Under torchrun/accelerate: replicate (plain data parallel), full-shard "
+        "(FSDP2, ZeRO-3-like) or shard-grad-op (ZeRO-2-like). Unset: what an accelerate FSDP config asks for, "
+        "else replicate.")
+    offload: Literal["none", "full"] = opt(
+        "none", panel="Distributed", help="Sharded runs: full keeps parameter shards, gradients and AdamW state in "
+        "host memory and steps the optimizer there (FSDP2 CPUOffloadPolicy; DeepSpeed's offload_param + "
+        "offload_optimizer); each layer is copied to the GPU for its forward and backward.")
 
 
 Reduction = Literal["sequence", "token"]
@@ -497,18 +570,7 @@ class TrainConfig(_Config):
     method: Literal["rcsd", "opsd", "grpo", "sft"] = opt(
         "rcsd", panel="Model", help="rcsd: rubric teacher; opsd: reference-answer teacher; grpo: rubric/correctness "
         "reward; sft: cross-entropy on reference answers.")
-    teacher: Literal["frozen", "live", "ema"] = opt("frozen", panel="Teacher", help="frozen: initial weights; live: "
-                                                    "current weights; ema: moving average of the student.")
-    ema_decay: float = opt(0.99, gt=0.0, lt=1.0, panel="Teacher", help="ema teacher: decay per step.")
-    teacher_context: Literal["rubric", "rubric+reference", "reason-first"] = opt(
-        "rubric+reference", panel="Teacher", help="What the rcsd teacher sees besides the question. reason-first: "
-        "the teacher first writes an analysis of the reference and rubric (its own sampled turn), then a transition "
-        "text, then the student's rollout (the authors' published run).")
-    teacher_thinking: bool | None = opt(None, panel="Teacher", help="enable_thinking of the teacher prompts "
-                                        "(default: as --student-thinking).")
-    rubric_ablation: Literal["none", "generic", "shuffled", "noisy"] | None = opt(
-        None, panel="Teacher", help="The authors' ablations: none (no rubric, reference only), generic (one rubric "
-        "for every item), shuffled (another item's rubric), noisy (criteria reordered, 30% of weights negated).")
+    teacher: TrainTeacherConfig = nested(TrainTeacherConfig)
     reason_first: ReasonFirstConfig = nested(ReasonFirstConfig)
     loss: LossConfig = nested(LossConfig)
     loss_reduction: Reduction = opt(
@@ -536,14 +598,7 @@ class TrainConfig(_Config):
     max_grad_norm: float = opt(1.0, gt=0, panel="Optimiser", help="Gradient clipping norm.")
     grpo: GRPOConfig = nested(GRPOConfig)
     lora: LoraConfig = nested(LoraConfig)
-    sharding: Literal["replicate", "full-shard", "shard-grad-op"] | None = opt(
-        None, panel="Distributed", help="Under torchrun/accelerate: replicate (plain data parallel), full-shard "
-        "(FSDP2, ZeRO-3-like) or shard-grad-op (ZeRO-2-like). Unset: what an accelerate FSDP config asks for, "
-        "else replicate.")
-    offload: Literal["none", "full"] = opt(
-        "none", panel="Distributed", help="Sharded runs: full keeps parameter shards, gradients and AdamW state in "
-        "host memory and steps the optimizer there (FSDP2 CPUOffloadPolicy; DeepSpeed's offload_param + "
-        "offload_optimizer); each layer is copied to the GPU for its forward and backward.")
+    distributed: DistributedConfig = nested(DistributedConfig)
     save_every: int = opt(0, ge=0, panel="Output", help="Checkpoint every N steps (0 = only the final model).")
     save_total_limit: int | None = opt(None, ge=1, panel="Output", help="Keep only the newest N checkpoints (never "
                                        "the one a run resumed from); unset keeps all.")
@@ -567,16 +622,15 @@ class TrainConfig(_Config):
         offline = bool(self.samples or self.scores)
         reason_first = tuple(ReasonFirstConfig.model_fields)
         if self.method != "rcsd" or self.task != "reasoner":
-            refuse(("rubric_ablation",), f"with --method {self.method} --task {self.task} (RCSD reasoner only)")
+            refuse_changed(self.teacher, ("rubric_ablation",), f"with --method {self.method} --task {self.task} "
+                           "(RCSD reasoner only)")
         if offline:
             why = "on an offline round (--samples/--scores: the teacher's log-probs are stored)"
-            refuse(("teacher", "teacher_context", "teacher_thinking", "ema_decay", "rubric_ablation"), why)
+            refuse_changed(self.teacher, tuple(TrainTeacherConfig.model_fields), why)
             refuse_changed(self.reason_first, reason_first, why)
         if self.method != "grpo":
             refuse_changed(self.grpo, tuple(GRPOConfig.model_fields), f"with --method {self.method} (GRPO only)")
-        if self.teacher != "ema":
-            refuse(("ema_decay",), f"with --teacher {self.teacher}")
-        if self.teacher_context != "reason-first":
+        if self.teacher.context != "reason-first":
             refuse_changed(self.reason_first, reason_first, "without --teacher-context reason-first")
         if offline or self.method == "sft":
             refuse_changed(self.rollout, ("backend",), "on an offline round or with --method sft (nothing is "
@@ -596,11 +650,17 @@ class DiagnoseConfig(_Config):
                           help="Teacher contexts to compare, comma-separated: rubric (as train: rubric and "
                           "reference), reference (OPSD's), shuffled (another item's rubric and its own reference), "
                           "none (the student's own prompt: the zero point).")
-    teacher_thinking: bool | None = opt(None, panel="Teacher", help="enable_thinking of the teacher prompts "
-                                        "(default: as --student-thinking).")
+    teacher: TeacherPromptConfig = nested(TeacherPromptConfig, hide=("context",))
     loss: LossConfig = nested(LossConfig, help="The loss train would apply (same options as train).")
     generation: GenerationConfig = nested(_generation(max_new_tokens=128, temperature=1.2, top_p=0.95, top_k=20),
                                           flags={"enable_thinking": "--student-thinking"})
+
+    @model_validator(mode="after")
+    def _no_silently_ignored_options(self) -> DiagnoseConfig:
+        from rcsd_cli.data.options import refuse_changed
+
+        refuse_changed(self.teacher, ("context",), "in diagnose (--conditions names the teacher contexts)")
+        return self
 
     @field_validator("conditions")
     @classmethod
@@ -621,10 +681,7 @@ class ExplainConfig(_Config):
     prompt_style: PromptStyle | None = opt(None, panel="Data", help="Teacher prompt style (default: the samples' "
                                            "own).")
     model: str | None = opt(None, panel="Model", help="Model (default: the samples' model).")
-    teacher_context: Literal["rubric", "rubric+reference"] = opt("rubric+reference", panel="Teacher",
-                                                                 help="What the teacher sees besides the question.")
-    teacher_thinking: bool | None = opt(None, panel="Teacher", help="enable_thinking of the teacher prompt "
-                                        "(default: the samples' student setting).")
+    teacher: TeacherPromptConfig = nested(TeacherPromptConfig)
     loss: LossConfig = nested(LossConfig, help="The loss train would apply (same options as train).")
 
 

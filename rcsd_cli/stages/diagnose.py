@@ -111,7 +111,7 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
     lm = load_model(cfg.model, trust_remote_code)
     model, tok = lm.model, lm.tokenizer
     think = cfg.generation.enable_thinking
-    teacher_think = think if cfg.teacher_thinking is None else cfg.teacher_thinking
+    teacher_think = think if cfg.teacher.thinking is None else cfg.teacher.thinking
     s_prompts = [student_prompt(tok, r, style=cfg.prompt_style, thinking=think) for r in items]
     with progress("diagnose: student rollouts", len(items)) as advance:
         rollouts = generate(model, tok, s_prompts, cfg.generation, cfg.seed,

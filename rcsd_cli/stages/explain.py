@@ -73,13 +73,13 @@ def run_explain(cfg: ExplainConfig, output: Path, *, overwrite: bool = False, tr
         raise RcsdError(f"{cfg.rubrics}: no rubric for problem {missing[0]!r} of {cfg.samples}")
     sample_cfg = meta.get("config") or {}
     style = cfg.prompt_style or sample_cfg.get("prompt_style") or "answer-line"
-    thinking = cfg.teacher_thinking
+    thinking = cfg.teacher.thinking
     if thinking is None:
         thinking = (sample_cfg.get("generation") or {}).get("enable_thinking")
     lm = load_model(cfg.model or meta.get("model"), trust_remote_code)
     tok = lm.tokenizer
     rows = [rubrics[s.problem_id] for s in samples]
-    t_prompts = [teacher_prompt(tok, r, context=cfg.teacher_context, style=style, thinking=thinking) for r in rows]
+    t_prompts = [teacher_prompt(tok, r, context=cfg.teacher.context, style=style, thinking=thinking) for r in rows]
     conts = [s.completion_token_ids for s in samples]
     with progress("explain", len(samples)) as advance:
         s_logits = continuation_logits(lm.model, [s.prompt_token_ids for s in samples], conts, tok.pad_token_id)

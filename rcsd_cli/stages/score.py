@@ -54,14 +54,14 @@ def add_teacher_logprobs(scores: list[Score], samples, by_id: dict, cfg: ScoreCo
     if not hasattr(engine, "topk_logprobs"):
         raise RcsdError(f"--teacher-logprobs needs a backend that scores given tokens (hf or vllm), not {engine.name}")
     tok = engine.tokenizer
-    prompts = [teacher_prompt(tok, by_id[s.problem_id], method=cfg.teacher_method, context=cfg.teacher_context,
+    prompts = [teacher_prompt(tok, by_id[s.problem_id], method=cfg.teacher.method, context=cfg.teacher.context,
                               style=style, thinking=thinking) for s in samples]
     ids, lps = [], []
     with progress("teacher log-probs", len(samples)) as advance:
         for j in range(0, len(samples), 8):
             part = samples[j: j + 8]
             completions = [s.completion_token_ids for s in part]
-            i, lp = engine.topk_logprobs(prompts[j: j + 8], completions, cfg.teacher_top_k)
+            i, lp = engine.topk_logprobs(prompts[j: j + 8], completions, cfg.teacher.top_k)
             ids += i
             lps += lp
             advance(len(part))
@@ -76,7 +76,7 @@ def run_score(cfg: ScoreConfig, output: Path, *, overwrite: bool = False,
     samples_path, rubrics_path = cfg.samples, cfg.rubrics
     samples, samples_meta = read_samples(samples_path)
     sample_cfg = samples_meta.get("config") or {}
-    if cfg.teacher_logprobs and not cfg.teacher_model:
+    if cfg.teacher.logprobs and not cfg.teacher.model:
         cfg = cfg.model_copy(update={"teacher_model": samples_meta.get("model") or DEFAULT_MODEL})
     rubrics, _ = read_artifact(rubrics_path, "rubrics")
     by_id = {r.id: r for r in rubrics}
@@ -88,13 +88,13 @@ def run_score(cfg: ScoreConfig, output: Path, *, overwrite: bool = False,
         items.append((s.id, r, r.rubric, s.completion))
     scores = judge_and_score(items, cfg.judge_model, cfg.generation, cfg.judge_retries, cfg.seed, trust_remote_code,
                              cfg.backend, resume=(output, cfg, overwrite))
-    if cfg.teacher_logprobs:
+    if cfg.teacher.logprobs:
         # The teacher prompt follows the samples' own style and thinking unless told otherwise.
         style = cfg.prompt_style or sample_cfg.get("prompt_style") or "answer-line"
-        thinking = cfg.teacher_thinking
+        thinking = cfg.teacher.thinking
         if thinking is None:
             thinking = (sample_cfg.get("generation") or {}).get("enable_thinking")
-        scores = add_teacher_logprobs(scores, samples, by_id, cfg, cfg.teacher_model, trust_remote_code, style,
+        scores = add_teacher_logprobs(scores, samples, by_id, cfg, cfg.teacher.model, trust_remote_code, style,
                                       thinking)
     write_artifact(output, "scores", scores, stage="score", config=cfg, model_id=cfg.judge_model,
                    inputs=[samples_path, rubrics_path], overwrite=overwrite)

@@ -38,28 +38,29 @@ def offline_items(samples_path: str, scores_path: str) -> list[OfflineItem]:
 
 def check_sharding(cfg: TrainConfig, world: int) -> None:
     """FSDP needs every process to run the same number of forward passes."""
-    if cfg.offload != "none" and (cfg.sharding == "replicate" or not dist.is_initialized()):
-        raise RcsdError(f"--offload {cfg.offload} needs a sharded run: launch with torchrun (even one process) and "
+    sharding, offload = cfg.distributed.sharding, cfg.distributed.offload
+    if offload != "none" and (sharding == "replicate" or not dist.is_initialized()):
+        raise RcsdError(f"--offload {offload} needs a sharded run: launch with torchrun (even one process) and "
                         "--sharding full-shard or shard-grad-op")
-    if cfg.sharding == "replicate":
+    if sharding == "replicate":
         return
     if not dist.is_initialized():
-        info(f"--sharding {cfg.sharding} has no effect in a single process without a launcher")
+        info(f"--sharding {sharding} has no effect in a single process without a launcher")
         return
     if cfg.lora.merge:
-        raise RcsdError(f"--merge-lora is not available with --sharding {cfg.sharding}: the adapter in OUTPUT loads "
+        raise RcsdError(f"--merge-lora is not available with --sharding {sharding}: the adapter in OUTPUT loads "
                         "merged with --model OUTPUT in every stage")
     if cfg.rollout.backend == "vllm" and cfg.lora.rank:
-        raise RcsdError(f"--rollout-backend vllm with --lora-rank is not available with --sharding {cfg.sharding}; "
+        raise RcsdError(f"--rollout-backend vllm with --lora-rank is not available with --sharding {sharding}; "
                         "use --sharding replicate (adapters are small)")
     if cfg.batch_size % world:
-        raise RcsdError(f"--sharding {cfg.sharding}: --batch-size {cfg.batch_size} must be a multiple of the "
+        raise RcsdError(f"--sharding {sharding}: --batch-size {cfg.batch_size} must be a multiple of the "
                         f"{world} processes (every process runs the same number of passes)")
 
 
 def resolve_sharding(cfg: TrainConfig) -> TrainConfig:
     """An unset ``sharding`` takes what an accelerate FSDP config asks for, else replicate."""
-    if cfg.sharding is not None:
+    if cfg.distributed.sharding is not None:
         return cfg
     sharding, note = from_launcher_env(None)
     if note and dist.is_main():
@@ -93,11 +94,11 @@ def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume
 
         if not vllm_available():  # before any folder is made or weight loaded
             raise RcsdError("--rollout-backend vllm needs vLLM: pip install 'rcsd[vllm]' (CPU: examples/test_vllm.sh)")
-    if cfg.rubric_ablation:
+    if cfg.teacher.rubric_ablation:
         from rcsd_cli.rubrics.ablations import ablate
 
-        rows = ablate(rows, cfg.rubric_ablation, cfg.seed)
-    rank, world = dist.setup(always=cfg.sharding != "replicate")
+        rows = ablate(rows, cfg.teacher.rubric_ablation, cfg.seed)
+    rank, world = dist.setup(always=cfg.distributed.sharding != "replicate")
     check_sharding(cfg, world)
     if rank == 0:
         check_output_folder(output, overwrite, resume)
@@ -159,13 +160,13 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
     rows, _ = read_artifact(cfg.rubrics, "rubrics")
     from rcsd_cli.rubrics.ablations import ablate
 
-    row = ablate(rows, cfg.rubric_ablation, cfg.seed)[0]
+    row = ablate(rows, cfg.teacher.rubric_ablation, cfg.seed)[0]
     shown["item"] = row.id
     s_ids = student_ids(tok, row, cfg)
     shown["student_prompt"] = tok.decode(s_ids)
     t_len = len(s_ids)
     if cfg.method in ("rcsd", "opsd"):
-        if cfg.teacher_context == "reason-first" and cfg.task == "reasoner":
+        if cfg.teacher.context == "reason-first" and cfg.task == "reasoner":
             a_ids = analysis_prompt(tok, row, **teacher_view(cfg))
             shown["analysis_prompt"] = tok.decode(a_ids)
             transition = transition_ids(tok, row, **teacher_view(cfg))

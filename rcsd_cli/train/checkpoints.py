@@ -46,7 +46,7 @@ def save_checkpoint(path: Path, student, teacher, tokenizer, optimizer, schedule
     from safetensors.torch import save_file
 
     model_state = sharding.full_state_dict(student) if sharding.is_sharded(student) else None
-    ema_state = sharding.full_state_dict(teacher) if cfg.teacher == "ema" else None
+    ema_state = sharding.full_state_dict(teacher) if cfg.teacher.kind == "ema" else None
     optimizer_state = sharding.optimizer_state(student, optimizer)
     if not dist.is_main():
         return
@@ -165,7 +165,8 @@ def model_card(cfg: TrainConfig, metrics: list[MetricsRow], inputs: list[str], w
         f"{cfg.batch_size} prompts on {world} process(es).", "",
         "| | |", "| --- | --- |",
         f"| base model | `{cfg.model}` (weights sha256 `{base.get('weights_sha256') or 'n/a'}`) |",
-        f"| method | `{cfg.method}`, teacher `{cfg.teacher}` / `{cfg.teacher_context}`, prompts `{cfg.prompt_style}` |",
+        f"| method | `{cfg.method}`, teacher `{cfg.teacher.kind}` / `{cfg.teacher.context}`, "
+        f"prompts `{cfg.prompt_style}` |",
         f"| loss | `{cfg.loss.kind}`, top-{cfg.loss.top_k}, T {cfg.loss.temperature:g}, clip {cfg.loss.clip}, "
         f"reduction `{cfg.loss_reduction}` |",
         f"| optimiser | AdamW lr {cfg.lr:g} ({cfg.lr_schedule}), seed {cfg.seed} |",

@@ -68,7 +68,7 @@ def estimate(cfg: TrainConfig, model_config, *, student_tokens: int, teacher_tok
     n_train = _lora_parameters(model, cfg) if cfg.lora.rank else n_params
     w_bytes = _BYTES[precision.base_dtype(choice, bool(cfg.lora.rank))]
     train_bytes = 4 if cfg.lora.rank else w_bytes  # peft keeps adapters in fp32
-    shard = world if cfg.sharding in ("full-shard", "shard-grad-op") and world > 1 else 1
+    shard = world if cfg.distributed.sharding in ("full-shard", "shard-grad-op") and world > 1 else 1
     text = getattr(model_config, "get_text_config", lambda: model_config)()
     h, layers = text.hidden_size, text.num_hidden_layers
     inter = getattr(text, "intermediate_size", 4 * h)
@@ -82,8 +82,8 @@ def estimate(cfg: TrainConfig, model_config, *, student_tokens: int, teacher_tok
             "gradients": n_train * train_bytes / shard,
             "adamw_moments": 2 * n_train * train_bytes / shard}
     teacher = 0.0
-    if not cfg.lora.rank and cfg.teacher != "live":  # the trainer keeps a copy of the initial weights
-        dtype = precision.frozen_dtype(choice) if cfg.teacher == "frozen" else precision.param_dtype(choice)
+    if not cfg.lora.rank and cfg.teacher.kind != "live":  # the trainer keeps a copy of the initial weights
+        dtype = precision.frozen_dtype(choice) if cfg.teacher.kind == "frozen" else precision.param_dtype(choice)
         teacher = n_params * _BYTES[dtype] / shard
     plan["teacher_copy"] = teacher
     per_layer_token = (10 * h + 4 * inter) * act_bytes
@@ -98,12 +98,12 @@ def estimate(cfg: TrainConfig, model_config, *, student_tokens: int, teacher_tok
     plan["rollout_kv_cache"] = min(rows, cfg.batch_size) * student_tokens * layers * 2 * kv_dim * act_bytes
     if cfg.rollout.backend == "vllm":
         if device_type == "cuda" and device_gib:
-            plan["vllm_engines"] = cfg.rollout.memory_utilization * device_gib * GIB
+            plan["vllm_engines"] = cfg.rollout.memory_share * device_gib * GIB
         else:
             engine_bytes = _BYTES[precision.frozen_dtype(choice)]  # engines get the run's compute dtype
-            plan["vllm_engines"] = n_params * engine_bytes + (cfg.rollout.kv_cache_gib or 1.0) * GIB
+            plan["vllm_engines"] = n_params * engine_bytes + (cfg.rollout.vllm.kv_cache_gib or 1.0) * GIB
     plan["runtime"] = 0.5 * GIB if device_type == "cuda" else current_rss_gib() * GIB
-    if cfg.offload == "full" and shard > 1 and device_type == "cuda":  # the state lives in host memory
+    if cfg.distributed.offload == "full" and shard > 1 and device_type == "cuda":  # the state lives in host memory
         for key in ("weights", "gradients", "adamw_moments", "teacher_copy"):
             plan[f"host_{key}"] = plan.pop(key)
         plan["gathered_layers"] = 2 * n_params / layers * 2  # two bf16/fp32 layers in flight, roughly

@@ -89,14 +89,14 @@ def student_thinking(cfg) -> bool | None:
 
 def teacher_thinking(cfg) -> bool | None:
     """The teacher's enable_thinking: its own setting, else the student's."""
-    own = getattr(cfg, "teacher_thinking", None)
+    own = cfg.teacher.thinking
     return student_thinking(cfg) if own is None else own
 
 
 def teacher_view(cfg: TrainConfig) -> dict:
     """The settings the teacher's prompts depend on (``rubrics.prompts`` keywords)."""
     return dict(style=cfg.prompt_style, thinking=teacher_thinking(cfg), method=cfg.method,
-                context=cfg.teacher_context, ablation=cfg.rubric_ablation)
+                context=cfg.teacher.context, ablation=cfg.teacher.rubric_ablation)
 
 
 def student_ids(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
@@ -204,7 +204,7 @@ def rollouts(ctx: StepContext, prompts: list[list[int]], keys: list) -> list:
 def distill_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     cfg, tok = ctx.cfg, ctx.tokenizer
     s_prompts = [student_ids(tok, r, cfg) for r in rows]
-    if cfg.teacher_context == "reason-first" and cfg.task == "reasoner":
+    if cfg.teacher.context == "reason-first" and cfg.task == "reasoner":
         t_prompts = reason_first_teacher_prompts(ctx, rows)
     else:
         t_prompts = [teacher_ids(tok, r, cfg) for r in rows]

@@ -144,25 +144,25 @@ def build_rollouts(cfg: TrainConfig, student, teacher, tok, teacher_scope, compu
         t_module = teacher if teacher is not None else student
         return Rollouts(hf_generate(student, tok, compute=compute),
                         hf_generate(t_module, tok, teacher_scope, compute))
-    needs_teacher = (cfg.teacher_context == "reason-first" and cfg.reason_first.by == "teacher"
+    needs_teacher = (cfg.teacher.context == "reason-first" and cfg.reason_first.by == "teacher"
                      and cfg.task == "reasoner" and cfg.method in ("rcsd", "opsd"))
-    separate_teacher = needs_teacher and cfg.teacher != "live"
+    separate_teacher = needs_teacher and cfg.teacher.kind != "live"
     dtype = str(precision.frozen_dtype(cfg.precision)).removeprefix("torch.")  # bf16 unless the run is fp32
-    kv = cfg.rollout.kv_cache_gib or (None if torch.cuda.is_available() else 1.0)
-    share = cfg.rollout.memory_utilization / (2 if separate_teacher else 1)
+    settings = cfg.rollout.vllm.model_copy(update={
+        "kv_cache_gib": cfg.rollout.vllm.kv_cache_gib or (None if torch.cuda.is_available() else 1.0),
+        "memory_utilization": cfg.rollout.memory_share / (2 if separate_teacher else 1)})
 
     def engine(role):
         from rcsd_cli.backends.vllm import VLLMBackend
 
-        return VLLMBackend(BackendConfig(kind="vllm", memory_utilization=share), cfg.model, trust_remote_code,
-                           dtype=dtype, enforce_eager=cfg.rollout.enforce_eager, kv_cache_gib=kv,
-                           sleep_mode=cfg.rollout.sleep, in_process=True, role=role)
+        return VLLMBackend(BackendConfig.model_construct(kind="vllm", vllm=settings), cfg.model, trust_remote_code,
+                           dtype=dtype, in_process=True, role=role)
 
     s_engine = EngineRollouts(engine("student engine"), follows=student)
     engines = [s_engine]
     t_gen = s_engine.generate
     if separate_teacher:
-        t_engine = EngineRollouts(engine("teacher engine"), follows=teacher if cfg.teacher == "ema" else None)
+        t_engine = EngineRollouts(engine("teacher engine"), follows=teacher if cfg.teacher.kind == "ema" else None)
         engines.append(t_engine)
         t_gen = t_engine.generate
     return Rollouts(s_engine.generate, t_gen, engines)

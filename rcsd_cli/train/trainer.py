@@ -103,7 +103,7 @@ def _build_models(cfg: TrainConfig, ckpt: Path | None, trust_remote_code: bool, 
     if cfg.lora.rank:
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        if cfg.teacher == "ema":
+        if cfg.teacher.kind == "ema":
             raise RcsdError("--teacher ema is not supported with LoRA; use frozen or live")
         if ckpt is not None:
             student = PeftModel.from_pretrained(base, ckpt, is_trainable=True)
@@ -113,15 +113,15 @@ def _build_models(cfg: TrainConfig, ckpt: Path | None, trust_remote_code: bool, 
                                                       target_modules=lora_targets(cfg.lora.targets)))
             student.peft_config["default"].base_model_name_or_path = cfg.model
         return student, None, tok
-    teacher = None if cfg.teacher == "live" else copy.deepcopy(base)
+    teacher = None if cfg.teacher.kind == "live" else copy.deepcopy(base)
     student = load_model(str(ckpt), trust_remote_code, **where).model if ckpt is not None else base
-    if teacher is not None and cfg.teacher == "ema" and ckpt is not None:
+    if teacher is not None and cfg.teacher.kind == "ema" and ckpt is not None:
         from safetensors.torch import load_file
 
         teacher.load_state_dict(load_file(ckpt / "ema_teacher.safetensors"))
     if teacher is not None:
         teacher.requires_grad_(False).eval()
-        if cfg.teacher == "frozen":  # no gradients, no optimizer state: no master copy needed
+        if cfg.teacher.kind == "frozen":  # no gradients, no optimizer state: no master copy needed
             teacher.to(precision.frozen_dtype(cfg.precision))
     return student, teacher, tok
 
@@ -133,7 +133,7 @@ def _teacher_view(cfg: TrainConfig, student, teacher, compute):
 
     if teacher is not None:
         module, head, scope = teacher, teacher.get_output_embeddings(), nullcontext
-    elif cfg.lora.rank and cfg.teacher == "frozen":
+    elif cfg.lora.rank and cfg.teacher.kind == "frozen":
         module, head, scope = student, student.get_output_embeddings(), student.disable_adapter
     else:
         module, head, scope = student, student.get_output_embeddings(), nullcontext
@@ -198,16 +198,16 @@ def setup(cfg: TrainConfig, out: Path, resume: bool, trust_remote_code: bool) ->
     if ckpt is not None:
         start_step, metrics = load_trainer_state(ckpt)
         log(f"resuming from {ckpt} (step {start_step})")
-    sharded = cfg.sharding != "replicate" and dist.is_initialized()
+    sharded = cfg.distributed.sharding != "replicate" and dist.is_initialized()
     student, teacher, tok = _build_models(cfg, ckpt, trust_remote_code, on_cpu=sharded)
     dist.broadcast_from_main(student)
     dist.broadcast_from_main(teacher)
     if sharded:  # fully_shard moves each shard to the device
-        policy = dict(mixed=cfg.precision == "bf16-mixed", offload=cfg.offload == "full")
-        reshard = cfg.sharding == "full-shard"
+        policy = dict(mixed=cfg.precision == "bf16-mixed", offload=cfg.distributed.offload == "full")
+        reshard = cfg.distributed.sharding == "full-shard"
         student = sharding.shard(student, reshard, device_type, **policy)
         teacher = None if teacher is None else sharding.shard(teacher, reshard, device_type, **policy)
-        log(f"FSDP2 {cfg.sharding} over {world} processes")
+        log(f"FSDP2 {cfg.distributed.sharding} over {world} processes")
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(student)
     student.train()
@@ -244,8 +244,8 @@ def optimizer_step(run: Run, res: StepResult, step: int) -> tuple[StepResult, fl
         run.optimizer.step()
     moved = precision.moved_share(run.params, before) if first else None
     run.scheduler.step()
-    if cfg.teacher == "ema" and run.teacher is not None:
-        _ema_update(run.teacher, run.student, cfg.ema_decay)
+    if cfg.teacher.kind == "ema" and run.teacher is not None:
+        _ema_update(run.teacher, run.student, cfg.teacher.ema_decay)
     return res, grad_norm, lr, moved
 
 
