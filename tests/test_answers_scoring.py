@@ -189,3 +189,37 @@ def test_extraction_rules_are_reported(text, rule):
     from rcsd_cli.evaluation.answers import extract_with_rule
 
     assert extract_with_rule(text, ["Oxygen", "Carbon dioxide", "Nitrogen", "Argon"])[1] == rule
+
+
+@pytest.mark.parametrize("text,gold,rcsd,authors", [
+    # the authors' eval/evaluate_math.py counts only the last \boxed{...}; rcsd also reads an Answer: line
+    ("So x = 42.\nAnswer: 42", "42", True, False),
+    ("\\boxed {5}", "5", True, False),                         # their extractor needs "\boxed{" exactly
+    ("First \\boxed{3}, then I recheck: \\boxed{4}", "3", False, False),   # both: the last box
+    ("\\boxed{\\frac{1}{2}}", "0.5", True, True),              # math-verify in both
+    ("The result is \\boxed{x^2+2x+1}", "(x+1)^2", True, True),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}", True, True),           # nested braces
+    ("\\boxed{7", "7", True, False),                # never closed: rcsd falls back to the last number
+    ("It is 12 apples, so 12.", "12", True, False),            # rcsd's last-number fallback
+])
+def test_authors_grader_against_rcsd(text, gold, rcsd, authors):
+    from rcsd_cli.evaluation.answers import authors_boxed, authors_match
+
+    assert answers_match(extract_answer(text), gold) is rcsd
+    assert authors_match(authors_boxed(text), gold) is authors
+
+
+def test_authors_boxed_finds_what_their_script_finds():
+    from rcsd_cli.evaluation.answers import authors_boxed
+
+    assert authors_boxed("a \\boxed{ \\frac{a}{b} } b") == "\\frac{a}{b}"
+    assert authors_boxed("\\boxed{1} and \\boxed{2}") == "2"
+    assert authors_boxed("no box") is None and authors_boxed("\\boxed 5") is None
+
+
+def test_eval_grader_authors_is_refused_with_loglik():
+    from rcsd_cli.data.schemas import EvalConfig
+
+    assert EvalConfig(bench="gsm8k", grader="authors").grader == "authors"
+    with pytest.raises(ValueError, match="--grader has no effect with --scoring loglik"):
+        EvalConfig(bench="arc-easy", scoring="loglik", grader="authors")

@@ -306,6 +306,32 @@ def test_rubric_ablations_change_only_the_rubric():
     for n, r in zip(noisy, rows, strict=True):
         assert sorted(abs(c.weight) for c in n.rubric) == sorted(c.weight for c in r.rubric)
     assert any(c.weight < 0 for n in noisy for c in n.rubric)
+    reduced = ablate(rows, "reduced", 0)
+    for n, r in zip(reduced, rows, strict=True):  # two of four criteria, kept in their order
+        assert len(n.rubric) == 2 and n.rubric == [c for c in r.rubric if c in n.rubric]
+    assert ablate(rows, "reduced", 1) != reduced
+
+
+def test_generic_ablation_is_the_authors_rubric_verbatim():
+    """The teacher sees exactly json.dumps(GENERIC_RUBRIC) of rcsd_train_reward.py (github carriegu0818/RCSD)."""
+    from rcsd_cli.rubrics.ablations import GENERIC_RUBRIC
+    from rcsd_cli.rubrics.prompts import rubric_json
+
+    authors = [
+        {"title": "Understand Problem", "description": "Understand the problem: Identify what is being asked and "
+         "restate the goal clearly.", "weight": 1},
+        {"title": "Identify Information", "description": "Identify relevant information: Extract the important "
+         "facts, quantities, constraints, definitions, and assumptions from the problem.", "weight": 1},
+        {"title": "Choose Strategy", "description": "Choose an appropriate solution strategy: Select a valid "
+         "method, principle, formula, or reasoning approach for solving the problem.", "weight": 1},
+        {"title": "Execute Reasoning", "description": "Execute the reasoning carefully: Carry out the solution "
+         "step by step, ensuring that each step follows logically from the previous one.", "weight": 1},
+        {"title": "Check Correctness", "description": "Check correctness and consistency: Verify calculations, "
+         "units, assumptions, edge cases, and whether the answer satisfies the original question.", "weight": 1},
+        {"title": "Provide Final Answer", "description": "Provide the final answer clearly: State the final answer "
+         "in a concise and unambiguous form.", "weight": 1},
+    ]
+    assert rubric_json(GENERIC_RUBRIC) == json.dumps(authors, ensure_ascii=False)
 
 
 def test_no_rubric_ablation_shows_in_the_dry_run(run_cli, rubrics):
@@ -313,7 +339,7 @@ def test_no_rubric_ablation_shows_in_the_dry_run(run_cli, rubrics):
     teacher = p.stdout.split("===== teacher_prompt =====")[1]
     assert "Reference Answer:" in teacher and "Rubric (JSON array)" not in teacher
     p = run_cli("train", "--rubrics", rubrics, "--dry-run", "--rubric-ablation", "generic", check=True)
-    assert "Sound step-by-step reasoning" in p.stdout.split("===== teacher_prompt =====")[1]
+    assert "Check correctness and consistency" in p.stdout.split("===== teacher_prompt =====")[1]
     p = run_cli("train", "--rubrics", rubrics, "--dry-run", "--rubric-ablation", "generic", "--method", "opsd")
     assert p.returncode == 2 and "--rubric-ablation has no effect with --method opsd" in p.stderr
 

@@ -437,10 +437,11 @@ class TrainTeacherConfig(TeacherPromptConfig):
         "rubric+reference", panel="Teacher", flag="--teacher-context", help="What the rcsd teacher sees besides "
         "the question. reason-first: the teacher first writes an analysis of the reference and rubric (its own "
         "sampled turn), then a transition text, then the student's rollout (the authors' published run).")
-    rubric_ablation: Literal["none", "generic", "shuffled", "noisy"] | None = opt(
+    rubric_ablation: Literal["none", "generic", "shuffled", "noisy", "reduced"] | None = opt(
         None, panel="Teacher", flag="--rubric-ablation", help="The authors' ablations: none (no rubric, reference "
-        "only), generic (one rubric for every item), shuffled (another item's rubric), noisy (criteria reordered, "
-        "30% of weights negated).")
+        "only), generic (the authors' six-criterion rubric for every item), shuffled (another item's rubric), noisy "
+        "(criteria reordered, 30% of weights negated), reduced (a random half of the criteria). Rubrics from "
+        "another generator: --rubrics from that file.")
 
     @model_validator(mode="after")
     def _no_silently_ignored_options(self) -> TrainTeacherConfig:
@@ -696,10 +697,22 @@ class EvalConfig(_Config):
     scoring: Literal["generate", "loglik"] = opt(
         "generate", panel="Data", help="generate: sample answers and extract them; loglik: multiple-choice "
         "log-likelihood as lm-evaluation-harness (acc, acc_norm, gold log-prob), no generation.")
+    grader: Literal["rcsd", "authors"] = opt(
+        "rcsd", panel="Data", help="generate: how answers are extracted and compared. rcsd: Answer: line, else the "
+        "last \\boxed{}, else fallbacks; math-verify for open answers. authors: the paper's eval/evaluate_math.py "
+        "(only the last \\boxed{} counts; math-verify without fallback parsing).")
     model: str = opt(DEFAULT_MODEL, panel="Model", help=_MODEL_HELP)
     judge_model: str | None = opt(None, panel="Model", help="LLM judge for rubric criteria without a machine check.")
     generation: GenerationConfig = nested(_generation(temperature=0.0))
     backend: BackendConfig = nested(BackendConfig)
+
+    @model_validator(mode="after")
+    def _no_silently_ignored_options(self) -> EvalConfig:
+        from rcsd_cli.data.options import refuse_changed
+
+        if self.scoring == "loglik":
+            refuse_changed(self, ("grader",), "with --scoring loglik (choices are scored, not extracted)")
+        return self
 
 
 class ServeConfig(_Config):

@@ -130,3 +130,44 @@ def _math_equal(predicted: str, gold: str) -> bool:
         return bool(g and p and verify(g, p))
     except Exception:  # noqa: BLE001 - math-verify raises on unparseable input; that is "no match"
         return False
+
+
+# --- ``eval --grader authors``: the rule of the authors' eval/evaluate_math.py (github carriegu0818/RCSD,
+# commit 137bd93), which produced the paper's math numbers: only the last ``\boxed{...}`` counts, and it is
+# compared with math-verify (no fallback parsing), or as plain text when math-verify raises.
+
+
+def authors_boxed(text: str) -> str | None:
+    """The last ``\\boxed{...}``, found as their script finds it: from the last ``\\boxed``, to the brace that
+    closes the first one opened; None when nothing closes or the command is not followed by ``{``
+    (``\\boxed {5}``, ``\\boxed 5``)."""
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if text[i] == "}" and depth == 0:
+            boxed = text[start: i + 1]
+            return boxed[len("\\boxed{"):-1].strip() if boxed.startswith("\\boxed{") else None
+    return None
+
+
+def authors_match(predicted: str | None, gold: str) -> bool:
+    """math-verify on ``$...$``-wrapped answers without fallback parsing; if it raises, equal text after
+    removing spaces and ``$`` and lower-casing."""
+    if predicted is None:
+        return False
+    pred = predicted if "$" in predicted else f"${predicted}$"
+    ref = gold if "$" in gold else f"${gold}$"
+    try:
+        from math_verify import parse, verify
+
+        return bool(verify(parse(ref, fallback_mode="no_fallback"), parse(pred, fallback_mode="no_fallback"),
+                           timeout_seconds=5))
+    except Exception:  # noqa: BLE001 - their script falls back to comparing text on any failure
+
+        def flat(s: str) -> str:
+            return s.replace("$", "").replace(" ", "").lower().strip()
+
+        return flat(pred) == flat(ref)

@@ -1,8 +1,10 @@
 """Rubric ablations for ``rcsd train --rubric-ablation`` (the authors' ablation study).
 
 Each returns new rows; the question, reference and gold answer stay, only the rubric the teacher
-sees changes. ``generic`` and ``noisy`` are rcsd's own constructions (the authors' exact generic
-and noisy rubrics are not public); the chosen ablation is recorded in every artifact's config.
+sees changes. ``generic`` is the authors' six-criterion rubric, verbatim (``GENERIC_RUBRIC`` in
+``rcsd_train_reward.py`` of github carriegu0818/RCSD). Their noisy, reduced and random rubrics were
+read from caches whose construction is not public; ``noisy``, ``reduced`` and ``shuffled`` are
+rcsd's rules for them (below). The chosen ablation is recorded in every artifact's config.
 """
 
 from __future__ import annotations
@@ -11,23 +13,28 @@ import random
 
 from rcsd_cli.data.schemas import Criterion, Rubric
 
-GENERIC_RUBRIC = [
-    Criterion(id="generic-correct", title="Correct final answer", weight=10,
-              description="States a final answer that is correct."),
-    Criterion(id="generic-reasoning", title="Sound step-by-step reasoning", weight=5,
-              description="Each step follows from the previous ones and from the question."),
-    Criterion(id="generic-relevant", title="Addresses the question", weight=4,
-              description="Answers what was asked, using the given information."),
-    Criterion(id="generic-clear", title="Clear and concise", weight=3, description="Easy to follow, no padding."),
-    Criterion(id="generic-unsupported", title="Unsupported claims", weight=-1,
-              description="Asserts facts or steps without justification."),
-]
+_AUTHORS_GENERIC = (  # (title, description), each with weight 1, in the authors' order
+    ("Understand Problem", "Understand the problem: Identify what is being asked and restate the goal clearly."),
+    ("Identify Information", "Identify relevant information: Extract the important facts, quantities, "
+     "constraints, definitions, and assumptions from the problem."),
+    ("Choose Strategy", "Choose an appropriate solution strategy: Select a valid method, principle, formula, or "
+     "reasoning approach for solving the problem."),
+    ("Execute Reasoning", "Execute the reasoning carefully: Carry out the solution step by step, ensuring that "
+     "each step follows logically from the previous one."),
+    ("Check Correctness", "Check correctness and consistency: Verify calculations, units, assumptions, edge "
+     "cases, and whether the answer satisfies the original question."),
+    ("Provide Final Answer", "Provide the final answer clearly: State the final answer in a concise and "
+     "unambiguous form."),
+)
+GENERIC_RUBRIC = [Criterion(id=f"generic-{i + 1}", title=title, description=text, weight=1)
+                  for i, (title, text) in enumerate(_AUTHORS_GENERIC)]
 
 
 def ablate(rows: list[Rubric], kind: str | None, seed: int) -> list[Rubric]:
-    """``none``: no rubric (the teacher sees the reference only); ``generic``: one rubric for every item;
-    ``shuffled``: another item's rubric (a seeded derangement); ``noisy``: each item's own rubric with
-    its criteria reordered and each weight's sign flipped with probability 0.3 (seeded per item)."""
+    """``none``: no rubric (the teacher sees the reference only); ``generic``: the authors' rubric for
+    every item; ``shuffled``: another item's rubric (a seeded derangement); ``noisy``: each item's own
+    rubric with its criteria reordered and each weight's sign flipped with probability 0.3; ``reduced``:
+    a random half of each item's criteria (rounded up), in their order (both seeded per item)."""
     if kind is None:
         return rows
     if kind == "none":
@@ -48,5 +55,12 @@ def ablate(rows: list[Rubric], kind: str | None, seed: int) -> list[Rubric]:
             crit = [c.model_copy(update={"weight": -c.weight if rng.random() < 0.3 else c.weight}) for c in r.rubric]
             rng.shuffle(crit)
             out.append(r.model_copy(update={"rubric": crit}))
+        return out
+    if kind == "reduced":
+        out = []
+        for r in rows:
+            keep = sorted(random.Random(f"{seed}:{r.id}:reduced").sample(range(len(r.rubric)),
+                                                                       (len(r.rubric) + 1) // 2))
+            out.append(r.model_copy(update={"rubric": [r.rubric[i] for i in keep]}))
         return out
     raise ValueError(f"unknown rubric ablation {kind!r}")
