@@ -1,10 +1,13 @@
 """Parsing and validation of LLM rubric designer output."""
 
 import json
+from pathlib import Path
 
 import pytest
 
+from rcsd_cli.data.artifacts import read_artifact
 from rcsd_cli.rubrics.rubric_gen import InvalidRubric, parse_rubric_output
+from tests.conftest import write_jsonl
 
 GOOD = [{"title": "Correct final answer", "description": "Gives B as the answer.", "weight": 10},
         {"title": "Explains photosynthesis", "description": "Mentions CO2 uptake.", "weight": 4},
@@ -35,3 +38,88 @@ def test_invalid_rubrics_are_rejected_with_a_reason(mutate, reason):
 def test_no_array():
     with pytest.raises(InvalidRubric, match="no JSON array"):
         parse_rubric_output("I cannot write a rubric.")
+
+
+# --- --prompt-style paper: the authors' designer (RubricPromptBuilder, rcsd_train_reward.py) and their reading
+
+GOLDEN = Path(__file__).parent / "golden" / "authors_rubric_designer.txt"
+PHOTONS = {"id": "bulb", "question": "A 100-W bulb is 3% efficient. How many visible photons per second does it emit "
+           "(take 5000 angstrom)?", "reference_answer": "About 7.5e18 photons per second: 3 W of light, each photon "
+           "carries hc/λ ≈ 4.0e-19 J."}
+
+
+def test_paper_designer_message_is_the_authors_text():
+    """GOLDEN holds RubricPromptBuilder().build(question, reference) run from the authors' file."""
+    from rcsd_cli.data.schemas import Problem
+    from rcsd_cli.rubrics.prompts import rubric_designer_message
+
+    problem = Problem(**PHOTONS)
+    assert rubric_designer_message(problem, "paper") == GOLDEN.read_text(encoding="utf-8")
+
+
+def test_paper_rule_reads_what_the_authors_accept():
+    text = ("<think>draft [1]</think>" + json.dumps([
+        {"description": "Uses the 3% efficiency.", "weight": 5},           # no title: Criterion 1
+        "States the photon energy.",                                        # a string: weight 1
+        {"title": "Wrong power", "criterion": "Uses 100 W of light.", "points": -1},
+    ]))
+    crit = parse_rubric_output(text, "paper")
+    assert [(c.title, c.description, c.weight) for c in crit] == [
+        ("Criterion 1", "Uses the 3% efficiency.", 5), ("Criterion 2", "States the photon energy.", 1),
+        ("Wrong power", "Uses 100 W of light.", -1)]
+    # fewer than 3 criteria, no pitfall, 0 weights: fine by the authors' rule, refused by rcsd's short format
+    short_ok = json.dumps([{"title": "Uses efficiency", "description": "x", "weight": 0}])
+    assert parse_rubric_output(short_ok, "paper")[0].weight == 0
+    with pytest.raises(InvalidRubric):
+        parse_rubric_output(short_ok, "short")
+    # a stray opening tag is deleted, its content kept (theirs), unlike rcsd's short rule
+    assert parse_rubric_output("<think>" + json.dumps(["Correct answer."]), "paper")[0].weight == 1
+
+
+@pytest.mark.parametrize("reply,reason", [
+    ("[]", "empty JSON array"),
+    ("[\"\"]", "neither an object nor a non-empty string"),
+    ("no array here", "no JSON array"),
+    ("[{}]", "valid by the authors' rule, refused by rcsd's schema: criterion 0 has no description"),
+    ('[{"description": "x", "weight": "heavy"}]', "refused by rcsd's schema: criterion 0: weight 'heavy'"),
+])
+def test_paper_rule_rejections(reply, reason):
+    with pytest.raises(InvalidRubric, match=reason):
+        parse_rubric_output(reply, "paper")
+
+
+def test_gen_rubrics_paper_style_end_to_end(run_cli, tiny_model, tmp_path):
+    """Against a scripted OpenAI-compatible server: the designer prompt sent is the authors' text, a reply their
+    rule accepts but rcsd's schema refuses is recorded, counted and asked again."""
+    from tests.test_faults import FakeServer
+
+    data = write_jsonl(tmp_path / "q.jsonl", [PHOTONS])
+    p = run_cli("gen-rubrics", data, "--model", tiny_model, "--dry-run", "-o", tmp_path / "dry.parquet", check=True)
+    shown = p.stdout.split("===== designer_prompt =====\n")[1]
+    assert GOLDEN.read_text(encoding="utf-8") in shown and shown.rstrip().endswith("assistant")
+    assert not (tmp_path / "dry.parquet").exists() and not list(tmp_path.glob("dry*"))
+
+    bad = json.dumps([{"description": "Uses the 3% efficiency.", "weight": "high"}])
+    good = json.dumps([{"title": "Efficiency Factor", "description": "Uses the 3% efficiency.", "weight": 5}])
+    server = FakeServer([("reply", bad), ("reply", good)])
+    try:
+        p = run_cli("gen-rubrics", data, "-o", tmp_path / "r.parquet", "--model", tiny_model, "--backend", "openai",
+                    "--base-url", server.url, "--concurrency", "1", check=True)
+    finally:
+        server.httpd.shutdown()
+    rows, meta = read_artifact(tmp_path / "r.parquet", "rubrics")
+    assert [(c.title, c.weight) for c in rows[0].rubric] == [("Efficiency Factor", 5)]
+    assert meta["config"]["prompt_style"] == "paper"
+    rejected, _ = read_artifact(tmp_path / "r.rejected.parquet", "rejected-rubrics")
+    assert len(rejected) == 1 and "refused by rcsd's schema" in rejected[0].reason
+    assert "1 of them valid by the authors' rule but refused by rcsd's schema" in " ".join(p.stderr.split())
+
+
+def test_no_valid_rubric_names_the_way_out(run_cli, tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "q.jsonl", [PHOTONS])
+    p = run_cli("gen-rubrics", data, "-o", tmp_path / "r.parquet", "--model", tiny_model, "--retries", "0",
+                "--max-new-tokens", "4")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    line = " ".join(p.stderr.split())
+    assert "no valid rubric for any of 1 problems" in line and "--generator reference" in line
+    assert "--backend openai" in line

@@ -383,6 +383,10 @@ class GenRubricsConfig(_Config):
     regenerate: bool = opt(False, panel="Data", help="Regenerate rubrics even for rows that carry one.")
     limit: int | None = opt(None, ge=1, panel="Data", help="Use at most N problems.")
     offset: int = opt(0, ge=0, panel="Data", help="Skip this many problems (benchmarks: after the seeded shuffle).")
+    prompt_style: Literal["paper", "short"] = opt(
+        "paper", panel="Data", help="llm: paper = the authors' rubric designer prompt, replies read by their rule "
+        "(first JSON array; criteria need text; weight defaults to 1, title to 'Criterion i'); short = rcsd's "
+        "one-paragraph designer, replies checked against its format (3-25 criteria, an essential one, a pitfall).")
     model: str = opt(DEFAULT_MODEL, panel="Model", help=_MODEL_HELP)
     retries: int = opt(3, ge=0, panel="Generation", help="Extra attempts after an invalid LLM rubric.")
     seed: int = opt(0, panel="Data", help="Random seed (sampling, shuffles).")

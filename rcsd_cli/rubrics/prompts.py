@@ -142,8 +142,62 @@ def transition_text(problem: Problem, rubric: list[Criterion] | None, style: str
     return f"\n\nNow answer the question yourself, without mentioning the guidance. {answer_instruction(problem)}\n"
 
 
-def rubric_designer_message(problem: Problem) -> str:
+# --- the authors' rubric designer (RubricPromptBuilder in rcsd_train_reward.py, github carriegu0818/RCSD), verbatim
+PAPER_DESIGNER_ROLE = (
+    "# Role You are a top-tier Rubric Designer. Your sole task is to design JSON-formatted evaluation rubrics "
+    "based on both the [Question] and the [Reference Answer] provided by the user.\n"
+    "# Core Task\n"
+    "1. Analyze [Question]: Understand every explicit and implicit requirement in the [Question].\n"
+    "2. Leverage [Reference Answer]: Use the [Reference Answer] to capture nuanced expectations, desirable "
+    "reasoning patterns, and formatting details that high-quality responses should exhibit. Treat it as "
+    "authoritative context, not content to be copied.\n"
+    "3. Create Rubrics: Following the [Evaluation Criteria Format] and [Design Rules] below, develop 3 to 25 "
+    "evaluation criteria that ensure candidate answers respond to the [Question] and match the quality "
+    "demonstrated in the [Reference Answer].\n"
+    "4. Output Format: Must strictly follow the [Output Requirements] with no additional text.\n"
+)
+PAPER_DESIGNER_FORMAT = (
+    "# [Evaluation Criteria Format]\n"
+    "- Each criterion must contain the following fields:\n"
+    "1. `title`: (String) A 2-5 word core summary.\n"
+    "2. `description`: (String) A clear description of no more than 40 words or 5 sentences.\n"
+    "3. `weight`: (Integer) A score between -1 and 10.\n"
+    "\n"
+    "Example output format (match this style exactly)\n"
+    "[\n"
+    "{\"description\": \"Essential Criteria: The response must explicitly incorporate the 3% efficiency factor "
+    "to determine the actual power output in visible photons from the 100-W bulb.\", \"title\": \"Efficiency "
+    "Factor\", \"weight\": 5},\n"
+    "{\"description\": \"Important Criteria: The response should correctly calculate the energy of a single "
+    "photon using the formula E = hc/λ, with λ approximately equal to 5000 angstrom, ensuring proper usage of "
+    "physical constants.\", \"title\": \"Photon Energy Calculation\", \"weight\": 5}\n"
+    "]\n"
+    "Output Requirements (strict)\n"
+    "* Output ONLY valid JSON.\n"
+    "* Output must be a JSON array of criterion objects (no wrapper keys).\n"
+    "* No markdown, no commentary, no code fences, no extra text.\n"
+    "* Do not include anything besides the array.\n"
+    "* Do not copy sentences from the Reference Answer; write fresh evaluative criteria.\n"
+    "Design Rules\n"
+    "* Prefer testable, concrete criteria over vague ones.\n"
+    "* Use higher weights (7–10) for essential requirements.\n"
+    "* Use mid weights (3–6) for strong-but-nonessential improvements.\n"
+    "* Use at least one negative criterion (weight -1) for major violations (e.g., ignoring constraints, wrong "
+    "format, hallucinating, contradicting the reference).\n"
+    "* Avoid redundancy: each criterion should measure a distinct aspect.\n"
+    "Now generate the rubric criteria for the provided Question and Reference Answer."
+)
+
+
+DesignerStyle = str  # "paper" (the authors' designer) or "short" (rcsd's one-paragraph designer)
+
+
+def rubric_designer_message(problem: Problem, style: DesignerStyle = "short") -> str:
+    """The request to write a rubric for ``problem``: the authors' designer (``paper``) or rcsd's ``short`` one."""
     ref = problem.reference_answer or problem.answer or "(none given)"
+    if style == "paper":
+        return (f"{PAPER_DESIGNER_ROLE}# [Question]\n{format_question(problem)}\n# [Reference Answer]\n{ref}\n"
+                f"{PAPER_DESIGNER_FORMAT}")
     return (
         "You write grading rubrics. For the question below, write a rubric as a JSON array of 3 to 25 "
         'criteria, each {"title": "2-5 words", "description": "at most 40 words", "weight": integer}. '

@@ -9,7 +9,7 @@ from rcsd_cli.data.inputs import InputRow, load_problems
 from rcsd_cli.data.schemas import GenRubricsConfig, RejectedRubric, Rubric
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.evaluation.benchmarks import BENCHES, load_bench, select
-from rcsd_cli.rubrics.rubric_gen import InvalidRubric, parse_rubric_output, reference_rubric
+from rcsd_cli.rubrics.rubric_gen import RCSD_SCHEMA_REFUSED, InvalidRubric, parse_rubric_output, reference_rubric
 from rcsd_cli.ui import info, progress
 
 
@@ -23,11 +23,34 @@ def load_sources(data: str, limit: int | None, seed: int, offset: int = 0, split
     return rows[offset:][:limit] if limit else rows[offset:]
 
 
+def designer_prompt(tok, problem, cfg: GenRubricsConfig) -> list[int]:
+    """The token ids the rubric designer model is given for ``problem``."""
+    from rcsd_cli.rubrics.prompts import chat_prompt_ids, rubric_designer_message
+
+    return chat_prompt_ids(tok, rubric_designer_message(problem, cfg.prompt_style), cfg.generation.enable_thinking)
+
+
+def dry_run(cfg: GenRubricsConfig, trust_remote_code: bool = False) -> dict:
+    """The resolved config and the first problem's designer prompt, decoded from the ids the model would get;
+    nothing is loaded but the tokenizer, nothing is written."""
+    from rcsd_cli.models import load_tokenizer
+
+    rows = load_sources(cfg.data, cfg.limit, cfg.seed, cfg.offset, cfg.split, cfg.subset)
+    shown: dict = {"config": cfg.model_dump(mode="json")}
+    todo = [r for r in rows if cfg.regenerate or not r.rubric]
+    if not todo or cfg.generator == "reference":
+        shown["note"] = (f"no designer prompt: {len(rows) - len(todo)} of {len(rows)} rows carry a rubric"
+                         if cfg.generator != "reference" else "--generator reference asks no model")
+        return shown
+    tok = load_tokenizer(cfg.backend.tokenizer or cfg.model, trust_remote_code)
+    shown["item"] = todo[0].problem.id
+    shown["designer_prompt"] = tok.decode(designer_prompt(tok, todo[0].problem, cfg))
+    return shown
+
+
 def _llm_rubrics(todo: list[InputRow], cfg: GenRubricsConfig, trust_remote_code: bool, runner_args: tuple):
     from rcsd_cli.backends import open_backend
     from rcsd_cli.backends.resume import ResumableGenerator
-    from rcsd_cli.rubrics.prompts import chat_prompt_ids, rubric_designer_message
-
     engine = open_backend(cfg.backend, cfg.model, trust_remote_code)
     runner = ResumableGenerator(engine, *runner_args)
     accepted: dict[str, Rubric] = {}
@@ -37,9 +60,7 @@ def _llm_rubrics(todo: list[InputRow], cfg: GenRubricsConfig, trust_remote_code:
         for attempt in range(cfg.retries + 1):
             if not pending:
                 break
-            think = cfg.generation.enable_thinking
-            prompts = [chat_prompt_ids(engine.tokenizer, rubric_designer_message(r.problem), think)
-                       for r in pending]
+            prompts = [designer_prompt(engine.tokenizer, r.problem, cfg) for r in pending]
             keys = [f"{r.problem.id}:{attempt}" for r in pending]
             outs = runner.generate(keys, prompts, cfg.generation, cfg.seed + 104_729 * attempt)
             retry = []
@@ -50,7 +71,7 @@ def _llm_rubrics(todo: list[InputRow], cfg: GenRubricsConfig, trust_remote_code:
                     advance(1)
                     continue
                 try:
-                    crit = parse_rubric_output(out.text)
+                    crit = parse_rubric_output(out.text, cfg.prompt_style)
                     accepted[row.problem.id] = Rubric(**row.problem.model_dump(), rubric=crit, rubric_origin="llm")
                     advance(1)
                 except InvalidRubric as exc:
@@ -99,15 +120,20 @@ def run_gen_rubrics(cfg: GenRubricsConfig, output: Path, *, overwrite: bool = Fa
     if not ordered:
         if runner is not None:
             runner.finish()  # every attempt is recorded in the rejected file
+        way_out = ("; --generator reference builds check-only rubrics from gold answers, or use a model that "
+                   "can write rubrics: a larger --model, or --backend openai with a served one" if kind == "llm"
+                   else "")
         raise RcsdError(f"{data}: no valid rubric for any of {len(rows)} problems"
-                        + (f"; reasons in {rejected_path}" if rejected else ""))
+                        + (f" (reasons in {rejected_path})" if rejected else "") + way_out)
     write_artifact(output, "rubrics", ordered, stage="gen-rubrics", config=cfg,
                    model_id=model if todo and kind == "llm" else None, inputs=inputs, overwrite=overwrite)
     if runner is not None:
         runner.finish()
     dropped = len({r.problem_id for r in rejected} - set(out))
+    refused = sum(r.reason.startswith(RCSD_SCHEMA_REFUSED) for r in rejected)
     info(f"wrote {len(ordered)} rubrics to {output}" + (f"; {dropped} problems dropped, "
                                                        f"{len(rejected)} rejected outputs in {rejected_path}"
-                                                       if rejected else ""))
+                                                       if rejected else "")
+         + (f" ({refused} of them valid by the authors' rule but refused by rcsd's schema)" if refused else ""))
     return len(ordered), len(rejected)
 
