@@ -1,6 +1,7 @@
 """Problem files in every supported layout normalise to the same Problem/Criterion model."""
 
 import csv
+from pathlib import Path
 
 import pytest
 
@@ -111,3 +112,70 @@ def test_binary_file(tmp_path):
     f.write_bytes(b"\x89PNG\x00\x01\x02")
     with pytest.raises(RcsdError, match="binary file"):
         load_problems(f)
+
+
+# --- the authors' data layouts (rcsd_train_reward.py of github carriegu0818/RCSD), one fixture file each
+
+LAYOUTS = Path(__file__).parent / "fixtures" / "layouts"
+
+
+def test_rubrichub_rows_as_the_authors_read_them():
+    """source/query/answer/rubrics; criteria text under criterion|description, weight under points|weight|score,
+    titles 'Criterion i' when missing; --source-filter keeps their science sources."""
+    rows = load_problems(LAYOUTS / "rubrichub.parquet", sources={"RaR_science.jsonl", "MegeScience.jsonl"})
+    assert [r.problem.source for r in rows] == ["RaR_science.jsonl", "MegeScience.jsonl"]
+    ice = rows[0]
+    assert ice.problem.question == "Why does ice float on liquid water?"
+    assert ice.problem.answer.startswith("Ice is less dense")
+    assert [(c.title, c.weight) for c in ice.rubric] == [("Criterion 1", 7), ("Criterion 2", 5), ("Criterion 3", -1)]
+    assert [(c.title, c.weight) for c in rows[1].rubric] == [("Names the coulomb", 8)]
+    assert len(load_problems(LAYOUTS / "rubrichub.parquet")) == 3
+    with pytest.raises(RcsdError, match="no row's source is one of Nope"):
+        load_problems(LAYOUTS / "rubrichub.parquet", sources={"Nope"})
+
+
+@pytest.mark.parametrize("name,question,reference,answer", [
+    ("rar_science.jsonl", "Which gas do plants take up for photosynthesis?",
+     "Carbon dioxide, fixed in the Calvin cycle.", None),
+    ("natural_reasoning.jsonl", "A ball is dropped from 20 m. How long until it lands (g = 10 m/s^2)?", "2 s", None),
+    ("openthoughts_math.jsonl", "Compute 3^4 - 2^5.", "3^4 = 81 and 2^5 = 32, so the difference is \\boxed{49}.",
+     None),
+    ("verl_chat.jsonl", "What is 6 times 7?", "42", "42"),   # prompt as chat messages, reward_model.ground_truth
+])
+def test_the_authors_other_layouts(name, question, reference, answer):
+    (row,) = load_problems(LAYOUTS / name)
+    assert (row.problem.question, row.problem.reference_answer, row.problem.answer) == (question, reference, answer)
+    if name == "rar_science.jsonl":
+        assert [(c.title, c.weight) for c in row.rubric] == [("Names carbon dioxide", 5), ("Confuses with oxygen", -1)]
+    if name == "verl_chat.jsonl":
+        assert row.problem.source == "gsm8k"
+
+
+def test_a_folder_of_shards_samples_per_file_as_the_authors_do(tmp_path):
+    """Files shuffled by random.Random(seed), then from each the first rows up to an equal share of what is
+    still missing: 3 files of 4 rows, 5 wanted -> 2 + 2 + 1."""
+    import random
+
+    for f in range(3):
+        write_jsonl(tmp_path / f"shard{f}.jsonl", [{"id": f"s{f}-{i}", "question": f"Q{f}.{i}?"} for i in range(4)])
+    rows = load_problems(tmp_path, sample_size=5, sample_seed=42)
+    order = sorted(tmp_path.glob("*.jsonl"))
+    random.Random(42).shuffle(order)
+    expected = [f"{p.stem.replace('shard', 's')}-{i}" for p, k in zip(order, (2, 2, 1), strict=True) for i in range(k)]
+    assert [r.problem.id for r in rows] == expected
+    assert len(load_problems(tmp_path)) == 12  # a folder without --sample-size: every row of every file
+    write_jsonl(tmp_path / "shard3.jsonl", [{"id": "s0-1", "question": "again?"}])
+    with pytest.raises(RcsdError, match=r"shard3.jsonl:row 0: duplicate id 's0-1' \(first at .*shard0.jsonl:row 1\)"):
+        load_problems(tmp_path)
+
+
+def test_gen_rubrics_imports_rubrichub_science_rows(run_cli, tmp_path):
+    from rcsd_cli.data.artifacts import read_artifact
+
+    out = tmp_path / "r.parquet"
+    run_cli("gen-rubrics", LAYOUTS / "rubrichub.parquet", "--source-filter", "RaR_science.jsonl,MegeScience.jsonl",
+            "-o", out, check=True)  # every row carries a rubric: imported, no model loaded
+    rows, meta = read_artifact(out, "rubrics")
+    assert [r.source for r in rows] == ["RaR_science.jsonl", "MegeScience.jsonl"]
+    assert {r.rubric_origin for r in rows} == {"imported"} and rows[0].rubric[0].title == "Criterion 1"
+    assert meta["config"]["source_filter"] == "RaR_science.jsonl,MegeScience.jsonl"

@@ -135,7 +135,7 @@ def _criteria_from(raw: Any) -> list[Criterion]:
         if text is None and title is None:
             raise ValueError(f"field 'rubric.{j}.description' is missing")
         if weight is None:
-            raise ValueError(f"field 'rubric.{j}.weight' is missing")
+            weight = 1  # the authors' default for RubricHub criteria
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             try:
                 weight = float(str(weight).strip())
@@ -144,7 +144,7 @@ def _criteria_from(raw: Any) -> list[Criterion]:
         tags = item.get("tags") or []
         if isinstance(tags, str):
             tags = [tags]
-        title = str(title) if title else " ".join(str(text).split()[:5])
+        title = str(title) if title else f"Criterion {j + 1}"  # as the authors title RubricHub criteria
         try:
             out.append(Criterion(id=f"c{j + 1}", title=title, description=str(text or title),
                                  weight=weight, tags=[str(t) for t in tags]))
@@ -214,7 +214,7 @@ def normalise_record(rec: dict[str, Any], row: int, default_source: str, shuffle
     """Turn one raw row of any supported layout into a Problem (+ imported rubric)."""
     if all(c in rec for c in GPQA_COLUMNS[:2]):
         return InputRow(gpqa_problem(rec, row, shuffle_seed), None)
-    question = _first(rec, "question", "problem", "question_stem", "input")
+    question = _first(rec, "question", "problem", "question_stem", "query", "instruction", "input")
     prompt = _first(rec, "prompt")
     if question is None and isinstance(prompt, list):
         question = _question_from_messages(prompt)
@@ -227,7 +227,10 @@ def normalise_record(rec: dict[str, Any], row: int, default_source: str, shuffle
     if len(question) > MAX_QUESTION_CHARS:
         raise ValueError(f"field 'question' is {len(question)} characters, over the {MAX_QUESTION_CHARS} limit")
     choices, labels = _choices_from(rec)
-    answer = _first(rec, "answer", "answerKey", "correct_answer", "gold", "label")
+    reward_model = rec.get("reward_model") if isinstance(rec.get("reward_model"), dict) else {}
+    answer = _first(rec, "answer", "answerKey", "correct_answer", "gold", "label", "final_answer")
+    if answer is None:
+        answer = _first(reward_model, "ground_truth")  # verl's layout
     if choices is None and isinstance(rec.get("correct_answer"), str) and rec.get("distractor1"):
         # SciQ layout: a correct answer plus distractors, without a letter.
         choices = [rec["correct_answer"]] + [rec[f"distractor{i}"] for i in (1, 2, 3) if rec.get(f"distractor{i}")]
@@ -239,12 +242,14 @@ def normalise_record(rec: dict[str, Any], row: int, default_source: str, shuffle
         answer = _gold_letter(answer, choices, labels)
     elif answer is not None:
         answer = str(answer).strip()
-    reference = _first(rec, "reference_answer", "solution", "explanation", "ideal_completion")
+    reference = _first(rec, "reference_answer", "reference", "solution", "explanation", "ideal_completion")
     if reference is None and answer is not None:
         reference = f"{answer}) {choices[LETTERS.index(answer)]}" if choices else str(answer)
     rid = _first(rec, "id", "prompt_id", "uid", "Record ID", "problem_id")
     metadata = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
-    raw_rubric = _first(rec, "rubric", "rubrics", "criteria", "Rubrics")
+    raw_rubric = _first(rec, "rubric", "rubric_list", "rubrics", "criteria", "Rubrics")
+    if raw_rubric is None:
+        raw_rubric = _first(reward_model, "rubrics", "rubric")
     rubric = _criteria_from(raw_rubric) if raw_rubric is not None else None
     try:
         problem = Problem(id=str(rid if rid is not None else f"{default_source}-{row}"), question=question,
@@ -277,24 +282,61 @@ def read_hub_records(dataset_id: str, subset: str | None, split: str) -> list[di
     return [dict(r) for r in ds]
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def data_files(path: Path) -> list[Path]:
+    """A file, or every data file of a folder (sorted by name), e.g. a downloaded dataset's shards."""
+    if not path.is_dir():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+    if not files:
+        raise RcsdError(f"{path}: folder holds no {', '.join(DATA_SUFFIXES)} files")
+    return files
+
+
 def load_problems(path: str | Path, limit: int | None = None, shuffle_seed: int = 0, *, split: str = "train",
-                  subset: str | None = None) -> list[InputRow]:
-    """All rows of a problems file (or hub dataset id), normalised, with duplicate ids rejected."""
+                  subset: str | None = None, sources: set[str] | None = None, sample_size: int | None = None,
+                  sample_seed: int = 0) -> list[InputRow]:
+    """All rows of a problems file, a folder of them or a hub dataset id, normalised, duplicate ids rejected.
+
+    ``sources`` keeps rows whose ``source`` is listed. ``sample_size`` samples as the authors' RubricHub
+    loader does: files in an order shuffled by ``random.Random(sample_seed)``, from each the first rows up to
+    an equal share of what is still missing (at least one), until ``sample_size`` rows are taken.
+    """
     if isinstance(path, str) and is_hub_dataset_id(path):
-        records, path = read_hub_records(path, subset, split), Path(path)
+        parts = [(Path(path), read_hub_records(path, subset, split))]
     else:
-        path = Path(path)
-        records = read_records(path)
+        parts = [(f, None) for f in data_files(Path(path))]
+    if sample_size:
+        random.Random(sample_seed).shuffle(parts)
     out: list[InputRow] = []
-    seen: dict[str, int] = {}
-    for i, rec in enumerate(records):
-        try:
-            item = normalise_record(rec, i, path.stem, shuffle_seed)
-        except ValueError as exc:
-            raise RcsdError(f"{where(path, i)}: {exc}") from exc
-        pid = item.problem.id
-        if pid in seen:
-            raise RcsdError(f"{where(path, i)}: duplicate id {pid!r} (first at row {seen[pid]})")
-        seen[pid] = i
-        out.append(item)
+    seen: dict[str, tuple[Path, int]] = {}
+    for n, (file, records) in enumerate(parts):
+        quota = None
+        if sample_size:
+            missing = sample_size - len(out)
+            if missing <= 0:
+                break
+            quota = max(1, -(-missing // (len(parts) - n)))
+        taken = 0
+        for i, rec in enumerate(read_records(file) if records is None else records):
+            try:
+                item = normalise_record(rec, i, file.stem, shuffle_seed)
+            except ValueError as exc:
+                raise RcsdError(f"{where(file, i)}: {exc}") from exc
+            if sources is not None and item.problem.source not in sources:
+                continue
+            pid = item.problem.id
+            if pid in seen:
+                first_file, first_row = seen[pid]
+                first = f"row {first_row}" if first_file == file else where(first_file, first_row)
+                raise RcsdError(f"{where(file, i)}: duplicate id {pid!r} (first at {first})")
+            seen[pid] = (file, i)
+            out.append(item)
+            taken += 1
+            if quota is not None and (taken >= quota or len(out) >= sample_size):
+                break
+    if sources is not None and not out:
+        raise RcsdError(f"{path}: no row's source is one of {', '.join(sorted(sources))}")
     return out[:limit] if limit else out

@@ -373,8 +373,8 @@ _MODEL_HELP = "HF model id, local folder, or the embedded default."
 
 
 class GenRubricsConfig(_Config):
-    data: str = opt(panel="Data", argument=True, help="Problems: JSONL, JSON, Parquet or CSV file, a bundled "
-                    "benchmark name, or a Hugging Face dataset id (e.g. ScaleAI/RaR-Science).")
+    data: str = opt(panel="Data", argument=True, help="Problems: JSONL, JSON, Parquet or CSV file, a folder of "
+                    "them, a bundled benchmark name, or a Hugging Face dataset id (e.g. ScaleAI/RaR-Science).")
     split: str = opt("train", panel="Data", help="Hub datasets: the split to read.")
     subset: str | None = opt(None, panel="Data", help="Hub datasets: the configuration (subset) name.")
     generator: Literal["auto", "llm", "reference"] = opt(
@@ -383,6 +383,13 @@ class GenRubricsConfig(_Config):
     regenerate: bool = opt(False, panel="Data", help="Regenerate rubrics even for rows that carry one.")
     limit: int | None = opt(None, ge=1, panel="Data", help="Use at most N problems.")
     offset: int = opt(0, ge=0, panel="Data", help="Skip this many problems (benchmarks: after the seeded shuffle).")
+    source_filter: str | None = opt(None, panel="Data", help="Keep rows whose source is one of these "
+                                    "(comma-separated; the authors' RubricHub science split: "
+                                    "RaR_science.jsonl,MegeScience.jsonl).")
+    sample_size: int | None = opt(None, ge=1, panel="Data", help="Sample N rows as the authors' RubricHub loader "
+                                  "does: DATA's files (DATA may be a folder of shards) in a --seed-shuffled order, "
+                                  "from each the first rows up to an equal share of what is still missing "
+                                  "(--seed 42 is their order).")
     prompt_style: Literal["paper", "short"] = opt(
         "paper", panel="Data", help="llm: paper = the authors' rubric designer prompt, replies read by their rule "
         "(first JSON array; criteria need text; weight defaults to 1, title to 'Criterion i'); short = rcsd's "

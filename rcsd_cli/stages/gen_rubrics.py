@@ -13,13 +13,15 @@ from rcsd_cli.rubrics.rubric_gen import RCSD_SCHEMA_REFUSED, InvalidRubric, pars
 from rcsd_cli.ui import info, progress
 
 
-def load_sources(data: str, limit: int | None, seed: int, offset: int = 0, split: str = "train",
-                 subset: str | None = None) -> list[InputRow]:
-    """A problems file, a bundled benchmark by name (seeded shuffle, then offset/limit), or a hub dataset id."""
+def load_sources(cfg: GenRubricsConfig) -> list[InputRow]:
+    """A problems file or folder, a bundled benchmark by name (seeded shuffle, then offset/limit), or a hub id."""
+    data, limit, offset = cfg.data, cfg.limit, cfg.offset
     if not Path(data).exists() and data in BENCHES:
-        problems = select(load_bench(data), seed, offset, limit)
+        problems = select(load_bench(data), cfg.seed, offset, limit)
         return [InputRow(p, None) for p in problems]
-    rows = load_problems(data, split=split, subset=subset)
+    sources = {s.strip() for s in cfg.source_filter.split(",") if s.strip()} if cfg.source_filter else None
+    rows = load_problems(data, split=cfg.split, subset=cfg.subset, sources=sources, sample_size=cfg.sample_size,
+                         sample_seed=cfg.seed)
     return rows[offset:][:limit] if limit else rows[offset:]
 
 
@@ -35,7 +37,7 @@ def dry_run(cfg: GenRubricsConfig, trust_remote_code: bool = False) -> dict:
     nothing is loaded but the tokenizer, nothing is written."""
     from rcsd_cli.models import load_tokenizer
 
-    rows = load_sources(cfg.data, cfg.limit, cfg.seed, cfg.offset, cfg.split, cfg.subset)
+    rows = load_sources(cfg)
     shown: dict = {"config": cfg.model_dump(mode="json")}
     todo = [r for r in rows if cfg.regenerate or not r.rubric]
     if not todo or cfg.generator == "reference":
@@ -88,8 +90,7 @@ def run_gen_rubrics(cfg: GenRubricsConfig, output: Path, *, overwrite: bool = Fa
     """Write ``output`` (rubrics) and, if any were dropped, ``<output stem>.rejected.parquet``."""
     ensure_writable(output, overwrite)
     data, generator, model, regenerate = cfg.data, cfg.generator, cfg.model, cfg.regenerate
-    limit, seed, offset = cfg.limit, cfg.seed, cfg.offset
-    rows = load_sources(data, limit, seed, offset, cfg.split, cfg.subset)
+    rows = load_sources(cfg)
     out: dict[str, Rubric] = {}
     rejected: list[RejectedRubric] = []
     todo = []
