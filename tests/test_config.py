@@ -409,3 +409,39 @@ def test_model_copy_takes_flat_option_names_too():
     assert (copy.lora.rank, copy.loss.kind, copy.loss.beta, copy.steps) == (4, "jsd", 0.5, 3)
     assert (cfg.lora.rank, cfg.loss.kind, cfg.steps) == (0, "topk_kl", 10)  # the original is untouched
     assert not hasattr(copy, "lora_rank")
+
+
+def test_max_teacher_prompt_tokens_counts_the_exact_teacher_ids(run_cli, tmp_path, tiny_model):
+    """The authors' 2048-token filter: an item stays when its teacher prompt has at most N tokens (N = its exact
+    length keeps it, N - 1 drops it); the count is printed by --dry-run and recorded by a run."""
+    from rcsd_cli.data.artifacts import read_artifact
+    from rcsd_cli.models import load_tokenizer
+    from rcsd_cli.train.objectives import teacher_ids, teacher_prompt_length
+
+    rows = [{"id": f"q{i}", "question": f"What is {i} + {i}" + ", in words" * i + "?", "answer": str(2 * i)}
+            for i in range(1, 4)]
+    rows.append({"id": "long", "question": "Consider the following. " * 60 + "What is 2 + 2?", "answer": "4"})
+    out = tmp_path / "r.parquet"
+    run_cli("gen-rubrics", write_jsonl(tmp_path / "d.jsonl", rows), "-o", out, "--generator", "reference", check=True)
+    items, _ = read_artifact(out, "rubrics")
+    tok = load_tokenizer(str(tiny_model))
+    cfg = TrainConfig(rubrics=str(out), model=str(tiny_model))
+    lengths = {r.id: teacher_prompt_length(tok, r, cfg) for r in items}
+    assert lengths == {r.id: len(teacher_ids(tok, r, cfg)) for r in items}
+    short = max(v for k, v in lengths.items() if k != "long")
+    common = ["train", "--rubrics", out, "--model", tiny_model, "--dry-run"]
+    p = run_cli(*common, "--max-teacher-prompt-tokens", short, check=True)
+    assert f"dropped 1 of 4 items: teacher prompt over {short} tokens" in p.stdout
+    p = run_cli(*common, "--max-teacher-prompt-tokens", short - 1, check=True)
+    assert f"dropped 2 of 4 items: teacher prompt over {short - 1} tokens" in p.stdout  # q3 goes too
+    reason_first = cfg.model_copy(update={"teacher_context": "reason-first"})
+    assert all(teacher_prompt_length(tok, r, reason_first) != lengths[r.id] for r in items)  # the analysis prompt
+
+    p = run_cli("train", "--rubrics", out, "--model", tiny_model, "-o", tmp_path / "m", "--steps", "1",
+                "--batch-size", "2", "--max-new-tokens", "4", "--max-teacher-prompt-tokens", short, check=True)
+    _, meta = read_artifact(tmp_path / "m" / "metrics.parquet", "metrics")
+    assert meta["teacher_prompt_filter"] == {"max_tokens": short, "dropped": 1, "kept": 3}
+    assert "1 of 4 items dropped: teacher prompt over" in (tmp_path / "m" / "README.md").read_text()
+    p = run_cli("train", "--rubrics", out, "--model", tiny_model, "--method", "grpo", "--dry-run",
+                "--max-teacher-prompt-tokens", "10")
+    assert p.returncode == 2 and "--max-teacher-prompt-tokens has no effect" in p.stderr

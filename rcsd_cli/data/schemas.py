@@ -572,6 +572,10 @@ class TrainConfig(_Config):
     samples: str | None = opt(None, panel="Data", help="Offline round: samples.parquet to train on (no resampling).")
     scores: str | None = opt(None, panel="Data", help="Offline round: scores.parquet with teacher top-k log-probs.")
     limit: int | None = opt(None, ge=1, panel="Data", help="Use at most N problems.")
+    max_teacher_prompt_tokens: int | None = opt(
+        None, ge=1, panel="Data", help="Drop items whose teacher prompt is longer than N tokens, counted on the "
+        "exact ids the teacher gets (reason-first: the analysis prompt). The authors dropped items over 2048; the "
+        "count is printed (--dry-run too) and recorded in metrics.parquet and the model card.")
     seed: int = opt(0, panel="Data", help="Random seed (data order, sampling).")
     prompt_style: PromptStyle = opt("paper", panel="Data", help=_PROMPT_STYLE_HELP)
     model: str = opt(DEFAULT_MODEL, panel="Model", help=_MODEL_HELP)
@@ -636,6 +640,9 @@ class TrainConfig(_Config):
         if self.method != "rcsd" or self.task != "reasoner":
             refuse_changed(self.teacher, ("rubric_ablation",), f"with --method {self.method} --task {self.task} "
                            "(RCSD reasoner only)")
+        if offline or self.method in ("grpo", "sft"):
+            refuse(("max_teacher_prompt_tokens",), "on an offline round or with --method grpo/sft (no teacher "
+                   "prompt is built)")
         if offline:
             why = "on an offline round (--samples/--scores: the teacher's log-probs are stored)"
             refuse_changed(self.teacher, tuple(TrainTeacherConfig.model_fields), why)
@@ -655,6 +662,9 @@ class DiagnoseConfig(_Config):
 
     rubrics: str = opt(panel="Data", argument=True, help="rubrics.parquet (the items train would use).")
     limit: int = opt(32, ge=2, panel="Data", help="Items to diagnose (a seeded sample).")
+    max_teacher_prompt_tokens: int | None = opt(
+        None, ge=1, panel="Data", help="As train's: drop items whose rubric teacher prompt is longer than N tokens "
+        "before the sample is drawn.")
     seed: int = opt(0, panel="Data", help="Random seed (item sample, sampling, shuffled rubrics).")
     prompt_style: PromptStyle = opt("paper", panel="Data", help=_PROMPT_STYLE_HELP)
     model: str = opt(DEFAULT_MODEL, panel="Model", help=_MODEL_HELP)

@@ -102,6 +102,18 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
     ensure_writable(output, overwrite)
     conditions = cfg.conditions.split(",")
     rubrics, _ = read_artifact(cfg.rubrics, "rubrics")
+    think = cfg.generation.enable_thinking
+    teacher_think = think if cfg.teacher.thinking is None else cfg.teacher.thinking
+    dropped = 0
+    if cfg.max_teacher_prompt_tokens:  # as train's filter, on the rubric condition's exact ids
+        from rcsd_cli.models import load_tokenizer
+
+        tok = load_tokenizer(cfg.model, trust_remote_code)
+        fits = [r for r in rubrics if len(condition_prompt(tok, r, r, "rubric", cfg.prompt_style, teacher_think))
+                <= cfg.max_teacher_prompt_tokens]
+        dropped, rubrics = len(rubrics) - len(fits), fits
+        info(f"dropped {dropped} of {dropped + len(fits)} items: teacher prompt over "
+             f"{cfg.max_teacher_prompt_tokens} tokens")
     items: list[Rubric] = select(rubrics, cfg.seed, 0, cfg.limit)
     if len(items) < 2:
         raise RcsdError(f"{cfg.rubrics}: diagnose needs at least 2 items, found {len(items)}")
@@ -110,8 +122,6 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
     partner = {items[order[i]].id: items[order[(i + 1) % len(items)]] for i in range(len(items))}  # never itself
     lm = load_model(cfg.model, trust_remote_code)
     model, tok = lm.model, lm.tokenizer
-    think = cfg.generation.enable_thinking
-    teacher_think = think if cfg.teacher.thinking is None else cfg.teacher.thinking
     s_prompts = [student_prompt(tok, r, style=cfg.prompt_style, thinking=think) for r in items]
     with progress("diagnose: student rollouts", len(items)) as advance:
         rollouts = generate(model, tok, s_prompts, cfg.generation, cfg.seed,
@@ -150,7 +160,8 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
     summary = summarise(rows, conditions)
     line = verdict(summary)
     write_artifact(output, "diagnose", rows, stage="diagnose", config=cfg, model_id=cfg.model,
-                   inputs=[cfg.rubrics], overwrite=overwrite, extra={"summary": summary, "verdict": line})
+                   inputs=[cfg.rubrics], overwrite=overwrite, extra={"summary": summary, "verdict": line,
+                                                                   "dropped_long_teacher_prompts": dropped})
     results.print(summary_table(summary, f"{len(items)} items of {cfg.rubrics}, {cfg.prompt_style} prompts"))
     results.print(f"verdict: {line}")
     info(f"wrote {len(rows)} rows to {output}")

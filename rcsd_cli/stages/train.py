@@ -68,6 +68,23 @@ def resolve_sharding(cfg: TrainConfig) -> TrainConfig:
     return cfg.model_copy(update={"sharding": sharding})
 
 
+def filter_long_teacher_prompts(rows: list, cfg: TrainConfig, trust_remote_code: bool) -> tuple[list, dict]:
+    """``--max-teacher-prompt-tokens``: the rows kept, and what to record about the ones dropped."""
+    if not cfg.max_teacher_prompt_tokens:
+        return rows, {}
+    from rcsd_cli.models import load_tokenizer
+    from rcsd_cli.train.objectives import within_teacher_prompt_limit
+
+    kept, dropped = within_teacher_prompt_limit(rows, load_tokenizer(cfg.model, trust_remote_code), cfg)
+    what = f"teacher prompt over {cfg.max_teacher_prompt_tokens} tokens"
+    if not kept:
+        raise RcsdError(f"{cfg.rubrics}: every one of {len(rows)} items has a {what} (--max-teacher-prompt-tokens)")
+    if dist.is_main():
+        info(f"dropped {dropped} of {len(rows)} items: {what}")
+    return kept, {"teacher_prompt_filter": {"max_tokens": cfg.max_teacher_prompt_tokens, "dropped": dropped,
+                                            "kept": len(kept)}}
+
+
 def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume: bool = False,
               trust_remote_code: bool = False):
     """Validate inputs, then train online (``cfg.rubrics``) or one offline round (``cfg.samples``)."""
@@ -98,6 +115,7 @@ def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume
         from rcsd_cli.rubrics.ablations import ablate
 
         rows = ablate(rows, cfg.teacher.rubric_ablation, cfg.seed)
+    rows, data_notes = filter_long_teacher_prompts(rows, cfg, trust_remote_code)
     rank, world = dist.setup(always=cfg.distributed.sharding != "replicate")
     check_sharding(cfg, world)
     if rank == 0:
@@ -105,7 +123,7 @@ def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume
     dist.barrier()
     try:
         metrics = train(cfg, rows, output, resume=resume, trust_remote_code=trust_remote_code, inputs=inputs,
-                        objective=objective)
+                        objective=objective, data_notes=data_notes)
     finally:
         dist.teardown()
     if metrics and rank == 0:
@@ -160,7 +178,13 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
     rows, _ = read_artifact(cfg.rubrics, "rubrics")
     from rcsd_cli.rubrics.ablations import ablate
 
-    row = ablate(rows, cfg.teacher.rubric_ablation, cfg.seed)[0]
+    rows, notes = filter_long_teacher_prompts(ablate(rows, cfg.teacher.rubric_ablation, cfg.seed), cfg,
+                                              trust_remote_code)
+    if notes:
+        kept = notes["teacher_prompt_filter"]
+        shown["data_filter"] = (f"dropped {kept['dropped']} of {kept['dropped'] + kept['kept']} items: teacher "
+                                f"prompt over {kept['max_tokens']} tokens")
+    row = rows[0]
     shown["item"] = row.id
     s_ids = student_ids(tok, row, cfg)
     shown["student_prompt"] = tok.decode(s_ids)

@@ -82,12 +82,12 @@ def load_optimizer(ckpt: Path, student, optimizer, scheduler) -> None:
 
 
 def write_final(out: Path, student, tok, cfg: TrainConfig, metrics: list[MetricsRow], inputs, world: int,
-                state_dict=None) -> None:
+                state_dict=None, data_notes: dict | None = None) -> None:
     """Everything at the top of OUT once training ends (rank 0): weights, card, config, metrics."""
     save_final(out, student, tok, cfg, state_dict)
-    (out / "README.md").write_text(model_card(cfg, metrics, list(inputs), world))
+    (out / "README.md").write_text(model_card(cfg, metrics, list(inputs), world, data_notes))
     (out / "rcsd_train_config.json").write_text(cfg.model_dump_json(indent=2))
-    write_metrics(out, metrics, cfg, inputs, world)
+    write_metrics(out, metrics, cfg, inputs, world, data_notes)
 
 
 def save_final(out: Path, student, tok, cfg: TrainConfig, state_dict=None) -> None:
@@ -144,7 +144,8 @@ def _drop_private_config_keys(path: Path) -> None:
             path.write_text(json.dumps(cleaned, indent=2, sort_keys=True) + "\n")
 
 
-def model_card(cfg: TrainConfig, metrics: list[MetricsRow], inputs: list[str], world: int) -> str:
+def model_card(cfg: TrainConfig, metrics: list[MetricsRow], inputs: list[str], world: int,
+               data_notes: dict | None = None) -> str:
     """``OUT/README.md``: what was trained from what, how, and how to load it."""
     from rcsd_cli.data.artifacts import library_versions, model_provenance, sha256_file
 
@@ -176,6 +177,9 @@ def model_card(cfg: TrainConfig, metrics: list[MetricsRow], inputs: list[str], w
     ]
     for path, digest in data.items():
         lines.append(f"| data | `{Path(path).name}` sha256 `{digest}` |")
+    if (kept := (data_notes or {}).get("teacher_prompt_filter")) is not None:
+        lines.append(f"| data filter | {kept['dropped']} of {kept['dropped'] + kept['kept']} items dropped: teacher "
+                     f"prompt over {kept['max_tokens']} tokens |")
     if last is not None:
         lines.append(f"| final step | loss {last.loss:.4g}, kl {last.kl if last.kl is None else f'{last.kl:.4g}'}, "
                      f"reward {last.reward if last.reward is None else f'{last.reward:.3f}'}, "
@@ -185,9 +189,10 @@ def model_card(cfg: TrainConfig, metrics: list[MetricsRow], inputs: list[str], w
     return "\n".join(lines)
 
 
-def write_metrics(out: Path, metrics: list[MetricsRow], cfg: TrainConfig, inputs, world: int) -> None:
+def write_metrics(out: Path, metrics: list[MetricsRow], cfg: TrainConfig, inputs, world: int,
+                  data_notes: dict | None = None) -> None:
     write_artifact(out / "metrics.parquet", "metrics", metrics, stage="train", config=cfg, model_id=cfg.model,
-                   inputs=inputs, overwrite=True, extra={"world_size": world})
+                   inputs=inputs, overwrite=True, extra={"world_size": world, **(data_notes or {})})
 
 
 # What ``rcsd train`` writes into its output folder (weights and tokenizer files via transformers/peft).

@@ -108,6 +108,22 @@ def teacher_ids(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
     return teacher_prompt(tok, row, task=cfg.task, **teacher_view(cfg))
 
 
+def teacher_prompt_length(tok, row: Rubric, cfg: TrainConfig) -> int:
+    """Tokens of the prompt the teacher is given before any sampled text: the analysis prompt for
+    reason-first (the authors' 2048-token filter measured that one), else the whole teacher prompt."""
+    if cfg.teacher.context == "reason-first" and cfg.task == "reasoner":
+        return len(analysis_prompt(tok, row, **teacher_view(cfg)))
+    return len(teacher_ids(tok, row, cfg))
+
+
+def within_teacher_prompt_limit(rows: list[Rubric], tok, cfg: TrainConfig) -> tuple[list[Rubric], int]:
+    """The rows whose teacher prompt fits ``--max-teacher-prompt-tokens``, and how many were dropped."""
+    if not cfg.max_teacher_prompt_tokens:
+        return rows, 0
+    kept = [r for r in rows if teacher_prompt_length(tok, r, cfg) <= cfg.max_teacher_prompt_tokens]
+    return kept, len(rows) - len(kept)
+
+
 def reason_first_teacher_prompts(ctx: StepContext, rows: list[Rubric]) -> list[list[int]]:
     """[analysis prompt ‖ sampled analysis ‖ transition] per row, ready for the rollout ids.
 

@@ -249,7 +249,7 @@ def optimizer_step(run: Run, res: StepResult, step: int) -> tuple[StepResult, fl
     return res, grad_norm, lr, moved
 
 
-def record_step(run: Run, row: MetricsRow, out: Path, tracker: Tracker, inputs) -> None:
+def record_step(run: Run, row: MetricsRow, out: Path, tracker: Tracker, inputs, data_notes: dict) -> None:
     """Keep the step's metrics row, say it in one line, write it where it can be read live."""
     cfg = run.cfg
     run.metrics.append(row)
@@ -262,7 +262,7 @@ def record_step(run: Run, row: MetricsRow, out: Path, tracker: Tracker, inputs) 
     run.log(f"step {row.step}/{cfg.steps}  loss {row.loss:.4f}{extras}  grad {row.grad_norm:.3f}  "
             f"tokens {row.completion_tokens}  {row.seconds:.1f}s")
     if run.main:  # live: readable (and plottable) while the run goes on, replaced atomically
-        write_metrics(out, run.metrics, cfg, inputs, run.world)
+        write_metrics(out, run.metrics, cfg, inputs, run.world, data_notes)
         tracker.log(row.step, numeric(row.model_dump()))
 
 
@@ -280,8 +280,11 @@ def metrics_row(cfg: TrainConfig, res: StepResult, step: int, grad_norm: float, 
 
 
 def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trust_remote_code: bool = False,
-          inputs: list[str] = (), objective=None) -> list[MetricsRow]:
+          inputs: list[str] = (), objective=None, data_notes: dict | None = None) -> list[MetricsRow]:
     """Run the loop and leave a Hugging Face checkpoint plus metrics.parquet in ``out``.
+
+    ``data_notes`` (what was done to the items before training, e.g. the teacher-prompt filter) goes
+    into metrics.parquet's metadata and the model card.
 
     Under ``torchrun``/``accelerate launch`` each process takes every ``world``-th item of the
     step's global batch; gradients and statistics are summed across processes.
@@ -313,7 +316,7 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
             seconds = time.perf_counter() - t0
             used += res.rollout_tokens
             record_step(run, metrics_row(cfg, res, step, grad_norm, lr, moved, seconds, used, len(rows),
-                                         clock.take()), out, tracker, inputs)
+                                         clock.take()), out, tracker, inputs, data_notes or {})
             advance(1)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 save_checkpoint(out / f"checkpoint-{step + 1}", run.student, run.teacher, run.tok, run.optimizer,
@@ -323,7 +326,7 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
     final_state = sharding.full_state_dict(run.student) if run.sharded else None
     if run.main:
         tracker.close()
-        write_final(out, run.student, run.tok, cfg, run.metrics, inputs, run.world, final_state)
+        write_final(out, run.student, run.tok, cfg, run.metrics, inputs, run.world, final_state, data_notes or {})
     dist.barrier()
     run.rollouts.close()
     return run.metrics
