@@ -138,8 +138,8 @@ def test_every_recipe_runs_one_step_on_a_tiny_model(run_cli, tmp_path, rubrics, 
     assert (out / "metrics.parquet").is_file()
     if values.get("lora_rank"):
         adapter = json.loads((out / "adapter_config.json").read_text())
-        assert set(adapter["target_modules"]) == {"q_proj", "v_proj"}
-        assert (adapter["r"], adapter["lora_alpha"]) == (16, 32)
+        assert set(adapter["target_modules"]) == set(values["lora_targets"].split(","))
+        assert (adapter["r"], adapter["lora_alpha"]) == (values["lora_rank"], values["lora_alpha"])
         assert adapter["base_model_name_or_path"] == str(tiny_model)
         assert not (out / "model.safetensors").exists()
 

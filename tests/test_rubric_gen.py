@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from rcsd_cli.data.artifacts import read_artifact
+from rcsd_cli.data.schemas import TrainConfig
 from rcsd_cli.rubrics.rubric_gen import InvalidRubric, parse_rubric_output
 from tests.conftest import write_jsonl
 
@@ -123,3 +124,33 @@ def test_no_valid_rubric_names_the_way_out(run_cli, tiny_model, tmp_path):
     line = " ".join(p.stderr.split())
     assert "no valid rubric for any of 1 problems" in line and "--generator reference" in line
     assert "--backend openai" in line
+
+
+def test_stage_one_prompts_are_the_authors_texts(tiny_model):
+    """GOLDEN files: the student and (not reason-first) teacher messages of the authors' stage-I collator
+    (data_collator_rubric.py, commit d1e07f0), built from their class for this row; rcsd renders them under the
+    chat template exactly."""
+    from transformers import AutoTokenizer
+
+    from rcsd_cli.data.schemas import Criterion, Rubric
+    from rcsd_cli.rubrics.prompts import chat_prompt_ids, stage_one_message, stage_one_teacher_message
+    from rcsd_cli.train.objectives import student_ids, teacher_ids
+
+    golden = Path(__file__).parent / "golden"
+    row = Rubric(id="ice", question="Why does ice float on liquid water?", rubric_origin="imported",
+                 reference_answer="Ice is less dense than liquid water because hydrogen bonds hold its molecules in "
+                 "an open lattice.",
+                 rubric=[Criterion(id="a", title="Density comparison", weight=7, description="Essential Criteria: "
+                                   "States that ice is less dense than liquid water."),
+                         Criterion(id="b", title="Denser ice", weight=-1, description="Pitfall Criteria: Claims "
+                                   "ice is denser than water.")])
+    student = (golden / "authors_stage1_student.txt").read_text(encoding="utf-8")
+    teacher = (golden / "authors_stage1_teacher.txt").read_text(encoding="utf-8")
+    assert stage_one_message(row, "paper") == student and "5000 Å" in student
+    assert stage_one_teacher_message(row, "paper") == teacher
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    cfg = TrainConfig(rubrics="r", task="rubric-generator", loss="jsd", beta=0.5)
+    assert student_ids(tok, row, cfg) == chat_prompt_ids(tok, student)
+    assert teacher_ids(tok, row, cfg) == chat_prompt_ids(tok, teacher)
+    with pytest.raises(ValueError, match="reason-first is not available with --task rubric-generator"):
+        TrainConfig(rubrics="r", task="rubric-generator", teacher_context="reason-first")

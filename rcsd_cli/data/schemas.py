@@ -651,6 +651,9 @@ class TrainConfig(_Config):
             refuse_changed(self.grpo, tuple(GRPOConfig.model_fields), f"with --method {self.method} (GRPO only)")
         if self.teacher.context != "reason-first":
             refuse_changed(self.reason_first, reason_first, "without --teacher-context reason-first")
+        elif self.task == "rubric-generator":
+            raise ValueError("--teacher-context reason-first is not available with --task rubric-generator (the "
+                             "authors' stage I run used the plain teacher)")
         if offline or self.method == "sft":
             refuse_changed(self.rollout, ("backend",), "on an offline round or with --method sft (nothing is "
                            "generated)")

@@ -189,15 +189,22 @@ PAPER_DESIGNER_FORMAT = (
 )
 
 
+# Their stage-I collator (data_collator_rubric.py, commit d1e07f0), which trained the rubric writer, has the
+# same designer text with "5000 Å" where the later builder, used to generate rubrics, writes "5000 angstrom".
+PAPER_DESIGNER_FORMAT_STAGE1 = PAPER_DESIGNER_FORMAT.replace("5000 angstrom", "5000 Å")
+PAPER_STAGE1_RUBRIC = "\n\nGround Truth Rubric (JSON array):\n"
+PAPER_STAGE1_ASK = "Use the ground-truth rubric as the authoritative target and output the rubric JSON array only."
+
 DesignerStyle = str  # "paper" (the authors' designer) or "short" (rcsd's one-paragraph designer)
 
 
-def rubric_designer_message(problem: Problem, style: DesignerStyle = "short") -> str:
-    """The request to write a rubric for ``problem``: the authors' designer (``paper``) or rcsd's ``short`` one."""
+def rubric_designer_message(problem: Problem, style: DesignerStyle = "short", *, stage_one: bool = False) -> str:
+    """The request to write a rubric for ``problem``: the authors' designer (``paper``; ``stage_one``: the text
+    their stage-I run trained on) or rcsd's ``short`` one."""
     ref = problem.reference_answer or problem.answer or "(none given)"
     if style == "paper":
-        return (f"{PAPER_DESIGNER_ROLE}# [Question]\n{format_question(problem)}\n# [Reference Answer]\n{ref}\n"
-                f"{PAPER_DESIGNER_FORMAT}")
+        rules = PAPER_DESIGNER_FORMAT_STAGE1 if stage_one else PAPER_DESIGNER_FORMAT
+        return f"{PAPER_DESIGNER_ROLE}# [Question]\n{format_question(problem)}\n# [Reference Answer]\n{ref}\n{rules}"
     return (
         "You write grading rubrics. For the question below, write a rubric as a JSON array of 3 to 25 "
         'criteria, each {"title": "2-5 words", "description": "at most 40 words", "weight": integer}. '
@@ -250,16 +257,28 @@ def teacher_rubric(row, method: str = "rcsd", context: str = "rubric+reference",
 def student_prompt(tok, row: Problem, *, style: str = "paper", thinking: bool | None = None,
                    task: str = "reasoner") -> list[int]:
     """The student's prompt: the question (reasoner) or the rubric-design request (stage I)."""
-    message = rubric_designer_message(row) if task == "rubric-generator" else student_message(row, style)
+    message = stage_one_message(row, style) if task == "rubric-generator" else student_message(row, style)
     return chat_prompt_ids(tok, message, thinking)
+
+
+def stage_one_message(row: Problem, style: str) -> str:
+    """Stage I's student request: the authors' stage-I designer (``paper``) or rcsd's short one."""
+    return rubric_designer_message(row, "paper" if style == "paper" else "short", stage_one=True)
+
+
+def stage_one_teacher_message(row, style: str) -> str:
+    """Stage I's teacher: the same request plus the reference rubric (the authors' wording under ``paper``)."""
+    if style == "paper":
+        return f"{stage_one_message(row, style)}{PAPER_STAGE1_RUBRIC}{rubric_json(row.rubric)}\n{PAPER_STAGE1_ASK}"
+    return (stage_one_message(row, style) + "\n\nAn expert wrote this rubric for the question; use it as your "
+            f"guide:\n{rubric_json(row.rubric)}")
 
 
 def teacher_prompt(tok, row, *, style: str = "paper", thinking: bool | None = None, method: str = "rcsd",
                    context: str = "rubric+reference", ablation: str | None = None, task: str = "reasoner") -> list[int]:
     """The teacher's privileged prompt (reason-first adds an analysis turn: ``analysis_prompt``)."""
     if task == "rubric-generator":
-        return chat_prompt_ids(tok, rubric_designer_message(row) + "\n\nAn expert wrote this rubric for the "
-                               f"question; use it as your guide:\n{rubric_json(row.rubric)}", thinking)
+        return chat_prompt_ids(tok, stage_one_teacher_message(row, style), thinking)
     rubric, with_reference = teacher_rubric(row, method, context, ablation)
     return chat_prompt_ids(tok, teacher_message(row, rubric, with_reference, style), thinking)
 

@@ -195,7 +195,7 @@ def rollout_reward(row: Rubric, text: str, cfg: TrainConfig) -> float:
     """Reasoner: rubric score from machine checks (unjudgeable -> 0) or correctness; stage I: valid rubric."""
     if cfg.task == "rubric-generator":
         try:
-            parse_rubric_output(text)
+            parse_rubric_output(text, "paper" if cfg.prompt_style == "paper" else "short")
             return 1.0
         except InvalidRubric:
             return 0.0
