@@ -89,6 +89,9 @@ def load_tokenizer(name: str | None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = resolve_model(name)
+    folder = Path(path)
+    if (folder / "adapter_config.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        path = resolve_model(adapter_base(folder))  # an adapter saved without its tokenizer: the base's
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:
@@ -155,6 +158,4 @@ def _load_adapter(folder: Path, trust_remote_code: bool, device, dtype, attn_imp
         raise RcsdError(f"{folder}: cannot load LoRA adapter ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:120]})") from exc
     model.eval()
-    tokenizer = load_tokenizer(str(folder), trust_remote_code) if (folder / "tokenizer_config.json").is_file() \
-        else base.tokenizer
-    return LoadedModel(model, tokenizer, str(folder))
+    return LoadedModel(model, load_tokenizer(str(folder), trust_remote_code), str(folder))

@@ -39,6 +39,31 @@ def _launched_processes() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def _lora_engine(path: str) -> tuple[str, dict]:
+    """For a PEFT adapter folder (what ``rcsd train --lora-rank`` writes, or the authors' stage-I
+    checkpoint): the base model to load and the engine's LoRA settings with the request to send."""
+    import json
+    from pathlib import Path
+
+    folder = Path(path)
+    if not (folder / "adapter_config.json").is_file():
+        return path, {}
+    from vllm.lora.request import LoRARequest
+
+    from rcsd_cli.models import adapter_base, resolve_model
+
+    rank = int(json.loads((folder / "adapter_config.json").read_text()).get("r") or 8)
+    max_rank = next((r for r in _LORA_RANKS if r >= rank), None)
+    if max_rank is None:
+        raise RcsdError(f"{folder}: LoRA rank {rank} is above vLLM's largest ({_LORA_RANKS[-1]})")
+    info(f"vllm: {folder} is a LoRA adapter (rank {rank}); serving it on its base {adapter_base(folder)}")
+    return resolve_model(adapter_base(folder)), {"enable_lora": True, "max_lora_rank": max_rank, "max_loras": 1,
+                                                  "request": LoRARequest("adapter", 1, str(folder))}
+
+
 class VLLMBackend:
     name = "vllm"
 
@@ -55,6 +80,8 @@ class VLLMBackend:
 
         path = resolve_model(model_name)
         self.tokenizer = load_tokenizer(model_name, trust_remote_code)
+        path, lora = _lora_engine(path)  # an adapter folder: its base model, the adapter as a LoRA request
+        self.lora_request = lora.pop("request", None)
         try:
             import torch
 
@@ -89,13 +116,14 @@ class VLLMBackend:
         try:
             self.llm = LLM(model=path, tokenizer=path, trust_remote_code=trust_remote_code, dtype=dtype,
                            tensor_parallel_size=settings.tensor_parallel_size, gpu_memory_utilization=share,
-                           seed=0, enforce_eager=settings.enforce_eager, enable_sleep_mode=self.sleep_mode, **extra)
+                           seed=0, enforce_eager=settings.enforce_eager, enable_sleep_mode=self.sleep_mode, **lora,
+                           **extra)
         except Exception as exc:  # noqa: BLE001 - the engine's own log above has the details
             raise RcsdError(f"{label}: engine failed to start ({_first_line(exc)})") from exc
 
     def _run(self, prompts, params):
         try:
-            return self.llm.generate(prompts, params, use_tqdm=False)
+            return self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
         except Exception as exc:  # noqa: BLE001 - engine failures become one clean line
             raise RcsdError(f"vllm: generation failed ({_first_line(exc)})") from exc
 
