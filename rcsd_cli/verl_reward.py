@@ -7,17 +7,35 @@
     custom_reward_function.name=compute_score
 
 It grades a response with the rubric's machine checks (the same code ``rcsd score`` uses) and
-returns the rubric score in [0, 1]; criteria without a check cannot be judged here and are left
-out of both sums. With no checkable positive criterion it falls back to answer correctness.
+returns the rubric score in [0, 1]. Criteria without a check go to an LLM judge when
+``RCSD_JUDGE_BASE_URL`` (an OpenAI-compatible server, key from ``OPENAI_API_KEY``) and
+``RCSD_JUDGE_MODEL`` are set, with rcsd score's judge prompt and retries (``RCSD_JUDGE_RETRIES``,
+default 2) — ``--reward judge`` of ``rcsd train``; otherwise they are left out of both sums. With no
+judged positive criterion it falls back to answer correctness.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
-from rcsd_cli.data.schemas import Criterion, Problem
-from rcsd_cli.evaluation.scoring import score_completion
+from rcsd_cli.data.schemas import BackendConfig, Criterion, Problem
+from rcsd_cli.evaluation.scoring import JUDGE_REPLY, score_with_judge
+
+_JUDGE: dict = {}
+
+
+def _judge():
+    """The judge backend named by the environment, opened once per worker process; None if unset."""
+    url, model = os.environ.get("RCSD_JUDGE_BASE_URL"), os.environ.get("RCSD_JUDGE_MODEL")
+    if not (url and model):
+        return None
+    if (url, model) not in _JUDGE:
+        from rcsd_cli.backends.openai import OpenAIBackend
+
+        _JUDGE[(url, model)] = OpenAIBackend(BackendConfig(kind="openai", base_url=url), model)
+    return _JUDGE[(url, model)]
 
 
 def compute_score(data_source: str, solution_str: str, ground_truth: str | dict, extra_info: dict | None = None,
@@ -27,11 +45,10 @@ def compute_score(data_source: str, solution_str: str, ground_truth: str | dict,
     problem = Problem(id=str(gt.get("id") or "item"), question=gt.get("question") or "?", choices=gt.get("choices"),
                       answer=gt.get("answer"))
     rubric = [Criterion.model_validate(c) for c in gt.get("rubric", [])]
-    checkable = [c for c in rubric if c.check is not None]
-    if not checkable:
-        s = score_completion(problem.id, problem, [], solution_str)
-        return float(bool(s.correct))
-    s = score_completion(problem.id, problem, checkable, solution_str)
+    judge = _judge()
+    graded = rubric if judge is not None else [c for c in rubric if c.check is not None]
+    (s,) = score_with_judge(judge, [(problem.id, problem, graded, solution_str)], JUDGE_REPLY,
+                            int(os.environ.get("RCSD_JUDGE_RETRIES", "2")), seed=0)
     if s.score is None:
         return float(bool(s.correct))
     return float(s.score)

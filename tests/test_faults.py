@@ -257,3 +257,49 @@ def test_teacher_logprobs_need_a_backend_that_scores_tokens(run_cli, fake, rubri
                 "--teacher-logprobs", "--teacher-model", tiny_model, "--backend", "openai", "--base-url", server.url)
     assert_one_line_error(p, "--teacher-logprobs needs a backend that scores given tokens (hf or vllm), not openai")
     assert server.requests == 0 and not (tmp_path / "sc.parquet").exists()
+
+
+def test_grpo_reward_judge_scores_rollouts_and_never_hides_unjudged_criteria(run_cli, fake, tiny_model, tmp_path):
+    """--reward judge: criteria without a check go to the judge (here a scripted OpenAI-compatible server); the
+    reward is the weighted share; criteria the judge cannot decide are counted, their rollouts get the group's
+    mean, and the console says so."""
+    rows = [{"id": f"q{i}", "question": f"Explain why {i} is small.", "rubric": [
+        {"title": "Gives a reason", "description": "States a reason.", "weight": 5},
+        {"title": "Rambles on", "description": "Goes off topic.", "weight": -1}]} for i in range(2)]
+    run_cli("gen-rubrics", write_jsonl(tmp_path / "q.jsonl", rows), "-o", tmp_path / "r.parquet", check=True)
+    common = ["train", "--rubrics", tmp_path / "r.parquet", "--model", tiny_model, "--method", "grpo",
+              "--reward", "judge", "--judge-model", tiny_model, "--judge-backend", "openai", "--group-size", "2",
+              "--batch-size", "2", "--steps", "1", "--max-new-tokens", "4", "--judge-retries", "1"]
+
+    server = fake([("reply", '{"explanation": "yes", "criteria_met": true}')])
+    run_cli(*common, "--judge-base-url", server.url, "-o", tmp_path / "ok", check=True)
+    (row,), _ = read_artifact(tmp_path / "ok" / "metrics.parquet", "metrics")
+    assert server.requests == 2 * 2 * 2  # items x rollouts x unchecked criteria
+    assert row.reward == pytest.approx((5 - 1) / 5) and (row.judge_unjudged, row.reward_unscored) == (0, 0)
+    assert row.reward_seconds is not None and row.reward_seconds > 0
+
+    server = fake([("reply", "I think it does.")])  # never a verdict
+    p = run_cli(*common, "--judge-base-url", server.url, "-o", tmp_path / "bad", check=True)
+    (row,), _ = read_artifact(tmp_path / "bad" / "metrics.parquet", "metrics")
+    assert server.requests == 8 * 2  # asked again once
+    assert (row.judge_unjudged, row.reward_unscored) == (8, 4)
+    assert "unjudged 8 (unscored rollouts 4)" in " ".join(p.stderr.split())
+
+    p = run_cli("train", "--rubrics", tmp_path / "r.parquet", "--method", "grpo", "--reward", "judge", "-o",
+                tmp_path / "x")
+    assert p.returncode == 2 and "--reward judge needs --judge-model" in p.stderr
+
+
+def test_verl_reward_judges_unchecked_criteria_when_a_judge_is_set(fake, tiny_model, monkeypatch):
+    from rcsd_cli import verl_reward
+
+    gt = json.dumps({"id": "q", "question": "Why is the sky blue?", "rubric": [
+        {"id": "a", "title": "Names scattering", "description": "Mentions Rayleigh scattering.", "weight": 4},
+        {"id": "b", "title": "Blames the sea", "description": "Says the sea is reflected.", "weight": -1}]})
+    assert verl_reward.compute_score("x", "Rayleigh scattering.", gt) == 0.0  # no judge: nothing gradable
+    server = fake([("reply", '{"explanation": "", "criteria_met": true}')])
+    monkeypatch.setenv("RCSD_JUDGE_BASE_URL", server.url)
+    monkeypatch.setenv("RCSD_JUDGE_MODEL", str(tiny_model))
+    monkeypatch.setattr(verl_reward, "_JUDGE", {})
+    assert verl_reward.compute_score("x", "Rayleigh scattering.", gt) == (4 - 1) / 4  # both met: pitfall subtracts
+    assert server.requests == 2  # one request per unchecked criterion

@@ -203,6 +203,10 @@ class MetricsRow(_Row):
                              "(GRPO: k3 KL to the initial model).")
     top1_agreement: float | None
     reward: float | None = Field(description="Mean rubric score (or correctness) of the step's rollouts.")
+    judge_unjudged: int | None = Field(None, description="--reward judge: criteria the judge could not decide this "
+                                       "step (malformed replies after retries, failed requests); left out of scores.")
+    reward_unscored: int | None = Field(None, description="--reward judge: rollouts with no judged positive "
+                                        "criterion, given their group's mean reward (zero advantage).")
     grad_norm: float
     lr: float
     completion_tokens: int
@@ -213,6 +217,7 @@ class MetricsRow(_Row):
     rollout_seconds: float | None = Field(None, description="Generating the student's rollouts (and weight pushes "
                                           "are not in it: see push_seconds).")
     analysis_seconds: float | None = Field(None, description="Reason-first: generating the teacher's analyses.")
+    reward_seconds: float | None = Field(None, description="--reward judge: judging the step's rollouts.")
     teacher_seconds: float | None = Field(None, description="Teacher forward passes (no grad).")
     student_seconds: float | None = Field(None, description="Student forward + loss + backward.")
     optimizer_seconds: float | None = Field(None, description="Gradient sync, clipping, optimizer and teacher update.")
@@ -496,11 +501,38 @@ class GRPOConfig(_Config):
     """``--method grpo``: group size, reward and the surrogate's clip and KL."""
 
     group_size: int = opt(4, ge=1, panel="Optimiser", flag="--group-size", help="GRPO: rollouts per prompt.")
-    reward: Literal["rubric", "correct"] = opt("rubric", panel="Optimiser", flag="--reward",
-                                               help="GRPO reward: rubric score or correctness.")
+    reward: Literal["rubric", "correct", "judge"] = opt(
+        "rubric", panel="Optimiser", flag="--reward", help="GRPO reward: rubric (the rubric's machine checks), "
+        "correct (answer correctness) or judge (every criterion without a check judged by --judge-model, score = "
+        "the weighted share as rcsd score computes it; a rollout with nothing judged gets its group's mean).")
     clip_eps: float = opt(0.2, gt=0.0, panel="Optimiser", flag="--clip-eps", help="GRPO ratio clip.")
     kl_coef: float = opt(0.0, ge=0.0, panel="Optimiser", flag="--kl-coef",
                          help="GRPO: weight of the k3 KL to the frozen initial model.")
+    judge_model: str | None = opt(None, panel="Optimiser", flag="--judge-model", help="--reward judge: the judge "
+                                  "model (a local model, or the model name on --judge-base-url).")
+    judge_backend: Literal["hf", "vllm", "openai"] = opt(
+        "hf", panel="Optimiser", flag="--judge-backend", help="--reward judge: hf (in this process), vllm or "
+        "openai (an OpenAI-compatible server at --judge-base-url; key from OPENAI_API_KEY).")
+    judge_base_url: str | None = opt(None, panel="Optimiser", flag="--judge-base-url", help="--reward judge with "
+                                     "--judge-backend openai: the server URL, e.g. http://127.0.0.1:8000/v1")
+    judge_retries: int = opt(2, ge=0, panel="Optimiser", flag="--judge-retries", help="--reward judge: retries "
+                             "after a malformed judge reply; then the criterion is unjudged (counted per step).")
+
+    @model_validator(mode="after")
+    def _judge_settings(self) -> GRPOConfig:
+        from rcsd_cli.data.options import refuse_changed
+
+        if self.reward != "judge":
+            refuse_changed(self, ("judge_model", "judge_backend", "judge_base_url", "judge_retries"),
+                           f"with --reward {self.reward}")
+        elif not self.judge_model:
+            raise ValueError("--reward judge needs --judge-model")
+        elif (self.judge_backend == "openai") != bool(self.judge_base_url):
+            raise ValueError("--judge-base-url goes with --judge-backend openai, and openai needs it")
+        return self
+
+    def judge_backend_config(self) -> BackendConfig:
+        return BackendConfig(kind=self.judge_backend, base_url=self.judge_base_url)
 
 
 class LoraConfig(_Config):

@@ -12,8 +12,10 @@ import json
 import re
 from dataclasses import dataclass
 
-from rcsd_cli.data.schemas import Check, Criterion, CriterionVerdict, Problem, Score
+from rcsd_cli.data.schemas import Check, Criterion, CriterionVerdict, GenerationConfig, Problem, Score
 from rcsd_cli.evaluation.answers import answers_match, extract_answer
+
+JUDGE_REPLY = GenerationConfig(temperature=0.0, max_new_tokens=192)  # how a judge answers (greedy, short JSON)
 
 
 def check_met(check: Check, completion: str, choices: list[str] | None) -> tuple[bool, str]:
@@ -89,6 +91,19 @@ def score_completion(sample_id: str, problem: Problem, rubric: list[Criterion], 
     return Score(sample_id=sample_id, problem_id=problem.id, verdicts=verdicts, score=score, points_met=met,
                  points_possible=possible, n_unjudged=sum(v.met is None for v in verdicts),
                  extracted_answer=pred, correct=correct)
+
+
+def score_with_judge(judge, items: list[tuple[str, Problem, list[Criterion], str]], gen_cfg, retries: int,
+                     seed: int, on_done=None, runner=None) -> list[Score]:
+    """Score (sample id, problem, rubric, completion) tuples: checks in code, the other criteria by ``judge``
+    (any backend; None leaves them unjudged)."""
+    requests = [JudgeRequest((sid, cr.id), prob, text, cr) for sid, prob, rubric, text in items
+                for cr in rubric if cr.check is None]
+    verdicts = run_judge(judge, requests, gen_cfg, retries, seed, on_done, runner) if requests and judge else {}
+    per_sample: dict[str, dict] = {}
+    for (sid, cid), v in verdicts.items():
+        per_sample.setdefault(sid, {})[cid] = v
+    return [score_completion(sid, prob, rubric, text, per_sample.get(sid)) for sid, prob, rubric, text in items]
 
 
 def run_judge(backend, requests: list[JudgeRequest], gen_cfg, retries: int, seed: int,

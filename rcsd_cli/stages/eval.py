@@ -13,7 +13,7 @@ from rich.table import Table
 from rcsd_cli.backends import open_backend
 from rcsd_cli.backends.resume import ResumableGenerator
 from rcsd_cli.data.artifacts import ensure_writable, read_artifact, write_artifact
-from rcsd_cli.data.schemas import EvalConfig, EvalItem, GenerationConfig
+from rcsd_cli.data.schemas import EvalConfig, EvalItem
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.evaluation.answers import (
     RULES,
@@ -24,6 +24,7 @@ from rcsd_cli.evaluation.answers import (
     extract_with_rule,
 )
 from rcsd_cli.evaluation.benchmarks import ALL_BENCHES, load_bench, select
+from rcsd_cli.evaluation.scoring import JUDGE_REPLY
 from rcsd_cli.evaluation.stats import mean_interval, pass_at_k, wilson_interval
 from rcsd_cli.rubrics.prompts import student_prompt
 from rcsd_cli.rubrics.rubric_gen import reference_rubric
@@ -165,9 +166,9 @@ def run_eval(cfg: EvalConfig, output: Path, *, overwrite: bool = False, trust_re
         gens = runner.generate(keys, prompts, generation, seed, on_done=advance)
     scored = [(f"{p.id}:{k}", p, rubric, gens[i * n + k].text) for i, (p, rubric) in enumerate(pairs)
               for k in range(n) if rubric and not gens[i * n + k].error]
-    scores = {s.sample_id: s for s in judge_and_score(scored, judge_model, GenerationConfig(temperature=0.0,
-              max_new_tokens=192), seed=seed, trust_remote_code=trust_remote_code, backend=cfg.backend,
-              resume=(output, cfg, overwrite))}
+    scores = {s.sample_id: s for s in judge_and_score(scored, judge_model, JUDGE_REPLY, seed=seed,
+                                                      trust_remote_code=trust_remote_code, backend=cfg.backend,
+                                                      resume=(output, cfg, overwrite))}
     items = []
     for i, (p, rubric) in enumerate(pairs):
         g = gens[i * n:(i + 1) * n]

@@ -7,7 +7,7 @@ from pathlib import Path
 from rcsd_cli.data.artifacts import ensure_writable, read_artifact, write_artifact
 from rcsd_cli.data.schemas import BackendConfig, Criterion, GenerationConfig, Problem, Score, ScoreConfig
 from rcsd_cli.errors import RcsdError, where
-from rcsd_cli.evaluation.scoring import JudgeRequest, run_judge, score_completion
+from rcsd_cli.evaluation.scoring import score_with_judge
 from rcsd_cli.evaluation.stats import mean_interval
 from rcsd_cli.models import DEFAULT_MODEL
 from rcsd_cli.stages.sample import read_samples
@@ -22,26 +22,21 @@ def judge_and_score(items: list[tuple[str, Problem, list[Criterion], str]], judg
 
     ``resume`` = (output, config, fresh): judge replies are kept in ``output.judge.partial.jsonl``.
     """
-    requests = [JudgeRequest((sid, cr.id), prob, text, cr) for sid, prob, rubric, text in items
-                for cr in rubric if cr.check is None]
-    verdicts: dict = {}
-    if requests and judge_model:
+    judge, runner = None, None
+    if judge_model and any(cr.check is None for _, _, rubric, _ in items for cr in rubric):
         from rcsd_cli.backends import open_backend
         from rcsd_cli.backends.resume import ResumableGenerator
 
         judge = open_backend(backend or BackendConfig(), judge_model, trust_remote_code)
-        runner = None
         if resume is not None:
             out, cfg, fresh = resume
             runner = ResumableGenerator(judge, Path(str(out) + ".judge"), cfg, fresh)
-        with progress("judge", len(requests)) as advance:
-            verdicts = run_judge(judge, requests, generation, retries, seed, on_done=advance, runner=runner)
-        if runner is not None:
-            runner.finish()
-    per_sample: dict[str, dict] = {}
-    for (sid, cid), v in verdicts.items():
-        per_sample.setdefault(sid, {})[cid] = v
-    return [score_completion(sid, prob, rubric, text, per_sample.get(sid)) for sid, prob, rubric, text in items]
+    n = sum(cr.check is None for _, _, rubric, _ in items for cr in rubric) if judge else 0
+    with progress("judge", n, enabled=judge is not None) as advance:
+        scores = score_with_judge(judge, items, generation, retries, seed, on_done=advance, runner=runner)
+    if runner is not None:
+        runner.finish()
+    return scores
 
 
 def add_teacher_logprobs(scores: list[Score], samples, by_id: dict, cfg: ScoreConfig, model_name: str,

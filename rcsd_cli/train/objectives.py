@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from rcsd_cli.data.schemas import GenerationConfig, Rubric, TrainConfig
-from rcsd_cli.evaluation.scoring import score_completion
+from rcsd_cli.evaluation.scoring import JUDGE_REPLY, score_completion, score_with_judge
 from rcsd_cli.modeling.batching import SideBatch, aligned_hidden, build_pair_batch
 from rcsd_cli.modeling.generation import generate, item_seed
 from rcsd_cli.modeling.logprobs import chunked_token_logprobs
@@ -52,6 +52,8 @@ class StepResult:
     rollout_tokens: int
     reward_count: int = 0  # rollouts the mean reward is over (to combine processes)
     objective: float | None = None  # this process's share of the step's loss under --loss-reduction
+    judge_unjudged: int | None = None  # --reward judge: criteria left unjudged this step
+    reward_unscored: int | None = None  # --reward judge: rollouts given their group's mean
 
 
 @dataclass
@@ -67,6 +69,7 @@ class StepContext:
     student_generate: Callable | None = None  # as teacher_generate, from the current student (default: HF)
     clock: Callable = no_clock  # phases.PhaseClock: with ctx.clock("rollout"): ...
     compute: Callable = nullcontext  # precision.compute: forward passes run in it, backward outside it
+    judge: object | None = None  # --reward judge: the judge backend, opened once per run
 
     def student_samples(self, prompts, gen_cfg, seeds):
         if self.student_generate is not None:
@@ -263,8 +266,12 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     prompts = [student_ids(tok, r, cfg) for r in group_rows]
     gens = rollouts(ctx, prompts, [(r.id, j % G) for j, r in enumerate(group_rows)])
     completions = [g.token_ids for g in gens]
-    rewards = torch.tensor([rollout_reward(r, g.text, cfg) for r, g in zip(group_rows, gens, strict=True)],
-                           dtype=torch.float32)
+    judged = {}
+    if cfg.grpo.reward == "judge":
+        rewards, judged = judged_rewards(ctx, group_rows, [g.text for g in gens])
+    else:
+        rewards = torch.tensor([rollout_reward(r, g.text, cfg) for r, g in zip(group_rows, gens, strict=True)],
+                               dtype=torch.float32)
     advantages = group_advantages(rewards.view(len(rows), G)).view(-1)
     total = max(ctx.global_sum(sum(len(c) for c in completions)), 1)
     weights = reduction_weights(ctx, [len(c) for c in completions])
@@ -289,7 +296,29 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
 
     objective, sums = accumulate(ctx, len(completions), micro_step)
     return StepResult(sums.get("loss", 0.0), total, sums.get("kl", 0.0) if cfg.grpo.kl_coef > 0 else None, None,
-                      rewards.mean().item(), sum(len(c) for c in completions), len(group_rows), objective=objective)
+                      rewards.mean().item(), sum(len(c) for c in completions), len(group_rows), objective=objective,
+                      **judged)
+
+
+def judged_rewards(ctx: StepContext, rows: list[Rubric], texts: list[str]) -> tuple[torch.Tensor, dict]:
+    """``--reward judge``: each rollout's rubric score with unchecked criteria judged by the judge model.
+
+    A rollout with no judged positive criterion has no score; it gets its group's mean (so its advantage is
+    0) rather than a silent 0, and the step records how many criteria and rollouts that affected."""
+    cfg, G = ctx.cfg, ctx.cfg.grpo.group_size
+    items = [(f"{r.id}:{j % G}", r, r.rubric, t) for j, (r, t) in enumerate(zip(rows, texts, strict=True))]
+    with ctx.clock("reward"):
+        scores = score_with_judge(ctx.judge, items, JUDGE_REPLY, cfg.grpo.judge_retries,
+                                  item_seed(cfg.seed, "judge", ctx.step, ctx.rank))
+    raw = [s.score for s in scores]
+    rewards = []
+    for g in range(0, len(raw), G):
+        group = raw[g: g + G]
+        known = [x for x in group if x is not None]
+        fill = sum(known) / len(known) if known else 0.0
+        rewards += [fill if x is None else x for x in group]
+    return torch.tensor(rewards, dtype=torch.float32), {
+        "judge_unjudged": sum(s.n_unjudged for s in scores), "reward_unscored": sum(x is None for x in raw)}
 
 
 def sft_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:

@@ -174,6 +174,7 @@ class Run:
     ckpt: Path | None
     start_step: int
     metrics: list[MetricsRow]
+    judge: object | None = None  # --reward judge: the judge backend
 
     @property
     def main(self) -> bool:
@@ -221,8 +222,13 @@ def setup(cfg: TrainConfig, out: Path, resume: bool, trust_remote_code: bool) ->
                               trust_remote_code=trust_remote_code)
     if ckpt is not None:  # engines start from --model: give them the resumed weights
         rollouts.after_update()
+    judge = None
+    if cfg.method == "grpo" and cfg.grpo.reward == "judge":
+        from rcsd_cli.backends import open_backend
+
+        judge = open_backend(cfg.grpo.judge_backend_config(), cfg.grpo.judge_model, trust_remote_code)
     return Run(cfg, rank, world, sharded, student, teacher, tok, params, optimizer, scheduler, teacher_hidden,
-               teacher_head, rollouts, compute, ckpt, start_step, metrics)
+               teacher_head, rollouts, compute, ckpt, start_step, metrics, judge)
 
 
 def optimizer_step(run: Run, res: StepResult, step: int) -> tuple[StepResult, float, float, float | None]:
@@ -259,6 +265,8 @@ def record_step(run: Run, row: MetricsRow, out: Path, tracker: Tracker, inputs, 
              f"{precision.vanishing_below(cfg.lr):.1e}); --precision bf16-mixed keeps fp32 master weights")
     extras = "".join(f"  {k} {v:.4f}" for k, v in (("kl", row.kl), ("top1", row.top1_agreement),
                                                    ("reward", row.reward)) if v is not None)
+    if row.judge_unjudged:  # never silent: unjudged criteria are out of the scores, unscored rollouts neutral
+        extras += f"  unjudged {row.judge_unjudged} (unscored rollouts {row.reward_unscored})"
     run.log(f"step {row.step}/{cfg.steps}  loss {row.loss:.4f}{extras}  grad {row.grad_norm:.3f}  "
             f"tokens {row.completion_tokens}  {row.seconds:.1f}s")
     if run.main:  # live: readable (and plottable) while the run goes on, replaced atomically
@@ -276,7 +284,7 @@ def metrics_row(cfg: TrainConfig, res: StepResult, step: int, grad_norm: float, 
         grad_norm=grad_norm, lr=lr, completion_tokens=res.tokens,
         mean_completion_length=res.tokens / max(1, res.reward_count or min(cfg.batch_size, n_rows)),
         rollout_tokens=used, tokens_per_second=res.tokens / seconds, seconds=seconds, weights_moved=moved,
-        **phases)
+        judge_unjudged=res.judge_unjudged, reward_unscored=res.reward_unscored, **phases)
 
 
 def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trust_remote_code: bool = False,
@@ -305,7 +313,7 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
             batch = [rows[i] for i in batch_order(len(rows), cfg.batch_size, step, cfg.seed)[run.rank::run.world]]
             ctx = StepContext(run.student, run.tok, run.teacher_hidden, run.teacher_head, cfg, step,
                               run.rollouts.teacher, run.rank, student_generate=run.rollouts.student, clock=clock,
-                              compute=run.compute)
+                              compute=run.compute, judge=run.judge)
             run.optimizer.zero_grad(set_to_none=True)
             res = objective(ctx, batch)
             with clock("optimizer"):
@@ -349,4 +357,6 @@ def _combine(res):
                       None if res.kl_sum is None else dist.reduce_sum(res.kl_sum),
                       None if res.agree_sum is None else dist.reduce_sum(res.agree_sum), reward,
                       int(dist.reduce_sum(res.rollout_tokens)), int(count),
-                      None if res.objective is None else dist.reduce_sum(res.objective))
+                      None if res.objective is None else dist.reduce_sum(res.objective),
+                      *(None if v is None else int(dist.reduce_sum(v)) for v in (res.judge_unjudged,
+                                                                                 res.reward_unscored)))
