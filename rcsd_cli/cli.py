@@ -28,6 +28,9 @@ app.command("train", rich_help_panel=PIPELINE,
             epilog=example("rcsd train --rubrics rubrics.parquet -o model --steps 20 --batch-size 8"))(stages.train)
 app.command("eval", rich_help_panel=PIPELINE,
             epilog=example("rcsd eval --bench arc-easy --limit 100 -o eval.parquet --model model"))(stages.eval_)
+app.command("eval-rubrics", rich_help_panel=PIPELINE,
+            epilog=example("rcsd eval-rubrics generated.parquet --reference reference.parquet --judge-model M "
+                           "-o rubric-quality.parquet"))(stages.eval_rubrics)
 app.command("diagnose", rich_help_panel=PIPELINE,
             epilog=example("rcsd diagnose rubrics.parquet --limit 64 -o diagnose.parquet"))(stages.diagnose)
 app.command("explain", rich_help_panel=TOOLS,

@@ -12,6 +12,7 @@ from rcsd_cli.commands.common import stage_command
 from rcsd_cli.data.schemas import (
     DiagnoseConfig,
     EvalConfig,
+    EvalRubricsConfig,
     ExplainConfig,
     GenRubricsConfig,
     SampleConfig,
@@ -59,6 +60,12 @@ def _eval(cfg, output, **flags):
     run_eval(cfg, output, **flags)
 
 
+def _eval_rubrics(cfg, output, **flags):
+    from rcsd_cli.stages.eval_rubrics import run_eval_rubrics
+
+    run_eval_rubrics(cfg, output, **flags)
+
+
 def _diagnose(cfg, output, **flags):
     from rcsd_cli.stages.diagnose import run_diagnose
 
@@ -102,6 +109,10 @@ explain = stage_command(
     extra=(_flag("show", "--show", "Also print the shaded completions in the terminal."),))
 eval_ = stage_command(EvalConfig, _eval, output="eval.parquet",
                       doc="Evaluate a model on a benchmark: per-item Parquet plus a summary table.")
+eval_rubrics = stage_command(
+    EvalRubricsConfig, _eval_rubrics, output="rubric-quality.parquet",
+    doc="Judge generated rubrics against reference rubrics by the authors' protocol: six 1-5 dimensions, win "
+        "rates with 95% intervals, per-item Parquet.")
 train = stage_command(
     TrainConfig, _train, output="rcsd-model",
     doc="Train the student towards its rubric-conditioned teacher (or a baseline) on its own samples.",

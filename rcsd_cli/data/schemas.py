@@ -193,6 +193,19 @@ class DiagnoseRow(_Row):
     teacher_completion: str
 
 
+class RubricQualityRow(_Row):
+    """One item of ``rcsd eval-rubrics``: the judge's 1-5 scores of each rubric on the authors' six dimensions."""
+
+    id: str
+    question: str
+    scores: dict[str, dict[str, float]] | None = Field(description="Rubric name -> dimension -> score (1-5; "
+                                                       "overall = mean of the six); None if the judge never "
+                                                       "gave a usable reply.")
+    best_rubric: str | None
+    brief_reason: str | None
+    error: str | None = Field(None, description="Why the item is unjudged (malformed replies, a failed request).")
+
+
 class MetricsRow(_Row):
     """One optimizer step of ``rcsd train``."""
 
@@ -771,6 +784,26 @@ class EvalConfig(_Config):
         return self
 
 
+class EvalRubricsConfig(_Config):
+    """``rcsd eval-rubrics``: the authors' rubric-quality protocol, generated rubrics against reference ones."""
+
+    generated: str = opt(panel="Data", argument=True, help="Generated rubrics (rubrics.parquet from gen-rubrics, "
+                         "or any problems file with a rubric per row).")
+    reference: str = opt(panel="Data", help="Reference rubrics (e.g. the dataset's own, imported by gen-rubrics); "
+                         "items are matched by question text, as the authors match them.")
+    name: str = opt("generated", panel="Data", help="The generated rubrics' name in the judge prompt (the "
+                    "reference's is GT).")
+    limit: int | None = opt(100, ge=1, panel="Data", help="Items to judge (their --num_examples).")
+    shuffle: bool = opt(False, panel="Data", help="Take a --seed-shuffled sample of the matched items instead of "
+                        "the first ones in the reference's order (their --shuffle).")
+    seed: int = opt(42, panel="Data", help="Random seed (the sample; their default 42).")
+    judge_model: str = opt(panel="Model", help="The judge (a local model, or the model name on --base-url).")
+    judge_retries: int = opt(4, ge=0, panel="Model", help="Retries after an unusable judge reply (their 5 "
+                             "attempts); then the item is recorded as unjudged.")
+    generation: GenerationConfig = nested(_generation(temperature=0.0, max_new_tokens=1024))
+    backend: BackendConfig = nested(BackendConfig)
+
+
 class ServeConfig(_Config):
     """``rcsd serve``: one model behind an OpenAI-compatible HTTP API, refusing what it cannot serve."""
 
@@ -795,6 +828,7 @@ ROW_MODELS: dict[str, type[BaseModel]] = {
     "eval": EvalItem,
     "metrics": MetricsRow,
     "diagnose": DiagnoseRow,
+    "rubric-quality": RubricQualityRow,
 }
 CONFIG_MODELS: dict[str, type[BaseModel]] = {
     "gen-rubrics": GenRubricsConfig,
@@ -804,6 +838,7 @@ CONFIG_MODELS: dict[str, type[BaseModel]] = {
     "eval": EvalConfig,
     "diagnose": DiagnoseConfig,
     "explain": ExplainConfig,
+    "eval-rubrics": EvalRubricsConfig,
     "serve": ServeConfig,
 }
 EXTRA_MODELS: dict[str, type[BaseModel]] = {"criterion": Criterion, "criterion-verdict": CriterionVerdict}

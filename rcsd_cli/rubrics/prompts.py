@@ -227,14 +227,123 @@ def judge_message(problem: Problem, completion: str, criterion: Criterion) -> st
     )
 
 
-def chat_prompt_ids(tokenizer, user_text: str, enable_thinking: bool | None = None) -> list[int]:
-    """Token ids of a one-turn chat ending with the assistant header (generation prompt)."""
+# --- the authors' rubric-quality judge (rubric/run_rubric_quality_eval_hf.py, commit 90a35b6), verbatim
+RUBRIC_QUALITY_SYSTEM = (
+    "You are an expert evaluator of grading rubrics for scientific and mathematical reasoning questions.\n"
+    "\n"
+    "Your task is to evaluate the quality of several rubrics for the same question. The rubrics include one "
+    "GT/reference rubric and one or more generated rubrics.\n"
+    "\n"
+    "You must judge each rubric independently. Do not assume the reference rubric is always better. A generated "
+    "rubric can be better if it is more complete, specific, or useful.\n"
+    "\n"
+    "Inputs:\n"
+    "- question: The original question.\n"
+    "- reference_answer: The ideal answer or gold solution.\n"
+    "- rubrics: A dictionary of rubric_name -> rubric content.\n"
+    "\n"
+    "Evaluate each rubric on the following six dimensions using a 1-5 scale:\n"
+    "\n"
+    "1. Relevance: Does the rubric directly match the question and expected answer?\n"
+    "1 = mostly irrelevant; 3 = partially relevant; 5 = highly relevant.\n"
+    "\n"
+    "2. Correctness: Are the rubric criteria factually and logically correct?\n"
+    "1 = contains serious errors; 3 = mostly correct with issues; 5 = fully correct.\n"
+    "\n"
+    "3. Completeness: Does the rubric cover the main concepts, calculations, reasoning steps, and final-answer "
+    "requirements needed to judge a response?\n"
+    "1 = misses most key requirements; 3 = covers some key requirements; 5 = covers nearly all key "
+    "requirements.\n"
+    "\n"
+    "4. Specificity: Is the rubric specific to this exact question rather than generic?\n"
+    "1 = generic and reusable for many unrelated questions; 3 = partially question-specific; 5 = highly "
+    "instance-specific.\n"
+    "\n"
+    "5. Non-redundancy: Does the rubric avoid repetitive, overlapping, or bloated criteria?\n"
+    "1 = highly redundant; 3 = some redundancy; 5 = concise and non-overlapping.\n"
+    "\n"
+    "6. Usefulness: Would this rubric help a judge accurately evaluate model responses to this question?\n"
+    "1 = not useful; 3 = moderately useful; 5 = very useful.\n"
+    "\n"
+    "Important instructions:\n"
+    "- Score every rubric independently.\n"
+    "- Do not omit any rubric that appears in the input.\n"
+    "- If a rubric is weak, empty, redundant, incomplete, or irrelevant, still score it from 1 to 5.\n"
+    "- Penalize rubrics that are verbose but redundant.\n"
+    "- Penalize rubrics that mention correct general concepts but miss the actual grading target.\n"
+    "- Reward rubrics that clearly identify the correct answer, necessary reasoning, key pitfalls, and "
+    "important domain-specific checks.\n"
+    "- Use the full 1-5 range.\n"
+    "- Output valid JSON only. Do not include markdown or explanation outside JSON.\n"
+    "\n"
+    "Return exactly this JSON format:\n"
+    "{\n"
+    "  \"scores\": {\n"
+    "    \"RUBRIC_NAME_1\": {\n"
+    "      \"relevance\": <1-5>,\n"
+    "      \"correctness\": <1-5>,\n"
+    "      \"completeness\": <1-5>,\n"
+    "      \"specificity\": <1-5>,\n"
+    "      \"non_redundancy\": <1-5>,\n"
+    "      \"usefulness\": <1-5>,\n"
+    "      \"overall\": <average of the six scores>\n"
+    "    },\n"
+    "    \"RUBRIC_NAME_2\": {\n"
+    "      \"relevance\": <1-5>,\n"
+    "      \"correctness\": <1-5>,\n"
+    "      \"completeness\": <1-5>,\n"
+    "      \"specificity\": <1-5>,\n"
+    "      \"non_redundancy\": <1-5>,\n"
+    "      \"usefulness\": <1-5>,\n"
+    "      \"overall\": <average of the six scores>\n"
+    "    }\n"
+    "  },\n"
+    "  \"best_rubric\": \"<one rubric name or tie>\",\n"
+    "  \"brief_reason\": \"<one concise sentence>\"\n"
+    "}\n"
+)
+
+
+def rubric_quality_text(rubric: list[Criterion], max_chars: int = 12000) -> str:
+    """A rubric as their judge reads it: ``i. title (weight=w): description`` lines, cut at 12,000 characters."""
+    text = "\n".join(f"{i}. {c.title} (weight={int(c.weight) if float(c.weight).is_integer() else c.weight}): "
+                     f"{c.description}" for i, c in enumerate(rubric, 1))
+    return text[:max_chars] + "\n...[TRUNCATED]" if len(text) > max_chars else text
+
+
+def rubric_quality_message(question: str, reference: str | None, rubrics: dict[str, list[Criterion]]) -> str:
+    """Their user message: the rubric names to score, the question, reference answer and every rubric."""
+    names = "\n".join(f"- {name}" for name in rubrics)
+    block = "\n\n".join(f"[{name}]\n{rubric_quality_text(r)}" for name, r in rubrics.items())
+    return f"""Evaluate the following rubrics for the same question.
+
+You must return scores for exactly these rubric names:
+{names}
+
+Do not omit any rubric. If a rubric is weak, empty, redundant, incomplete, or irrelevant, still score it from 1 to 5.
+
+[Question]
+{question}
+
+[Reference Answer]
+{reference or ""}
+
+[Rubrics]
+{block}
+"""
+
+
+def chat_prompt_ids(tokenizer, user_text: str, enable_thinking: bool | None = None,
+                    system: str | None = None) -> list[int]:
+    """Token ids of a one-turn chat (after an optional system message) ending with the assistant header."""
     if getattr(tokenizer, "chat_template", None):
         kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-        text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
-                                             add_generation_prompt=True, **kwargs)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user",
+                                                                                    "content": user_text}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(f"{user_text}\n\nResponse:", add_special_tokens=True)["input_ids"]
+    prefix = f"{system}\n\n" if system else ""
+    return tokenizer(f"{prefix}{user_text}\n\nResponse:", add_special_tokens=True)["input_ids"]
 
 
 def text_ids(tok, text: str) -> list[int]:
