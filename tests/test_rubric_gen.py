@@ -154,3 +154,19 @@ def test_stage_one_prompts_are_the_authors_texts(tiny_model):
     assert teacher_ids(tok, row, cfg) == chat_prompt_ids(tok, teacher)
     with pytest.raises(ValueError, match="reason-first is not available with --task rubric-generator"):
         TrainConfig(rubrics="r", task="rubric-generator", teacher_context="reason-first")
+
+
+def test_fallback_reference_keeps_items_the_llm_failed(run_cli, tiny_model, tmp_path):
+    rows = [{"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(2)]
+    data = write_jsonl(tmp_path / "q.jsonl", rows)
+    p = run_cli("gen-rubrics", data, "-o", tmp_path / "r.parquet", "--model", tiny_model, "--retries", "0",
+                "--max-new-tokens", "4", "--fallback", "reference", check=True)  # a random model writes no rubric
+    out, _ = read_artifact(tmp_path / "r.parquet", "rubrics")
+    assert [r.rubric_origin for r in out] == ["reference", "reference"]
+    assert out[0].rubric[0].check.value == "0"  # the check-based rubric from the gold answer
+    assert "2 of 2 problems got the reference rubric" in " ".join(p.stderr.split())
+    rejected, _ = read_artifact(tmp_path / "r.rejected.parquet", "rejected-rubrics")
+    assert len(rejected) == 2  # the failed attempts are still recorded
+    p = run_cli("gen-rubrics", data, "-o", tmp_path / "x.parquet", "--generator", "reference", "--fallback",
+                "reference")
+    assert p.returncode == 2 and "--fallback has no effect with --generator reference" in p.stderr

@@ -35,3 +35,31 @@ def test_examples_makefile(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     items, meta = read_artifact(out / "eval_after.parquet", "eval")
     assert len(items) == 8 and meta["summary"]["items"] == 8
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_the_authors_pipeline_end_to_end_small(tmp_path):
+    """examples/paper-pipeline.mk SMALL=1: stage I (LoRA rubric writer) -> rubrics with the stage-I adapter ->
+    stage II reason-first -> math (the authors' grader) and science eval, before and after, on the 135M model."""
+    import os
+    import sys
+
+    out = tmp_path / "pipeline"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(["make", "-f", str(ROOT / "examples" / "paper-pipeline.mk"), "SMALL=1", f"OUT={out}",
+                           f"RCSD={sys.executable} -m rcsd_cli"], capture_output=True, text=True, timeout=1500,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stage1 = json.loads((out / "stage1" / "rcsd_train_config.json").read_text())
+    assert (stage1["task"], stage1["loss"]["kind"], stage1["loss"]["beta"], stage1["lora"]["rank"]) == (
+        "rubric-generator", "jsd", 0.5, 8)
+    assert (out / "stage1" / "adapter_config.json").is_file()
+    rubrics, meta = read_artifact(out / "stage1-rubrics.parquet", "rubrics")
+    assert len(rubrics) == 12 and meta["config"]["model"] == str(out / "stage1")  # written with the adapter
+    stage2 = json.loads((out / "stage2" / "rcsd_train_config.json").read_text())
+    assert stage2["teacher"]["context"] == "reason-first"
+    for bench in ("gsm8k", "arc-easy"):
+        for model in ("base", "stage2"):
+            items, meta = read_artifact(out / f"eval-{model}-{bench}.parquet", "eval")
+            assert len(items) == 6
+            assert meta["config"]["grader"] == ("authors" if bench == "gsm8k" else "rcsd")

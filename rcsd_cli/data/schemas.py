@@ -399,6 +399,10 @@ class GenRubricsConfig(_Config):
         "auto", panel="Data", help="llm: the rubric-designer prompt; reference: built from the gold answer, no LLM; "
         "auto: llm for rows without a rubric.")
     regenerate: bool = opt(False, panel="Data", help="Regenerate rubrics even for rows that carry one.")
+    fallback: Literal["none", "reference"] = opt(
+        "none", panel="Data", help="llm: what a problem gets when every attempt failed: none (dropped, reasons in "
+        "the rejected file) or reference (the check-based rubric from its gold answer, rubric_origin 'reference', "
+        "counted in the summary line).")
     limit: int | None = opt(None, ge=1, panel="Data", help="Use at most N problems.")
     offset: int = opt(0, ge=0, panel="Data", help="Skip this many problems (benchmarks: after the seeded shuffle).")
     source_filter: str | None = opt(None, panel="Data", help="Keep rows whose source is one of these "
@@ -418,6 +422,14 @@ class GenRubricsConfig(_Config):
     generation: GenerationConfig = nested(_generation(temperature=0.7, max_new_tokens=512, top_p=0.95, top_k=20,
                                                                batch_size=8))
     backend: BackendConfig = nested(BackendConfig)
+
+    @model_validator(mode="after")
+    def _no_silently_ignored_options(self) -> GenRubricsConfig:
+        from rcsd_cli.data.options import refuse_changed
+
+        if self.generator == "reference":
+            refuse_changed(self, ("fallback", "retries"), "with --generator reference (no model is asked)")
+        return self
 
 
 class SampleConfig(_Config):

@@ -109,9 +109,15 @@ def run_gen_rubrics(cfg: GenRubricsConfig, output: Path, *, overwrite: bool = Fa
             else:
                 out[row.problem.id] = Rubric(**row.problem.model_dump(), rubric=crit, rubric_origin="reference")
     runner = None
+    fallen_back = 0
     if todo and kind == "llm":
         accepted, rejected, runner = _llm_rubrics(todo, cfg, trust_remote_code, (output, cfg, overwrite))
         out.update(accepted)
+        if cfg.fallback == "reference":  # items no reply made valid: the check-based rubric from the gold answer
+            for row in todo:
+                if row.problem.id not in out and (crit := reference_rubric(row.problem)) is not None:
+                    out[row.problem.id] = Rubric(**row.problem.model_dump(), rubric=crit, rubric_origin="reference")
+                    fallen_back += 1
     ordered = [out[r.problem.id] for r in rows if r.problem.id in out]
     rejected_path = output.with_name(output.name.removesuffix(".parquet") + ".rejected.parquet")
     inputs = [data] if Path(data).exists() else []
@@ -130,6 +136,9 @@ def run_gen_rubrics(cfg: GenRubricsConfig, output: Path, *, overwrite: bool = Fa
                    model_id=model if todo and kind == "llm" else None, inputs=inputs, overwrite=overwrite)
     if runner is not None:
         runner.finish()
+    if fallen_back:
+        info(f"--fallback reference: {fallen_back} of {len(todo)} problems got the reference rubric "
+             "(rubric_origin 'reference') after every LLM attempt failed")
     dropped = len({r.problem_id for r in rejected} - set(out))
     refused = sum(r.reason.startswith(RCSD_SCHEMA_REFUSED) for r in rejected)
     info(f"wrote {len(ordered)} rubrics to {output}" + (f"; {dropped} problems dropped, "
