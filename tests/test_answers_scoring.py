@@ -148,26 +148,56 @@ def test_math_benchmarks_load_offline_with_boxed_gold():
 
 
 def test_loglik_choice_scores_equal_a_plain_forward(tiny_model):
+    """Sorted, batched and padded: every pair's sum equals an unbatched forward, in the problems' order."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from rcsd_cli.evaluation.loglik import choice_logprobs, context_text, encode_pair, grade
+    from rcsd_cli.backends.base import HFBackend
+    from rcsd_cli.evaluation.loglik import GENERIC, choice_logprobs, encode_pair, grade
 
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    engine = HFBackend(str(tiny_model))
+    tok, model = engine.tokenizer, AutoModelForCausalLM.from_pretrained(tiny_model)
     problems = [Problem(id="a", question="Which is a gas?", choices=["Oxygen", "Iron", "Salt water"], answer="A"),
-                Problem(id="b", question="2+2?", choices=["4", "five"], answer="B")]
-    got = choice_logprobs(model, tok, problems, batch_size=2)
+                Problem(id="b", question="2+2, in a long question with more words?", choices=["4", "five"],
+                        answer="B")]
+    got = choice_logprobs(engine, problems, GENERIC, batch_size=2)
     assert [len(g) for g in got] == [3, 2]
     for p, scores in zip(problems, got, strict=True):
         for choice, score in zip(p.choices, scores, strict=True):
-            ctx, cont = encode_pair(tok, context_text(p), " " + choice)
+            ctx, cont = encode_pair(tok, GENERIC.context(p, []), " " + choice)
             ids = torch.tensor([ctx + cont])
             logp = torch.log_softmax(model(ids).logits[0].float(), -1)
             expected = sum(logp[len(ctx) - 1 + t, cont[t]].item() for t in range(len(cont)))
             assert score == pytest.approx(expected, abs=1e-4)
     g = grade(problems[1], [-1.0, -3.0])  # "five" is longer: -3/4 per char beats -1/1
     assert (g["prediction"], g["acc"], g["acc_norm"], g["gold_logprob"]) == ("A", 0.0, 1.0, -3.0)
+
+
+def test_loglik_protocols_are_lm_evals_own_tasks():
+    """Contexts and continuations as lm-eval 0.4.13's task YAMLs render them (arc_easy, sciq, openbookqa,
+    mmlu_college_physics with its description and first_n dev examples)."""
+    from rcsd_cli.errors import RcsdError
+    from rcsd_cli.evaluation.loglik import PROTOCOLS, protocol_for
+
+    arc = Problem(id="a", question="Which is a gas?", choices=["Oxygen", "Iron"], answer="A")
+    assert PROTOCOLS["arc-easy"].context(arc, []) == "Question: Which is a gas?\nAnswer:"
+    sciq = Problem(id="s", question="What do plants absorb?", choices=["CO2", "O2"], answer="A",
+                   metadata={"support": "  Plants absorb carbon dioxide."})
+    assert PROTOCOLS["sciq"].context(sciq, []) == ("Plants absorb carbon dioxide.\nQuestion: What do plants "
+                                                   "absorb?\nAnswer:")
+    assert PROTOCOLS["openbookqa"].context(arc, []) == "Which is a gas?"
+    mmlu = Problem(id="m", question=" A lens has power 5 D. Its focal length is ", choices=["20 cm", "5 cm",
+                   "2 cm", "50 cm"], answer="A", metadata={"subject": "college_physics"})
+    shot = Problem(id="d", question="What is 2 + 2?", choices=["3", "4", "5", "6"], answer="B",
+                   metadata={"subject": "college_physics"})
+    assert PROTOCOLS["mmlu-stem"].context(mmlu, [shot]) == (
+        "The following are multiple choice questions (with answers) about college physics.\n\n"
+        "What is 2 + 2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer: B\n\n"
+        "A lens has power 5 D. Its focal length is\nA. 20 cm\nB. 5 cm\nC. 2 cm\nD. 50 cm\nAnswer:")
+    assert PROTOCOLS["mmlu-stem"].continuations(mmlu) == ["A", "B", "C", "D"]
+    assert protocol_for("gpqa").name == "rcsd-generic"
+    with pytest.raises(RcsdError, match="sciq has no few-shot split"):
+        protocol_for("sciq", 5)
 
 
 def test_encode_pair_moves_trailing_spaces_to_the_continuation(tiny_model):

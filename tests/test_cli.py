@@ -233,3 +233,25 @@ def test_progress_lines_without_a_terminal_and_quiet(run_cli, tmp_path, tiny_mod
     p = run_cli("-q", "sample", tmp_path / "r.parquet", "-o", tmp_path / "s2.parquet", "--model", tiny_model,
                 "--max-new-tokens", "3", check=True)
     assert p.stderr.strip() == "" and (tmp_path / "s2.parquet").is_file()
+
+
+@pytest.mark.parametrize("bench, extra, task", [
+    ("sciq", [], "sciq"), ("openbookqa", [], "openbookqa"), ("mmlu-stem", ["--num-fewshot", "2"], "mmlu_stem"),
+    ("arc-challenge", [], "arc_challenge"),
+])
+def test_eval_loglik_follows_each_benchs_lm_eval_task(run_cli, tiny_model, tmp_path, bench, extra, task):
+    out = tmp_path / "e.parquet"
+    p = run_cli("eval", "--bench", bench, "--scoring", "loglik", "--limit", "3", "--model", tiny_model, *extra,
+                "-o", out, check=True)
+    items, meta = read_artifact(out, "eval")
+    assert len(items) == 3 and all(len(it.choice_logprobs) == len(it.choices) for it in items)
+    assert meta["summary"]["protocol"]["lm_eval_task"] == task and task in p.stdout
+    assert meta["summary"]["protocol"]["num_fewshot"] == (2 if extra else 0)
+
+
+def test_eval_num_fewshot_is_refused_where_lm_eval_has_no_examples(run_cli, tiny_model, tmp_path):
+    p = run_cli("eval", "--bench", "sciq", "--scoring", "loglik", "--num-fewshot", "1", "--limit", "2", "--model",
+                tiny_model, "-o", tmp_path / "e.parquet")
+    assert p.returncode == 2 and "sciq has no few-shot split" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli("eval", "--bench", "sciq", "--num-fewshot", "1", "-o", tmp_path / "e.parquet")
+    assert p.returncode == 2 and "--num-fewshot has no effect with --scoring generate" in p.stderr

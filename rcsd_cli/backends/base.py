@@ -23,7 +23,9 @@ class Backend(Protocol):
 
     # Backends that run the model themselves (hf, vllm) also score given tokens:
     # topk_logprobs(prompts, continuations, k) -> (ids, log-probs), the top-k at every continuation
-    # position. Stages ask ``hasattr(backend, "topk_logprobs")``, never which kind a backend is.
+    # position; and those that batch whole continuations (hf) continuation_logprobs(pairs, batch_size,
+    # on_done) -> the summed log-probability of each (context ids, continuation ids) pair (loglik eval).
+    # Stages ask ``hasattr(backend, ...)``, never which kind a backend is.
 
 
 class HFBackend:
@@ -48,6 +50,11 @@ class HFBackend:
         from rcsd_cli.modeling.logprobs import teacher_topk
 
         return teacher_topk(self.model, self.tokenizer, prompts, continuations, k)
+
+    def continuation_logprobs(self, pairs, batch_size: int, on_done=None):
+        from rcsd_cli.modeling.logprobs import continuation_sums
+
+        return continuation_sums(self.model, pairs, self.tokenizer.pad_token_id, batch_size, on_done)
 
 
 def open_backend(cfg: BackendConfig, model_name: str, trust_remote_code: bool = False) -> Backend:

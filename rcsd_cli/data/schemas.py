@@ -777,7 +777,11 @@ class EvalConfig(_Config):
     prompt_style: PromptStyle = opt("paper", panel="Data", help=_PROMPT_STYLE_HELP)
     scoring: Literal["generate", "loglik"] = opt(
         "generate", panel="Data", help="generate: sample answers and extract them; loglik: multiple-choice "
-        "log-likelihood as lm-evaluation-harness (acc, acc_norm, gold log-prob), no generation.")
+        "log-likelihood with the protocol of lm-evaluation-harness's own task for the bench (arc_easy, "
+        "arc_challenge, sciq with its support passage, openbookqa's bare stem, mmlu_* with letters; acc, acc_norm, "
+        "gold log-prob), no generation. gpqa and rubric files have no published protocol: ARC's template.")
+    num_fewshot: int = opt(0, ge=0, panel="Data", help="--scoring loglik on mmlu-stem: worked examples from each "
+                           "subject's dev split before the question (lm-eval's first_n); 0-shot otherwise.")
     grader: Literal["rcsd", "authors"] = opt(
         "rcsd", panel="Data", help="generate: how answers are extracted and compared. rcsd: Answer: line, else the "
         "last \\boxed{}, else fallbacks; math-verify for open answers. authors: the paper's eval/evaluate_math.py "
@@ -793,6 +797,8 @@ class EvalConfig(_Config):
 
         if self.scoring == "loglik":
             refuse_changed(self, ("grader",), "with --scoring loglik (choices are scored, not extracted)")
+        else:
+            refuse_changed(self, ("num_fewshot",), "with --scoring generate")
         return self
 
 

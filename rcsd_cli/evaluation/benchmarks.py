@@ -69,19 +69,60 @@ def _sciq() -> list[Problem]:
         support = (rec["support"] or "").strip()
         reference = (support + "\n\n" if support else "") + f"The correct answer is {gold}) {options[0]}"
         out.append(Problem(id=f"sciq-val-{i}", question=rec["question"], choices=[options[j] for j in order],
-                           answer=gold, reference_answer=reference, source="sciq"))
+                           answer=gold, reference_answer=reference, source="sciq",
+                           metadata={"support": rec["support"] or ""}))
+    return out
+
+
+def _mmlu_split(subject: str, split: str) -> list[Problem]:
+    out = []
+    for i, rec in enumerate(_load(f"hails/mmlu_no_train/{subject}/{split}")):
+        gold = LETTERS[rec["answer"]]
+        out.append(Problem(id=f"mmlu-{subject}-{'' if split == 'test' else split + '-'}{i}", question=rec["question"],
+                           choices=list(rec["choices"]), answer=gold,
+                           reference_answer=f"{gold}) {rec['choices'][rec['answer']]}", source="mmlu-stem",
+                           metadata={"subject": subject}))
     return out
 
 
 def _mmlu_stem() -> list[Problem]:
-    out = []
-    for subject in MMLU_STEM:
-        for i, rec in enumerate(_load(f"hails/mmlu_no_train/{subject}/test")):
-            gold = LETTERS[rec["answer"]]
-            out.append(Problem(id=f"mmlu-{subject}-{i}", question=rec["question"], choices=list(rec["choices"]),
-                               answer=gold, reference_answer=f"{gold}) {rec['choices'][rec['answer']]}",
-                               source="mmlu-stem", metadata={"subject": subject}))
-    return out
+    return [p for subject in MMLU_STEM for p in _mmlu_split(subject, "test")]
+
+
+def fewshot_examples(bench: str, k: int):
+    """``problem -> its k few-shot examples`` (lm-eval's first_n from the subject's dev split), or None."""
+    if not k:
+        return None
+    if bench != "mmlu-stem":
+        raise RcsdError(f"--num-fewshot: {bench} has no few-shot split")
+    cache: dict[str, list[Problem]] = {}
+
+    def shots(problem: Problem) -> list[Problem]:
+        subject = problem.metadata["subject"]
+        if subject not in cache:
+            cache[subject] = _mmlu_split(subject, "dev")
+        if len(cache[subject]) < k:
+            raise RcsdError(f"--num-fewshot {k}: the {subject} dev split has {len(cache[subject])} examples")
+        return cache[subject][:k]
+
+    return shots
+
+
+_RAW = {"arc-easy": "ai2_arc/ARC-Easy/validation", "arc-challenge": "ai2_arc/ARC-Challenge/validation",
+        "openbookqa": "openbookqa/main/validation", "sciq": "sciq/none/validation"}
+
+
+def raw_records(bench: str) -> dict[str, dict]:
+    """Problem id -> the dataset's own record (its original fields), for handing the same items to another
+    harness (``examples/lm_eval_parity.py``)."""
+    if bench == "mmlu-stem":
+        return {f"mmlu-{s}-{i}": dict(rec) for s in MMLU_STEM
+                for i, rec in enumerate(_load(f"hails/mmlu_no_train/{s}/test"))}
+    if bench == "sciq":
+        return {f"sciq-val-{i}": dict(rec) for i, rec in enumerate(_load(_RAW[bench]))}
+    if bench in _RAW:
+        return {rec["id"]: dict(rec) for rec in _load(_RAW[bench])}
+    raise RcsdError(f"{bench}: no offline records to hand to another harness")
 
 
 def _requests(task: str) -> list[dict]:

@@ -1,26 +1,88 @@
-"""Multiple-choice scoring by log-likelihood, following lm-evaluation-harness's protocol.
+"""Multiple-choice scoring by log-likelihood, equal to lm-evaluation-harness's own tasks.
 
-Each choice is a continuation of the context ``Question: {question}\\nAnswer:`` with a leading
-space; its score is the sum of its tokens' log-probabilities under the model. ``acc`` takes the
-best sum, ``acc_norm`` the best sum divided by the choice's length in characters (lm-eval's
-length normalisation). Context and continuation are tokenised the way lm-eval does for Hugging
-Face models: trailing spaces of the context move to the continuation, the pair is encoded whole
-and the continuation is what follows the context's own tokens. The mean log-probability of the
-gold choice is a continuous metric that moves before accuracy does.
+Each bench has the protocol of the lm-eval task users compare with (0.4.13's task YAMLs): the
+context text, the continuations (each after a single space) and which of them is gold:
+
+- ``arc-easy``/``arc-challenge`` (``arc_easy``/``arc_challenge``): ``Question: {question}\nAnswer:``,
+  the choice texts;
+- ``sciq`` (``sciq``): ``{support}\nQuestion: {question}\nAnswer:``, the choice texts;
+- ``openbookqa`` (``openbookqa``): the bare question stem, the choice texts;
+- ``mmlu-stem`` (``mmlu_<subject>``, group ``mmlu_stem``): the subject's description, then
+  ``--num-fewshot`` worked examples from the subject's dev split (the first ones), then the
+  question with its choices listed as ``A. ...`` lines and ``Answer:``; the continuations are the
+  letters.
+
+Any other multiple-choice data (``gpqa``, ``rubric`` files) uses the ARC template; it has no
+published lm-eval protocol to match. ``acc`` takes the best summed log-probability, ``acc_norm``
+the best sum per character of the continuation (lm-eval's length normalisation). Context and
+continuation are tokenised the way lm-eval does for Hugging Face models: trailing spaces of the
+context move to the continuation, the pair is encoded whole and the continuation is what follows
+the context's own tokens. The mean log-probability of the gold choice is a continuous metric that
+moves before accuracy does.
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from typing import Callable
 
 from rcsd_cli.data.inputs import LETTERS
 from rcsd_cli.data.schemas import Problem
-from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch
-from rcsd_cli.modeling.logprobs import chunked_token_logprobs
+from rcsd_cli.errors import RcsdError
 
 
-def context_text(problem: Problem) -> str:
-    return f"Question: {problem.question.strip()}\nAnswer:"
+def _arc(problem: Problem, shots: list[Problem]) -> str:
+    return f"Question: {problem.question}\nAnswer:"
+
+
+def _sciq(problem: Problem, shots: list[Problem]) -> str:
+    return f"{(problem.metadata.get('support') or '').lstrip()}\nQuestion: {problem.question}\nAnswer:"
+
+
+def _stem(problem: Problem, shots: list[Problem]) -> str:
+    return problem.question
+
+
+def _mmlu_question(problem: Problem) -> str:
+    listed = "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(problem.choices))
+    return f"{problem.question.strip()}{listed}\nAnswer:"
+
+
+def _mmlu(problem: Problem, shots: list[Problem]) -> str:
+    subject = str(problem.metadata.get("subject", "")).replace("_", " ")
+    description = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+    examples = "".join(f"{_mmlu_question(s)} {s.answer}\n\n" for s in shots)
+    return description + examples + _mmlu_question(problem)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str                                          # the lm-eval task it equals, or "rcsd-generic"
+    version: str                                       # that task's metadata version
+    context: Callable[[Problem, list[Problem]], str]   # (problem, few-shot examples) -> context text
+    letters: bool = False                              # continuations are the letters, not the choice texts
+    fewshot: bool = False                              # --num-fewshot draws from the bench's dev split
+
+    def continuations(self, problem: Problem) -> list[str]:
+        return list(LETTERS[: len(problem.choices)]) if self.letters else list(problem.choices)
+
+
+PROTOCOLS = {
+    "arc-easy": Protocol("arc_easy", "1.0", _arc),
+    "arc-challenge": Protocol("arc_challenge", "1.0", _arc),
+    "sciq": Protocol("sciq", "1.0", _sciq),
+    "openbookqa": Protocol("openbookqa", "1.0", _stem),
+    "mmlu-stem": Protocol("mmlu_stem", "mmlu 1.0, group 2", _mmlu, letters=True, fewshot=True),
+}
+GENERIC = Protocol("rcsd-generic", "1", _arc)
+
+
+def protocol_for(bench: str, num_fewshot: int = 0) -> Protocol:
+    protocol = PROTOCOLS.get(bench, GENERIC)
+    if num_fewshot and not protocol.fewshot:
+        raise RcsdError(f"--num-fewshot: {bench} has no few-shot split in its lm-eval task; only "
+                        f"{', '.join(b for b, p in PROTOCOLS.items() if p.fewshot)} takes examples")
+    return protocol
 
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -38,32 +100,35 @@ def pick(scores: list[float], lengths: list[int] | None = None) -> int:
     return max(range(len(values)), key=values.__getitem__)
 
 
-@torch.no_grad()
-def choice_logprobs(model, tok, problems: list[Problem], batch_size: int = 16, on_done=None) -> list[list[float]]:
-    """Per problem, the summed log-probability of each choice as a continuation of its context."""
-    pairs = [(i, encode_pair(tok, context_text(p), " " + c)) for i, p in enumerate(problems) for c in p.choices]
-    out: list[list[float]] = [[] for _ in problems]
-    head = model.get_output_embeddings()
-    for j in range(0, len(pairs), batch_size):
-        part = pairs[j: j + batch_size]
-        ctxs = [ctx or [tok.bos_token_id or tok.eos_token_id] for _, (ctx, _) in part]
-        conts = [cont for _, (_, cont) in part]
-        pb = build_pair_batch(ctxs, ctxs, conts, tok.pad_token_id)
-        hidden = aligned_hidden(model, pb.student)
-        logp = chunked_token_logprobs(hidden, head, pb.targets.to(hidden.device))
-        sums = (logp * pb.mask.to(hidden.device)).sum(-1).tolist()
-        for (i, _), s in zip(part, sums, strict=True):
-            out[i].append(s)
-        if on_done:  # items whose last choice was in this batch
-            on_done(sum(1 for k, (i, _) in enumerate(part, start=j) if k + 1 == len(pairs) or pairs[k + 1][0] != i))
+def choice_requests(tok, problems: list[Problem], protocol: Protocol,
+                    shots: Callable[[Problem], list[Problem]] | None = None) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) for every choice of every problem, in order."""
+    pairs = []
+    for p in problems:
+        context = protocol.context(p, shots(p) if shots else [])
+        for cont in protocol.continuations(p):
+            ctx, ids = encode_pair(tok, context, " " + cont)
+            pairs.append((ctx or [tok.bos_token_id or tok.eos_token_id], ids))
+    return pairs
+
+
+def choice_logprobs(engine, problems: list[Problem], protocol: Protocol, batch_size: int = 16, shots=None,
+                    on_done=None) -> list[list[float]]:
+    """Per problem, the summed log-probability of each continuation, from a backend that scores tokens."""
+    sums = engine.continuation_logprobs(choice_requests(engine.tokenizer, problems, protocol, shots), batch_size,
+                                        on_done)
+    out, k = [], 0
+    for p in problems:
+        out.append(sums[k: k + len(p.choices)])
+        k += len(p.choices)
     return out
 
 
-def grade(problem: Problem, scores: list[float]) -> dict:
-    """acc, acc_norm and the gold choice's log-probability for one item."""
+def grade(problem: Problem, scores: list[float], protocol: Protocol = GENERIC) -> dict:
+    """acc, acc_norm (per character of each continuation) and the gold choice's log-probability."""
     gold = LETTERS.index(problem.answer) if problem.answer else None
     best = pick(scores)
-    best_norm = pick(scores, [len(c) for c in problem.choices])
+    best_norm = pick(scores, [len(c) for c in protocol.continuations(problem)])
     return {"prediction": LETTERS[best], "acc": None if gold is None else float(best == gold),
             "acc_norm": None if gold is None else float(best_norm == gold),
             "gold_logprob": None if gold is None else scores[gold]}

@@ -86,3 +86,26 @@ def continuation_logprobs(student, prompt: list[int], continuation: list[int], p
     finally:
         student.train(was_training)
     return logits.log_softmax(-1).gather(-1, torch.tensor(continuation, device=logits.device)[:, None])[:, 0].tolist()
+
+
+@torch.no_grad()
+def continuation_sums(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 16,
+                      on_done=None) -> list[float]:
+    """The summed log-probability of each (context ids, continuation ids) pair, in the given order.
+
+    Pairs run longest first (as lm-eval orders its requests), so a batch pads to lengths close to its
+    own rather than to the longest pair of the run; ``on_done(n)`` after each batch of n pairs."""
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    head = model.get_output_embeddings()
+    out = [0.0] * len(pairs)
+    for j in range(0, len(order), batch_size):
+        part = order[j: j + batch_size]
+        ctxs = [pairs[i][0] for i in part]
+        pb = build_pair_batch(ctxs, ctxs, [pairs[i][1] for i in part], pad_id)
+        hidden = aligned_hidden(model, pb.student)
+        logp = chunked_token_logprobs(hidden, head, pb.targets.to(hidden.device))
+        for i, s in zip(part, (logp * pb.mask.to(hidden.device)).sum(-1).tolist(), strict=True):
+            out[i] = s
+        if on_done:
+            on_done(len(part))
+    return out

@@ -68,20 +68,22 @@ def summarise(items: list[EvalItem], n: int, seconds: float) -> dict:
 def run_loglik(cfg: EvalConfig, problems, output: Path, overwrite: bool, trust_remote_code: bool,
                show: bool) -> dict:
     """``--scoring loglik``: lm-eval's multiple-choice protocol, same item selection as generative eval."""
-    from rcsd_cli.evaluation.loglik import choice_logprobs, grade
-    from rcsd_cli.models import load_model
+    from rcsd_cli.evaluation.benchmarks import fewshot_examples
+    from rcsd_cli.evaluation.loglik import choice_logprobs, grade, protocol_for
 
     if any(not p.choices for p in problems):
         raise RcsdError(f"--scoring loglik needs multiple-choice items; {cfg.bench} has open answers")
-    if cfg.backend.kind != "hf":
-        raise RcsdError("--scoring loglik runs on the hf backend")
+    protocol = protocol_for(cfg.bench, cfg.num_fewshot)
+    shots = fewshot_examples(cfg.bench, cfg.num_fewshot)
     t0 = time.perf_counter()
-    lm = load_model(cfg.model, trust_remote_code, attn_implementation=cfg.backend.attn_implementation)
-    with progress(f"loglik {cfg.bench}", len(problems)) as advance:
-        scores = choice_logprobs(lm.model, lm.tokenizer, problems, cfg.generation.batch_size, on_done=advance)
+    engine = open_backend(cfg.backend, cfg.model, trust_remote_code)
+    if not hasattr(engine, "continuation_logprobs"):
+        raise RcsdError(f"--scoring loglik needs a backend that scores given tokens (hf), not {engine.name}")
+    with progress(f"loglik {cfg.bench} (choices)", sum(len(p.choices) for p in problems)) as advance:
+        scores = choice_logprobs(engine, problems, protocol, cfg.generation.batch_size, shots, on_done=advance)
     items = []
     for p, s in zip(problems, scores, strict=True):
-        g = grade(p, s)
+        g = grade(p, s, protocol)
         items.append(EvalItem(id=p.id, bench=cfg.bench, question=p.question, choices=p.choices, gold=p.answer,
                               completions=[], completion_tokens=[], predictions=[g["prediction"]],
                               correct=[None if g["acc"] is None else bool(g["acc"])], accuracy=g["acc"],
@@ -90,14 +92,17 @@ def run_loglik(cfg: EvalConfig, problems, output: Path, overwrite: bool, trust_r
     summary = summarise(items, 1, time.perf_counter() - t0)
     norm = [it.acc_norm for it in items if it.acc_norm is not None]
     gold = [it.gold_logprob for it in items if it.gold_logprob is not None]
-    summary.update(scoring="loglik", acc_norm=sum(norm) / len(norm) if norm else None,
+    summary.update(scoring="loglik", protocol={"lm_eval_task": protocol.name, "version": protocol.version,
+                                               "num_fewshot": cfg.num_fewshot},
+                   acc_norm=sum(norm) / len(norm) if norm else None,
                    acc_norm_ci=list(wilson_interval(sum(norm), len(norm))) if norm else [None, None],
                    gold_logprob=mean_interval(gold)[0] if gold else None,
                    gold_logprob_ci=list(mean_interval(gold)[1:]) if gold else [None, None])
     write_artifact(output, "eval", items, stage="eval", config=cfg, model_id=cfg.model,
                    inputs=[cfg.data] if cfg.data else [], overwrite=overwrite, extra={"summary": summary})
     if show:
-        results.print(f"{cfg.bench} ({len(items)} items, log-likelihood): acc {summary['accuracy']:.4f}  "
+        results.print(f"{cfg.bench} ({len(items)} items, log-likelihood, {protocol.name}): "
+                      f"acc {summary['accuracy']:.4f}  "
                       f"acc_norm {summary['acc_norm']:.4f}  gold log-prob {summary['gold_logprob']:.4f}")
     return summary
 
