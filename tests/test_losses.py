@@ -199,3 +199,33 @@ def test_registered_losses_by_hand():
     assert got.clip_share.item() == 0.0
     same = token_loss(logits_of(t), logits_of(t), y, LossConfig(top_k=3, temperature=1.0, clip=0.05))
     assert same.loss.item() == pytest.approx(0.0, abs=1e-12) and same.clip_share.item() == 0.0
+
+
+def test_entropy_and_distinct_n_by_hand():
+    from rcsd_cli.train.losses import distinct_n, entropy
+
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])  # uniform; p = (3/4, 1/4)
+    expected = [math.log(2), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]
+    assert entropy(logits).tolist() == pytest.approx(expected)
+    assert distinct_n([[1, 2, 1, 2], [3]], 2) == (2, 3)  # (1,2), (2,1), (1,2): two distinct of three
+    assert distinct_n([[5]], 2) == (0, 0)
+
+
+def test_chunked_health_sums_count_each_token_once_when_recomputed():
+    """With T > chunk_size the chunks are recomputed in backward; the entropy sums must not double."""
+    from rcsd_cli.train.losses import entropy
+
+    torch.manual_seed(0)
+    head_s, head_t = torch.nn.Linear(8, 11, bias=False), torch.nn.Linear(8, 11, bias=False)
+    h_s = torch.randn(2, 6, 8, requires_grad=True)
+    h_t = torch.randn(2, 6, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]])
+    targets = torch.randint(0, 11, (2, 6))
+    health: dict = {}
+    *_, weighted = chunked_distill_loss(h_s, h_t, head_s, head_t, mask, targets, LossConfig(), chunk_size=2,
+                                        health=health)
+    weighted.backward()
+    expected = (entropy(head_s(h_s).detach()) * mask).sum().item()
+    assert health["student_entropy"] == pytest.approx(expected, rel=1e-5)
+    assert health["teacher_entropy"] == pytest.approx((entropy(head_t(h_t)) * mask).sum().item(), rel=1e-5)
+    assert 0.0 <= health["clip_share"] <= mask.sum().item()

@@ -1,11 +1,14 @@
 """Every training method, teacher kind and the offline round run end to end on a tiny model."""
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from rcsd_cli.data.artifacts import read_artifact
 from rcsd_cli.data.schemas import GenerationConfig, TrainConfig
+from rcsd_cli.models import load_model
 from rcsd_cli.rubrics.prompts import reference_target, rubric_json
 from rcsd_cli.train.objectives import teacher_ids
 from rcsd_cli.train.trainer import lr_factor, train
@@ -57,6 +60,14 @@ def test_method_trains_and_saves(tiny_model, tmp_path, kw, monkeypatch):
         assert metrics[-1].rollout_tokens == 0 and metrics[0].kl is None
     if kw["method"] in ("rcsd", "opsd"):
         assert metrics[0].kl >= 0 and 0 <= metrics[0].top1_agreement <= 1
+        vocab = math.log(load_model(str(tiny_model)).model.config.vocab_size)
+        # health: a random model spreads its mass widely and never stops within 6 tokens
+        assert all(0 < m.student_entropy <= vocab and 0 < m.teacher_entropy <= vocab for m in metrics)
+        assert all(0 <= m.clip_share <= 1 for m in metrics)
+    if kw["method"] != "sft":
+        assert all(0 < m.distinct_2 <= 1 and m.truncated_share == 1.0 for m in metrics)
+    else:
+        assert metrics[0].distinct_2 is None and metrics[0].student_entropy is None
     assert changed(tmp_path, tiny_model)
     # LoRA: the folder holds the PEFT adapter and no full weights; otherwise a plain HF model
     assert bool(list(tmp_path.glob("adapter_*"))) == ("lora_rank" in kw)

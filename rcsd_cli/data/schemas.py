@@ -216,6 +216,15 @@ class MetricsRow(_Row):
                              "(GRPO: k3 KL to the initial model).")
     top1_agreement: float | None
     reward: float | None = Field(description="Mean rubric score (or correctness) of the step's rollouts.")
+    student_entropy: float | None = Field(None, description="Health: mean entropy (nats, temperature 1) of the "
+                                          "student's next-token distribution over the step's completion tokens; a "
+                                          "collapsing student drives it towards 0.")
+    teacher_entropy: float | None = Field(None, description="Health: the same for the teacher, on the same tokens.")
+    clip_share: float | None = Field(None, description="Health: share of the loss's (token, entry) terms at the "
+                                     "--clip (they give no gradient); compare loss (clipped) with kl (unclipped).")
+    distinct_2: float | None = Field(None, description="Health: distinct bigrams / bigrams of the step's rollouts "
+                                     "(summed over processes); repetition drives it down.")
+    truncated_share: float | None = Field(None, description="Health: share of rollouts that hit --max-new-tokens.")
     judge_unjudged: int | None = Field(None, description="--reward judge: criteria the judge could not decide this "
                                        "step (malformed replies after retries, failed requests); left out of scores.")
     reward_unscored: int | None = Field(None, description="--reward judge: rollouts with no judged positive "

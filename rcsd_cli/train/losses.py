@@ -182,15 +182,29 @@ def token_diagnostics(student_logits, teacher_logits, cfg: LossConfig, terms: To
     return kl, agree
 
 
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of softmax(logits) over the last dimension (temperature 1), per position."""
+    logp = F.log_softmax(upcast(logits), -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def distinct_n(sequences: list[list[int]], n: int = 2) -> tuple[int, int]:
+    """(distinct n-grams, n-grams) over token sequences: their ratio falls when completions repeat."""
+    grams = [tuple(s[i: i + n]) for s in sequences for i in range(len(s) - n + 1)]
+    return len(set(grams)), len(grams)
+
+
 def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head, teacher_head,
                          mask: torch.Tensor, targets: torch.Tensor, loss: LossConfig, *, chunk_size: int = 128,
-                         row_weights: torch.Tensor | None = None):
+                         row_weights: torch.Tensor | None = None, health: dict | None = None):
     """Sums of masked per-token losses over [B, T] completion positions, chunked over T.
 
     ``student_hidden``/``teacher_hidden``: final hidden states aligned so position t predicts
     ``targets[:, t]``. Returns (loss_sum, kl_sum, agree_sum, weighted_sum): plain sums over
     tokens, and the loss with each row's tokens weighted by ``row_weights`` [B] (the reduction;
     this is the one to backpropagate). Peak logits memory is O(B * chunk_size * V), not O(B * T * V).
+    ``health``: a dict that receives token sums of the student's and the teacher's entropy and of
+    the share of loss terms at the clip (for the step's health metrics).
     """
     mask = mask.float()
     weights = torch.ones(mask.shape[0], device=mask.device) if row_weights is None else row_weights.float()
@@ -199,11 +213,19 @@ def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
     kl_sum = torch.zeros(())
     agree_sum = torch.zeros(())
 
-    def chunk_loss(h_s, t_logits, m, y, w):
+    counted: set[int] = set()  # a chunk recomputed in backward must not count twice
+
+    def chunk_loss(h_s, t_logits, m, y, w, start):
         s_logits = student_head(h_s)
         terms = token_loss(s_logits, t_logits, y, loss)
         kl, agree = token_diagnostics(s_logits, t_logits, loss, terms)
         per_tok = terms.loss
+        if health is not None and start not in counted:
+            counted.add(start)
+            with torch.no_grad():
+                for name, value in (("student_entropy", entropy(s_logits.detach())),
+                                    ("teacher_entropy", entropy(t_logits)), ("clip_share", terms.clip_share)):
+                    health[name] = health.get(name, 0.0) + float((value.detach() * m).sum())
         return (per_tok * m).sum(), (per_tok * m * w.unsqueeze(-1)).sum(), (kl * m).sum(), (agree * m).sum()
 
     # One chunk holds all the logits anyway: recomputing it in backward would buy no memory.
@@ -215,7 +237,7 @@ def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
             continue
         with torch.no_grad():  # the teacher's logits need no graph, and are not recomputed in backward
             t_logits = teacher_head(teacher_hidden[:, sl].detach())
-        args = (student_hidden[:, sl], t_logits, m, targets[:, sl], weights)
+        args = (student_hidden[:, sl], t_logits, m, targets[:, sl], weights, start)
         if recompute and torch.is_grad_enabled() and student_hidden.requires_grad:
             chunk_sum, weighted, kl, agree = checkpoint(chunk_loss, *args, use_reentrant=False)
         else:

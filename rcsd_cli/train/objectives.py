@@ -20,7 +20,7 @@ additionally seeing the reference rubric.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -38,7 +38,7 @@ from rcsd_cli.rubrics.prompts import (
     transition_ids,
 )
 from rcsd_cli.rubrics.rubric_gen import InvalidRubric, parse_rubric_output
-from rcsd_cli.train.losses import chunked_distill_loss, clipped_policy_loss, group_advantages, k3_kl
+from rcsd_cli.train.losses import chunked_distill_loss, clipped_policy_loss, distinct_n, group_advantages, k3_kl
 from rcsd_cli.train.phases import no_clock
 
 
@@ -54,6 +54,7 @@ class StepResult:
     objective: float | None = None  # this process's share of the step's loss under --loss-reduction
     judge_unjudged: int | None = None  # --reward judge: criteria left unjudged this step
     reward_unscored: int | None = None  # --reward judge: rollouts given their group's mean
+    health: dict = field(default_factory=dict)  # sums: entropies and clip share over tokens, n-gram and length counts
 
 
 @dataclass
@@ -232,7 +233,15 @@ def distill_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     rewards = [rollout_reward(r, g.text, cfg) for r, g in zip(rows, gens, strict=True)]
     res = distill_backward(ctx, s_prompts, t_prompts, completions)
     res.reward, res.reward_count = sum(rewards) / len(rewards), len(rewards)
+    res.health.update(rollout_health(gens))
     return res
+
+
+def rollout_health(gens) -> dict:
+    """Counts behind distinct-2 and the share of rollouts cut at the token limit."""
+    distinct, bigrams = distinct_n([g.token_ids for g in gens], 2)
+    return {"distinct_bigrams": distinct, "bigrams": bigrams, "completions": len(gens),
+            "truncated": sum(g.finish_reason == "length" for g in gens)}
 
 
 def distill_backward(ctx: StepContext, s_prompts, t_prompts, completions) -> StepResult:
@@ -242,6 +251,7 @@ def distill_backward(ctx: StepContext, s_prompts, t_prompts, completions) -> Ste
     weights = reduction_weights(ctx, counts)
     total = max(ctx.global_sum(sum(counts)), 1)
     s_head = ctx.student.get_output_embeddings()
+    health: dict = {}
 
     def micro_step(sl):
         pb = build_pair_batch(s_prompts[sl], t_prompts[sl], completions[sl], tok.pad_token_id, cfg.skip_first_tokens)
@@ -252,12 +262,12 @@ def distill_backward(ctx: StepContext, s_prompts, t_prompts, completions) -> Ste
             dev = s_hidden.device
             loss_sum, kl_sum, agree_sum, weighted = chunked_distill_loss(
                 s_hidden, t_hidden, s_head, ctx.teacher_head, pb.mask.to(dev), pb.targets.to(dev), cfg.loss,
-                chunk_size=cfg.chunk_size, row_weights=torch.tensor(weights[sl], device=dev))
+                chunk_size=cfg.chunk_size, row_weights=torch.tensor(weights[sl], device=dev), health=health)
         return weighted, {"loss": loss_sum, "kl": kl_sum, "agree": agree_sum}
 
     objective, sums = accumulate(ctx, len(completions), micro_step)
     return StepResult(sums.get("loss", 0.0), total, sums.get("kl", 0.0), sums.get("agree", 0.0), None,
-                      sum(len(c) for c in completions), objective=objective)
+                      sum(len(c) for c in completions), objective=objective, health=health)
 
 
 def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
@@ -297,7 +307,7 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     objective, sums = accumulate(ctx, len(completions), micro_step)
     return StepResult(sums.get("loss", 0.0), total, sums.get("kl", 0.0) if cfg.grpo.kl_coef > 0 else None, None,
                       rewards.mean().item(), sum(len(c) for c in completions), len(group_rows), objective=objective,
-                      **judged)
+                      health=rollout_health(gens), **judged)
 
 
 def judged_rewards(ctx: StepContext, rows: list[Rubric], texts: list[str]) -> tuple[torch.Tensor, dict]:

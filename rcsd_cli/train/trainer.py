@@ -265,6 +265,8 @@ def record_step(run: Run, row: MetricsRow, out: Path, tracker: Tracker, inputs, 
              f"{precision.vanishing_below(cfg.lr):.1e}); --precision bf16-mixed keeps fp32 master weights")
     extras = "".join(f"  {k} {v:.4f}" for k, v in (("kl", row.kl), ("top1", row.top1_agreement),
                                                    ("reward", row.reward)) if v is not None)
+    extras += "".join(f"  {k} {v:.2f}" for k, v in (("ent", row.student_entropy), ("d2", row.distinct_2),
+                                                    ("trunc", row.truncated_share)) if v is not None)
     if row.judge_unjudged:  # never silent: unjudged criteria are out of the scores, unscored rollouts neutral
         extras += f"  unjudged {row.judge_unjudged} (unscored rollouts {row.reward_unscored})"
     run.log(f"step {row.step}/{cfg.steps}  loss {row.loss:.4f}{extras}  grad {row.grad_norm:.3f}  "
@@ -284,7 +286,20 @@ def metrics_row(cfg: TrainConfig, res: StepResult, step: int, grad_norm: float, 
         grad_norm=grad_norm, lr=lr, completion_tokens=res.tokens,
         mean_completion_length=res.tokens / max(1, res.reward_count or min(cfg.batch_size, n_rows)),
         rollout_tokens=used, tokens_per_second=res.tokens / seconds, seconds=seconds, weights_moved=moved,
-        judge_unjudged=res.judge_unjudged, reward_unscored=res.reward_unscored, **phases)
+        judge_unjudged=res.judge_unjudged, reward_unscored=res.reward_unscored, **health_metrics(res), **phases)
+
+
+def health_metrics(res: StepResult) -> dict:
+    """The step's health figures from the sums its objective collected (None where it collected none)."""
+    h, tokens = res.health, max(res.tokens, 1)
+
+    def ratio(num, den):
+        return h[num] / h[den] if h.get(den) else None
+
+    return {"student_entropy": h["student_entropy"] / tokens if "student_entropy" in h else None,
+            "teacher_entropy": h["teacher_entropy"] / tokens if "teacher_entropy" in h else None,
+            "clip_share": h["clip_share"] / tokens if "clip_share" in h else None,
+            "distinct_2": ratio("distinct_bigrams", "bigrams"), "truncated_share": ratio("truncated", "completions")}
 
 
 def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trust_remote_code: bool = False,
@@ -359,4 +374,5 @@ def _combine(res):
                       int(dist.reduce_sum(res.rollout_tokens)), int(count),
                       None if res.objective is None else dist.reduce_sum(res.objective),
                       *(None if v is None else int(dist.reduce_sum(v)) for v in (res.judge_unjudged,
-                                                                                 res.reward_unscored)))
+                                                                                 res.reward_unscored)),
+                      {k: dist.reduce_sum(v) for k, v in sorted(res.health.items())})
