@@ -82,7 +82,8 @@ def parity(bench: str, args, tasks_dir: Path, work: Path) -> dict:
         raise SystemExit(f"lm-eval failed on {bench}:\n{proc.stderr[-3000:]}")
     result = json.loads(sorted((work / "lm_eval" / bench).rglob("results_*.json"))[-1].read_text())
     theirs = result["results"][name]
-    return {"bench": bench, "task": Path(include).stem, "items": len(items), "rcsd_acc": ours["accuracy"],
+    task = "mmlu_<subject>, 0-shot" if bench == "mmlu-stem" else Path(include).stem
+    return {"bench": bench, "task": task, "items": len(items), "rcsd_acc": ours["accuracy"],
             "lm_acc": theirs["acc,none"], "rcsd_acc_norm": ours["acc_norm"], "lm_acc_norm": theirs["acc_norm,none"],
             "rcsd_seconds": rcsd_seconds, "lm_seconds": lm_seconds}
 
