@@ -8,6 +8,7 @@ Schema export of each; `tests/test_schemas.py` fails when the two drift apart.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -225,6 +226,12 @@ class MetricsRow(_Row):
     distinct_2: float | None = Field(None, description="Health: distinct bigrams / bigrams of the step's rollouts "
                                      "(summed over processes); repetition drives it down.")
     truncated_share: float | None = Field(None, description="Health: share of rollouts that hit --max-new-tokens.")
+    eval_accuracy: float | None = Field(None, description="--eval-every: held-out accuracy after this step.")
+    eval_acc_norm: float | None = Field(None, description="--eval-every loglik: held-out acc_norm.")
+    eval_gold_logprob: float | None = Field(None, description="--eval-every loglik: mean log-prob of the gold "
+                                            "choice on the held-out items.")
+    eval_strict_accuracy: float | None = Field(None, description="--eval-every generate: answers in the format the "
+                                               "prompt asked for, and correct.")
     judge_unjudged: int | None = Field(None, description="--reward judge: criteria the judge could not decide this "
                                        "step (malformed replies after retries, failed requests); left out of scores.")
     reward_unscored: int | None = Field(None, description="--reward judge: rollouts with no judged positive "
@@ -240,6 +247,7 @@ class MetricsRow(_Row):
                                           "are not in it: see push_seconds).")
     analysis_seconds: float | None = Field(None, description="Reason-first: generating the teacher's analyses.")
     reward_seconds: float | None = Field(None, description="--reward judge: judging the step's rollouts.")
+    eval_seconds: float | None = Field(None, description="--eval-every: evaluating the student on held-out items.")
     teacher_seconds: float | None = Field(None, description="Teacher forward passes (no grad).")
     student_seconds: float | None = Field(None, description="Student forward + loss + backward.")
     optimizer_seconds: float | None = Field(None, description="Gradient sync, clipping, optimizer and teacher update.")
@@ -628,6 +636,62 @@ class DistributedConfig(_Config):
         "offload_optimizer); each layer is copied to the GPU for its forward and backward.")
 
 
+_STOP_RULE = re.compile(r"^\s*([a-z][a-z0-9_]*)\s*([<>])\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+                        r"\s*(\*\s*start)?\s*$")
+
+
+def parse_stop_rule(text: str) -> tuple[str, str, float, bool]:
+    """``"eval_accuracy<0.5*start"`` -> (metric, "<", 0.5, relative to the run's first value)."""
+    m = _STOP_RULE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not METRIC<VALUE or METRIC>VALUE (VALUE may be F*start)")
+    return m.group(1), m.group(2), float(m.group(3)), bool(m.group(4))
+
+
+def numeric_metrics() -> list[str]:
+    """The metrics.parquet columns --keep-best and --stop-when may name."""
+    skip = {"step", "method", "phase_peak_rss_gib"}
+    return [name for name in MetricsRow.model_fields if name not in skip]
+
+
+class MonitorConfig(_Config):
+    """Held-out evaluation during training, and what to do with it: keep the best weights, stop a collapse."""
+
+    every: int = opt(0, ge=0, panel="Evaluation", flag="--eval-every", help="Evaluate the student on held-out "
+                     "items every N steps and before the first (0 = never); results in metrics.parquet (eval_*).")
+    bench: str | None = opt(None, panel="Evaluation", flag="--eval-bench", help="The held-out bench (the names "
+                            "of rcsd eval --bench); its items must not be training items (checked by id and "
+                            "question).")
+    limit: int = opt(100, ge=1, panel="Evaluation", flag="--eval-limit", help="Held-out items per evaluation.")
+    offset: int = opt(0, ge=0, panel="Evaluation", flag="--eval-offset", help="Skip this many items of the bench's "
+                      "seeded shuffle (as rcsd eval --offset), e.g. past the ones gen-rubrics took for training.")
+    scoring: Literal["loglik", "generate"] = opt(
+        "loglik", panel="Evaluation", flag="--eval-scoring", help="loglik: multiple-choice log-likelihood as rcsd "
+        "eval --scoring loglik (eval_accuracy, eval_acc_norm, eval_gold_logprob); generate: greedy answers "
+        "(--max-new-tokens) graded as rcsd eval (eval_accuracy, eval_strict_accuracy).")
+    keep_best: str | None = opt(None, panel="Evaluation", flag="--keep-best", help="A metrics.parquet column "
+                                "(e.g. eval_accuracy; loss and kl count lower as better): the weights at its best "
+                                "step are kept in OUTPUT/best and the model card names the step.")
+    stop_when: str | None = opt(None, panel="Evaluation", flag="--stop-when", help="Stop the run when a metric "
+                                "crosses a line, e.g. 'eval_accuracy<0.5*start' (start: its first value) or "
+                                "'student_entropy<0.3'; one line says why, the final weights are written.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MonitorConfig:
+        known = numeric_metrics()
+        if self.every and not self.bench:
+            raise ValueError("--eval-every needs --eval-bench")
+        if self.bench and not self.every:
+            raise ValueError("--eval-bench needs --eval-every N")
+        for flag, name in (("--keep-best", self.keep_best),
+                           ("--stop-when", parse_stop_rule(self.stop_when)[0] if self.stop_when else None)):
+            if name and name not in known:
+                raise ValueError(f"{flag}: unknown metric {name!r} (metrics.parquet has {', '.join(known)})")
+            if name and name.startswith("eval_") and not self.every:
+                raise ValueError(f"{flag} {name} needs --eval-every N --eval-bench NAME")
+        return self
+
+
 Reduction = Literal["sequence", "token"]
 
 
@@ -691,6 +755,7 @@ class TrainConfig(_Config):
         "none", panel="Output", help="Also log every step to TensorBoard (OUTPUT/runs), Weights & Biases or Trackio "
         "(optional extras). metrics.parquet is always written.")
     rollout: RolloutConfig = nested(RolloutConfig)
+    monitor: MonitorConfig = nested(MonitorConfig)
     generation: GenerationConfig = nested(_generation(temperature=1.2, top_p=0.95, top_k=20),
                                           flags={"enable_thinking": "--student-thinking"})
 

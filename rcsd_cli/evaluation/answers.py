@@ -171,3 +171,16 @@ def authors_match(predicted: str | None, gold: str) -> bool:
             return s.replace("$", "").replace(" ", "").lower().strip()
 
         return flat(pred) == flat(ref)
+
+
+def grade_texts(grader: str, texts: list[str], problem) -> tuple[list, list, list]:
+    """Predictions, the rule that found each, and correctness (None without a gold answer), by ``--grader``."""
+    if grader == "authors":
+        preds = [authors_boxed(t) for t in texts]
+        rules = ["boxed" if pr is not None else None for pr in preds]
+        return preds, rules, [authors_match(pr, problem.answer) if problem.answer is not None else None
+                              for pr in preds]
+    found = [extract_with_rule(t, problem.choices) for t in texts]
+    preds, rules = [a for a, _ in found], [r for _, r in found]
+    return preds, rules, [answers_match(pr, problem.answer, problem.choices) if problem.answer is not None else None
+                          for pr in preds]

@@ -23,20 +23,25 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 def chunked_token_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_size: int = 128,
-                           temperature: float = 1.0) -> torch.Tensor:
-    """log p(targets) [B, T] from hidden states, one chunk of vocabulary logits at a time."""
+                           temperature: float = 1.0, entropies: dict | None = None) -> torch.Tensor:
+    """log p(targets) [B, T] from hidden states, one chunk of vocabulary logits at a time.
 
-    def chunk(h, y):
-        logits = upcast(head(h)) / temperature
-        return F.log_softmax(logits, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    ``entropies``: a dict that receives each chunk's per-position entropy (no gradient) under its start
+    position, once even when the chunk is recomputed in backward."""
+
+    def chunk(h, y, start):
+        logp = F.log_softmax(upcast(head(h)) / temperature, -1)
+        if entropies is not None and start not in entropies:
+            entropies[start] = -(logp.detach().exp() * logp.detach()).sum(-1)
+        return logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
     out = []
     for start in range(0, hidden.shape[1], chunk_size):
         sl = slice(start, start + chunk_size)
         if torch.is_grad_enabled() and hidden.requires_grad:
-            out.append(checkpoint(chunk, hidden[:, sl], targets[:, sl], use_reentrant=False))
+            out.append(checkpoint(chunk, hidden[:, sl], targets[:, sl], start, use_reentrant=False))
         else:
-            out.append(chunk(hidden[:, sl], targets[:, sl]))
+            out.append(chunk(hidden[:, sl], targets[:, sl], start))
     return torch.cat(out, dim=1)
 
 

@@ -15,14 +15,7 @@ from rcsd_cli.backends.resume import ResumableGenerator
 from rcsd_cli.data.artifacts import ensure_writable, read_artifact, write_artifact
 from rcsd_cli.data.schemas import EvalConfig, EvalItem
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.evaluation.answers import (
-    RULES,
-    STRICT_RULE,
-    answers_match,
-    authors_boxed,
-    authors_match,
-    extract_with_rule,
-)
+from rcsd_cli.evaluation.answers import RULES, STRICT_RULE, grade_texts
 from rcsd_cli.evaluation.benchmarks import ALL_BENCHES, load_bench, select
 from rcsd_cli.evaluation.scoring import JUDGE_REPLY
 from rcsd_cli.evaluation.stats import mean_interval, pass_at_k, wilson_interval
@@ -120,18 +113,6 @@ def strict_summary(items: list[EvalItem], strict_rule: str) -> dict:
             "extraction_rules": counts}
 
 
-def grade(grader: str, texts: list[str], p) -> tuple[list, list, list]:
-    """Predictions, the rule that found each, and correctness (None without a gold answer)."""
-    if grader == "authors":
-        preds = [authors_boxed(t) for t in texts]
-        rules = ["boxed" if pr is not None else None for pr in preds]
-        correct = [authors_match(pr, p.answer) if p.answer is not None else None for pr in preds]
-        return preds, rules, correct
-    found = [extract_with_rule(t, p.choices) for t in texts]
-    preds, rules = [a for a, _ in found], [r for _, r in found]
-    return preds, rules, [answers_match(pr, p.answer, p.choices) if p.answer is not None else None for pr in preds]
-
-
 def summary_table(rows: dict[str, dict], title: str) -> Table:
     table = Table(title=title)
     for col in ("model", "items", "accuracy [95% CI]", "strict acc", "rubric score [95% CI]", "tokens/answer",
@@ -178,7 +159,7 @@ def run_eval(cfg: EvalConfig, output: Path, *, overwrite: bool = False, trust_re
     for i, (p, rubric) in enumerate(pairs):
         g = gens[i * n:(i + 1) * n]
         sc = [scores.get(f"{p.id}:{k}") for k in range(n)]
-        preds, rules, correct = grade(cfg.grader, [x.text for x in g], p)
+        preds, rules, correct = grade_texts(cfg.grader, [x.text for x in g], p)
         strict = [None if c is None else bool(c and r == STRICT_RULE[cfg.prompt_style])
                   for c, r in zip(correct, rules, strict=True)]
         rscores = [s.score if s else None for s in sc]

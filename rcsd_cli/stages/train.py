@@ -116,6 +116,10 @@ def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume
 
         rows = ablate(rows, cfg.teacher.rubric_ablation, cfg.seed)
     rows, data_notes = filter_long_teacher_prompts(rows, cfg, trust_remote_code)
+    if cfg.monitor.every:  # refuse held-out items that are training items before any folder is made
+        from rcsd_cli.train.monitor import held_out_items
+
+        held_out_items(cfg, rows)
     rank, world = dist.setup(always=cfg.distributed.sharding != "replicate")
     check_sharding(cfg, world)
     if rank == 0:

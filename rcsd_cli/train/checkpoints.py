@@ -177,7 +177,13 @@ def model_card(cfg: TrainConfig, metrics: list[MetricsRow], inputs: list[str], w
     ]
     for path, digest in data.items():
         lines.append(f"| data | `{Path(path).name}` sha256 `{digest}` |")
-    if (kept := (data_notes or {}).get("teacher_prompt_filter")) is not None:
+    notes = data_notes or {}
+    if (best := notes.get("best")) is not None:
+        lines.append(f"| best weights | `best/`: {best['metric']} {best['value']:.4g} at step {best['step']} |")
+    if (stop := notes.get("stopped")) is not None:
+        lines.append(f"| stopped | after step {stop['step']}: `{stop['rule']}` ({stop['value']:.4g} against "
+                     f"{stop['line']:.4g}) |")
+    if (kept := notes.get("teacher_prompt_filter")) is not None:
         lines.append(f"| data filter | {kept['dropped']} of {kept['dropped'] + kept['kept']} items dropped: teacher "
                      f"prompt over {kept['max_tokens']} tokens |")
     if last is not None:
@@ -200,7 +206,7 @@ _TRAIN_FILES = re.compile(r"(model(-\d+-of-\d+)?\.safetensors|model\.safetensors
                           r"generation_config\.json|tokenizer(_config)?\.json|special_tokens_map\.json|vocab\.json|"
                           r"merges\.txt|chat_template\.jinja|added_tokens\.json|tokenizer\.model|"
                           r"adapter_config\.json|adapter_model\.safetensors|README\.md|rcsd_train_config\.json|"
-                          r"metrics\.parquet|\.metrics\.parquet\.tmp-\d+|merged|runs|wandb|checkpoint-\d+(\.tmp)?)")
+                          r"metrics\.parquet|\.metrics\.parquet\.tmp-\d+|merged|runs|wandb|best|checkpoint-\d+(\.tmp)?)")
 
 
 def _is_train_output(path: Path) -> bool:

@@ -181,18 +181,24 @@ def accumulate(ctx: StepContext, n: int, micro_step) -> tuple[float, dict[str, f
     return objective, sums
 
 
-def sequence_logprobs(ctx: StepContext, prompts, continuations, sl: slice):
+def sequence_logprobs(ctx: StepContext, prompts, continuations, sl: slice, health: dict | None = None):
     """The student's log-prob of each continuation token after its prompt, for micro-batch ``sl``.
 
     Returns (log-probs [B, T], mask [B, T] on the student's device, the pair batch); call it under
-    ``ctx.compute()`` so the forward runs in the run's precision.
+    ``ctx.compute()`` so the forward runs in the run's precision. ``health`` receives the token sum of
+    the student's entropy at those positions.
     """
     pb = build_pair_batch(prompts[sl], prompts[sl], continuations[sl], ctx.tokenizer.pad_token_id)
     hidden = aligned_hidden(ctx.student, pb.student)
     dev = hidden.device
+    entropies: dict | None = {} if health is not None else None
     logp = chunked_token_logprobs(hidden, ctx.student.get_output_embeddings(), pb.targets.to(dev),
-                                  ctx.cfg.chunk_size)
-    return logp, pb.mask.to(dev).float(), pb
+                                  ctx.cfg.chunk_size, entropies=entropies)
+    mask = pb.mask.to(dev).float()
+    if health is not None:
+        ent = torch.cat([entropies[k] for k in sorted(entropies)], dim=1)
+        health["student_entropy"] = health.get("student_entropy", 0.0) + float((ent * mask).sum())
+    return logp, mask, pb
 
 
 def rollout_reward(row: Rubric, text: str, cfg: TrainConfig) -> float:
@@ -285,10 +291,11 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     advantages = group_advantages(rewards.view(len(rows), G)).view(-1)
     total = max(ctx.global_sum(sum(len(c) for c in completions)), 1)
     weights = reduction_weights(ctx, [len(c) for c in completions])
+    health = rollout_health(gens)
 
     def micro_step(sl):
         with ctx.clock("student"), ctx.compute():
-            logp, mask, pb = sequence_logprobs(ctx, prompts, completions, sl)
+            logp, mask, pb = sequence_logprobs(ctx, prompts, completions, sl, health)
             dev = logp.device
             per_tok = clipped_policy_loss(logp, logp.detach(), advantages[sl].to(dev).unsqueeze(-1), cfg.grpo.clip_eps)
         stats = {}
@@ -307,7 +314,7 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     objective, sums = accumulate(ctx, len(completions), micro_step)
     return StepResult(sums.get("loss", 0.0), total, sums.get("kl", 0.0) if cfg.grpo.kl_coef > 0 else None, None,
                       rewards.mean().item(), sum(len(c) for c in completions), len(group_rows), objective=objective,
-                      health=rollout_health(gens), **judged)
+                      health=health, **judged)
 
 
 def judged_rewards(ctx: StepContext, rows: list[Rubric], texts: list[str]) -> tuple[torch.Tensor, dict]:
@@ -337,16 +344,17 @@ def sft_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     targets_ids = [reference_target(tok, r, style=cfg.prompt_style, task=cfg.task) for r in rows]
     total = max(ctx.global_sum(sum(len(t) for t in targets_ids)), 1)
     weights = reduction_weights(ctx, [len(t) for t in targets_ids])
+    health: dict = {}
 
     def micro_step(sl):
         with ctx.clock("student"), ctx.compute():
-            logp, mask, _ = sequence_logprobs(ctx, prompts, targets_ids, sl)
+            logp, mask, _ = sequence_logprobs(ctx, prompts, targets_ids, sl, health)
             per_tok = -(logp * mask)
             weighted = (per_tok * torch.tensor(weights[sl], device=logp.device).unsqueeze(-1)).sum()
         return weighted, {"loss": per_tok.detach().sum()}
 
     objective, sums = accumulate(ctx, len(rows), micro_step)
-    return StepResult(sums.get("loss", 0.0), total, None, None, None, 0, objective=objective)
+    return StepResult(sums.get("loss", 0.0), total, None, None, None, 0, objective=objective, health=health)
 
 
 OBJECTIVES = {"rcsd": distill_step, "opsd": distill_step, "grpo": grpo_step, "sft": sft_step}

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-PHASES = ("rollout", "analysis", "reward", "teacher", "student", "optimizer", "push")
+PHASES = ("rollout", "analysis", "reward", "teacher", "student", "optimizer", "push", "eval")
 
 
 def _reset_rss_peak() -> bool:

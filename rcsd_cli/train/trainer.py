@@ -35,9 +35,11 @@ from rcsd_cli.train.checkpoints import (
     prune_checkpoints,
     remove_partial_checkpoints,
     save_checkpoint,
+    save_final,
     write_final,
     write_metrics,
 )
+from rcsd_cli.train.monitor import Monitor, best_folder, evaluate
 from rcsd_cli.train.objectives import OBJECTIVES, StepContext, StepResult
 from rcsd_cli.train.phases import PhaseClock
 from rcsd_cli.train.rollout_engines import Rollouts, build_rollouts
@@ -255,6 +257,14 @@ def optimizer_step(run: Run, res: StepResult, step: int) -> tuple[StepResult, fl
     return res, grad_norm, lr, moved
 
 
+def save_best(run: Run, out: Path) -> None:
+    """``--keep-best``: the current weights into OUTPUT/best (every process gathers, the first one writes)."""
+    state = sharding.full_state_dict(run.student) if run.sharded else None
+    if run.main:
+        save_final(best_folder(out), run.student, run.tok, run.cfg, state)
+    dist.barrier()
+
+
 def record_step(run: Run, row: MetricsRow, out: Path, tracker: Tracker, inputs, data_notes: dict) -> None:
     """Keep the step's metrics row, say it in one line, write it where it can be read live."""
     cfg = run.cfg
@@ -277,7 +287,7 @@ def record_step(run: Run, row: MetricsRow, out: Path, tracker: Tracker, inputs, 
 
 
 def metrics_row(cfg: TrainConfig, res: StepResult, step: int, grad_norm: float, lr: float, moved: float | None,
-                seconds: float, used: int, n_rows: int, phases: dict) -> MetricsRow:
+                seconds: float, used: int, n_rows: int, phases: dict, evals: dict | None = None) -> MetricsRow:
     n = max(res.tokens, 1)
     return MetricsRow(
         step=step + 1, method=cfg.method, loss=res.loss_sum / n if res.objective is None else res.objective,
@@ -286,7 +296,8 @@ def metrics_row(cfg: TrainConfig, res: StepResult, step: int, grad_norm: float, 
         grad_norm=grad_norm, lr=lr, completion_tokens=res.tokens,
         mean_completion_length=res.tokens / max(1, res.reward_count or min(cfg.batch_size, n_rows)),
         rollout_tokens=used, tokens_per_second=res.tokens / seconds, seconds=seconds, weights_moved=moved,
-        judge_unjudged=res.judge_unjudged, reward_unscored=res.reward_unscored, **health_metrics(res), **phases)
+        judge_unjudged=res.judge_unjudged, reward_unscored=res.reward_unscored, **health_metrics(res), **phases,
+        **(evals or {}))
 
 
 def health_metrics(res: StepResult) -> dict:
@@ -313,9 +324,14 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
     step's global batch; gradients and statistics are summed across processes.
     """
     cfg = resolve_precision(cfg)
+    notes = data_notes if data_notes is not None else {}
+    monitor = Monitor(cfg, rows, notes) if (cfg.monitor.every or cfg.monitor.keep_best or cfg.monitor.stop_when) \
+        else None
     run = setup(cfg, out, resume, trust_remote_code)
     clock = PhaseClock()
     objective = objective or OBJECTIVES[cfg.method]
+    if monitor is not None and run.start_step == 0:
+        monitor.baseline(run.student, run.tok, run.compute, run.log)
     used = run.metrics[-1].rollout_tokens if run.metrics else 0
     tracker = open_tracker(cfg.report_to, out, cfg.model_dump(mode="json")) if run.main else Tracker()
     with progress(f"train ({cfg.method})", cfg.steps, enabled=run.main) as advance:
@@ -336,11 +352,19 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
             run.rollouts.after_update(clock)
             if step == run.start_step:
                 run.rollouts.report_sync(run.student, run.tok, run.log)
+            evals = {}
+            if monitor is not None and monitor.due(step):
+                with clock("eval"):
+                    evals = evaluate(run.student, run.tok, monitor.items, cfg, run.compute)
             seconds = time.perf_counter() - t0
             used += res.rollout_tokens
-            record_step(run, metrics_row(cfg, res, step, grad_norm, lr, moved, seconds, used, len(rows),
-                                         clock.take()), out, tracker, inputs, data_notes or {})
+            row = metrics_row(cfg, res, step, grad_norm, lr, moved, seconds, used, len(rows), clock.take(), evals)
+            stop = monitor.observe(row, lambda: save_best(run, out)) if monitor is not None else None
+            record_step(run, row, out, tracker, inputs, notes)
             advance(1)
+            if stop:
+                run.log(stop)
+                break
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                 save_checkpoint(out / f"checkpoint-{step + 1}", run.student, run.teacher, run.tok, run.optimizer,
                                 run.scheduler, step + 1, cfg, run.metrics)
@@ -349,7 +373,7 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
     final_state = sharding.full_state_dict(run.student) if run.sharded else None
     if run.main:
         tracker.close()
-        write_final(out, run.student, run.tok, cfg, run.metrics, inputs, run.world, final_state, data_notes or {})
+        write_final(out, run.student, run.tok, cfg, run.metrics, inputs, run.world, final_state, notes)
     dist.barrier()
     run.rollouts.close()
     return run.metrics
