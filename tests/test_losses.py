@@ -229,3 +229,20 @@ def test_chunked_health_sums_count_each_token_once_when_recomputed():
     assert health["student_entropy"] == pytest.approx(expected, rel=1e-5)
     assert health["teacher_entropy"] == pytest.approx((entropy(head_t(h_t)) * mask).sum().item(), rel=1e-5)
     assert 0.0 <= health["clip_share"] <= mask.sum().item()
+
+
+def test_contrast_logits_by_hand_and_inside_the_chunked_loss():
+    from rcsd_cli.train.losses import contrast_logits
+
+    z_rubric, z_control = torch.tensor([2.0, 0.0, 0.0]), torch.tensor([1.0, 1.0, 0.0])
+    assert contrast_logits(z_rubric, z_control, 1.0).tolist() == [3.0, -1.0, 0.0]  # rubric's lead doubled
+    assert contrast_logits(z_rubric, z_rubric, 0.7).tolist() == pytest.approx(z_rubric.tolist())  # no lead
+    torch.manual_seed(1)
+    head_s, head_t = torch.nn.Linear(8, 13, bias=False), torch.nn.Linear(8, 13, bias=False)
+    h_s, h_t, h_c = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    mask, targets = torch.ones(2, 5), torch.randint(0, 13, (2, 5))
+    cfg = LossConfig(top_k=4)
+    got, *_ = chunked_distill_loss(h_s, h_t, head_s, head_t, mask, targets, cfg, chunk_size=2, control_hidden=h_c,
+                                   contrast_weight=0.5)
+    expected = token_loss(head_s(h_s), contrast_logits(head_t(h_t), head_t(h_c), 0.5), targets, cfg).loss.sum()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)  # top-k taken after the contrast

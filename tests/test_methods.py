@@ -193,3 +193,33 @@ def test_report_to_tensorboard_writes_event_files(tiny_model, tmp_path):
     assert [e.step for e in losses] == [1, 2]
     assert [e.value for e in losses] == pytest.approx([m.loss for m in metrics], rel=1e-6)
     assert "train/kl" in events.Tags()["scalars"]
+
+
+def test_contrastive_teacher_controls_and_a_run(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from rcsd_cli.rubrics.ablations import control_rows
+    from rcsd_cli.rubrics.prompts import teacher_prompt
+    from rcsd_cli.train.objectives import control_ids, teacher_view
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = rubric_rows()
+    for kind in ("shuffled", "reference", "generic"):
+        c = cfg(tiny_model, teacher_contrast=kind)
+        controls = control_rows(rows, kind, c.seed)
+        text = tok.decode(control_ids(tok, rows[0], c, controls[rows[0].id]))
+        if kind == "shuffled":
+            partner = controls[rows[0].id]
+            assert partner.rubric != rows[0].rubric and rubric_json(partner.rubric) in text
+            assert partner.question == rows[0].question  # the item's own question and reference
+        if kind == "reference":
+            assert control_ids(tok, rows[0], c, controls[rows[0].id]) == teacher_prompt(
+                tok, rows[0], **{**teacher_view(c), "method": "opsd"}) and "Rubric" not in text
+        if kind == "generic":
+            assert "Check correctness and consistency" in text
+    metrics = train(cfg(tiny_model, teacher_contrast="shuffled", contrast_weight=0.5), rows, tmp_path)
+    assert len(metrics) == 2 and all(m.kl >= 0 and m.teacher_seconds > 0 for m in metrics)
+    with pytest.raises(ValueError, match="--contrast-weight has no effect without --teacher-contrast"):
+        cfg(tiny_model, contrast_weight=2.0)
+    with pytest.raises(ValueError, match="not available with --teacher-context reason-first"):
+        cfg(tiny_model, teacher_contrast="generic", teacher_context="reason-first")

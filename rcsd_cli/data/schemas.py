@@ -501,12 +501,26 @@ class TrainTeacherConfig(TeacherPromptConfig):
         "(criteria reordered, 30% of weights negated), reduced (a random half of the criteria). Rubrics from "
         "another generator: --rubrics from that file.")
 
+    contrast: Literal["none", "shuffled", "reference", "generic"] = opt(
+        "none", panel="Teacher", flag="--teacher-contrast", help="A contrastive teacher: logits (1+w)*z_rubric - "
+        "w*z_control, where z_control is the same teacher under a control context: shuffled (another item's "
+        "rubric and this item's reference), reference (the reference alone) or generic (the authors' generic "
+        "rubric); top-k is taken after the contrast. The rubric-specific part of the signal, amplified; one more "
+        "teacher forward per step.")
+    contrast_weight: float = opt(1.0, gt=0.0, panel="Teacher", flag="--contrast-weight",
+                                 help="w of --teacher-contrast.")
+
     @model_validator(mode="after")
     def _no_silently_ignored_options(self) -> TrainTeacherConfig:
         from rcsd_cli.data.options import refuse_changed
 
         if self.kind != "ema":
             refuse_changed(self, ("ema_decay",), f"with --teacher {self.kind}")
+        if self.contrast == "none":
+            refuse_changed(self, ("contrast_weight",), "without --teacher-contrast")
+        elif self.context == "reason-first":
+            raise ValueError("--teacher-contrast is not available with --teacher-context reason-first (the control "
+                             "would need analyses of its own)")
         return self
 
 
@@ -769,8 +783,8 @@ class TrainConfig(_Config):
         offline = bool(self.samples or self.scores)
         reason_first = tuple(ReasonFirstConfig.model_fields)
         if self.method != "rcsd" or self.task != "reasoner":
-            refuse_changed(self.teacher, ("rubric_ablation",), f"with --method {self.method} --task {self.task} "
-                           "(RCSD reasoner only)")
+            refuse_changed(self.teacher, ("rubric_ablation", "contrast", "contrast_weight"),
+                           f"with --method {self.method} --task {self.task} (RCSD reasoner only)")
         if offline or self.method in ("grpo", "sft"):
             refuse(("max_teacher_prompt_tokens",), "on an offline round or with --method grpo/sft (no teacher "
                    "prompt is built)")

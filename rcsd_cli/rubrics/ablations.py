@@ -64,3 +64,11 @@ def ablate(rows: list[Rubric], kind: str | None, seed: int) -> list[Rubric]:
             out.append(r.model_copy(update={"rubric": [r.rubric[i] for i in keep]}))
         return out
     raise ValueError(f"unknown rubric ablation {kind!r}")
+
+
+def control_rows(rows: list[Rubric], kind: str, seed: int) -> dict[str, Rubric]:
+    """``--teacher-contrast``: per item id, the row whose teacher prompt is the control context (``reference``:
+    the item itself, prompted with its reference alone)."""
+    controls = {"shuffled": lambda: ablate(rows, "shuffled", seed), "generic": lambda: ablate(rows, "generic", seed),
+                "reference": lambda: rows}[kind]()
+    return {r.id: c for r, c in zip(rows, controls, strict=True)}

@@ -182,6 +182,13 @@ def token_diagnostics(student_logits, teacher_logits, cfg: LossConfig, terms: To
     return kl, agree
 
 
+def contrast_logits(rubric_logits: torch.Tensor, control_logits: torch.Tensor, weight: float) -> torch.Tensor:
+    """``--teacher-contrast``: (1 + w) z_rubric - w z_control, the rubric-specific part of the teacher amplified
+    (classifier-free guidance); a token both contexts like equally keeps its logit, one only the rubric
+    context likes gains w times its lead."""
+    return (1.0 + weight) * rubric_logits - weight * control_logits
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy in nats of softmax(logits) over the last dimension (temperature 1), per position."""
     logp = F.log_softmax(upcast(logits), -1)
@@ -196,7 +203,8 @@ def distinct_n(sequences: list[list[int]], n: int = 2) -> tuple[int, int]:
 
 def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head, teacher_head,
                          mask: torch.Tensor, targets: torch.Tensor, loss: LossConfig, *, chunk_size: int = 128,
-                         row_weights: torch.Tensor | None = None, health: dict | None = None):
+                         row_weights: torch.Tensor | None = None, health: dict | None = None,
+                         control_hidden: torch.Tensor | None = None, contrast_weight: float = 1.0):
     """Sums of masked per-token losses over [B, T] completion positions, chunked over T.
 
     ``student_hidden``/``teacher_hidden``: final hidden states aligned so position t predicts
@@ -204,7 +212,9 @@ def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
     tokens, and the loss with each row's tokens weighted by ``row_weights`` [B] (the reduction;
     this is the one to backpropagate). Peak logits memory is O(B * chunk_size * V), not O(B * T * V).
     ``health``: a dict that receives token sums of the student's and the teacher's entropy and of
-    the share of loss terms at the clip (for the step's health metrics).
+    the share of loss terms at the clip (for the step's health metrics). ``control_hidden``: the
+    teacher under a control context, aligned the same way; the teacher's logits become
+    ``contrast_logits(rubric, control, contrast_weight)`` before the loss (and its top-k).
     """
     mask = mask.float()
     weights = torch.ones(mask.shape[0], device=mask.device) if row_weights is None else row_weights.float()
@@ -237,6 +247,8 @@ def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
             continue
         with torch.no_grad():  # the teacher's logits need no graph, and are not recomputed in backward
             t_logits = teacher_head(teacher_hidden[:, sl].detach())
+            if control_hidden is not None:
+                t_logits = contrast_logits(t_logits, teacher_head(control_hidden[:, sl].detach()), contrast_weight)
         args = (student_hidden[:, sl], t_logits, m, targets[:, sl], weights, start)
         if recompute and torch.is_grad_enabled() and student_hidden.requires_grad:
             chunk_sum, weighted, kl, agree = checkpoint(chunk_loss, *args, use_reentrant=False)

@@ -71,6 +71,7 @@ class StepContext:
     clock: Callable = no_clock  # phases.PhaseClock: with ctx.clock("rollout"): ...
     compute: Callable = nullcontext  # precision.compute: forward passes run in it, backward outside it
     judge: object | None = None  # --reward judge: the judge backend, opened once per run
+    controls: dict | None = None  # --teacher-contrast: item id -> the row of its control context
 
     def student_samples(self, prompts, gen_cfg, seeds):
         if self.student_generate is not None:
@@ -110,6 +111,14 @@ def student_ids(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
 def teacher_ids(tok, row: Rubric, cfg: TrainConfig) -> list[int]:
     """The teacher's privileged prompt (not reason-first: that one is built from a sampled analysis)."""
     return teacher_prompt(tok, row, task=cfg.task, **teacher_view(cfg))
+
+
+def control_ids(tok, row: Rubric, cfg: TrainConfig, control: Rubric) -> list[int]:
+    """``--teacher-contrast``: the teacher prompt under the control context."""
+    view = teacher_view(cfg)
+    if cfg.teacher.contrast == "reference":
+        view["method"] = "opsd"  # the reference alone, as OPSD's teacher sees it
+    return teacher_prompt(tok, control, task=cfg.task, **view)
 
 
 def teacher_prompt_length(tok, row: Rubric, cfg: TrainConfig) -> int:
@@ -237,7 +246,8 @@ def distill_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     gens = rollouts(ctx, s_prompts, [(r.id,) for r in rows])
     completions = [g.token_ids for g in gens]
     rewards = [rollout_reward(r, g.text, cfg) for r, g in zip(rows, gens, strict=True)]
-    res = distill_backward(ctx, s_prompts, t_prompts, completions)
+    c_prompts = [control_ids(tok, r, cfg, ctx.controls[r.id]) for r in rows] if ctx.controls else None
+    res = distill_backward(ctx, s_prompts, t_prompts, completions, c_prompts)
     res.reward, res.reward_count = sum(rewards) / len(rewards), len(rewards)
     res.health.update(rollout_health(gens))
     return res
@@ -250,8 +260,9 @@ def rollout_health(gens) -> dict:
             "truncated": sum(g.finish_reason == "length" for g in gens)}
 
 
-def distill_backward(ctx: StepContext, s_prompts, t_prompts, completions) -> StepResult:
-    """Accumulate the distillation gradient over micro-batches (weights from ``reduction_weights``)."""
+def distill_backward(ctx: StepContext, s_prompts, t_prompts, completions, c_prompts=None) -> StepResult:
+    """Accumulate the distillation gradient over micro-batches (weights from ``reduction_weights``);
+    ``c_prompts``: the teacher's control prompts of ``--teacher-contrast``."""
     cfg, tok = ctx.cfg, ctx.tokenizer
     counts = [max(len(c) - cfg.skip_first_tokens, 0) for c in completions]
     weights = reduction_weights(ctx, counts)
@@ -263,12 +274,18 @@ def distill_backward(ctx: StepContext, s_prompts, t_prompts, completions) -> Ste
         pb = build_pair_batch(s_prompts[sl], t_prompts[sl], completions[sl], tok.pad_token_id, cfg.skip_first_tokens)
         with torch.no_grad(), ctx.clock("teacher"):
             t_hidden = ctx.teacher_hidden(pb.teacher)
+            c_hidden = None
+            if c_prompts is not None:
+                pc = build_pair_batch(s_prompts[sl], c_prompts[sl], completions[sl], tok.pad_token_id,
+                                      cfg.skip_first_tokens)
+                c_hidden = ctx.teacher_hidden(pc.teacher)
         with ctx.clock("student"), ctx.compute():
             s_hidden = aligned_hidden(ctx.student, pb.student)
             dev = s_hidden.device
             loss_sum, kl_sum, agree_sum, weighted = chunked_distill_loss(
                 s_hidden, t_hidden, s_head, ctx.teacher_head, pb.mask.to(dev), pb.targets.to(dev), cfg.loss,
-                chunk_size=cfg.chunk_size, row_weights=torch.tensor(weights[sl], device=dev), health=health)
+                chunk_size=cfg.chunk_size, row_weights=torch.tensor(weights[sl], device=dev), health=health,
+                control_hidden=c_hidden, contrast_weight=cfg.teacher.contrast_weight)
         return weighted, {"loss": loss_sum, "kl": kl_sum, "agree": agree_sum}
 
     objective, sums = accumulate(ctx, len(completions), micro_step)

@@ -28,6 +28,7 @@ from rcsd_cli.modeling import distributed as dist
 from rcsd_cli.modeling import precision, sharding
 from rcsd_cli.modeling.batching import aligned_hidden
 from rcsd_cli.models import load_model, pick_device
+from rcsd_cli.rubrics.ablations import control_rows
 from rcsd_cli.train.checkpoints import (
     latest_checkpoint,
     load_optimizer,
@@ -332,6 +333,7 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
     objective = objective or OBJECTIVES[cfg.method]
     if monitor is not None and run.start_step == 0:
         monitor.baseline(run.student, run.tok, run.compute, run.log)
+    controls = control_rows(rows, cfg.teacher.contrast, cfg.seed) if cfg.teacher.contrast != "none" else None
     used = run.metrics[-1].rollout_tokens if run.metrics else 0
     tracker = open_tracker(cfg.report_to, out, cfg.model_dump(mode="json")) if run.main else Tracker()
     with progress(f"train ({cfg.method})", cfg.steps, enabled=run.main) as advance:
@@ -344,7 +346,7 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
             batch = [rows[i] for i in batch_order(len(rows), cfg.batch_size, step, cfg.seed)[run.rank::run.world]]
             ctx = StepContext(run.student, run.tok, run.teacher_hidden, run.teacher_head, cfg, step,
                               run.rollouts.teacher, run.rank, student_generate=run.rollouts.student, clock=clock,
-                              compute=run.compute, judge=run.judge)
+                              compute=run.compute, judge=run.judge, controls=controls)
             run.optimizer.zero_grad(set_to_none=True)
             res = objective(ctx, batch)
             with clock("optimizer"):
