@@ -61,10 +61,8 @@ def reference_rubric(problem: Problem) -> list[Criterion] | None:
     return crit
 
 
-def first_json_array(text: str):
-    """The first decodable JSON array in ``text`` after removing think blocks."""
-    text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL)
-    text = re.sub(r"^.*?</think>", "", text, flags=re.DOTALL)  # an unclosed opening tag
+def _first_array(text: str) -> list:
+    """The first ``[`` of ``text`` that decodes to a JSON list."""
     decoder = json.JSONDecoder()
     start = text.find("[")
     while start != -1:
@@ -76,6 +74,12 @@ def first_json_array(text: str):
             pass
         start = text.find("[", start + 1)
     raise InvalidRubric("no JSON array in the output")
+
+
+def first_json_array(text: str):
+    """The first decodable JSON array in ``text`` after removing think blocks."""
+    text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL)
+    return _first_array(re.sub(r"^.*?</think>", "", text, flags=re.DOTALL))  # also an unclosed opening tag
 
 
 def parse_rubric_output(text: str, style: str = "short") -> list[Criterion]:
@@ -88,18 +92,7 @@ def authors_json_array(text: str):
     removed, stray ``<think>``/``</think>`` tags deleted (their content kept), then the first ``[`` that
     decodes to a list."""
     text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL)
-    text = text.replace("<think>", "").replace("</think>", "").strip()
-    decoder = json.JSONDecoder()
-    start = text.find("[")
-    while start != -1:
-        try:
-            value, _ = decoder.raw_decode(text[start:])
-            if isinstance(value, list):
-                return value
-        except json.JSONDecodeError:
-            pass
-        start = text.find("[", start + 1)
-    raise InvalidRubric("no JSON array in the output")
+    return _first_array(text.replace("<think>", "").replace("</think>", "").strip())
 
 
 def parse_paper_rubric(text: str) -> list[Criterion]:
