@@ -25,6 +25,9 @@ def test_demo_small_run(run_cli, tmp_path):
     eval_ids = {r.id for r in read_artifact(out / "eval_after.parquet", "eval")[0]}
     assert train_ids.isdisjoint(eval_ids)
     assert "after RCSD" in proc.stdout  # the table is a result: stdout
+    last = proc.stdout.strip().splitlines()[-1]  # the console ends with the run's health
+    assert last.startswith("training health, step 1 -> 2: student entropy") and "distinct-2" in last
+    assert summary["health"] == last
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")

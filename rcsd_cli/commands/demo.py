@@ -24,6 +24,7 @@ from rcsd_cli.stages.gen_rubrics import run_gen_rubrics
 from rcsd_cli.stages.sample import run_sample
 from rcsd_cli.stages.score import run_score
 from rcsd_cli.stages.train import run_train
+from rcsd_cli.train.monitor import health_line
 from rcsd_cli.ui import info, results
 
 DEMO_FILES = {"rubrics.parquet", "rubrics.rejected.parquet", "samples.parquet", "scores.parquet",
@@ -81,11 +82,13 @@ def run_demo(out: Path, *, bench: str = "arc-easy", model: str = c.DEFAULT, trai
                "steps": steps, "batch_size": batch_size, "lr": lr, "before": before, "after": after,
                "train_loss_first_last": [metrics[0].loss, metrics[-1].loss],
                "train_kl_first_last": [metrics[0].kl, metrics[-1].kl],
+               "health": health_line(metrics),
                "stage_seconds": stage_seconds, "total_seconds": round(total, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     results.print(summary_table({"base": before, "after RCSD": after},
                                 f"{bench}: {eval_items} held-out items, greedy, before vs after {steps} RCSD steps"))
     info(f"all artifacts in {out}/ ; total {total:.0f} s")
+    results.print(summary["health"])
     return summary
 
 

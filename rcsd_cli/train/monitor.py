@@ -135,5 +135,17 @@ class Monitor:
         return None
 
 
+HEALTH = (("student entropy", "student_entropy"), ("teacher entropy", "teacher_entropy"), ("kl", "kl"),
+          ("clip share", "clip_share"), ("distinct-2", "distinct_2"), ("truncated", "truncated_share"))
+
+
+def health_line(metrics: list[MetricsRow]) -> str:
+    """One line: each health figure at the run's first and last step."""
+    first, last = metrics[0], metrics[-1]
+    parts = [f"{label} {getattr(first, key):.3f} -> {getattr(last, key):.3f}" for label, key in HEALTH
+             if getattr(first, key) is not None and getattr(last, key) is not None]
+    return f"training health, step {first.step} -> {last.step}: " + ", ".join(parts)
+
+
 def best_folder(out: Path) -> Path:
     return out / "best"
