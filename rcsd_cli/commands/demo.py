@@ -88,7 +88,7 @@ def run_demo(out: Path, *, bench: str = "arc-easy", model: str = c.DEFAULT, trai
     results.print(summary_table({"base": before, "after RCSD": after},
                                 f"{bench}: {eval_items} held-out items, greedy, before vs after {steps} RCSD steps"))
     info(f"all artifacts in {out}/ ; total {total:.0f} s")
-    results.print(summary["health"])
+    results.print(summary["health"], soft_wrap=True)
     return summary
 
 
