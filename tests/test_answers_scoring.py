@@ -153,22 +153,25 @@ def test_loglik_choice_scores_equal_a_plain_forward(tiny_model):
     from transformers import AutoModelForCausalLM
 
     from rcsd_cli.backends.base import HFBackend
-    from rcsd_cli.evaluation.loglik import GENERIC, choice_logprobs, encode_pair, grade
+    from rcsd_cli.evaluation.loglik import GENERIC, PROTOCOLS, choice_logprobs, encode_pair, grade
 
     engine = HFBackend(str(tiny_model))
     tok, model = engine.tokenizer, AutoModelForCausalLM.from_pretrained(tiny_model)
     problems = [Problem(id="a", question="Which is a gas?", choices=["Oxygen", "Iron", "Salt water"], answer="A"),
                 Problem(id="b", question="2+2, in a long question with more words?", choices=["4", "five"],
                         answer="B")]
-    got = choice_logprobs(engine, problems, GENERIC, batch_size=2)
-    assert [len(g) for g in got] == [3, 2]
-    for p, scores in zip(problems, got, strict=True):
-        for choice, score in zip(p.choices, scores, strict=True):
-            ctx, cont = encode_pair(tok, GENERIC.context(p, []), " " + choice)
-            ids = torch.tensor([ctx + cont])
-            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
-            expected = sum(logp[len(ctx) - 1 + t, cont[t]].item() for t in range(len(cont)))
-            assert score == pytest.approx(expected, abs=1e-4)
+    letters = Problem(id="m", question="Which is a gas?", choices=["Oxygen", "Iron", "Salt", "Wood"], answer="A",
+                      metadata={"subject": "chemistry"})
+    for protocol, items in ((GENERIC, problems), (PROTOCOLS["mmlu-stem"], [letters, letters])):
+        got = choice_logprobs(engine, items, protocol, batch_size=2)  # letters: one forward shared by 4 pairs
+        assert [len(g) for g in got] == [len(p.choices) for p in items]
+        for p, scores in zip(items, got, strict=True):
+            for cont_text, score in zip(protocol.continuations(p), scores, strict=True):
+                ctx, cont = encode_pair(tok, protocol.context(p, []), " " + cont_text)
+                ids = torch.tensor([ctx + cont])
+                logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+                expected = sum(logp[len(ctx) - 1 + t, cont[t]].item() for t in range(len(cont)))
+                assert score == pytest.approx(expected, abs=1e-4)
     g = grade(problems[1], [-1.0, -3.0])  # "five" is longer: -3/4 per char beats -1/1
     assert (g["prediction"], g["acc"], g["acc_norm"], g["gold_logprob"]) == ("A", 0.0, 1.0, -3.0)
 

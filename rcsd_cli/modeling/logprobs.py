@@ -98,19 +98,30 @@ def continuation_sums(model, pairs: list[tuple[list[int], list[int]]], pad_id: i
                       on_done=None) -> list[float]:
     """The summed log-probability of each (context ids, continuation ids) pair, in the given order.
 
-    Pairs run longest first (as lm-eval orders its requests), so a batch pads to lengths close to its
-    own rather than to the longest pair of the run; ``on_done(n)`` after each batch of n pairs."""
-    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    Pairs that differ only in their continuation's last token (multiple-choice letters, one-token
+    choices) share one forward pass, as lm-eval groups them: the shared positions are summed once and
+    each pair reads its own last token from the same final distribution. Forwards run longest first,
+    so a batch pads to lengths close to its own; ``on_done(n)`` after each batch of n pairs."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (ctx, cont) in enumerate(pairs):
+        if cont:  # an empty continuation has probability 1: its sum stays 0
+            groups.setdefault((tuple(ctx), tuple(cont[:-1])), []).append(i)
+    keys = sorted(groups, key=lambda k: -(len(k[0]) + len(k[1])))
     head = model.get_output_embeddings()
     out = [0.0] * len(pairs)
-    for j in range(0, len(order), batch_size):
-        part = order[j: j + batch_size]
-        ctxs = [pairs[i][0] for i in part]
-        pb = build_pair_batch(ctxs, ctxs, [pairs[i][1] for i in part], pad_id)
+    for j in range(0, len(keys), batch_size):
+        part = keys[j: j + batch_size]
+        firsts = [pairs[groups[k][0]] for k in part]
+        pb = build_pair_batch([ctx for ctx, _ in firsts], [ctx for ctx, _ in firsts], [c for _, c in firsts], pad_id)
         hidden = aligned_hidden(model, pb.student)
-        logp = chunked_token_logprobs(hidden, head, pb.targets.to(hidden.device))
-        for i, s in zip(part, (logp * pb.mask.to(hidden.device)).sum(-1).tolist(), strict=True):
-            out[i] = s
+        dev = hidden.device
+        shared = (chunked_token_logprobs(hidden, head, pb.targets.to(dev)) * pb.mask.to(dev)).tolist()
+        last = torch.tensor([len(c) - 1 for _, c in firsts], device=dev)
+        final = F.log_softmax(upcast(head(hidden[torch.arange(len(part), device=dev), last])), -1)
+        for b, key in enumerate(part):
+            prefix = sum(shared[b][: len(key[1])])  # every position but the last, the same for the group
+            for i in groups[key]:
+                out[i] = prefix + final[b, pairs[i][1][-1]].item()
         if on_done:
-            on_done(len(part))
+            on_done(sum(len(groups[k]) for k in part))
     return out
