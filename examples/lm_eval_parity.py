@@ -1,6 +1,7 @@
 """Parity of ``rcsd eval --scoring loglik`` with lm-evaluation-harness's own tasks, bench by bench.
 
-    python -m venv /tmp/lmeval && /tmp/lmeval/bin/pip install torch==2.13.0 lm-eval==0.4.13 "transformers<5.20" accelerate
+    python -m venv /tmp/lmeval
+    /tmp/lmeval/bin/pip install torch==2.13.0 lm-eval==0.4.13 "transformers<5.20" accelerate
     python examples/lm_eval_parity.py --lm-eval /tmp/lmeval/bin/lm_eval --limit 200
 
 For each bench the items are rcsd's selection (seeded shuffle, ``--limit``), written with the dataset's
