@@ -256,3 +256,21 @@ def test_eval_grader_authors_is_refused_with_loglik():
     assert EvalConfig(bench="gsm8k", grader="authors").grader == "authors"
     with pytest.raises(ValueError, match="--grader has no effect with --scoring loglik"):
         EvalConfig(bench="arc-easy", scoring="loglik", grader="authors")
+
+
+@pytest.mark.parametrize("text,rcsd,simple_evals", [
+    ("Let me think.\nAnswer: B", "B", "B"),
+    ("Answer: A\nOn reflection...\nAnswer: (C)", "C", "A"),      # simple-evals takes the first match
+    ("The answer is \\boxed{D}", "D", None),                     # no "Answer:" line: nothing for simple-evals
+    ("answer: b", "B", "b"),                                       # its letter is case-sensitive when compared
+    ("**Final answer:** b) Carbon dioxide", "B", None),
+])
+def test_simple_evals_grader_against_rcsd(text, rcsd, simple_evals):
+    from rcsd_cli.evaluation.answers import grade_texts
+
+    problem = Problem(id="q", question="Which gas?", choices=CHOICES, answer="B")
+    assert extract_answer(text, CHOICES) == rcsd
+    preds, _, correct = grade_texts("simple-evals", [text], problem)
+    assert preds == [simple_evals] and correct == [simple_evals == "B"]
+    with pytest.raises(ValueError, match="multiple-choice answers only"):
+        grade_texts("simple-evals", [text], Problem(id="m", question="2+2?", answer="4"))

@@ -870,10 +870,11 @@ class EvalConfig(_Config):
         "gold log-prob), no generation. gpqa and rubric files have no published protocol: ARC's template.")
     num_fewshot: int = opt(0, ge=0, panel="Data", help="--scoring loglik on mmlu-stem: worked examples from each "
                            "subject's dev split before the question (lm-eval's first_n); 0-shot otherwise.")
-    grader: Literal["rcsd", "authors"] = opt(
+    grader: Literal["rcsd", "authors", "simple-evals"] = opt(
         "rcsd", panel="Data", help="generate: how answers are extracted and compared. rcsd: Answer: line, else the "
         "last \\boxed{}, else fallbacks; math-verify for open answers. authors: the paper's eval/evaluate_math.py "
-        "(only the last \\boxed{} counts; math-verify without fallback parsing).")
+        "(only the last \\boxed{} counts; math-verify without fallback parsing). simple-evals: OpenAI "
+        "simple-evals' multiple-choice rule (the first 'Answer: X', X in A-D; multiple choice only).")
     model: str = opt(DEFAULT_MODEL, panel="Model", help=_MODEL_HELP)
     judge_model: str | None = opt(None, panel="Model", help="LLM judge for rubric criteria without a machine check.")
     generation: GenerationConfig = nested(_generation(temperature=0.0))

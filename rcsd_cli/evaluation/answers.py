@@ -173,8 +173,25 @@ def authors_match(predicted: str | None, gold: str) -> bool:
         return flat(pred) == flat(ref)
 
 
+# --- ``eval --grader simple-evals``: OpenAI simple-evals' multiple-choice rule (gpqa_eval.py): the first match of
+# its ANSWER_PATTERN_MULTICHOICE anywhere in the reply, compared with the gold letter as written.
+SIMPLE_EVALS_MC = re.compile(r"(?i)Answer[ \t]*:[ \t]*\$?([A-D])\$?")
+
+
+def simple_evals_letter(text: str) -> str | None:
+    m = SIMPLE_EVALS_MC.search(text)
+    return m.group(1) if m else None
+
+
 def grade_texts(grader: str, texts: list[str], problem) -> tuple[list, list, list]:
     """Predictions, the rule that found each, and correctness (None without a gold answer), by ``--grader``."""
+    if grader == "simple-evals":
+        if not problem.choices:
+            raise ValueError("--grader simple-evals grades multiple-choice answers only (its math grader is an "
+                             f"LLM equality check); {problem.id} has an open answer")
+        preds = [simple_evals_letter(t) for t in texts]
+        return preds, ["answer_line" if pr else None for pr in preds], [
+            pr == problem.answer if problem.answer is not None else None for pr in preds]
     if grader == "authors":
         preds = [authors_boxed(t) for t in texts]
         rules = ["boxed" if pr is not None else None for pr in preds]

@@ -142,6 +142,9 @@ def run_eval(cfg: EvalConfig, output: Path, *, overwrite: bool = False, trust_re
         raise RcsdError(f"{bench}: no items selected (offset {offset}, limit {limit})")
     if cfg.scoring == "loglik":
         return run_loglik(cfg, [p for p, _ in pairs], output, overwrite, trust_remote_code, show)
+    if cfg.grader == "simple-evals" and any(not p.choices for p, _ in pairs):
+        raise RcsdError(f"--grader simple-evals grades multiple-choice answers only (its math grader is an LLM "
+                        f"equality check); {bench} has open answers")
     t0 = time.perf_counter()
     engine = open_backend(cfg.backend, model, trust_remote_code)
     runner = ResumableGenerator(engine, output, cfg, fresh=overwrite)
