@@ -236,8 +236,10 @@ def test_progress_lines_without_a_terminal_and_quiet(run_cli, tmp_path, tiny_mod
 
 
 @pytest.mark.parametrize("bench, extra, task", [
-    ("sciq", [], "sciq"), ("openbookqa", [], "openbookqa"), ("mmlu-stem", ["--num-fewshot", "2"], "mmlu_stem"),
-    ("arc-challenge", [], "arc_challenge"),
+    pytest.param("sciq", [], "sciq", marks=pytest.mark.slow),
+    pytest.param("openbookqa", [], "openbookqa", marks=pytest.mark.slow),
+    ("mmlu-stem", ["--num-fewshot", "2"], "mmlu_stem"),
+    pytest.param("arc-challenge", [], "arc_challenge", marks=pytest.mark.slow),
 ])
 def test_eval_loglik_follows_each_benchs_lm_eval_task(run_cli, tiny_model, tmp_path, bench, extra, task):
     out = tmp_path / "e.parquet"

@@ -411,6 +411,7 @@ def test_model_copy_takes_flat_option_names_too():
     assert not hasattr(copy, "lora_rank")
 
 
+@pytest.mark.slow
 def test_max_teacher_prompt_tokens_counts_the_exact_teacher_ids(run_cli, tmp_path, tiny_model):
     """The authors' 2048-token filter: an item stays when its teacher prompt has at most N tokens (N = its exact
     length keeps it, N - 1 drops it); the count is printed by --dry-run and recorded by a run."""

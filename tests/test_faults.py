@@ -259,6 +259,7 @@ def test_teacher_logprobs_need_a_backend_that_scores_tokens(run_cli, fake, rubri
     assert server.requests == 0 and not (tmp_path / "sc.parquet").exists()
 
 
+@pytest.mark.slow
 def test_grpo_reward_judge_scores_rollouts_and_never_hides_unjudged_criteria(run_cli, fake, tiny_model, tmp_path):
     """--reward judge: criteria without a check go to the judge (here a scripted OpenAI-compatible server); the
     reward is the weighted share; criteria the judge cannot decide are counted, their rollouts get the group's
