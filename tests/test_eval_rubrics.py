@@ -60,6 +60,7 @@ def test_win_counts_by_hand():
     assert win_counts(judged, ["GT", "generated"], "overall") == ({"GT": 1, "generated": 2}, 1)
 
 
+@pytest.mark.slow
 def test_eval_rubrics_end_to_end_against_a_scripted_judge(run_cli, tiny_model, tmp_path):
     rows = [{"id": f"q{i}", "question": f"Why is {i} small?", "reference_answer": f"{i} < 10.",
              "rubric": [{"title": "Compares with ten", "description": "Says it is below ten.", "weight": 5}]}

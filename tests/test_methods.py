@@ -195,6 +195,7 @@ def test_report_to_tensorboard_writes_event_files(tiny_model, tmp_path):
     assert "train/kl" in events.Tags()["scalars"]
 
 
+@pytest.mark.slow
 def test_contrastive_teacher_controls_and_a_run(tiny_model, tmp_path):
     from transformers import AutoTokenizer
 

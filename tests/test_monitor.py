@@ -33,6 +33,7 @@ def test_held_out_items_that_are_training_items_are_refused(run_cli, arc_rubrics
     assert "--eval-offset" in p.stderr and not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow
 def test_eval_during_training_keeps_the_best_weights(run_cli, arc_rubrics, tiny_model, tmp_path):
     out = tmp_path / "m"
     p = run_cli("train", "--rubrics", arc_rubrics, "--model", tiny_model, "--eval-every", "1", "--eval-bench",

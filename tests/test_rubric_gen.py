@@ -156,6 +156,7 @@ def test_stage_one_prompts_are_the_authors_texts(tiny_model):
         TrainConfig(rubrics="r", task="rubric-generator", teacher_context="reason-first")
 
 
+@pytest.mark.slow
 def test_fallback_reference_keeps_items_the_llm_failed(run_cli, tiny_model, tmp_path):
     rows = [{"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(2)]
     data = write_jsonl(tmp_path / "q.jsonl", rows)
