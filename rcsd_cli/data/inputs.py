@@ -91,6 +91,11 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def question_key(text: str) -> str:
+    """A question as items are matched across files (whitespace collapsed, lower case), as the authors match."""
+    return re.sub(r"\s+", " ", text or "").strip().lower()
+
+
 def _first(rec: dict[str, Any], *keys: str) -> Any:
     lower = {k.lower(): k for k in rec}
     for k in keys:

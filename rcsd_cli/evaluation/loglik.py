@@ -117,6 +117,11 @@ def choice_logprobs(engine, problems: list[Problem], protocol: Protocol, batch_s
     """Per problem, the summed log-probability of each continuation, from a backend that scores tokens."""
     sums = engine.continuation_logprobs(choice_requests(engine.tokenizer, problems, protocol, shots), batch_size,
                                         on_done)
+    return per_problem(sums, problems)
+
+
+def per_problem(sums: list[float], problems: list[Problem]) -> list[list[float]]:
+    """Pair sums (in ``choice_requests`` order) regrouped as one list of choice scores per problem."""
     out, k = [], 0
     for p in problems:
         out.append(sums[k: k + len(p.choices)])

@@ -10,7 +10,6 @@ Output: one row per item, and per dimension each rubric's mean score and win rat
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 
 from rich.table import Table
@@ -18,7 +17,7 @@ from rich.table import Table
 from rcsd_cli.backends import open_backend
 from rcsd_cli.backends.resume import ResumableGenerator
 from rcsd_cli.data.artifacts import ensure_writable, read_artifact, write_artifact
-from rcsd_cli.data.inputs import load_problems
+from rcsd_cli.data.inputs import load_problems, question_key
 from rcsd_cli.data.schemas import EvalRubricsConfig, Problem, RubricQualityRow
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.evaluation.rubric_quality import METRICS, parse_quality_reply, win_counts
@@ -27,10 +26,6 @@ from rcsd_cli.rubrics.prompts import RUBRIC_QUALITY_SYSTEM, chat_prompt_ids, rub
 from rcsd_cli.ui import progress, results
 
 REFERENCE_NAME = "GT"
-
-
-def _question_key(question: str) -> str:
-    return re.sub(r"\s+", " ", question or "").strip().lower()
 
 
 def rubric_rows(path: str) -> list[tuple[Problem, list]]:
@@ -45,8 +40,8 @@ def rubric_rows(path: str) -> list[tuple[Problem, list]]:
 
 def matched_items(cfg: EvalRubricsConfig) -> list[tuple[Problem, list, list]]:
     """(reference problem, reference rubric, generated rubric) for the questions in both files."""
-    reference = {_question_key(p.question): (p, r) for p, r in rubric_rows(cfg.reference)}
-    generated = {_question_key(p.question): r for p, r in rubric_rows(cfg.generated)}
+    reference = {question_key(p.question): (p, r) for p, r in rubric_rows(cfg.reference)}
+    generated = {question_key(p.question): r for p, r in rubric_rows(cfg.generated)}
     keys = [k for k in reference if k in generated]  # the reference's order
     if not keys:
         raise RcsdError(f"{cfg.generated}: no question also appears (with a rubric) in {cfg.reference}")

@@ -14,26 +14,22 @@ processes without a broadcast and sharded modules see the same number of forward
 
 from __future__ import annotations
 
-import re
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from rcsd_cli.data.inputs import question_key
 from rcsd_cli.data.schemas import GenerationConfig, MetricsRow, Problem, TrainConfig, parse_stop_rule
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.evaluation.answers import STRICT_RULE, grade_texts
 from rcsd_cli.evaluation.benchmarks import load_bench, select
-from rcsd_cli.evaluation.loglik import choice_requests, grade, protocol_for
+from rcsd_cli.evaluation.loglik import choice_requests, grade, per_problem, protocol_for
 from rcsd_cli.modeling.generation import generate
 from rcsd_cli.modeling.logprobs import continuation_sums
 from rcsd_cli.rubrics.prompts import student_prompt
 
 LOWER_IS_BETTER = {"loss", "kl", "clip_share", "truncated_share"}
-
-
-def _question_key(text: str) -> str:
-    return re.sub(r"\s+", " ", text or "").strip().lower()
 
 
 def held_out_items(cfg: TrainConfig, rows: list) -> list[Problem]:
@@ -42,8 +38,8 @@ def held_out_items(cfg: TrainConfig, rows: list) -> list[Problem]:
     items = select(load_bench(m.bench), cfg.seed, m.offset, m.limit)
     if not items:
         raise RcsdError(f"--eval-bench {m.bench}: no items at --eval-offset {m.offset}")
-    ids, questions = {r.id for r in rows}, {_question_key(r.question) for r in rows}
-    overlap = [p for p in items if p.id in ids or _question_key(p.question) in questions]
+    ids, questions = {r.id for r in rows}, {question_key(r.question) for r in rows}
+    overlap = [p for p in items if p.id in ids or question_key(p.question) in questions]
     if overlap:
         raise RcsdError(f"--eval-bench {m.bench}: {len(overlap)} of {len(items)} held-out items are training items "
                         f"(first: {overlap[0].id!r}); choose another --eval-offset (rcsd gen-rubrics {m.bench} "
@@ -64,10 +60,7 @@ def evaluate(student, tok, items: list[Problem], cfg: TrainConfig, compute=nullc
                 protocol = protocol_for(cfg.monitor.bench)
                 sums = continuation_sums(student, choice_requests(tok, items, protocol), tok.pad_token_id,
                                          cfg.generation.batch_size)
-                graded, k = [], 0
-                for p in items:
-                    graded.append(grade(p, sums[k: k + len(p.choices)], protocol))
-                    k += len(p.choices)
+                graded = [grade(p, s, protocol) for p, s in zip(items, per_problem(sums, items), strict=True)]
                 return {name: sum(g[key] for g in graded) / len(graded) for name, key in (
                     ("eval_accuracy", "acc"), ("eval_acc_norm", "acc_norm"), ("eval_gold_logprob", "gold_logprob"))}
             greedy = GenerationConfig(max_new_tokens=cfg.generation.max_new_tokens, temperature=0.0,
