@@ -1,12 +1,15 @@
 """A comparison built to see an effect at the embedded scale: diagnose first, then train where the teacher helps.
 
 Per seed: ``gen-rubrics`` (reference rubrics) on --train-items ARC-Easy items; ``rcsd diagnose`` on them (rubric
-teacher vs a shuffled rubric); keep the items on which the rubric teacher raises the gold answer's log-prob
-after the student's own reasoning (the signal distillation would transfer); train base (no training), OPSD,
-RCSD and RCSD with shuffled rubrics on those items with the same rollout-token budget (vLLM rollouts); then
-measure, on the focus items and on --eval-items held-out items, the log-likelihood metrics (acc, acc_norm and
-the mean log-prob of the gold choice, lm-eval's protocol) and greedy generative accuracy. Every command is a
-real ``rcsd`` subprocess of --python; finished runs are skipped on a rerun, so it resumes.
+teacher, a shuffled rubric, and the contrastive teacher rubric - shuffled); keep the items on which the rubric
+teacher raises the gold answer's log-prob after the student's own reasoning (the signal distillation would
+transfer); train OPSD, RCSD (the authors' clip 0.05), RCSD without the clip, RCSD with a tail bucket and no clip,
+RCSD with shuffled rubrics and the contrastive RCSD teacher on those items with the same rollout-token budget
+(vLLM rollouts); then measure, on the focus items and on --eval-items held-out items, the log-likelihood metrics
+(acc, acc_norm and the mean log-prob of the gold choice, lm-eval's protocol) and greedy generative accuracy,
+beside each run's health (unclipped KL, clipped objective, clip share, entropies, distinct-2, truncation) at its
+first and last steps. Every command is a real ``rcsd`` subprocess of --python; finished runs are skipped on a
+rerun, so it resumes.
 
     python examples/compare_focused.py --python .venv-vllm/bin/python --out focus
 """
@@ -29,7 +32,12 @@ from rcsd_cli.data.artifacts import read_artifact, write_artifact  # noqa: E402
 from rcsd_cli.evaluation.stats import Z95  # noqa: E402
 
 METHODS = {"base": None, "opsd": ["--method", "opsd"], "rcsd": ["--method", "rcsd"],
-           "rcsd-shuffled": ["--method", "rcsd", "--rubric-ablation", "shuffled"]}
+           "rcsd-noclip": ["--method", "rcsd", "--clip", "none"],
+           "rcsd-tail": ["--method", "rcsd", "--tail-bucket", "--clip", "none"],
+           "rcsd-shuffled": ["--method", "rcsd", "--rubric-ablation", "shuffled"],
+           "rcsd-contrast": ["--method", "rcsd", "--teacher-contrast", "shuffled"]}
+GEN_TOKENS = 128  # greedy held-out generation
+HEALTH = ("kl", "loss", "clip_share", "student_entropy", "teacher_entropy", "distinct_2", "truncated_share")
 
 
 def rcsd(args, python: str, log: Path) -> None:
@@ -49,6 +57,7 @@ def focus_items(args, seed: int, root: Path, log: Path) -> tuple[Path, dict]:
     if not diag.exists():
         rcsd(["diagnose", rubrics, "--limit", args.train_items, "--seed", seed,
               "--conditions", args.diagnose_conditions, "--prompt-style", "answer-line",
+              *(["--teacher-contrast", "shuffled"] if "contrast" in args.diagnose_conditions else []),
               "--max-new-tokens", args.diagnose_tokens, "-o", diag],
              args.python, log)
     rows, meta = read_artifact(diag, "diagnose")
@@ -90,10 +99,15 @@ def run_one(method: str, seed: int, focus: Path, args, root: Path, log: Path) ->
               "-o", run / "model", "--overwrite"], args.python, log)
         metrics, _ = read_artifact(run / "model" / "metrics.parquet", "metrics")
         model, steps, tokens = run / "model", len(metrics), metrics[-1].rollout_tokens
+        health = {f"{name}_{when}": statistics.fmean(v) if (v := [getattr(m, name) for m in part
+                                                                  if getattr(m, name) is not None]) else None
+                  for name in HEALTH for when, part in (("first", metrics[:2]), ("last", metrics[-2:]))}
+    else:
+        health = {}
     train_seconds = time.perf_counter() - t0
     held = ["--bench", args.bench, "--model", model, "--seed", seed, "--offset", args.train_items,
             "--limit", args.eval_items, "--prompt-style", "answer-line"]
-    rcsd(["eval", *held, "--backend", "vllm", "--vllm-enforce-eager", "--max-new-tokens", 128,
+    rcsd(["eval", *held, "--backend", "vllm", "--vllm-enforce-eager", "--max-new-tokens", GEN_TOKENS,
           "-o", run / "gen.parquet", "--overwrite"], args.python, log)
     rcsd(["eval", *held, "--scoring", "loglik", "-o", run / "loglik.parquet", "--overwrite"], args.python, log)
     rcsd(["eval", "--bench", args.bench, "--model", model, "--seed", seed, "--limit", args.train_items,
@@ -105,6 +119,11 @@ def run_one(method: str, seed: int, focus: Path, args, root: Path, log: Path) ->
     result = {"method": method, "seed": seed, "steps": steps, "rollout_tokens": tokens,
               "train_seconds": round(train_seconds, 1),
               "heldout_generative_accuracy": statistics.fmean(accuracy(r) for r in gen_rows),
+              "heldout_strict_accuracy": statistics.fmean(float(bool(c)) for r in gen_rows for c in r.strict_correct),
+              "heldout_completion_tokens": statistics.fmean(t for r in gen_rows for t in r.completion_tokens),
+              "heldout_truncated_share": statistics.fmean(float(t >= GEN_TOKENS) for r in gen_rows
+                                                          for t in r.completion_tokens),
+              **health,
               "heldout_acc": acc, "heldout_acc_norm": acc_norm, "heldout_gold_logprob": gold,
               "focus_acc": f_acc, "focus_acc_norm": f_norm, "focus_gold_logprob": f_gold}
     done.write_text(json.dumps(result, indent=2))
@@ -141,6 +160,30 @@ def table(results, args) -> str:
     for method in [m for m in METHODS if m != "base"]:
         if any(r["method"] == method for r in results):
             lines.append(f"| {method} − base | " + " | ".join(paired(results, method, k) for _, k in keys) + " |")
+    return "\n".join(lines + ["", health_table(results)])
+
+
+def health_table(results) -> str:
+    """Each run's health, first two steps -> last two (mean over seeds), and its held-out greedy generation."""
+    def first_last(rs, name):
+        pairs = [(r[f"{name}_first"], r[f"{name}_last"]) for r in rs if r.get(f"{name}_first") is not None]
+        if not pairs:
+            return "n/a"
+        return f"{statistics.fmean(a for a, _ in pairs):.3f} → {statistics.fmean(b for _, b in pairs):.3f}"
+
+    names = [("unclipped top-k KL", "kl"), ("objective (after clip)", "loss"), ("share of terms at clip",
+             "clip_share"), ("student entropy", "student_entropy"), ("distinct-2", "distinct_2"),
+             ("rollouts truncated", "truncated_share")]
+    gen = [("held-out strict acc", "heldout_strict_accuracy"), ("greedy tokens", "heldout_completion_tokens"),
+           ("greedy truncated", "heldout_truncated_share")]
+    lines = ["Health (first two steps → last two, mean over seeds) and held-out greedy generation:", "",
+             "| method | " + " | ".join(k for k, _ in names + gen) + " |", "| --- " * (len(names) + len(gen) + 1)
+             + "|"]
+    for method in METHODS:
+        rs = [r for r in results if r["method"] == method]
+        if rs:
+            lines.append(f"| {method} | " + " | ".join(first_last(rs, k) for _, k in names) + " | " +
+                         " | ".join(mean_ci([r[k] for r in rs]) for _, k in gen) + " |")
     return "\n".join(lines)
 
 
@@ -155,8 +198,9 @@ def main():
     p.add_argument("--train-items", type=int, default=64)
     p.add_argument("--eval-items", type=int, default=80)
     p.add_argument("--diagnose-tokens", type=int, default=64, help="student rollout length in diagnose")
-    p.add_argument("--diagnose-conditions", default="rubric,shuffled",
-                   help="teacher conditions diagnose compares (the focus rule reads 'rubric')")
+    p.add_argument("--diagnose-conditions", default="rubric,shuffled,contrast",
+                   help="teacher conditions diagnose compares (the focus rule reads 'rubric'; contrast: the "
+                   "rubric teacher minus the shuffled one)")
     p.add_argument("--rollout-tokens", type=int, default=6000, help="rollout-token budget per training run "
                    "(3x the earlier comparison's 2000)")
     p.add_argument("--max-steps", type=int, default=40)

@@ -74,3 +74,23 @@ def test_static_loop_in_bf16_semantics(tiny_model, choice):
     with precision.compute(choice, "cpu"):
         plain, static = both(lm.model, lm.tokenizer, GenerationConfig(max_new_tokens=24, temperature=0.0))
     assert [g.token_ids for g in static] == [g.token_ids for g in plain]
+
+
+def test_contrastive_decoding_takes_the_contrast_argmax_at_every_step(tiny):
+    """``controls``: each step's token is the argmax of (1+w) z_prompt - w z_control, recomputed here
+    without a KV cache from the full prefixes; a control equal to its prompt changes nothing."""
+    model, tok = tiny.model, tiny.tokenizer
+    controls = [[1, 7, 7], [1, 3000, 12, 9, 9, 9, 9], [1, 8]]
+    cfg = GenerationConfig(max_new_tokens=8, temperature=0.0, compile_decoding=False)
+    out = generate_batch(model, tok, PROMPTS, cfg, 0, controls=controls, contrast_weight=1.5)
+    plain = generate_batch(model, tok, PROMPTS, cfg, 0)
+    assert [g.token_ids for g in out] != [g.token_ids for g in plain]  # the control moved some token
+    with torch.no_grad():
+        for prompt, control, g in zip(PROMPTS, controls, out, strict=True):
+            for t, token in enumerate(g.token_ids):
+                z = model(torch.tensor([prompt + g.token_ids[:t]])).logits[0, -1]
+                zc = model(torch.tensor([control + g.token_ids[:t]])).logits[0, -1]
+                assert token == int((2.5 * z - 1.5 * zc).argmax())
+    sampled = GenerationConfig(max_new_tokens=12, temperature=1.0, top_k=20, compile_decoding=False)
+    same = generate_batch(model, tok, PROMPTS, sampled, [4, 5, 6], controls=PROMPTS, contrast_weight=0.7)
+    assert [g.token_ids for g in same] == [g.token_ids for g in generate_batch(model, tok, PROMPTS, sampled, [4, 5, 6])]

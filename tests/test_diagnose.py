@@ -14,11 +14,15 @@ def test_diagnose_rows_summary_and_zero_point(run_cli, tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", MC_ROWS)
     run_cli("gen-rubrics", data, "-o", tmp_path / "r.parquet", "--generator", "reference", check=True)
     p = run_cli("diagnose", tmp_path / "r.parquet", "--model", tiny_model, "--limit", "4", "--max-new-tokens", "6",
-                "--conditions", "rubric,shuffled,none", "-o", tmp_path / "d.parquet", check=True)
-    assert "verdict: the rubric teacher is" in p.stdout
+                "--conditions", "rubric,shuffled,none,contrast", "--teacher-contrast", "shuffled",
+                "--contrast-weight", "0.5", "-o", tmp_path / "d.parquet", check=True)
+    assert "verdict: the rubric teacher is" in p.stdout and "contrast" in p.stdout
     rows, meta = read_artifact(tmp_path / "d.parquet", "diagnose")
     n = min(4, len(MC_ROWS))
-    assert len(rows) == 3 * n and {r.condition for r in rows} == {"rubric", "shuffled", "none"}
+    assert len(rows) == 4 * n and {r.condition for r in rows} == {"rubric", "shuffled", "none", "contrast"}
+    contrast = [r for r in rows if r.condition == "contrast"]
+    assert all(r.gold_logprob_teacher is not None and r.teacher_completion for r in contrast)
+    assert meta["summary"]["contrast"]["gold_logprob_gain"]["n"] == n
     none = [r for r in rows if r.condition == "none"]
     # no privileged context: the teacher sees the student's prompt, so nothing differs on the rollout
     assert all(r.mean_loss == pytest.approx(0.0, abs=1e-7) and r.top1_agreement == 1.0 for r in none)
@@ -99,3 +103,21 @@ def test_diagnose_and_explain_measure_the_loss_train_applies(tiny_model, loss):
                    for s, t, c in zip(s_logits, t_logits, completions, strict=True))
     assert abs(train.loss_sum) > 1e-7
     assert measured == pytest.approx(train.loss_sum, rel=1e-4, abs=1e-10)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--conditions", "rubric,contrast"], "the contrast condition needs --teacher-contrast"),
+    (["--conditions", "rubric", "--teacher-contrast", "generic"], "--teacher-contrast has no effect without"),
+    (["--conditions", "rubric", "--contrast-weight", "2"], "--contrast-weight has no effect without"),
+])
+def test_diagnose_refuses_a_contrast_it_would_not_measure(args, message):
+    from pydantic import ValidationError
+
+    from rcsd_cli.data.options import fold_flat_options
+    from rcsd_cli.data.schemas import DiagnoseConfig
+
+    flat = {"rubrics": "r.parquet"}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        flat[flag[2:].replace("-", "_")] = value
+    with pytest.raises(ValidationError, match=message):
+        DiagnoseConfig(**fold_flat_options(DiagnoseConfig, flat))

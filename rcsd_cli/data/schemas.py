@@ -483,7 +483,28 @@ class ScoreTeacherConfig(TeacherPromptConfig):
                                           "(+ reference) teacher; opsd: reference-answer teacher.")
 
 
-class TrainTeacherConfig(TeacherPromptConfig):
+class ContrastTeacherConfig(TeacherPromptConfig):
+    """``--teacher-contrast``: the same teacher under a control context, subtracted (train and diagnose)."""
+
+    contrast: Literal["none", "shuffled", "reference", "generic"] = opt(
+        "none", panel="Teacher", flag="--teacher-contrast", help="A contrastive teacher: logits (1+w)*z_rubric - "
+        "w*z_control, where z_control is the same teacher under a control context: shuffled (another item's "
+        "rubric and this item's reference), reference (the reference alone) or generic (the authors' generic "
+        "rubric); top-k is taken after the contrast. The rubric-specific part of the signal, amplified; one more "
+        "teacher forward per step.")
+    contrast_weight: float = opt(1.0, gt=0.0, panel="Teacher", flag="--contrast-weight",
+                                 help="w of --teacher-contrast.")
+
+    @model_validator(mode="after")
+    def _weight_needs_contrast(self) -> ContrastTeacherConfig:
+        from rcsd_cli.data.options import refuse_changed
+
+        if self.contrast == "none":
+            refuse_changed(self, ("contrast_weight",), "without --teacher-contrast")
+        return self
+
+
+class TrainTeacherConfig(ContrastTeacherConfig):
     """The training teacher: which weights, what it sees, and the authors' rubric ablations."""
 
     kind: Literal["frozen", "live", "ema"] = opt("frozen", panel="Teacher", flag="--teacher", help="frozen: "
@@ -501,24 +522,13 @@ class TrainTeacherConfig(TeacherPromptConfig):
         "(criteria reordered, 30% of weights negated), reduced (a random half of the criteria). Rubrics from "
         "another generator: --rubrics from that file.")
 
-    contrast: Literal["none", "shuffled", "reference", "generic"] = opt(
-        "none", panel="Teacher", flag="--teacher-contrast", help="A contrastive teacher: logits (1+w)*z_rubric - "
-        "w*z_control, where z_control is the same teacher under a control context: shuffled (another item's "
-        "rubric and this item's reference), reference (the reference alone) or generic (the authors' generic "
-        "rubric); top-k is taken after the contrast. The rubric-specific part of the signal, amplified; one more "
-        "teacher forward per step.")
-    contrast_weight: float = opt(1.0, gt=0.0, panel="Teacher", flag="--contrast-weight",
-                                 help="w of --teacher-contrast.")
-
     @model_validator(mode="after")
     def _no_silently_ignored_options(self) -> TrainTeacherConfig:
         from rcsd_cli.data.options import refuse_changed
 
         if self.kind != "ema":
             refuse_changed(self, ("ema_decay",), f"with --teacher {self.kind}")
-        if self.contrast == "none":
-            refuse_changed(self, ("contrast_weight",), "without --teacher-contrast")
-        elif self.context == "reason-first":
+        if self.contrast != "none" and self.context == "reason-first":
             raise ValueError("--teacher-contrast is not available with --teacher-context reason-first (the control "
                              "would need analyses of its own)")
         return self
@@ -819,8 +829,9 @@ class DiagnoseConfig(_Config):
     conditions: str = opt("rubric,reference,shuffled,none", panel="Teacher",
                           help="Teacher contexts to compare, comma-separated: rubric (as train: rubric and "
                           "reference), reference (OPSD's), shuffled (another item's rubric and its own reference), "
-                          "none (the student's own prompt: the zero point).")
-    teacher: TeacherPromptConfig = nested(TeacherPromptConfig, hide=("context",))
+                          "none (the student's own prompt: the zero point), contrast (train's --teacher-contrast "
+                          "teacher: the rubric teacher minus the control named by --teacher-contrast).")
+    teacher: ContrastTeacherConfig = nested(ContrastTeacherConfig, hide=("context",))
     loss: LossConfig = nested(LossConfig, help="The loss train would apply (same options as train).")
     generation: GenerationConfig = nested(_generation(max_new_tokens=128, temperature=1.2, top_p=0.95, top_k=20),
                                           flags={"enable_thinking": "--student-thinking"})
@@ -830,13 +841,18 @@ class DiagnoseConfig(_Config):
         from rcsd_cli.data.options import refuse_changed
 
         refuse_changed(self.teacher, ("context",), "in diagnose (--conditions names the teacher contexts)")
+        has_contrast = "contrast" in self.conditions.split(",")
+        if has_contrast and self.teacher.contrast == "none":
+            raise ValueError("the contrast condition needs --teacher-contrast shuffled|reference|generic (its control)")
+        if not has_contrast:
+            refuse_changed(self.teacher, ("contrast", "contrast_weight"), "without the contrast condition")
         return self
 
     @field_validator("conditions")
     @classmethod
     def _known_conditions(cls, v: str) -> str:
         names = [c.strip() for c in v.split(",") if c.strip()]
-        bad = [c for c in names if c not in ("rubric", "reference", "shuffled", "none")]
+        bad = [c for c in names if c not in ("rubric", "reference", "shuffled", "none", "contrast")]
         if bad or not names:
             raise ValueError(f"unknown condition {bad[0]!r}" if bad else "give at least one condition")
         return ",".join(names)

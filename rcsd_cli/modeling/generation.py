@@ -74,21 +74,26 @@ def _next_tokens(logits: torch.Tensor, cfg: GenerationConfig, generators: list[t
 
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig,
-                   seeds: list[int] | int) -> list[Generation]:
+                   seeds: list[int] | int, controls: list[list[int]] | None = None,
+                   contrast_weight: float = 1.0) -> list[Generation]:
     """One completion per prompt, prompt i sampled with its own generator seeded by ``seeds[i]``.
 
     A plain KV-cache decoding loop over left-padded prompts (position ids from the attention
     mask), so sampling never touches torch's global RNG and a completion depends only on its
     prompt, the settings and its seed. Completions keep their end-of-sequence token.
+
+    ``controls``: contrastive decoding (``--teacher-contrast``): control prompt i decodes beside
+    prompt i, fed the same tokens, and every step samples from (1+w) z_prompt - w z_control.
     """
     if isinstance(seeds, int):
         seeds = [item_seed(seeds, i) for i in range(len(prompts))]
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
+    rows_in = prompts + (controls or [])
+    width = max(len(p) for p in rows_in)
+    input_ids = torch.full((len(rows_in), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows_in), width), dtype=torch.long)
+    for i, p in enumerate(rows_in):
         input_ids[i, width - len(p):] = torch.tensor(p)
         attention[i, width - len(p):] = 1
     input_ids, attention = input_ids.to(device), attention.to(device)
@@ -97,9 +102,11 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationCo
     was_training = model.training
     model.eval()
     with _decoding(model) as lm:
-        static = use_compiled_decoding(cfg, device)
-        decode = _decode_static if static else _decode
-        rows = decode(lm, input_ids, attention, cfg, generators, stop, pad)
+        if controls is not None:
+            rows = _decode(lm, input_ids, attention, cfg, generators, stop, pad, contrast=contrast_weight)
+        else:
+            decode = _decode_static if use_compiled_decoding(cfg, device) else _decode
+            rows = decode(lm, input_ids, attention, cfg, generators, stop, pad)
     model.train(was_training)
     stop_ids = set(stop.tolist())
     results = []
@@ -126,23 +133,32 @@ def _decoding(model):
         yield model
 
 
-def _decode(model, input_ids, attention, cfg, generators, stop, pad) -> list[list[int]]:
+def _decode(model, input_ids, attention, cfg, generators, stop, pad, contrast: float | None = None
+            ) -> list[list[int]]:
+    """``contrast``: rows past ``len(generators)`` are the control prompts of the first rows."""
+    n = len(generators)
     position = (attention.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=position, use_cache=True)
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    done = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
     tokens = []
     for _ in range(cfg.max_new_tokens):
-        nxt = _next_tokens(out.logits[:, -1, :], cfg, generators)
+        logits = out.logits[:, -1, :]
+        if contrast is not None:
+            from rcsd_cli.train.losses import contrast_logits
+
+            logits = contrast_logits(logits[:n].float(), logits[n:].float(), contrast)
+        nxt = _next_tokens(logits, cfg, generators)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         tokens.append(nxt)
         done |= torch.isin(nxt, stop)
         if bool(done.all()):
             break
+        fed = nxt if contrast is None else torch.cat([nxt, nxt])  # a control row follows its prompt row
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)  # finished rows: pad
         position = position[:, -1:] + 1
-        out = model(input_ids=nxt.unsqueeze(-1), attention_mask=attention, position_ids=position,
+        out = model(input_ids=fed.unsqueeze(-1), attention_mask=attention, position_ids=position,
                     past_key_values=out.past_key_values, use_cache=True)
-    return torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in range(input_ids.shape[0])]
+    return torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in range(n)]
 
 
 def use_compiled_decoding(cfg: GenerationConfig, device) -> bool:
@@ -203,17 +219,20 @@ def _decode_static(model, input_ids, attention, cfg, generators, stop, pad, comp
 
 
 def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, seed: int,
-             on_batch=None, seeds: list[int] | None = None) -> list[Generation]:
+             on_batch=None, seeds: list[int] | None = None, controls: list[list[int]] | None = None,
+             contrast_weight: float = 1.0) -> list[Generation]:
     """Generate for any number of prompts in batches of ``cfg.batch_size``.
 
     ``seeds`` (one per prompt) make each sample independent of batching; by default prompt i of
-    this call gets ``item_seed(seed, i)``.
+    this call gets ``item_seed(seed, i)``. ``controls``: contrastive decoding (``generate_batch``).
     """
     seeds = seeds if seeds is not None else [item_seed(seed, i) for i in range(len(prompts))]
     results: list[Generation] = []
     for start in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[start:start + cfg.batch_size]
-        batch = generate_batch(model, tokenizer, chunk, cfg, seeds[start:start + cfg.batch_size])
+        window = slice(start, start + cfg.batch_size)
+        batch = generate_batch(model, tokenizer, prompts[window], cfg, seeds[window],
+                               controls=None if controls is None else controls[window],
+                               contrast_weight=contrast_weight)
         results.extend(batch)
         if on_batch:
             on_batch(start, batch)

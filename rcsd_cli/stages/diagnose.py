@@ -11,7 +11,9 @@ seeded sample of items, with the prompts ``train`` would use, this measures:
   reasoning against the student's (a continuous signal that small models still show);
 - the same under ablated teachers: ``reference`` (OPSD's context), ``shuffled`` (another item's
   rubric) and ``none`` (no privileged context: the zero point), which separates "the rubric helps"
-  from "any extra context helps".
+  from "any extra context helps";
+- ``contrast``: train's ``--teacher-contrast`` teacher, logits (1+w) z_rubric - w z_control, scored on
+  the same rollouts and answering with the same contrast applied at every decoding step.
 
 One row per (item, condition) goes to Parquet; the summary table is printed and stored in metadata.
 """
@@ -32,8 +34,9 @@ from rcsd_cli.evaluation.stats import mean_interval
 from rcsd_cli.modeling.generation import generate, item_seed
 from rcsd_cli.modeling.logprobs import continuation_logits
 from rcsd_cli.models import load_model
+from rcsd_cli.rubrics.ablations import ablate
 from rcsd_cli.rubrics.prompts import student_prompt, teacher_prompt, text_ids
-from rcsd_cli.train.losses import token_diagnostics, token_loss
+from rcsd_cli.train.losses import contrast_logits, token_diagnostics, token_loss
 from rcsd_cli.ui import info, progress, results
 
 
@@ -46,7 +49,10 @@ def gold_suffix(row: Rubric, style: str) -> str | None:
 
 def condition_prompt(tok, row: Rubric, partner: Rubric, condition: str, style: str,
                      thinking: bool | None) -> list[int]:
-    """The teacher prompt of one condition; ``partner`` lends its rubric to ``shuffled``."""
+    """The teacher prompt of one condition; ``partner`` lends its rubric to ``shuffled``; ``generic``
+    (a contrast control only) is the authors' generic rubric."""
+    if condition == "generic":
+        return condition_prompt(tok, ablate([row], "generic", 0)[0], partner, "rubric", style, thinking)
     if condition == "none":
         return student_prompt(tok, row, style=style, thinking=thinking)
     if condition == "shuffled":
@@ -132,13 +138,23 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
     s_logits = continuation_logits(model, s_prompts, conts, tok.pad_token_id)
     s_scores = [score_completion(r.id, r, r.rubric, g.text) for r, g in zip(items, rollouts, strict=True)]
     rows: list[DiagnoseRow] = []
+    def prompts(cond: str) -> list[list[int]]:
+        return [condition_prompt(tok, r, partner[r.id], cond, cfg.prompt_style, teacher_think) for r in items]
+
     for cond in conditions:
-        t_prompts = [condition_prompt(tok, r, partner[r.id], cond, cfg.prompt_style, teacher_think) for r in items]
+        contrast = cond == "contrast"
+        t_prompts = prompts("rubric" if contrast else cond)
+        c_prompts = prompts(cfg.teacher.contrast) if contrast else None
         with progress(f"diagnose: {cond} teacher", len(items)) as advance:
             answers = generate(model, tok, t_prompts, cfg.generation, cfg.seed,
                                seeds=[item_seed(cfg.seed, "diagnose-teacher", cond, r.id) for r in items],
-                               on_batch=lambda _, b: advance(len(b)))
+                               on_batch=lambda _, b: advance(len(b)), controls=c_prompts,
+                               contrast_weight=cfg.teacher.contrast_weight)
         t_logits = continuation_logits(model, t_prompts, conts, tok.pad_token_id)
+        if contrast:
+            c_logits = continuation_logits(model, c_prompts, conts, tok.pad_token_id)
+            t_logits = [contrast_logits(t, c, cfg.teacher.contrast_weight) for t, c in zip(t_logits, c_logits,
+                                                                                          strict=True)]
         for i, r in enumerate(items):
             n = len(rollouts[i].token_ids)
             terms = token_loss(s_logits[i][:n], t_logits[i][:n], torch.tensor(conts[i][:n]), cfg.loss)
