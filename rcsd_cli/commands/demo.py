@@ -19,12 +19,6 @@ from rcsd_cli.data.artifacts import clear_own_folder
 from rcsd_cli.data.schemas import EvalConfig, GenerationConfig, GenRubricsConfig, SampleConfig, ScoreConfig, TrainConfig
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.models import resolve_model
-from rcsd_cli.stages.eval import run_eval, summary_table
-from rcsd_cli.stages.gen_rubrics import run_gen_rubrics
-from rcsd_cli.stages.sample import run_sample
-from rcsd_cli.stages.score import run_score
-from rcsd_cli.stages.train import run_train
-from rcsd_cli.train.monitor import health_line
 from rcsd_cli.ui import info, results
 
 DEMO_FILES = {"rubrics.parquet", "rubrics.rejected.parquet", "samples.parquet", "scores.parquet",
@@ -34,6 +28,14 @@ DEMO_FILES = {"rubrics.parquet", "rubrics.rejected.parquet", "samples.parquet", 
 def run_demo(out: Path, *, bench: str = "arc-easy", model: str = c.DEFAULT, train_items: int = 80,
              eval_items: int = 100, steps: int = 10, batch_size: int = 8, lr: float = 5e-6, max_new_tokens: int = 128,
              seed: int = 0, prompt_style: str = "answer-line", overwrite: bool = False) -> dict:
+    # the stages (torch, transformers) load when a demo runs, not when `rcsd --help` starts
+    from rcsd_cli.stages.eval import run_eval, summary_table
+    from rcsd_cli.stages.gen_rubrics import run_gen_rubrics
+    from rcsd_cli.stages.sample import run_sample
+    from rcsd_cli.stages.score import run_score
+    from rcsd_cli.stages.train import run_train
+    from rcsd_cli.train.monitor import health_line
+
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise RcsdError(f"{out}: demo folder is not empty; pass --overwrite to replace it")
