@@ -58,6 +58,7 @@ def focus_items(args, seed: int, root: Path, log: Path) -> tuple[Path, dict]:
         rcsd(["diagnose", rubrics, "--limit", args.train_items, "--seed", seed,
               "--conditions", args.diagnose_conditions, "--prompt-style", "answer-line",
               *(["--teacher-contrast", "shuffled"] if "contrast" in args.diagnose_conditions else []),
+              "--backend", "vllm", "--vllm-enforce-eager",
               "--max-new-tokens", args.diagnose_tokens, "-o", diag],
              args.python, log)
     rows, meta = read_artifact(diag, "diagnose")

@@ -121,3 +121,28 @@ def test_vllm_backend_or_clear_skip(run_cli, tiny_model, tmp_path):
     scores = read_artifact(tmp_path / "sc.parquet", "scores")[0]
     assert [len(s.teacher_topk_ids) for s in scores] == [len(s.completion_token_ids) for s in vl]
     assert all(len(row) == 3 for s in scores for row in s.teacher_topk_ids)
+
+
+def test_diagnose_generates_with_vllm_and_scores_in_process(run_cli, tiny_model, tmp_path):
+    """``diagnose --backend vllm``: rollouts and answers from the engine, log-probs from the model in-process, so
+    a rollout both backends decode alike (greedy) gets the same loss and gold log-prob."""
+    from rcsd_cli.backends.vllm import vllm_available
+
+    if not vllm_available():
+        pytest.skip("vLLM is not installed here (optional extra rcsd[vllm])")
+    write_jsonl(tmp_path / "p.jsonl", PROBLEMS[:3])
+    run_cli("gen-rubrics", tmp_path / "p.jsonl", "-o", tmp_path / "r.parquet", "--generator", "reference", check=True)
+    model = make_tiny_llama(tmp_path / "model", tiny_model, hidden=128, heads=2)
+    common = [tmp_path / "r.parquet", "--model", model, "--max-new-tokens", "6", "--temperature", "0",
+              "--limit", "3", "--conditions", "rubric,none"]
+    p = run_cli("diagnose", *common, "--backend", "vllm", "--vllm-enforce-eager", "-o", tmp_path / "v.parquet",
+                check=True)
+    assert "vllm: loading" in p.stderr
+    run_cli("diagnose", *common, "-o", tmp_path / "h.parquet", check=True)
+    vl, hf = read_artifact(tmp_path / "v.parquet", "diagnose")[0], read_artifact(tmp_path / "h.parquet", "diagnose")[0]
+    assert len(vl) == len(hf) == 6
+    same = [(v, h) for v, h in zip(vl, hf, strict=True) if v.student_completion == h.student_completion]
+    assert same  # greedy: the engines agree on at least one rollout
+    for v, h in same:
+        assert v.mean_loss == pytest.approx(h.mean_loss, abs=1e-5)
+        assert v.gold_logprob_teacher == pytest.approx(h.gold_logprob_teacher, abs=1e-5)

@@ -835,6 +835,9 @@ class DiagnoseConfig(_Config):
     loss: LossConfig = nested(LossConfig, help="The loss train would apply (same options as train).")
     generation: GenerationConfig = nested(_generation(max_new_tokens=128, temperature=1.2, top_p=0.95, top_k=20),
                                           flags={"enable_thinking": "--student-thinking"})
+    backend: BackendConfig = nested(BackendConfig, help="What generates the student's rollouts and the teachers' "
+                                    "answers (the log-probs always come from the model in-process; the contrast "
+                                    "teacher's answers too, as no server decodes two prompts as one).")
 
     @model_validator(mode="after")
     def _no_silently_ignored_options(self) -> DiagnoseConfig:

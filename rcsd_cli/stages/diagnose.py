@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from rcsd_cli.backends import open_backend
 from rcsd_cli.data.artifacts import ensure_writable, read_artifact, write_artifact
 from rcsd_cli.data.schemas import DiagnoseConfig, DiagnoseRow, Rubric
 from rcsd_cli.errors import RcsdError
@@ -126,13 +127,23 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
     order = list(range(len(items)))
     random.Random(cfg.seed).shuffle(order)
     partner = {items[order[i]].id: items[order[(i + 1) % len(items)]] for i in range(len(items))}  # never itself
-    lm = load_model(cfg.model, trust_remote_code)
-    model, tok = lm.model, lm.tokenizer
+    engine = open_backend(cfg.backend, cfg.model, trust_remote_code)
+    if hasattr(engine, "model"):  # hf: the engine's own weights score the tokens too
+        model, tok = engine.model, engine.tokenizer
+    else:
+        lm = load_model(cfg.model, trust_remote_code)
+        model, tok = lm.model, lm.tokenizer
+
+    def answer(what: str, prompts: list[list[int]], seeds: list[int], controls=None):
+        with progress(f"diagnose: {what}", len(prompts)) as advance:
+            if controls is None:
+                return engine.generate(prompts, cfg.generation, cfg.seed, seeds=seeds,
+                                       on_done=lambda _, b: advance(len(b)))
+            return generate(model, tok, prompts, cfg.generation, cfg.seed, seeds=seeds, controls=controls,
+                            contrast_weight=cfg.teacher.contrast_weight, on_batch=lambda _, b: advance(len(b)))
+
     s_prompts = [student_prompt(tok, r, style=cfg.prompt_style, thinking=think) for r in items]
-    with progress("diagnose: student rollouts", len(items)) as advance:
-        rollouts = generate(model, tok, s_prompts, cfg.generation, cfg.seed,
-                            seeds=[item_seed(cfg.seed, "diagnose-student", r.id) for r in items],
-                            on_batch=lambda _, b: advance(len(b)))
+    rollouts = answer("student rollouts", s_prompts, [item_seed(cfg.seed, "diagnose-student", r.id) for r in items])
     suffixes = [text_ids(tok, s) if (s := gold_suffix(r, cfg.prompt_style)) else [] for r in items]
     conts = [g.token_ids + suf for g, suf in zip(rollouts, suffixes, strict=True)]
     s_logits = continuation_logits(model, s_prompts, conts, tok.pad_token_id)
@@ -145,11 +156,8 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
         contrast = cond == "contrast"
         t_prompts = prompts("rubric" if contrast else cond)
         c_prompts = prompts(cfg.teacher.contrast) if contrast else None
-        with progress(f"diagnose: {cond} teacher", len(items)) as advance:
-            answers = generate(model, tok, t_prompts, cfg.generation, cfg.seed,
-                               seeds=[item_seed(cfg.seed, "diagnose-teacher", cond, r.id) for r in items],
-                               on_batch=lambda _, b: advance(len(b)), controls=c_prompts,
-                               contrast_weight=cfg.teacher.contrast_weight)
+        answers = answer(f"{cond} teacher", t_prompts,
+                         [item_seed(cfg.seed, "diagnose-teacher", cond, r.id) for r in items], c_prompts)
         t_logits = continuation_logits(model, t_prompts, conts, tok.pad_token_id)
         if contrast:
             c_logits = continuation_logits(model, c_prompts, conts, tok.pad_token_id)
