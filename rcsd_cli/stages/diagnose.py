@@ -142,24 +142,30 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
             return generate(model, tok, prompts, cfg.generation, cfg.seed, seeds=seeds, controls=controls,
                             contrast_weight=cfg.teacher.contrast_weight, on_batch=lambda _, b: advance(len(b)))
 
+    def prompts(cond: str) -> list[list[int]]:
+        return [condition_prompt(tok, r, partner[r.id], cond, cfg.prompt_style, teacher_think) for r in items]
+
     s_prompts = [student_prompt(tok, r, style=cfg.prompt_style, thinking=think) for r in items]
+    t_prompts = {cond: prompts("rubric" if cond == "contrast" else cond) for cond in conditions}
+    c_prompts = prompts(cfg.teacher.contrast) if "contrast" in conditions else None
     rollouts = answer("student rollouts", s_prompts, [item_seed(cfg.seed, "diagnose-student", r.id) for r in items])
+    def teacher_seeds(cond: str) -> list[int]:
+        return [item_seed(cfg.seed, "diagnose-teacher", cond, r.id) for r in items]
+
+    answers = {cond: answer(f"{cond} teacher", t_prompts[cond], teacher_seeds(cond))
+               for cond in conditions if cond != "contrast"}
+    if hasattr(engine, "close"):  # an idle vLLM engine would spin beside the in-process work below
+        engine.close()
+    if c_prompts is not None:
+        answers["contrast"] = answer("contrast teacher", t_prompts["contrast"], teacher_seeds("contrast"), c_prompts)
     suffixes = [text_ids(tok, s) if (s := gold_suffix(r, cfg.prompt_style)) else [] for r in items]
     conts = [g.token_ids + suf for g, suf in zip(rollouts, suffixes, strict=True)]
     s_logits = continuation_logits(model, s_prompts, conts, tok.pad_token_id)
     s_scores = [score_completion(r.id, r, r.rubric, g.text) for r, g in zip(items, rollouts, strict=True)]
     rows: list[DiagnoseRow] = []
-    def prompts(cond: str) -> list[list[int]]:
-        return [condition_prompt(tok, r, partner[r.id], cond, cfg.prompt_style, teacher_think) for r in items]
-
     for cond in conditions:
-        contrast = cond == "contrast"
-        t_prompts = prompts("rubric" if contrast else cond)
-        c_prompts = prompts(cfg.teacher.contrast) if contrast else None
-        answers = answer(f"{cond} teacher", t_prompts,
-                         [item_seed(cfg.seed, "diagnose-teacher", cond, r.id) for r in items], c_prompts)
-        t_logits = continuation_logits(model, t_prompts, conts, tok.pad_token_id)
-        if contrast:
+        t_logits = continuation_logits(model, t_prompts[cond], conts, tok.pad_token_id)
+        if cond == "contrast":
             c_logits = continuation_logits(model, c_prompts, conts, tok.pad_token_id)
             t_logits = [contrast_logits(t, c, cfg.teacher.contrast_weight) for t, c in zip(t_logits, c_logits,
                                                                                           strict=True)]
@@ -173,14 +179,14 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
                 target = torch.tensor(suffixes[i])
                 gold_t = torch.log_softmax(t_logits[i][n:], -1).gather(-1, target[:, None]).mean().item()
                 gold_s = torch.log_softmax(s_logits[i][n:], -1).gather(-1, target[:, None]).mean().item()
-            t_score = score_completion(r.id, r, r.rubric, answers[i].text)
+            t_score = score_completion(r.id, r, r.rubric, answers[cond][i].text)
             rows.append(DiagnoseRow(
                 id=r.id, condition=cond, student_correct=s_scores[i].correct, teacher_correct=t_score.correct,
                 student_score=s_scores[i].score, teacher_score=t_score.score, tokens=n,
                 mean_loss=loss.mean().item() if n else 0.0, clip_share=clipped.mean().item() if n else 0.0,
                 top1_agreement=agree.mean().item() if n else 1.0, gold_logprob_teacher=gold_t,
                 gold_logprob_student=gold_s, student_completion=rollouts[i].text,
-                teacher_completion=answers[i].text))
+                teacher_completion=answers[cond][i].text))
     summary = summarise(rows, conditions)
     line = verdict(summary)
     write_artifact(output, "diagnose", rows, stage="diagnose", config=cfg, model_id=cfg.model,
