@@ -37,6 +37,7 @@ METHODS = {"base": None, "opsd": ["--method", "opsd"], "rcsd": ["--method", "rcs
            "rcsd-shuffled": ["--method", "rcsd", "--rubric-ablation", "shuffled"],
            "rcsd-contrast": ["--method", "rcsd", "--teacher-contrast", "shuffled"]}
 GEN_TOKENS = 128  # greedy held-out generation
+VLLM = ["--vllm-enforce-eager", "--vllm-kv-cache-gib", 1]  # CPU: no graph capture; a small KV cache lets runs share RAM
 HEALTH = ("kl", "loss", "clip_share", "student_entropy", "teacher_entropy", "distinct_2", "truncated_share")
 
 
@@ -58,7 +59,7 @@ def focus_items(args, seed: int, root: Path, log: Path) -> tuple[Path, dict]:
         rcsd(["diagnose", rubrics, "--limit", args.train_items, "--seed", seed,
               "--conditions", args.diagnose_conditions, "--prompt-style", "answer-line",
               *(["--teacher-contrast", "shuffled"] if "contrast" in args.diagnose_conditions else []),
-              "--backend", "vllm", "--vllm-enforce-eager",
+              "--backend", "vllm", *VLLM,
               "--max-new-tokens", args.diagnose_tokens, "-o", diag],
              args.python, log)
     rows, meta = read_artifact(diag, "diagnose")
@@ -95,8 +96,7 @@ def run_one(method: str, seed: int, focus: Path, args, root: Path, log: Path) ->
     if METHODS[method] is not None:
         rcsd(["train", "--config", ROOT / "examples" / "recipes" / "cpu-embedded.yaml", "--rubrics", focus,
               "--model", args.model, *METHODS[method], "--seed", seed, "--steps", args.max_steps,
-              "--max-rollout-tokens", args.rollout_tokens, "--lr", args.lr, "--rollout-backend", "vllm",
-              "--vllm-enforce-eager",
+              "--max-rollout-tokens", args.rollout_tokens, "--lr", args.lr, "--rollout-backend", "vllm", *VLLM,
               "-o", run / "model", "--overwrite"], args.python, log)
         metrics, _ = read_artifact(run / "model" / "metrics.parquet", "metrics")
         model, steps, tokens = run / "model", len(metrics), metrics[-1].rollout_tokens
@@ -108,7 +108,7 @@ def run_one(method: str, seed: int, focus: Path, args, root: Path, log: Path) ->
     train_seconds = time.perf_counter() - t0
     held = ["--bench", args.bench, "--model", model, "--seed", seed, "--offset", args.train_items,
             "--limit", args.eval_items, "--prompt-style", "answer-line"]
-    rcsd(["eval", *held, "--backend", "vllm", "--vllm-enforce-eager", "--max-new-tokens", GEN_TOKENS,
+    rcsd(["eval", *held, "--backend", "vllm", *VLLM, "--max-new-tokens", GEN_TOKENS,
           "-o", run / "gen.parquet", "--overwrite"], args.python, log)
     rcsd(["eval", *held, "--scoring", "loglik", "-o", run / "loglik.parquet", "--overwrite"], args.python, log)
     rcsd(["eval", "--bench", args.bench, "--model", model, "--seed", seed, "--limit", args.train_items,
@@ -202,8 +202,8 @@ def main():
     p.add_argument("--diagnose-conditions", default="rubric,shuffled,contrast",
                    help="teacher conditions diagnose compares (the focus rule reads 'rubric'; contrast: the "
                    "rubric teacher minus the shuffled one)")
-    p.add_argument("--rollout-tokens", type=int, default=6000, help="rollout-token budget per training run "
-                   "(3x the earlier comparison's 2000)")
+    p.add_argument("--rollout-tokens", type=int, default=3000, help="rollout-token budget per training run (6 "
+                   "runs x 3 seeds fit one afternoon on 2 CPU cores; the 2026-11-27 comparison used 6000)")
     p.add_argument("--max-steps", type=int, default=40)
     p.add_argument("--lr", type=float, default=5e-6)
     args = p.parse_args()

@@ -232,7 +232,7 @@ def test_chunked_health_sums_count_each_token_once_when_recomputed():
 
 
 def test_contrast_logits_by_hand_and_inside_the_chunked_loss():
-    from rcsd_cli.train.losses import contrast_logits
+    from rcsd_cli.modeling.logprobs import contrast_logits
 
     z_rubric, z_control = torch.tensor([2.0, 0.0, 0.0]), torch.tensor([1.0, 1.0, 0.0])
     assert contrast_logits(z_rubric, z_control, 1.0).tolist() == [3.0, -1.0, 0.0]  # rubric's lead doubled

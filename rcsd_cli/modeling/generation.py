@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from rcsd_cli.data.schemas import GenerationConfig
+from rcsd_cli.modeling.logprobs import contrast_logits
 
 STOP_CHECK_EVERY = 16  # static loop: tokens between two "have all rows stopped?" host syncs
 
@@ -144,8 +145,6 @@ def _decode(model, input_ids, attention, cfg, generators, stop, pad, contrast: f
     for _ in range(cfg.max_new_tokens):
         logits = out.logits[:, -1, :]
         if contrast is not None:
-            from rcsd_cli.train.losses import contrast_logits
-
             logits = contrast_logits(logits[:n].float(), logits[n:].float(), contrast)
         nxt = _next_tokens(logits, cfg, generators)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)

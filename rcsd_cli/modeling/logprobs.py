@@ -22,6 +22,13 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def contrast_logits(rubric_logits: torch.Tensor, control_logits: torch.Tensor, weight: float) -> torch.Tensor:
+    """``--teacher-contrast``: (1 + w) z_rubric - w z_control, the rubric-specific part of the teacher amplified
+    (classifier-free guidance); a token both contexts like equally keeps its logit, one only the rubric
+    context likes gains w times its lead."""
+    return (1.0 + weight) * rubric_logits - weight * control_logits
+
+
 def chunked_token_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_size: int = 128,
                            temperature: float = 1.0, entropies: dict | None = None) -> torch.Tensor:
     """log p(targets) [B, T] from hidden states, one chunk of vocabulary logits at a time.

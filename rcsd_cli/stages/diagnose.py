@@ -33,11 +33,11 @@ from rcsd_cli.evaluation.benchmarks import select
 from rcsd_cli.evaluation.scoring import score_completion
 from rcsd_cli.evaluation.stats import mean_interval
 from rcsd_cli.modeling.generation import generate, item_seed
-from rcsd_cli.modeling.logprobs import continuation_logits
+from rcsd_cli.modeling.logprobs import continuation_logits, contrast_logits
 from rcsd_cli.models import load_model
 from rcsd_cli.rubrics.ablations import ablate
 from rcsd_cli.rubrics.prompts import student_prompt, teacher_prompt, text_ids
-from rcsd_cli.train.losses import contrast_logits, token_diagnostics, token_loss
+from rcsd_cli.train.losses import token_diagnostics, token_loss
 from rcsd_cli.ui import info, progress, results
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from rcsd_cli.modeling.logprobs import upcast
+from rcsd_cli.modeling.logprobs import contrast_logits, upcast
 
 if TYPE_CHECKING:
     from rcsd_cli.data.schemas import LossConfig
@@ -180,13 +180,6 @@ def token_diagnostics(student_logits, teacher_logits, cfg: LossConfig, terms: To
                                   temperature=cfg.temperature).sum(-1)
         agree = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float()
     return kl, agree
-
-
-def contrast_logits(rubric_logits: torch.Tensor, control_logits: torch.Tensor, weight: float) -> torch.Tensor:
-    """``--teacher-contrast``: (1 + w) z_rubric - w z_control, the rubric-specific part of the teacher amplified
-    (classifier-free guidance); a token both contexts like equally keeps its logit, one only the rubric
-    context likes gains w times its lead."""
-    return (1.0 + weight) * rubric_logits - weight * control_logits
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
