@@ -57,8 +57,12 @@ def default_model_dir() -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    if not (target / "model.safetensors").is_file():
+        shutil.rmtree(target, ignore_errors=True)  # a partial copy from an older release
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process (a second test worker, a parallel job) placed its complete copy first
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

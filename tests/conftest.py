@@ -1,4 +1,10 @@
-"""Shared fixtures: a tiny random Llama with the default model's real tokenizer, and a CLI runner."""
+"""Shared fixtures: a tiny random Llama with the default model's real tokenizer, and a CLI runner.
+
+The tests run one pytest-xdist worker per core (pyproject's addopts) and each worker, with the CLI
+subprocesses it starts, on one thread: the models here are tiny, so torch's thread pool costs more than it
+gives, and two multi-threaded workers on two cores would slow each other several-fold. Set
+OMP_NUM_THREADS to choose otherwise; ``-n 0`` runs in one process.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported; the CLI subprocesses inherit it
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -70,9 +70,11 @@ def weights_sha256(folder: Path) -> str | None:
         for p in files:
             h.update(p.name.encode() + b"\0" + sha256_file(p).encode())
         cache[key] = h.hexdigest()
-        try:
+        try:  # written whole then renamed: parallel processes never read a torn file
             cache_path.parent.mkdir(parents=True, exist_ok=True)
-            cache_path.write_text(json.dumps(cache))
+            tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_path)
         except OSError:  # a read-only cache only costs a re-hash next time
             pass
     return cache[key]
