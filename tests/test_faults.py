@@ -83,7 +83,7 @@ class FakeServer:
         if action == "nochoices":
             return send(200, b'{"choices": []}')
         if action == "slow":
-            time.sleep(2.5)
+            time.sleep(SLOW_S)
             return send(200, json.dumps(OK).encode())
         if action == "die":
             h.close_connection = True
@@ -122,12 +122,16 @@ def rubrics(run_cli, tmp_path):
     return tmp_path / "r.parquet"
 
 
-def sample_args(rubrics, out, model, url, *extra, limit=4):
-    """``rcsd sample`` through the openai backend, fast backoff (a config file sets it: no flag for it)."""
+SLOW_S = 6.0  # the "slow" reply; a client waiting for it uses a timeout of half that
+
+
+def sample_args(rubrics, out, model, url, *extra, limit=4, timeout=30.0):
+    """``rcsd sample`` through the openai backend, fast backoff (a config file sets it: no flag for it);
+    timeouts generous enough that a loaded machine never turns an instant reply into a failure."""
     cfg = out.parent / "fast-backoff.yaml"
     cfg.write_text("backend:\n  backoff_s: 0.05\n")
     return ["sample", rubrics, "-o", out, "--model", model, "--backend", "openai", "--base-url", url,
-            "--concurrency", "1", "--limit", str(limit), "--config", cfg, "--request-timeout", "1", *extra]
+            "--concurrency", "1", "--limit", str(limit), "--config", cfg, "--request-timeout", str(timeout), *extra]
 
 
 def assert_one_line_error(proc, *fragments):
@@ -145,7 +149,7 @@ def test_transient_faults_are_retried_and_retry_after_honoured(run_cli, fake, ru
     script = ["500", "drop", "truncated", "html", "nochoices", "ok", "429", "ok", "slow", "ok"]
     server = fake(script)
     out = tmp_path / "s.parquet"
-    p = run_cli(*sample_args(rubrics, out, tiny_model, server.url, "--max-retries", "5", limit=3))
+    p = run_cli(*sample_args(rubrics, out, tiny_model, server.url, "--max-retries", "5", limit=3, timeout=SLOW_S / 2))
     assert p.returncode == 0, p.stderr
     assert "Traceback" not in p.stderr
     samples, _ = read_artifact(out, "samples")
