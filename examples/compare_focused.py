@@ -93,11 +93,13 @@ def run_one(method: str, seed: int, focus: Path, args, root: Path, log: Path) ->
         return json.loads(done.read_text())
     run.mkdir(parents=True, exist_ok=True)
     model, steps, tokens, t0 = args.model, 0, 0, time.perf_counter()
-    if METHODS[method] is not None:
+    finished = (run / "model" / "rcsd_train_config.json").exists()  # written once training has ended
+    if METHODS[method] is not None and not finished:
         rcsd(["train", "--config", ROOT / "examples" / "recipes" / "cpu-embedded.yaml", "--rubrics", focus,
               "--model", args.model, *METHODS[method], "--seed", seed, "--steps", args.max_steps,
               "--max-rollout-tokens", args.rollout_tokens, "--lr", args.lr, "--rollout-backend", "vllm", *VLLM,
               "-o", run / "model", "--overwrite"], args.python, log)
+    if METHODS[method] is not None:
         metrics, _ = read_artifact(run / "model" / "metrics.parquet", "metrics")
         model, steps, tokens = run / "model", len(metrics), metrics[-1].rollout_tokens
         health = {f"{name}_{when}": statistics.fmean(v) if (v := [getattr(m, name) for m in part

@@ -81,8 +81,9 @@ def _log_lines(description: str, total: int):
 
 
 def info(message: str) -> None:
+    """One status line; never hard-wrapped, so a long path cannot split a message that logs are grepped for."""
     if VERBOSITY["level"] > 0:
-        console.print(message, highlight=False)
+        console.print(message, highlight=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
