@@ -134,9 +134,11 @@ def run_one(method: str, seed: int, focus: Path, args, root: Path, log: Path) ->
 
 
 def mean_ci(values) -> str:
+    """Mean ± 1.96 standard errors over seeds; one seed has no interval and says so."""
     m = statistics.fmean(values)
-    half = Z95 * statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-    return f"{m:.3f} ± {half:.3f}"
+    if len(values) < 2:
+        return f"{m:.3f} (1 seed)"
+    return f"{m:.3f} ± {Z95 * statistics.stdev(values) / len(values) ** 0.5:.3f}"
 
 
 def paired(results, method, key) -> str:
@@ -150,12 +152,12 @@ def table(results, args) -> str:
     keys = [("focus gold log-prob", "focus_gold_logprob"), ("focus acc", "focus_acc"),
             ("held-out gold log-prob", "heldout_gold_logprob"), ("held-out acc", "heldout_acc"),
             ("held-out acc_norm", "heldout_acc_norm"), ("held-out generative acc", "heldout_generative_accuracy")]
-    lines = ["| method | " + " | ".join(k for k, _ in keys) + " | steps | rollout tokens |",
-             "| --- " * (len(keys) + 3) + "|"]
+    lines = ["| method | seeds | " + " | ".join(k for k, _ in keys) + " | steps | rollout tokens |",
+             "| --- " * (len(keys) + 4) + "|"]
     for method in METHODS:
         rs = [r for r in results if r["method"] == method]
         if rs:
-            lines.append(f"| {method} | " + " | ".join(mean_ci([r[k] for r in rs]) for _, k in keys) +
+            lines.append(f"| {method} | {len(rs)} | " + " | ".join(mean_ci([r[k] for r in rs]) for _, k in keys) +
                          f" | {statistics.fmean(r['steps'] for r in rs):.1f} | "
                          f"{statistics.fmean(r['rollout_tokens'] for r in rs):.0f} |")
     lines += ["", "Paired differences to base (same seed), mean ± 95% interval over seeds:", "",
