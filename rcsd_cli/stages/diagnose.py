@@ -163,8 +163,14 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
     s_logits = continuation_logits(model, s_prompts, conts, tok.pad_token_id)
     s_scores = [score_completion(r.id, r, r.rubric, g.text) for r, g in zip(items, rollouts, strict=True)]
     rows: list[DiagnoseRow] = []
+    kept = {}  # the rubric teacher's logits, when the contrast condition reuses them
     for cond in conditions:
-        t_logits = continuation_logits(model, t_prompts[cond], conts, tok.pad_token_id)
+        if cond == "contrast" and "rubric" in kept:
+            t_logits = kept["rubric"]
+        else:
+            t_logits = continuation_logits(model, t_prompts[cond], conts, tok.pad_token_id)
+        if cond == "rubric" and "contrast" in conditions:
+            kept["rubric"] = t_logits
         if cond == "contrast":
             c_logits = continuation_logits(model, c_prompts, conts, tok.pad_token_id)
             t_logits = [contrast_logits(t, c, cfg.teacher.contrast_weight) for t, c in zip(t_logits, c_logits,
