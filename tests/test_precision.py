@@ -69,7 +69,10 @@ def test_one_step_at_the_papers_lr_moves_the_weights(tiny_model, tmp_path, choic
 
 
 def test_bf16_mixed_matches_fp32_loss_and_gradient(tiny_model):
-    """Same loss and gradient as fp32 within bf16 rounding; the master weights and grads stay fp32."""
+    """The student under bf16-mixed: same loss and gradient as fp32 within bf16 rounding; master weights and
+    gradients stay fp32. The teacher's hidden states are the same for both runs: its own bf16 forward moves
+    them by bf16 rounding (0.4% here), which this tiny random model's KL amplifies to a 1% loss change that
+    depends on the CPU's bf16 kernels (AVX2 vs AVX512-BF16), not on rcsd."""
     lm = load_model(str(tiny_model), device=CPU)
     teacher = load_model(str(tiny_model), device=CPU).model
     torch.manual_seed(1)
@@ -79,11 +82,14 @@ def test_bf16_mixed_matches_fp32_loss_and_gradient(tiny_model):
     pb = build_pair_batch([[1, 5, 6], [1, 9, 9, 9]], [[1, 2, 3, 5, 6], [1, 9]],
                           [[11, 12, 13, 14, 15], [21, 22, 23]], pad_id=0)
     head_s, head_t = lm.model.get_output_embeddings(), teacher.get_output_embeddings()
+    t_hidden = aligned_hidden(teacher, pb.teacher).detach()
+    with precision.compute("bf16-mixed", "cpu"):
+        t_bf16 = aligned_hidden(teacher, pb.teacher).float()
+    assert 0 < (t_bf16 - t_hidden).norm() / t_hidden.norm() < 0.01  # the teacher's own forward: bf16 rounding
     results = {}
     for choice in ("fp32", "bf16-mixed"):
         lm.model.zero_grad()
         with precision.compute(choice, "cpu"):
-            t_hidden = aligned_hidden(teacher, pb.teacher).detach()
             loss, _, _, weighted = chunked_distill_loss(aligned_hidden(lm.model, pb.student), t_hidden, head_s, head_t,
                                                         pb.mask, pb.targets, LossConfig(clip=None))
         weighted.backward()
@@ -91,9 +97,22 @@ def test_bf16_mixed_matches_fp32_loss_and_gradient(tiny_model):
         assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in lm.model.parameters())
         results[choice] = (loss.item(), grad)
     (l32, g32), (lmix, gmix) = results["fp32"], results["bf16-mixed"]
-    assert l32 > 0 and lmix == pytest.approx(l32, rel=3e-2)
-    assert torch.nn.functional.cosine_similarity(g32, gmix, dim=0) > 0.99
-    assert (gmix - g32).norm() / g32.norm() < 0.1
+    assert l32 > 0 and lmix == pytest.approx(l32, rel=1e-2)
+    assert torch.nn.functional.cosine_similarity(g32, gmix, dim=0) > 0.995
+    assert (gmix - g32).norm() / g32.norm() < 0.05
+
+
+def test_bf16_mixed_holds_on_a_cpu_without_bf16_instructions(tiny_model):
+    """The same check with torch's kernels limited to AVX2 (what an AVX2-only CPU runs: no AVX512-BF16)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
+                           f"{__file__}::test_bf16_mixed_matches_fp32_loss_and_gradient"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
 
 
 def test_bf16_mixed_resumes_exactly_from_its_fp32_master(tiny_model, tmp_path):

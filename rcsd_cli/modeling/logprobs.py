@@ -22,6 +22,22 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def fp32_logits(head, hidden: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Output-head logits computed in fp32 whatever autocast and the weight's dtype: at the vocabulary
+    entries ``index`` [..., k] only (the head's k rows, no full-vocabulary product), or all of them.
+
+    Why: a bf16 logit of magnitude 10 is rounded by up to 0.03, the size of a whole top-k KL signal
+    (0.02 nats) and of the 0.05 clip; and CPUs without bf16 instructions round differently again.
+    """
+    weight, bias = head.weight, getattr(head, "bias", None)
+    with torch.autocast(hidden.device.type, enabled=False):
+        h = hidden.float()
+        if index is None:
+            return F.linear(h, weight.float(), None if bias is None else bias.float())
+        out = (weight[index].float() @ h.unsqueeze(-1)).squeeze(-1)  # [..., k, H] @ [..., H, 1]
+        return out if bias is None else out + bias[index].float()
+
+
 def contrast_logits(rubric_logits: torch.Tensor, control_logits: torch.Tensor, weight: float) -> torch.Tensor:
     """``--teacher-contrast``: (1 + w) z_rubric - w z_control, the rubric-specific part of the teacher amplified
     (classifier-free guidance); a token both contexts like equally keeps its logit, one only the rubric

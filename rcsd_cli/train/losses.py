@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from rcsd_cli.modeling.logprobs import contrast_logits, upcast
+from rcsd_cli.modeling.logprobs import contrast_logits, fp32_logits, upcast
 
 if TYPE_CHECKING:
     from rcsd_cli.data.schemas import LossConfig
@@ -194,6 +194,11 @@ def distinct_n(sequences: list[list[int]], n: int = 2) -> tuple[int, int]:
     return len(set(grams)), len(grams)
 
 
+def restricts_to_teacher_topk(cfg: LossConfig) -> bool:
+    """The loss reads only the teacher's top-k entries (the reference loss), so only their logits are needed."""
+    return cfg.kind == "topk_kl" and bool(cfg.top_k) and not cfg.tail_bucket
+
+
 def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head, teacher_head,
                          mask: torch.Tensor, targets: torch.Tensor, loss: LossConfig, *, chunk_size: int = 128,
                          row_weights: torch.Tensor | None = None, health: dict | None = None,
@@ -208,6 +213,11 @@ def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
     the share of loss terms at the clip (for the step's health metrics). ``control_hidden``: the
     teacher under a control context, aligned the same way; the teacher's logits become
     ``contrast_logits(rubric, control, contrast_weight)`` before the loss (and its top-k).
+
+    Precision: the heads run in the compute precision (bf16 under autocast) only to pick the teacher's
+    top-k and for the diagnostics; the logits the loss reads are computed in fp32 (``fp32_logits``),
+    for the reference loss at the k chosen entries only, so the loss and its gradient do not depend on
+    bf16 rounding of the logits or on the CPU's bf16 kernels.
     """
     mask = mask.float()
     weights = torch.ones(mask.shape[0], device=mask.device) if row_weights is None else row_weights.float()
@@ -215,21 +225,32 @@ def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
     weighted_sum = student_hidden.new_zeros(())
     kl_sum = torch.zeros(())
     agree_sum = torch.zeros(())
+    topk = restricts_to_teacher_topk(loss)
+
+    def add_health(name, value, m):
+        if health is not None:
+            health[name] = health.get(name, 0.0) + float((value.detach() * m).sum())
 
     counted: set[int] = set()  # a chunk recomputed in backward must not count twice
 
-    def chunk_loss(h_s, t_logits, m, y, w, start):
-        s_logits = student_head(h_s)
+    def chunk_loss(h_s, t_logits, index, m, y, w, start):
+        s_logits = fp32_logits(student_head, h_s, index)
         terms = token_loss(s_logits, t_logits, y, loss)
-        kl, agree = token_diagnostics(s_logits, t_logits, loss, terms)
-        per_tok = terms.loss
-        if health is not None and start not in counted:
+        restricted = index is not None
+        with torch.no_grad():
+            kl = terms.forward_kl
+            if kl is None:
+                kl = divergence_terms(s_logits.detach(), t_logits, top_k=loss.top_k,
+                                      temperature=loss.temperature).sum(-1)
+            agree = None if restricted else (s_logits.argmax(-1) == t_logits.argmax(-1)).float()
+        if start not in counted:
             counted.add(start)
-            with torch.no_grad():
-                for name, value in (("student_entropy", entropy(s_logits.detach())),
-                                    ("teacher_entropy", entropy(t_logits)), ("clip_share", terms.clip_share)):
-                    health[name] = health.get(name, 0.0) + float((value.detach() * m).sum())
-        return (per_tok * m).sum(), (per_tok * m * w.unsqueeze(-1)).sum(), (kl * m).sum(), (agree * m).sum()
+            add_health("clip_share", terms.clip_share, m)
+            if not restricted:
+                add_health("student_entropy", entropy(s_logits.detach()), m)
+        per_tok = terms.loss
+        agree_part = torch.zeros(()) if agree is None else (agree * m).sum()
+        return (per_tok * m).sum(), (per_tok * m * w.unsqueeze(-1)).sum(), (kl * m).sum(), agree_part
 
     # One chunk holds all the logits anyway: recomputing it in backward would buy no memory.
     recompute = student_hidden.shape[1] > chunk_size
@@ -239,10 +260,23 @@ def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
         if m.sum() == 0:
             continue
         with torch.no_grad():  # the teacher's logits need no graph, and are not recomputed in backward
-            t_logits = teacher_head(teacher_hidden[:, sl].detach())
-            if control_hidden is not None:
-                t_logits = contrast_logits(t_logits, teacher_head(control_hidden[:, sl].detach()), contrast_weight)
-        args = (student_hidden[:, sl], t_logits, m, targets[:, sl], weights, start)
+            h_t = teacher_hidden[:, sl].detach()
+            h_c = None if control_hidden is None else control_hidden[:, sl].detach()
+            fast = teacher_head(h_t)  # compute precision: picks the top-k
+            if h_c is not None:
+                fast = contrast_logits(fast, teacher_head(h_c), contrast_weight)
+            index = fast.topk(loss.top_k, dim=-1).indices if topk and loss.top_k < fast.shape[-1] else None
+            t_logits = fp32_logits(teacher_head, h_t, index)
+            if h_c is not None:
+                t_logits = contrast_logits(t_logits, fp32_logits(teacher_head, h_c, index), contrast_weight)
+            add_health("teacher_entropy", entropy(fast if index is not None else t_logits), m)
+            if index is not None:  # agreement, entropy: the student's whole distribution (no grad, compute dtype)
+                s_fast = student_head(student_hidden[:, sl].detach())
+                agree_sum += ((s_fast.argmax(-1) == fast.argmax(-1)).float() * m).sum().cpu()
+                add_health("student_entropy", entropy(s_fast), m)
+                del s_fast
+            del fast
+        args = (student_hidden[:, sl], t_logits, index, m, targets[:, sl], weights, start)
         if recompute and torch.is_grad_enabled() and student_hidden.requires_grad:
             chunk_sum, weighted, kl, agree = checkpoint(chunk_loss, *args, use_reentrant=False)
         else:
