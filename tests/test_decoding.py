@@ -94,3 +94,72 @@ def test_contrastive_decoding_takes_the_contrast_argmax_at_every_step(tiny):
     sampled = GenerationConfig(max_new_tokens=12, temperature=1.0, top_k=20, compile_decoding=False)
     same = generate_batch(model, tok, PROMPTS, sampled, [4, 5, 6], controls=PROMPTS, contrast_weight=0.7)
     assert [g.token_ids for g in same] == [g.token_ids for g in generate_batch(model, tok, PROMPTS, sampled, [4, 5, 6])]
+
+
+def test_inputs_go_to_the_compute_device_not_the_parameters_device(tiny_model):
+    """``--offload full``: a sharded root's parameters live on the host while it computes on the GPU. Here a
+    root whose first parameter reports the meta device: inputs must follow ``compute_device``."""
+    from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch
+    from rcsd_cli.modeling.sharding import FinalHidden, compute_device
+
+    lm = load_model(str(tiny_model), device=CPU)
+    root = FinalHidden(lm.model)
+    root.register_parameter("offloaded", torch.nn.Parameter(torch.empty(1, device="meta")))
+    root.compute_device = CPU
+    assert next(root.parameters()).device.type == "meta" and compute_device(root) == CPU
+    for compiled in (False, True):
+        cfg = GenerationConfig(max_new_tokens=3, temperature=0.0, compile_decoding=compiled)
+        assert [len(g.token_ids) for g in generate_batch(root, lm.tokenizer, PROMPTS, cfg, 0)] == [3, 3, 3]
+    pb = build_pair_batch(PROMPTS, PROMPTS, [[5, 6]] * 3, lm.tokenizer.pad_token_id)
+    assert aligned_hidden(root, pb.student).shape == (3, 2, 32)
+
+
+def test_compiled_decoding_compiles_once_per_bucket(tiny):
+    """After one batch per prompt bucket, batches of other widths and a short last batch reuse the graphs."""
+    from rcsd_cli.modeling.generation import prompt_bucket
+
+    assert [prompt_bucket(w) for w in (1, 64, 65, 96, 97, 480, 512, 544, 2048)] == \
+        [64, 64, 96, 96, 128, 512, 512, 768, 2048]
+    cfg = GenerationConfig(max_new_tokens=4, temperature=0.0, compile_decoding=True, batch_size=3)
+    warm = {64: [[1, 5, 6]] * 3, 96: [[1] + [7] * 70] * 3}
+    for prompts in warm.values():
+        generate_batch(tiny.model, tiny.tokenizer, prompts, cfg, 0)
+    caches = dict(tiny.model._rcsd_static_caches)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for prompts in (PROMPTS, [[1] + [9] * 50, [1, 2]], [[1] + [8] * 80] * 3, [[1, 4, 4]]):
+            out = generate_batch(tiny.model, tiny.tokenizer, prompts, cfg, 0)
+            assert [len(g.token_ids) for g in out] == [4] * len(prompts)
+    assert {k: id(v) for k, v in tiny.model._rcsd_static_caches.items()} == {k: id(v) for k, v in caches.items()}
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_no_host_tensor_per_token_and_one_position_of_prefill_logits(tiny, monkeypatch, compiled):
+    """The decode loop creates no host tensors per token (each ``torch.tensor`` is a blocking copy to the
+    device), and prefill keeps the last position's logits only ([rows, 1, V], not [rows, width, V])."""
+    from rcsd_cli.modeling import generation
+
+    monkeypatch.setattr(generation, "_compiled_step", lambda model: model)  # count the loop, eagerly
+    made, shapes = [], []
+    real_tensor, real_forward = torch.tensor, tiny.model.forward
+
+    def counting(*args, **kwargs):
+        made.append(1)
+        return real_tensor(*args, **kwargs)
+
+    def forward(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        shapes.append(tuple(out.logits.shape))
+        return out
+
+    monkeypatch.setattr(tiny.model, "forward", forward)
+    counts = []
+    for new in (4, 12):
+        made.clear(), shapes.clear()
+        cfg = GenerationConfig(max_new_tokens=new, temperature=1.0, ignore_eos=True, compile_decoding=compiled)
+        monkeypatch.setattr(torch, "tensor", counting)
+        out = generation.generate_batch(tiny.model, tiny.tokenizer, PROMPTS, cfg, 0)
+        monkeypatch.setattr(torch, "tensor", real_tensor)
+        assert [len(g.token_ids) for g in out] == [new] * 3
+        counts.append(len(made))
+        assert shapes[0][1] == 1 and len(shapes) == new
+    assert counts[0] == counts[1]

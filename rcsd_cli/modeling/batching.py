@@ -63,9 +63,9 @@ def build_pair_batch(student_prompts: list[list[int]], teacher_prompts: list[lis
 
 def aligned_hidden(model, side: SideBatch) -> torch.Tensor:
     """Final hidden states at the predicting positions: [B, C, H] (no vocabulary logits)."""
-    from rcsd_cli.modeling.sharding import FinalHidden
+    from rcsd_cli.modeling.sharding import FinalHidden, compute_device
 
-    device = next(model.parameters()).device
+    device = compute_device(model)
     inputs = dict(input_ids=side.input_ids.to(device), attention_mask=side.attention_mask.to(device),
                   position_ids=side.position_ids.to(device))
     if isinstance(model, FinalHidden):  # sharded: go through the root so its parameters are gathered

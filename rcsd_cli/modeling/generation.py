@@ -8,7 +8,12 @@ Two decoding loops give the same tokens. The plain one grows a dynamic KV cache 
 device after every token whether all rows stopped. The static one (``compile_decoding``)
 preallocates the KV cache and the attention mask for the whole completion, so every decode step
 has the same shapes and can run as one compiled graph (``torch.compile``; CUDA graphs on a GPU),
-and looks for stop tokens only every ``STOP_CHECK_EVERY`` tokens: no host sync per token.
+and looks for stop tokens only every ``STOP_CHECK_EVERY`` tokens: no host sync per token (the
+positions advance on the device). Shapes come from a fixed set, so a run compiles once per
+bucket, not once per batch: rows are padded up to the generation batch size, and prompts are
+left-padded to the next of ``prompt_bucket``'s widths (at most half again the prompt). Each bucket's
+cache is allocated once per model and reused. Both loops keep the logits of the last prompt
+position only: [rows, 1, vocab] at prefill, not [rows, width, vocab].
 """
 
 from __future__ import annotations
@@ -88,7 +93,9 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationCo
     """
     if isinstance(seeds, int):
         seeds = [item_seed(seeds, i) for i in range(len(prompts))]
-    device = next(model.parameters()).device
+    from rcsd_cli.modeling.sharding import compute_device
+
+    device = compute_device(model)
     pad = tokenizer.pad_token_id
     rows_in = prompts + (controls or [])
     width = max(len(p) for p in rows_in)
@@ -127,7 +134,7 @@ def _decoding(model):
     """The causal LM to decode with: a sharded model is gathered once (no collectives per token)."""
     from rcsd_cli.modeling.sharding import FinalHidden, gathered
 
-    if isinstance(model, FinalHidden):
+    if isinstance(model, FinalHidden):  # inputs are already on the mesh's device (``compute_device``)
         with gathered(model):
             yield model.lm
     else:
@@ -139,7 +146,7 @@ def _decode(model, input_ids, attention, cfg, generators, stop, pad, contrast: f
     """``contrast``: rows past ``len(generators)`` are the control prompts of the first rows."""
     n = len(generators)
     position = (attention.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=position, use_cache=True)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=position, use_cache=True, logits_to_keep=1)
     done = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
     tokens = []
     for _ in range(cfg.max_new_tokens):
@@ -150,7 +157,7 @@ def _decode(model, input_ids, attention, cfg, generators, stop, pad, contrast: f
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         tokens.append(nxt)
         done |= torch.isin(nxt, stop)
-        if bool(done.all()):
+        if len(tokens) == cfg.max_new_tokens or bool(done.all()):  # no forward for a token never sampled
             break
         fed = nxt if contrast is None else torch.cat([nxt, nxt])  # a control row follows its prompt row
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)  # finished rows: pad
@@ -166,12 +173,25 @@ def use_compiled_decoding(cfg: GenerationConfig, device) -> bool:
     return cfg.compile_decoding if cfg.compile_decoding is not None else device.type == "cuda"
 
 
+def prompt_bucket(width: int) -> int:
+    """The prompt region a static-cache batch is padded to: the next of 64, 96, 128, 192, 256, 384, ...
+    (at most half again the prompt; about two compiled shapes per doubling of the prompt length)."""
+    size = 64
+    while True:
+        for bucket in (size, size * 3 // 2):
+            if width <= bucket:
+                return bucket
+        size *= 2
+
+
 def _compiled_step(model):
     """The model's forward compiled for fixed-shape decode steps (CUDA graphs on a GPU), once per module."""
     step = getattr(model, "_rcsd_decode_step", None)
     if step is None:
-        device = next(model.parameters()).device
-        step = torch.compile(model.forward, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+        from rcsd_cli.modeling.sharding import compute_device
+
+        cuda = compute_device(model).type == "cuda"
+        step = torch.compile(model.forward, mode="reduce-overhead" if cuda else None, dynamic=False)
         model._rcsd_decode_step = step  # a plain attribute: not a parameter, not in the state dict
     return step
 
@@ -185,36 +205,64 @@ def _same_dtype(update):
     return cast_update
 
 
-def _decode_static(model, input_ids, attention, cfg, generators, stop, pad, compiled=True) -> list[list[int]]:
-    """The plain loop's tokens from a preallocated KV cache and mask; stop checks every few tokens."""
+def _static_cache(model, rows: int, total: int):
+    """This model's cache for (rows, total length, autocast dtype), allocated once and reset for each batch:
+    the same tensors every time, as CUDA graphs need."""
     from transformers import StaticCache
 
-    rows, width = input_ids.shape
-    device, total = input_ids.device, input_ids.shape[1] + cfg.max_new_tokens
-    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-    cache = StaticCache(config=config, max_cache_len=total)
-    for layer in cache.layers:  # bf16 autocast over fp32 weights: rotary keys come out fp32, values bf16
-        layer.update = _same_dtype(layer.update)
+    caches = model.__dict__.setdefault("_rcsd_static_caches", {})
+    key = (rows, total, torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else
+           torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+    cache = caches.get(key)
+    if cache is None:
+        config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+        cache = caches[key] = StaticCache(config=config, max_cache_len=total)
+        for layer in cache.layers:  # bf16 autocast over fp32 weights: rotary keys come out fp32, values bf16
+            layer.update = _same_dtype(layer.update)
+    elif cache.is_initialized:
+        cache.reset()
+    return cache
+
+
+def _decode_static(model, input_ids, attention, cfg, generators, stop, pad, compiled=True) -> list[list[int]]:
+    """The plain loop's tokens from a preallocated KV cache and mask; stop checks every few tokens."""
+    n, width = input_ids.shape
+    device = input_ids.device
+    rows = max(n, cfg.batch_size)  # a short last batch decodes in the same shapes as the others
+    region = prompt_bucket(width)
+    total = region + cfg.max_new_tokens
+    # Left-pad the prompts to the bucket (the cache writes from slot 0 and counts its own position on the
+    # device); filler rows repeat the first prompt (no all-masked rows) and their tokens are dropped.
+    input_ids = torch.cat([torch.full((n, region - width), pad, dtype=input_ids.dtype, device=device), input_ids], 1)
+    attention = torch.cat([torch.zeros((n, region - width), dtype=attention.dtype, device=device), attention], 1)
+    if rows > n:
+        input_ids = torch.cat([input_ids, input_ids[:1].expand(rows - n, -1)])
+        attention = torch.cat([attention, attention[:1].expand(rows - n, -1)])
+    cache = _static_cache(model, rows, total)
     mask = torch.ones((rows, total), dtype=attention.dtype, device=device)  # generated tokens (and pads) count,
-    mask[:, :width] = attention  # as in the plain loop; the causal mask hides the future
+    mask[:, :region] = attention  # as in the plain loop; the causal mask hides the future
     position = (attention.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position, past_key_values=cache,
-                cache_position=torch.arange(width, device=device), use_cache=True)
+                use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1, :]
     step = _compiled_step(model) if compiled else model
     position = position[:, -1:]
     tokens = torch.full((rows, cfg.max_new_tokens), pad, dtype=torch.long, device=device)
+    filler = torch.full((rows - n,), pad, dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
-    for t in range(cfg.max_new_tokens):
-        nxt = torch.where(done, torch.full_like(done, pad, dtype=torch.long), _next_tokens(logits, cfg, generators))
-        tokens[:, t] = nxt
-        done |= torch.isin(nxt, stop)
-        if t + 1 == cfg.max_new_tokens or ((t + 1) % STOP_CHECK_EVERY == 0 and bool(done.all())):
-            break
-        position = position + 1
-        logits = step(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=position, past_key_values=cache,
-                      cache_position=torch.tensor([width + t], device=device), use_cache=True).logits[:, -1, :]
-    return tokens[:, : t + 1].tolist()
+    done[n:] = True
+    with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64)):
+        for t in range(cfg.max_new_tokens):
+            nxt = torch.cat([_next_tokens(logits[:n], cfg, generators), filler])
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            tokens[:, t] = nxt
+            done |= torch.isin(nxt, stop)
+            if t + 1 == cfg.max_new_tokens or ((t + 1) % STOP_CHECK_EVERY == 0 and bool(done.all())):
+                break
+            position = position + 1
+            logits = step(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=position,
+                          past_key_values=cache, use_cache=True).logits[:, -1, :]
+    return tokens[:n, : t + 1].tolist()
 
 
 def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, seed: int,

@@ -96,15 +96,25 @@ def shard(lm, reshard_after_forward: bool, device_type: str, mixed: bool = False
     for unit in _units(root):
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+    # Where it computes: offloaded shards live in host memory, the forward runs on the mesh's device.
+    root.compute_device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" \
+        else torch.device(device_type)
     # The first forward decides which unit is the root: run it through the root, then reshard so
     # that ``parameters()`` yields the sharded parameters the optimizer must own.
-    device = next(root.parameters()).device
+    device = root.compute_device
     one = torch.zeros((1, 1), dtype=torch.long, device=device)
     with torch.no_grad():
         root(one, torch.ones_like(one), one)
     for unit in _units(root):
         unit.reshard()
     return root
+
+
+def compute_device(module) -> torch.device:
+    """Where ``module``'s forward runs, so where its inputs go: a sharded root's mesh device (under
+    ``--offload full`` its parameters report the host), else its parameters' device."""
+    device = getattr(module, "compute_device", None)
+    return device if isinstance(device, torch.device) else next(module.parameters()).device
 
 
 def is_sharded(module) -> bool:
