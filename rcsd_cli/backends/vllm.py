@@ -112,7 +112,7 @@ class VLLMBackend:
                 f"up to {share:.0%} of this machine's {ram:.1f} GiB"
             info(f"{label}: loading {path} on CPU; it may reserve {sized}")
         self.sleep_mode = settings.sleep and in_process and gpu  # vLLM has no sleep mode on CPU
-        self.asleep = False
+        self.asleep: set[str] = set()  # what sleep released: "weights", "kv_cache"
         try:
             self.llm = LLM(model=path, tokenizer=path, trust_remote_code=trust_remote_code, dtype=dtype,
                            tensor_parallel_size=settings.tensor_parallel_size, gpu_memory_utilization=share,
@@ -200,12 +200,18 @@ class VLLMBackend:
         """GPU only: free the KV cache (and the weights unless ``keep_weights``) until ``wake``."""
         if self.sleep_mode and not self.asleep:
             self.llm.sleep(level=1 if keep_weights else 2)
-            self.asleep = True
+            self.asleep = {"weights", "kv_cache"}
 
-    def wake(self) -> None:
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+    def wake(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        """Give back what ``sleep`` released (``tags``: part of it, weights before the KV cache as vLLM
+        recommends: weights, load them, then the cache). The training step's cached blocks go back first."""
+        todo = [t for t in tags if t in self.asleep]
+        if todo:
+            import torch
+
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=todo)
+            self.asleep -= set(todo)
 
     def close(self) -> None:
         """Shut the engine down now, while a launcher's process group it shares still exists."""

@@ -175,11 +175,12 @@ def optimizer_state(module, optimizer) -> dict:
     return get_optimizer_state_dict(unwrap(module), optimizer, options=options)
 
 
-def load_optimizer_state(module, optimizer, state: dict) -> None:
+def load_optimizer_state(module, optimizer, state: dict, from_rank0: bool = False) -> None:
+    """``from_rank0``: ``state`` is the full state on rank 0 (empty elsewhere), broadcast shard by shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     reshard(module)
-    options = StateDictOptions(full_state_dict=True) if is_sharded(module) else None
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0) if is_sharded(module) else None
     set_optimizer_state_dict(unwrap(module), optimizer, optim_state_dict=state, options=options)
 
 

@@ -76,8 +76,12 @@ def load_trainer_state(ckpt: Path) -> tuple[int, list[MetricsRow]]:
 
 
 def load_optimizer(ckpt: Path, student, optimizer, scheduler) -> None:
-    opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    sharding.load_optimizer_state(student, optimizer, opt_state["optimizer"])
+    """Restore AdamW and the schedule. The file is memory-mapped onto the host (never onto whichever GPU
+    saved it); a sharded run reads the optimizer state on rank 0 only and broadcasts each rank its shard."""
+    opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu", mmap=True)
+    sharded = sharding.is_sharded(student) and dist.is_initialized()
+    state = opt_state["optimizer"] if dist.is_main() or not sharded else {}
+    sharding.load_optimizer_state(student, optimizer, state, from_rank0=sharded)
     scheduler.load_state_dict(opt_state["scheduler"])
 
 

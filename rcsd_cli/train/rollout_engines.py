@@ -6,8 +6,12 @@ receives the student's weights after every optimizer step (parameter by paramete
 from FSDP shards one at a time; LoRA deltas added on the fly, the adapter left untouched). A
 frozen teacher's analyses come from a second engine that keeps the initial weights, an EMA
 teacher's from one that follows the teacher, a live teacher's from the student engine: never
-silently from the student when the teacher is meant to differ. Either way a generation is
-seeded per item, returns token ids (no decode/re-encode) and keeps its end-of-sequence token.
+silently from the student when the teacher is meant to differ. vLLM allows sleep mode for one
+engine per process (its allocator's sleep unmaps every allocation of the process), so only the
+student engine sleeps while the student trains; a second engine stays resident in its share.
+Waking follows vLLM's order: the cache allocator emptied, weights woken and loaded, then the KV
+cache. Either way a generation is seeded per item, returns token ids (no decode/re-encode) and
+keeps its end-of-sequence token.
 """
 
 from __future__ import annotations
@@ -27,21 +31,24 @@ from rcsd_cli.ui import info
 Generate = Callable[[list[list[int]], GenerationConfig, list[int]], list[Generation]]
 
 
-def module_weights(module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, full tensor) of a causal LM as a vLLM engine loads them.
+def module_weights(module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, full tensor) of a causal LM as a vLLM engine loads them, in ``dtype`` (the engine's).
 
-    Sharded parameters are gathered one at a time (a collective: every process iterates in
-    the same order); a PEFT model yields its base weights with each LoRA delta added.
+    Sharded parameters are gathered one at a time (a collective: every process iterates in the
+    same order), each shard first cast to ``dtype`` and moved to the compute device: under
+    ``--offload full`` the shards are fp32 host tensors, and gathering them as they are would send
+    twice the bytes over gloo on the host. A PEFT model yields its base weights with each LoRA delta added.
     """
     from torch.distributed.tensor import DTensor
 
     lm = sharding.unwrap(module)
+    device = sharding.compute_device(module)
     lora = _lora_layers(lm)
     base = lm.get_base_model() if lora else lm
     for name, p in base.named_parameters(remove_duplicate=False):  # tied heads by both names
         if ".lora_" in name:
             continue
-        value = p.full_tensor() if isinstance(p, DTensor) else p
+        value = _full(p.detach(), dtype, device) if isinstance(p, DTensor) else p.detach().to(device, dtype)
         owner, sep, leaf = name.rpartition(".base_layer.")
         if sep and owner in lora:
             if leaf == "weight":
@@ -49,6 +56,15 @@ def module_weights(module) -> Iterator[tuple[str, torch.Tensor]]:
                 value = value + sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
             name = f"{owner}.{leaf}"
         yield name, value.detach()
+
+
+def _full(p, dtype, device) -> torch.Tensor:
+    """A sharded parameter gathered in ``dtype`` on ``device`` (the local shard converted first)."""
+    from torch.distributed.tensor import DTensor
+
+    local = p.to_local().to(device, dtype or p.dtype)
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                              stride=p.stride()).full_tensor()
 
 
 def _lora_layers(lm) -> dict:
@@ -62,28 +78,28 @@ def _lora_layers(lm) -> dict:
 class EngineRollouts:
     """A colocated vLLM engine that follows a module's weights (or keeps its initial ones)."""
 
-    def __init__(self, engine, follows=None):
-        self.engine, self.follows = engine, follows
+    def __init__(self, engine, follows=None, dtype: torch.dtype | None = None):
+        self.engine, self.follows, self.dtype = engine, follows, dtype
         self.weights_dropped = False  # GPU sleep mode drops a following engine's weights between calls
 
     def _ready(self) -> None:
-        self.engine.wake()
         if self.weights_dropped:  # e.g. the analysis and then the rollouts of one step, both from this engine
             self.push()
+        self.engine.wake()  # the KV cache last: weights are woken and loaded first (``push``)
 
     def generate(self, prompts, gen_cfg, seeds):
         self._ready()
         out = self.engine.generate(prompts, gen_cfg, 0, seeds=seeds)
         self.engine.sleep(keep_weights=self.follows is None)
-        self.weights_dropped = self.follows is not None and self.engine.asleep
+        self.weights_dropped = self.follows is not None and "weights" in self.engine.asleep
         return out
 
     def push(self) -> None:
         """After an optimizer (or EMA) step: the module's current weights into the engine."""
         if self.follows is not None:
-            self.engine.wake()
+            self.engine.wake(tags=("weights",))  # the KV cache stays asleep until the next generation
             with torch.no_grad():
-                self.engine.load_weights(module_weights(self.follows))
+                self.engine.load_weights(module_weights(self.follows, self.dtype))
             self.weights_dropped = False
 
     def token_logprobs(self, prompt, continuation):
@@ -152,17 +168,19 @@ def build_rollouts(cfg: TrainConfig, student, teacher, tok, teacher_scope, compu
         "kv_cache_gib": cfg.rollout.vllm.kv_cache_gib or (None if torch.cuda.is_available() else 1.0),
         "memory_utilization": cfg.rollout.memory_share / (2 if separate_teacher else 1)})
 
-    def engine(role):
+    def engine(role, sleep: bool = True):
         from rcsd_cli.backends.vllm import VLLMBackend
 
-        return VLLMBackend(BackendConfig.model_construct(kind="vllm", vllm=settings), cfg.model, trust_remote_code,
+        vllm = settings.model_copy(update={"sleep": settings.sleep and sleep})
+        return VLLMBackend(BackendConfig.model_construct(kind="vllm", vllm=vllm), cfg.model, trust_remote_code,
                            dtype=dtype, in_process=True, role=role)
 
-    s_engine = EngineRollouts(engine("student engine"), follows=student)
+    s_engine = EngineRollouts(engine("student engine"), follows=student, dtype=getattr(torch, dtype))
     engines = [s_engine]
     t_gen = s_engine.generate
-    if separate_teacher:
-        t_engine = EngineRollouts(engine("teacher engine"), follows=teacher if cfg.teacher.kind == "ema" else None)
+    if separate_teacher:  # vLLM's sleep mode serves one engine per process: the teacher's stays resident
+        follows = teacher if cfg.teacher.kind == "ema" else None
+        t_engine = EngineRollouts(engine("teacher engine", sleep=False), follows=follows, dtype=getattr(torch, dtype))
         engines.append(t_engine)
         t_gen = t_engine.generate
     return Rollouts(s_engine.generate, t_gen, engines)

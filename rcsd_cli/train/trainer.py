@@ -210,7 +210,9 @@ def setup(cfg: TrainConfig, out: Path, resume: bool, trust_remote_code: bool) ->
         policy = dict(mixed=cfg.precision == "bf16-mixed", offload=cfg.distributed.offload == "full")
         reshard = cfg.distributed.sharding == "full-shard"
         student = sharding.shard(student, reshard, device_type, **policy)
-        teacher = None if teacher is None else sharding.shard(teacher, reshard, device_type, **policy)
+        # The teacher only runs forward: no backward would ever reshard it, so it always reshards after
+        # each forward (and ``run_step`` reshards its root once the loss has read its output head).
+        teacher = None if teacher is None else sharding.shard(teacher, True, device_type, **policy)
         log(f"FSDP2 {cfg.distributed.sharding} over {world} processes")
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(student)
@@ -255,6 +257,24 @@ def optimizer_step(run: Run, res: StepResult, step: int) -> tuple[StepResult, fl
     run.scheduler.step()
     if cfg.teacher.kind == "ema" and run.teacher is not None:
         _ema_update(run.teacher, run.student, cfg.teacher.ema_decay)
+    return res, grad_norm, lr, moved
+
+
+def run_step(run: Run, objective, rows: list, step: int, clock=None, controls=None):
+    """One optimizer step: this process's share of the step's items, the objective's gradients, AdamW, the
+    engines' weights. Returns (step result, gradient norm, learning rate, share of weights moved)."""
+    cfg, clock = run.cfg, clock or PhaseClock()
+    batch = [rows[i] for i in batch_order(len(rows), cfg.batch_size, step, cfg.seed)[run.rank::run.world]]
+    ctx = StepContext(run.student, run.tok, run.teacher_hidden, run.teacher_head, cfg, step,
+                      run.rollouts.teacher, run.rank, student_generate=run.rollouts.student, clock=clock,
+                      compute=run.compute, judge=run.judge, controls=controls)
+    run.optimizer.zero_grad(set_to_none=True)
+    res = objective(ctx, batch)
+    if run.teacher is not None:  # a sharded teacher's root stays gathered after its forward: shard it again
+        sharding.reshard(run.teacher)
+    with clock("optimizer"):
+        res, grad_norm, lr, moved = optimizer_step(run, res, step)
+    run.rollouts.after_update(clock)
     return res, grad_norm, lr, moved
 
 
@@ -343,15 +363,7 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
                 run.log(f"rollout budget of {cfg.max_rollout_tokens} tokens reached after {step} steps")
                 break
             t0 = time.perf_counter()
-            batch = [rows[i] for i in batch_order(len(rows), cfg.batch_size, step, cfg.seed)[run.rank::run.world]]
-            ctx = StepContext(run.student, run.tok, run.teacher_hidden, run.teacher_head, cfg, step,
-                              run.rollouts.teacher, run.rank, student_generate=run.rollouts.student, clock=clock,
-                              compute=run.compute, judge=run.judge, controls=controls)
-            run.optimizer.zero_grad(set_to_none=True)
-            res = objective(ctx, batch)
-            with clock("optimizer"):
-                res, grad_norm, lr, moved = optimizer_step(run, res, step)
-            run.rollouts.after_update(clock)
+            res, grad_norm, lr, moved = run_step(run, objective, rows, step, clock, controls)
             if step == run.start_step:
                 run.rollouts.report_sync(run.student, run.tok, run.log)
             evals = {}

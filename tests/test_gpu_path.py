@@ -1,0 +1,94 @@
+"""The GPU path's defects made visible on CPU: vLLM engines in one process, a teacher that reshards, a resume
+that stays on the host, a weight push gathered in the engine's dtype (2 gloo processes)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rcsd_cli.data.options import build_config, read_config_file
+from rcsd_cli.data.schemas import TrainConfig
+from tests.test_distributed import dist_env
+from tests.test_distributed import rubrics as rubrics  # a fixture
+
+RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
+
+
+class RecordingEngine:
+    """Stands in for ``VLLMBackend``: records what each engine was asked to be and to do."""
+
+    made: list = []
+
+    def __init__(self, cfg, model, trust_remote_code=False, *, dtype="auto", in_process=False, role=""):
+        self.role, self.sleep_mode, self.asleep, self.calls = role, cfg.vllm.sleep, set(), []
+        RecordingEngine.made.append(self)
+
+    def generate(self, prompts, cfg, seed, seeds=None):
+        self.calls.append(("generate", tuple(sorted(self.asleep))))
+        return []
+
+    def sleep(self, keep_weights):
+        if self.sleep_mode:
+            self.asleep = {"kv_cache"} if keep_weights else {"weights", "kv_cache"}
+            self.calls.append(("sleep", keep_weights))
+
+    def wake(self, tags=("weights", "kv_cache")):
+        woke = [t for t in tags if t in self.asleep]
+        self.asleep -= set(woke)
+        if woke:
+            self.calls.append(("wake", tuple(woke)))
+
+    def load_weights(self, weights):
+        self.calls.append(("load", tuple(sorted(self.asleep)), {v.dtype for _, v in weights}))
+
+
+@pytest.mark.parametrize("recipe", ["paper-stage2-qwen3-8b", "paper-opsd-qwen3-8b"])
+def test_at_most_one_engine_per_process_sleeps_and_wakes_in_order(monkeypatch, tiny_model, recipe):
+    """vLLM allows sleep mode for one engine per process (its allocator's sleep unmaps every allocation)."""
+    from rcsd_cli.backends import vllm
+    from rcsd_cli.train.rollout_engines import build_rollouts
+
+    values = read_config_file(RECIPES / f"{recipe}.yaml", TrainConfig)
+    cfg = build_config(TrainConfig, {**values, "model": str(tiny_model), "precision": "bf16-mixed"})
+    assert cfg.teacher.context == "reason-first"
+    monkeypatch.setattr(vllm, "VLLMBackend", RecordingEngine)
+    monkeypatch.setattr(vllm, "vllm_available", lambda: True)
+    RecordingEngine.made = []
+    student = torch.nn.Linear(2, 2)
+    rollouts = build_rollouts(cfg, student, None, None, None, trust_remote_code=False)
+    roles = [e.role for e in RecordingEngine.made]
+    assert len(roles) == len(rollouts.engines) >= 1
+    assert sum(e.sleep_mode for e in RecordingEngine.made) <= 1, roles
+    student_engine = RecordingEngine.made[0]
+    # a step: rollouts, sleep while training, the push (weights woken and loaded before the KV cache)
+    rollouts.student([[1]], cfg.generation, [0])
+    rollouts.after_update()
+    rollouts.student([[1]], cfg.generation, [0])
+    calls = [c[:2] for c in student_engine.calls]
+    assert calls == [("generate", ()), ("sleep", False), ("wake", ("weights",)), ("load", ("kv_cache",)),
+                     ("wake", ("kv_cache",)), ("generate", ()), ("sleep", False)]
+    loads = [c for c in student_engine.calls if c[0] == "load"]
+    assert loads[0][2] == {torch.bfloat16}  # pushed in the engine's dtype
+
+
+@pytest.mark.parametrize("offload", ["none", "full"])
+def test_sharded_teacher_reshards_resume_stays_on_the_host_and_push_gathers_bf16(tiny_model, tmp_path, rubrics,
+                                                                                  offload):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(Path(__file__).with_name("sharded_worker.py")), str(tiny_model), str(rubrics), str(out),
+                           offload], capture_output=True, text=True, env=dist_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rep in reports:
+        assert rep["world"] == 2
+        assert rep["teacher_sharded_after_step"] and rep["student_sharded_after_step"]
+        assert rep["gathered_dtypes"] == ["torch.bfloat16"] and rep["pushed_dtypes"] == ["torch.bfloat16"]
+        assert rep["pushed_embedding_matches"]
+        assert rep["load_map_locations"] == ["cpu"]
+        assert rep["optimizer_restored"]
+    assert reports[0]["optimizer_entries_read"][0] > 0 and reports[1]["optimizer_entries_read"] == [0]
