@@ -11,13 +11,10 @@ Runs, each a real ``rcsd`` subprocess: gen-rubrics, sample, eval (rubric bench),
 rcsd/grpo/sft on the tiny model; then rcsd training of the 360M-shaped model in one process
 (replicated) and under ``torchrun --nproc_per_node 1 --sharding full-shard`` (FSDP2 on NCCL).
 
-``--quick`` (about 5 minutes on one H100/H200) instead measures what issue 15 asks of a GPU, on
-random models of SmolLM2-360M's and Qwen3-0.6B's shapes: the share of weights one step at lr
-5e-6 moves under fp32 / bf16-mixed / bf16; decode tokens/s of the plain vs compiled loop at
-batch 8 and 64; a bf16-mixed step's time and peak CUDA memory vs ``train --dry-run``'s
-estimate; and FSDP2 full-shard with bf16-mixed vs replicate in one process.
+``--quick`` instead measures the GPU path's figures of issue 26 on Qwen3-8B-shaped random weights
+(``examples/gpu_quick.py`` says what and how; budget about 8 minutes on one H200):
 
-    python examples/gpu_check.py --quick --tokenizer TOKENIZER_DIR -o gpu-quick
+    python examples/gpu_check.py --quick -o gpu-quick
 """
 
 from __future__ import annotations
@@ -89,68 +86,6 @@ def random_model(out: Path, tokenizer_dir: Path, shape: str, layers: int | None 
     return out
 
 
-def quick(args) -> None:
-    """Issue 15's GPU figures in one process tree; prints Markdown tables."""
-    import re
-
-    import torch
-
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "commands.log"
-    data = out / "data.jsonl"
-    data.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + {i}?",
-                                        "choices": [str(2 * i), str(2 * i + 1), str(i), str(3 * i)],
-                                        "answer": "A"}) + "\n" for i in range(16)))
-    rub = out / "rubrics.parquet"
-    rcsd(["gen-rubrics", data, "-o", rub, "--generator", "reference", "--overwrite"], log)
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    print(f"device: {device}, torch {torch.__version__}")
-    shapes = {s: random_model(out / s, args.tokenizer, s, args.layers if args.allow_cpu else None)
-              for s in ("smollm2-360m", "qwen3-0.6b")}
-
-    print("\n| model | precision | weights moved by step 1 at lr 5e-6 |\n| --- | --- | --- |")
-    for shape, model in shapes.items():
-        for choice in ("fp32", "bf16-mixed", "bf16"):
-            folder = out / f"moved-{shape}-{choice}"
-            rcsd(["train", "--rubrics", rub, "--model", model, "--steps", 1, "--batch-size", 4, "--max-new-tokens",
-                  16, "--precision", choice, "-o", folder, "--overwrite"], log)
-            print(f"| {shape} | {choice} | {metrics(folder)[0].weights_moved:.4f} |")
-
-    print("\n| model | batch x new tokens | plain tok/s | compiled tok/s | compiled/plain |\n"
-          "| --- | --- | --- | --- | --- |")
-    for shape, model in shapes.items():
-        proc = subprocess.run([sys.executable, str(ROOT / "examples" / "bench_decoding.py"), "--model", model,
-                               "--batch", "8", "64", "--new-tokens", str(args.max_new_tokens), "--rounds", "3",
-                               "--variants", "plain", "compiled"], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
-        with log.open("a") as f:
-            f.write(proc.stdout + proc.stderr)
-        for line in proc.stdout.splitlines():
-            if re.match(r"\| \d+ x \d+ \|", line):
-                print(f"| {shape} {line}")
-
-    print("\n| model | run | step s (median of 2-3) | peak CUDA GiB | dry-run estimate GiB | loss steps 1/3 |\n"
-          "| --- | --- | --- | --- | --- | --- |")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-    for shape, model in shapes.items():
-        common = ["train", "--rubrics", rub, "--model", model, "--steps", 3, "--batch-size", args.batch_size,
-                  "--micro-batch-size", 4, "--max-new-tokens", args.max_new_tokens, "--precision", "bf16-mixed",
-                  "--temperature", 0]
-        proc = subprocess.run([sys.executable, "-m", "rcsd_cli", *map(str, common), "--dry-run"], capture_output=True,
-                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        found = re.search(r"^total\s+([\d.]+) GiB", proc.stdout, re.M)
-        estimate = float(found.group(1)) if found else float("nan")
-        for run, extra, launcher in (("replicate", [], None), ("full-shard", ["--sharding", "full-shard"], torchrun)):
-            folder = out / f"step-{shape}-{run}"
-            rcsd([*common, *extra, "-o", folder, "--overwrite"], log, launcher)
-            rows = metrics(folder)
-            step_s = sorted(m.seconds for m in rows[1:])[len(rows[1:]) // 2]
-            peak = max((m.peak_gpu_gib or 0.0) for m in rows)
-            print(f"| {shape} | {run} | {step_s:.2f} | {peak:.2f} | {estimate:.2f} | "
-                  f"{rows[0].loss:.5f} / {rows[-1].loss:.5f} |")
-
-
 def metrics(folder: Path):
     from rcsd_cli.data.artifacts import read_artifact
 
@@ -160,7 +95,7 @@ def metrics(folder: Path):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokenizer", type=Path, required=True)
+    ap.add_argument("--tokenizer", type=Path, help="Tokenizer folder (the full check; --quick needs none).")
     ap.add_argument("-o", "--out", type=Path, default=Path("gpu-check"))
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -168,15 +103,21 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32, help="Layers of the SmolLM2-360M-shaped model.")
     ap.add_argument("--skip-pipeline", action="store_true", help="Only the two timed training runs.")
     ap.add_argument("--allow-cpu", action="store_true", help="Dry run without a GPU (for testing this script).")
-    ap.add_argument("--quick", action="store_true", help="Issue 15's GPU figures only (see the module docstring).")
+    ap.add_argument("--quick", action="store_true", help="The GPU path's figures (examples/gpu_quick.py).")
+    ap.add_argument("--scale", choices=("qwen3-8b", "tiny"), default="qwen3-8b",
+                    help="--quick: model shapes (tiny: to test the script on CPU with --allow-cpu).")
     args = ap.parse_args()
     import torch
 
     if not (torch.cuda.is_available() or args.allow_cpu):
         raise SystemExit("no CUDA device")
     if args.quick:
-        quick(args)
+        from examples.gpu_quick import quick
+
+        quick(args.out, args.scale)
         return
+    if args.tokenizer is None:
+        raise SystemExit("--tokenizer is required for the full check")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     log = out / "commands.log"

@@ -3,6 +3,7 @@ what the GPU path depends on, written to OUT/rank<N>.json. Not a test module (no
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ def main(model: str, rubrics: str, out: str, offload: str) -> None:
     cfg = build_config(TrainConfig, {"model": model, "sharding": "shard-grad-op", "offload": offload, "steps": 2,
                                      "batch_size": 4, "micro_batch_size": 2, "max_new_tokens": 4, "temperature": 0,
                                      "lr": 1e-3, "precision": "fp32"})
+    dist.setup(always=True)  # as ``rcsd train`` does: one launched process shards too
     run = trainer.setup(cfg, out_dir, False, False)
     report = {"rank": run.rank, "world": run.world}
     trainer.run_step(run, OBJECTIVES[cfg.method], rows, 0)
@@ -38,18 +40,22 @@ def main(model: str, rubrics: str, out: str, offload: str) -> None:
         return real_full(self, *args, **kwargs)
 
     DTensor.full_tensor = spy
+    t0 = time.perf_counter()
     pushed = dict(module_weights(run.student, torch.bfloat16))
+    report["push_seconds"] = round(time.perf_counter() - t0, 3)
     DTensor.full_tensor = real_full
-    embed = next(p for n, p in run.student.lm.named_parameters() if n.endswith("embed_tokens.weight"))
+    embed = next(p for n, p in sharding.unwrap(run.student).named_parameters() if n.endswith("embed_tokens.weight"))
     report["gathered_dtypes"] = sorted(set(gathered))
     report["pushed_dtypes"] = sorted({str(v.dtype) for v in pushed.values()})
     report["pushed_embedding_matches"] = bool(torch.equal(pushed["model.embed_tokens.weight"],
                                                           embed.full_tensor().to(torch.bfloat16)))
 
     ckpt = out_dir / "checkpoint-1"
+    t0 = time.perf_counter()
     checkpoints.save_checkpoint(ckpt, run.student, run.teacher, run.tok, run.optimizer, run.scheduler, 1, cfg,
                                 run.metrics)
     dist.barrier()
+    report["checkpoint_seconds"] = round(time.perf_counter() - t0, 3)
     before = [s["exp_avg"].to_local().clone() for s in run.optimizer.state.values()]
     for state in run.optimizer.state.values():
         state["exp_avg"].to_local().zero_()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rcsd_cli.data.schemas import GenerationConfig
-from rcsd_cli.modeling.generation import generate_batch, use_compiled_decoding
+from rcsd_cli.modeling.generation import generate, generate_batch, use_compiled_decoding
 from rcsd_cli.models import load_model
 
 CPU = torch.device("cpu")
@@ -126,8 +126,8 @@ def test_compiled_decoding_compiles_once_per_bucket(tiny):
         generate_batch(tiny.model, tiny.tokenizer, prompts, cfg, 0)
     caches = dict(tiny.model._rcsd_static_caches)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for prompts in (PROMPTS, [[1] + [9] * 50, [1, 2]], [[1] + [8] * 80] * 3, [[1, 4, 4]]):
-            out = generate_batch(tiny.model, tiny.tokenizer, prompts, cfg, 0)
+        for prompts in (PROMPTS, [[1] + [8] * 80] * 3, [[1] + [9] * 50, [1, 2], [3], [1, 4, 4]]):  # 4: 3 + 1 rows
+            out = generate(tiny.model, tiny.tokenizer, prompts, cfg, 0)
             assert [len(g.token_ids) for g in out] == [4] * len(prompts)
     assert {k: id(v) for k, v in tiny.model._rcsd_static_caches.items()} == {k: id(v) for k, v in caches.items()}
 
@@ -156,6 +156,8 @@ def test_no_host_tensor_per_token_and_one_position_of_prefill_logits(tiny, monke
     for new in (4, 12):
         made.clear(), shapes.clear()
         cfg = GenerationConfig(max_new_tokens=new, temperature=1.0, ignore_eos=True, compile_decoding=compiled)
+        generation.generate_batch(tiny.model, tiny.tokenizer, PROMPTS, cfg, 0)  # allocates this shape's cache
+        made.clear(), shapes.clear()
         monkeypatch.setattr(torch, "tensor", counting)
         out = generation.generate_batch(tiny.model, tiny.tokenizer, PROMPTS, cfg, 0)
         monkeypatch.setattr(torch, "tensor", real_tensor)

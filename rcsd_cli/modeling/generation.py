@@ -10,8 +10,8 @@ preallocates the KV cache and the attention mask for the whole completion, so ev
 has the same shapes and can run as one compiled graph (``torch.compile``; CUDA graphs on a GPU),
 and looks for stop tokens only every ``STOP_CHECK_EVERY`` tokens: no host sync per token (the
 positions advance on the device). Shapes come from a fixed set, so a run compiles once per
-bucket, not once per batch: rows are padded up to the generation batch size, and prompts are
-left-padded to the next of ``prompt_bucket``'s widths (at most half again the prompt). Each bucket's
+bucket, not once per batch: a call's short last batch is padded to its other batches' rows, and
+prompts are left-padded to the next of ``prompt_bucket``'s widths (at most half again the prompt). Each bucket's
 cache is allocated once per model and reused. Both loops keep the logits of the last prompt
 position only: [rows, 1, vocab] at prefill, not [rows, width, vocab].
 """
@@ -81,7 +81,7 @@ def _next_tokens(logits: torch.Tensor, cfg: GenerationConfig, generators: list[t
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig,
                    seeds: list[int] | int, controls: list[list[int]] | None = None,
-                   contrast_weight: float = 1.0) -> list[Generation]:
+                   contrast_weight: float = 1.0, rows: int | None = None) -> list[Generation]:
     """One completion per prompt, prompt i sampled with its own generator seeded by ``seeds[i]``.
 
     A plain KV-cache decoding loop over left-padded prompts (position ids from the attention
@@ -90,6 +90,8 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationCo
 
     ``controls``: contrastive decoding (``--teacher-contrast``): control prompt i decodes beside
     prompt i, fed the same tokens, and every step samples from (1+w) z_prompt - w z_control.
+    ``rows``: the compiled loop decodes this many rows (a short last batch padded), so that every
+    batch of a call has the same shape.
     """
     if isinstance(seeds, int):
         seeds = [item_seed(seeds, i) for i in range(len(prompts))]
@@ -113,8 +115,11 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationCo
         if controls is not None:
             rows = _decode(lm, input_ids, attention, cfg, generators, stop, pad, contrast=contrast_weight)
         else:
-            decode = _decode_static if use_compiled_decoding(cfg, device) else _decode
-            rows = decode(lm, input_ids, attention, cfg, generators, stop, pad)
+            if use_compiled_decoding(cfg, device):
+                rows = _decode_static(lm, input_ids, attention, cfg, generators, stop, pad,
+                                      rows=max(rows or 0, len(prompts)))
+            else:
+                rows = _decode(lm, input_ids, attention, cfg, generators, stop, pad)
     model.train(was_training)
     stop_ids = set(stop.tolist())
     results = []
@@ -224,11 +229,13 @@ def _static_cache(model, rows: int, total: int):
     return cache
 
 
-def _decode_static(model, input_ids, attention, cfg, generators, stop, pad, compiled=True) -> list[list[int]]:
-    """The plain loop's tokens from a preallocated KV cache and mask; stop checks every few tokens."""
+def _decode_static(model, input_ids, attention, cfg, generators, stop, pad, compiled=True, rows: int = 0
+                   ) -> list[list[int]]:
+    """The plain loop's tokens from a preallocated KV cache and mask; stop checks every few tokens.
+    ``rows``: decode at least this many rows (a short last batch in the same shapes as the others)."""
     n, width = input_ids.shape
     device = input_ids.device
-    rows = max(n, cfg.batch_size)  # a short last batch decodes in the same shapes as the others
+    rows = max(n, rows)
     region = prompt_bucket(width)
     total = region + cfg.max_new_tokens
     # Left-pad the prompts to the bucket (the cache writes from slot 0 and counts its own position on the
@@ -279,7 +286,7 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, 
         window = slice(start, start + cfg.batch_size)
         batch = generate_batch(model, tokenizer, prompts[window], cfg, seeds[window],
                                controls=None if controls is None else controls[window],
-                               contrast_weight=contrast_weight)
+                               contrast_weight=contrast_weight, rows=min(cfg.batch_size, len(prompts)))
         results.extend(batch)
         if on_batch:
             on_batch(start, batch)

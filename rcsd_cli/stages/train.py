@@ -174,7 +174,7 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
         items = offline_items(cfg.samples, cfg.scores) if cfg.scores else []
         if items:
             shown["student_prompt"] = tok.decode(items[0].prompt_ids)
-            n = len(items[0].prompt_ids)
+            n = max(len(item.prompt_ids) for item in items)  # the longest item sizes the plan
             shown["memory"] = format_plan(memory_plan(cfg, n, n, trust_remote_code))
         return shown
     if not cfg.rubrics:
@@ -188,21 +188,26 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
         kept = notes["teacher_prompt_filter"]
         shown["data_filter"] = (f"dropped {kept['dropped']} of {kept['dropped'] + kept['kept']} items: teacher "
                                 f"prompt over {kept['max_tokens']} tokens")
-    row = rows[0]
-    shown["item"] = row.id
-    s_ids = student_ids(tok, row, cfg)
-    shown["student_prompt"] = tok.decode(s_ids)
-    t_len = len(s_ids)
-    if cfg.method in ("rcsd", "opsd"):
-        if cfg.teacher.context == "reason-first" and cfg.task == "reasoner":
-            a_ids = analysis_prompt(tok, row, **teacher_view(cfg))
-            shown["analysis_prompt"] = tok.decode(a_ids)
-            transition = transition_ids(tok, row, **teacher_view(cfg))
-            shown["transition"] = tok.decode(transition)
-            t_len = len(a_ids) + cfg.reason_first.max_new_tokens + len(transition)  # the analysis at its limit
-        else:
-            t_ids = teacher_ids(tok, row, cfg)
-            shown["teacher_prompt"] = tok.decode(t_ids)
-            t_len = len(t_ids)
-    shown["memory"] = format_plan(memory_plan(cfg, len(s_ids), t_len, trust_remote_code))
+    reason_first = cfg.teacher.context == "reason-first" and cfg.task == "reasoner"
+    distills = cfg.method in ("rcsd", "opsd")
+
+    def prompts(row) -> dict:
+        shown = {"student_prompt": student_ids(tok, row, cfg)}
+        if distills and reason_first:
+            shown["analysis_prompt"] = analysis_prompt(tok, row, **teacher_view(cfg))
+            shown["transition"] = transition_ids(tok, row, **teacher_view(cfg))
+        elif distills:
+            shown["teacher_prompt"] = teacher_ids(tok, row, cfg)
+        return shown
+
+    def teacher_len(ids: dict) -> int:
+        if "analysis_prompt" in ids:  # the analysis at its limit
+            return len(ids["analysis_prompt"]) + cfg.reason_first.max_new_tokens + len(ids["transition"])
+        return len(ids.get("teacher_prompt", ids["student_prompt"]))
+
+    shown["item"] = rows[0].id
+    shown.update({k: tok.decode(v) for k, v in prompts(rows[0]).items()})
+    every = [prompts(row) for row in rows]  # the longest item sizes the plan, not the first
+    s_len = max(len(ids["student_prompt"]) for ids in every)
+    shown["memory"] = format_plan(memory_plan(cfg, s_len, max(map(teacher_len, every)), trust_remote_code))
     return shown

@@ -11,16 +11,29 @@ its ``config.json`` (no weights read), so parameter counts are exact, LoRA inclu
 - activations of one student micro-batch kept for backward: per decoder layer and token about
   ``10 h + 4 i`` values (norms, q/k/v, attention output, residuals, the MLP's gate, up, product
   and activation), or only each layer's input with ``--gradient-checkpointing`` plus one layer
-  recomputed; the teacher's final hidden states; one loss chunk of logits (student, teacher,
+  recomputed; under ``bf16-mixed`` over fp32 weights the residual stream and norm outputs (4 h of
+  them) stay fp32; the teacher's final hidden states; one loss chunk of logits (student, teacher,
   softmax and gradient: 4 x micro-batch x chunk x vocabulary in fp32);
-- the rollout's KV cache (``--gen-batch-size`` rows, prompt + completion);
+- ``bf16-mixed`` without sharding: autocast's bf16 copy of every weight it casts, kept from the
+  forward to the end of the autocast region (FSDP2's policy gathers bf16 weights instead);
+- the rollout's KV cache: ``--gen-batch-size`` rows (up to the step's prompts; the compiled loop
+  pads to that many rows and the prompt to its bucket), keys and values in the dtype decoding
+  produces (under ``bf16-mixed`` over fp32 weights the rotary keys are fp32, and the compiled
+  loop's static cache stores values as keys);
+- the sampling step's logits: one position per row (prefill keeps the last position only), with
+  the fp32 copies top-k/top-p filtering makes;
+- sharded runs: the root unit (embeddings, head, final norm) gathered from forward to backward
+  and its unsharded gradient before the reduce-scatter; with HF rollouts, the gathered rest of the
+  model while it generates (generation gathers every unit once);
 - with ``--rollout-backend vllm`` on a GPU, the engines' share of the device; on CPU their
   weight copy and KV cache;
 - the process itself: on CPU the Python/torch/transformers baseline measured in this process,
   on CUDA a nominal 0.5 GiB for the context and kernels.
 
+The run's longest item sizes the sequence terms (``stages.train.memory_plan``), not its first.
 It is an estimate: allocator fragmentation and transient copies are not modelled. The tests
-hold it within 25% of the measured peak RSS on CPU for two configurations.
+hold it within 25% of the measured peak RSS on CPU for three configurations, one of them two sharded
+processes generating with a gathered model.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ import torch
 
 from rcsd_cli.data.schemas import TrainConfig
 from rcsd_cli.modeling import precision
+from rcsd_cli.modeling.generation import prompt_bucket, use_compiled_decoding
 from rcsd_cli.train.phases import current_rss_gib
 
 GIB = 2**30
@@ -86,16 +100,35 @@ def estimate(cfg: TrainConfig, model_config, *, student_tokens: int, teacher_tok
         dtype = precision.frozen_dtype(choice) if cfg.teacher.kind == "frozen" else precision.param_dtype(choice)
         teacher = n_params * _BYTES[dtype] / shard
     plan["teacher_copy"] = teacher
-    per_layer_token = (10 * h + 4 * inter) * act_bytes
+    fp32_stream = choice == "bf16-mixed" and w_bytes == 4  # autocast over fp32 weights: fp32 residuals and norms
+    per_layer_token = (10 * h + 4 * inter) * act_bytes + (4 * h * 2 if fp32_stream else 0)
     tokens = micro * student_tokens
     if cfg.gradient_checkpointing:
-        plan["activations"] = tokens * (layers * h * act_bytes + per_layer_token)
+        plan["activations"] = tokens * (layers * h * (4 if fp32_stream else act_bytes) + per_layer_token)
     else:
         plan["activations"] = tokens * layers * per_layer_token
     plan["activations"] += micro * teacher_tokens * h * act_bytes  # teacher hidden states kept for the loss
     plan["loss_chunk_logits"] = 4 * micro * min(cfg.chunk_size, cfg.generation.max_new_tokens) * vocab * 4
-    rows = cfg.generation.batch_size * (cfg.grpo.group_size if cfg.method == "grpo" else 1)
-    plan["rollout_kv_cache"] = min(rows, cfg.batch_size) * student_tokens * layers * 2 * kv_dim * act_bytes
+    plan["autocast_weight_copies"] = n_train * 2 if fp32_stream and shard == 1 and not cfg.lora.rank else 0.0
+    new = cfg.generation.max_new_tokens
+    step_rows = -(-cfg.batch_size // world) * (cfg.grpo.group_size if cfg.method == "grpo" else 1)
+    rows = min(cfg.generation.batch_size, step_rows)
+    compiled = use_compiled_decoding(cfg.generation, torch.device(device_type))
+    kv_len = prompt_bucket(max(1, student_tokens - new)) + new if compiled else student_tokens
+    key_bytes = 4 if fp32_stream or choice == "fp32" else 2
+    value_bytes = key_bytes if compiled else act_bytes
+    plan["rollout_kv_cache"] = rows * kv_len * layers * kv_dim * (key_bytes + value_bytes)
+    plan["sampling_logits"] = rows * vocab * (act_bytes + 4 * 4 + 8)  # logits, fp32 copies, sort order (int64)
+    gathered_bytes = 2 if choice == "bf16-mixed" else w_bytes  # FSDP2 gathers bf16 under the mixed policy
+    if shard > 1:  # the root unit (embeddings, head, final norm) stays gathered from forward to backward, and
+        # its gradient exists unsharded until the reduce-scatter
+        from rcsd_cli.modeling.sharding import _decoder_layers
+
+        n_root = n_params - sum(p.numel() for p in _decoder_layers(model).parameters())
+        root_train = n_root if not cfg.lora.rank else 0
+        plan["gathered_root_unit"] = n_root * gathered_bytes * (1 - 1 / shard) + root_train * train_bytes
+    if shard > 1 and cfg.rollout.backend == "hf":  # generation gathers every unit
+        plan["gathered_for_generation"] = n_params * gathered_bytes * (1 - 1 / shard)
     if cfg.rollout.backend == "vllm":
         if device_type == "cuda" and device_gib:
             plan["vllm_engines"] = cfg.rollout.memory_share * device_gib * GIB
