@@ -223,13 +223,14 @@ def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
     weights = torch.ones(mask.shape[0], device=mask.device) if row_weights is None else row_weights.float()
     loss_sum = student_hidden.new_zeros(())
     weighted_sum = student_hidden.new_zeros(())
-    kl_sum = torch.zeros(())
-    agree_sum = torch.zeros(())
+    kl_sum = student_hidden.new_zeros((), dtype=torch.float32)  # sums stay on the device: no host sync per chunk
+    agree_sum = student_hidden.new_zeros((), dtype=torch.float32)
     topk = restricts_to_teacher_topk(loss)
+    sums: dict = {}
 
     def add_health(name, value, m):
         if health is not None:
-            health[name] = health.get(name, 0.0) + float((value.detach() * m).sum())
+            sums[name] = sums.get(name, 0.0) + (value.detach().float() * m).sum()
 
     counted: set[int] = set()  # a chunk recomputed in backward must not count twice
 
@@ -249,7 +250,7 @@ def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
             if not restricted:
                 add_health("student_entropy", entropy(s_logits.detach()), m)
         per_tok = terms.loss
-        agree_part = torch.zeros(()) if agree is None else (agree * m).sum()
+        agree_part = torch.zeros((), device=m.device) if agree is None else (agree * m).sum()
         return (per_tok * m).sum(), (per_tok * m * w.unsqueeze(-1)).sum(), (kl * m).sum(), agree_part
 
     # One chunk holds all the logits anyway: recomputing it in backward would buy no memory.
@@ -272,7 +273,7 @@ def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
             add_health("teacher_entropy", entropy(fast if index is not None else t_logits), m)
             if index is not None:  # agreement, entropy: the student's whole distribution (no grad, compute dtype)
                 s_fast = student_head(student_hidden[:, sl].detach())
-                agree_sum += ((s_fast.argmax(-1) == fast.argmax(-1)).float() * m).sum().cpu()
+                agree_sum += ((s_fast.argmax(-1) == fast.argmax(-1)).float() * m).sum()
                 add_health("student_entropy", entropy(s_fast), m)
                 del s_fast
             del fast
@@ -284,9 +285,11 @@ def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
         del t_logits
         loss_sum = loss_sum + chunk_sum.detach()
         weighted_sum = weighted_sum + weighted
-        kl_sum += kl.detach().cpu()
-        agree_sum += agree.detach().cpu()
-    return loss_sum, kl_sum, agree_sum, weighted_sum
+        kl_sum += kl.detach()
+        agree_sum += agree.detach()
+    for name, value in sums.items():  # one host sync per figure and micro-batch
+        health[name] = health.get(name, 0.0) + float(value)
+    return loss_sum, kl_sum.cpu(), agree_sum.cpu(), weighted_sum
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
