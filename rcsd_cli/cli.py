@@ -11,6 +11,9 @@ from rcsd_cli import __version__
 from rcsd_cli.commands import demo, export, inspect, plot, serve, stages
 from rcsd_cli.commands.common import example
 from rcsd_cli.errors import EXIT_BAD_INPUT, RcsdError
+from rcsd_cli.help_format import install as readable_help
+
+readable_help()
 
 app = typer.Typer(name="rcsd", no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False,
                   add_completion=False,

@@ -1,11 +1,14 @@
 """The CLI in real subprocesses: the pipeline end to end on a tiny model, and clean failures."""
 
 
+import subprocess
+import sys
+
 import pyarrow.parquet as pq
 import pytest
 
 from rcsd_cli.data.artifacts import read_artifact, read_metadata
-from tests.conftest import MC_ROWS, write_jsonl
+from tests.conftest import MC_ROWS, ROOT, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +260,31 @@ def test_eval_num_fewshot_is_refused_where_lm_eval_has_no_examples(run_cli, tiny
     assert p.returncode == 2 and "sciq has no few-shot split" in p.stderr and "Traceback" not in p.stderr
     p = run_cli("eval", "--bench", "sciq", "--num-fewshot", "1", "-o", tmp_path / "e.parquet")
     assert p.returncode == 2 and "--num-fewshot has no effect with --scoring generate" in p.stderr
+
+
+def test_help_at_80_columns_shows_every_option_whole_and_flags_as_flags():
+    """A pipe or CI renders help 80 columns wide: no option name may be cut, and a flag takes no value."""
+    import os
+    import re
+
+    import click
+    from typer.main import get_command
+
+    from rcsd_cli.cli import app
+
+    group = get_command(app)
+    commands = dict(group.commands)
+    commands.update({f"{name} {sub}": c for name, g in group.commands.items() if isinstance(g, click.Group)
+                     for sub, c in g.commands.items()})
+    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(ROOT)}
+    for name, command in commands.items():
+        proc = subprocess.run([sys.executable, "-m", "rcsd_cli", *name.split(), "--help"], capture_output=True,
+                              text=True, env=env, timeout=120)
+        assert proc.returncode == 0, (name, proc.stderr[-500:])
+        text = proc.stdout
+        assert max(len(line) for line in text.splitlines()) <= 80, name
+        assert "\u2026" not in text and "<bool>" not in text, name
+        for param in command.params:
+            for flag in [*param.opts, *param.secondary_opts]:
+                if flag.startswith("--"):
+                    assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), (name, flag)

@@ -57,6 +57,7 @@ def test_terms_by_hand(tiny_model):
     assert "gathered_for_generation" not in plan and "gathered_root_unit" not in plan
     n_root = mc.vocab_size * 32 + 32  # tied embedding/head and the final norm, gathered; its full fp32 gradient
     assert sharded["gathered_root_unit"] * GIB == pytest.approx(4 * n_root * 3 / 4 + 4 * n_root)
+    assert sharded["load_before_sharding"] * GIB == pytest.approx((4 * n + 4 * n) * 3 / 4)  # student + teacher
     assert plan["sampling_logits"] * GIB == pytest.approx(4 * mc.vocab_size * (4 + 16 + 8))
 
 

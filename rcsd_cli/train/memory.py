@@ -24,7 +24,8 @@ its ``config.json`` (no weights read), so parameter counts are exact, LoRA inclu
   the fp32 copies top-k/top-p filtering makes;
 - sharded runs: the root unit (embeddings, head, final norm) gathered from forward to backward
   and its unsharded gradient before the reduce-scatter; with HF rollouts, the gathered rest of the
-  model while it generates (generation gathers every unit once);
+  model while it generates (generation gathers every unit once); the whole model each process loads
+  into host memory before sharding it (on CPU much of it stays resident);
 - with ``--rollout-backend vllm`` on a GPU, the engines' share of the device; on CPU their
   weight copy and KV cache;
 - the process itself: on CPU the Python/torch/transformers baseline measured in this process,
@@ -127,6 +128,10 @@ def estimate(cfg: TrainConfig, model_config, *, student_tokens: int, teacher_tok
         n_root = n_params - sum(p.numel() for p in _decoder_layers(model).parameters())
         root_train = n_root if not cfg.lora.rank else 0
         plan["gathered_root_unit"] = n_root * gathered_bytes * (1 - 1 / shard) + root_train * train_bytes
+        # every process loads the whole model (and copies the teacher) into host memory before sharding it;
+        # on CPU the allocator keeps much of that resident, on CUDA it is a transient host term
+        loaded = (n_params * w_bytes + plan["teacher_copy"] * shard) * (1 - 1 / shard)
+        plan["load_before_sharding" if device_type == "cpu" else "host_load_before_sharding"] = loaded
     if shard > 1 and cfg.rollout.backend == "hf":  # generation gathers every unit
         plan["gathered_for_generation"] = n_params * gathered_bytes * (1 - 1 / shard)
     if cfg.rollout.backend == "vllm":
