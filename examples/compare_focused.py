@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rcsd_cli.data.artifacts import read_artifact, write_artifact  # noqa: E402
-from rcsd_cli.evaluation.stats import Z95  # noqa: E402
+from rcsd_cli.evaluation.stats import Z95, mean_interval, t_critical  # noqa: E402
 
 METHODS = {"base": None, "opsd": ["--method", "opsd"], "rcsd": ["--method", "rcsd"],
            "rcsd-noclip": ["--method", "rcsd", "--clip", "none"],
@@ -134,18 +134,34 @@ def run_one(method: str, seed: int, focus: Path, args, root: Path, log: Path) ->
 
 
 def mean_ci(values) -> str:
-    """Mean ± 1.96 standard errors over seeds; one seed has no interval and says so."""
-    m = statistics.fmean(values)
+    """Mean ± the half-width of its 95% t interval over seeds (4.30 standard errors for 3 seeds); one seed has
+    no interval and says so."""
+    m, lo, hi = mean_interval(list(values))
     if len(values) < 2:
         return f"{m:.3f} (1 seed)"
-    return f"{m:.3f} ± {Z95 * statistics.stdev(values) / len(values) ** 0.5:.3f}"
+    return f"{m:.3f} ± {(hi - lo) / 2:.3f}"
 
 
-def paired(results, method, key) -> str:
-    """Mean difference to base over seeds (paired by seed), with its 95% interval."""
-    base = {r["seed"]: r[key] for r in results if r["method"] == "base"}
-    diffs = [r[key] - base[r["seed"]] for r in results if r["method"] == method and r["seed"] in base]
+def paired(results, method, key, against: str = "base") -> str:
+    """Mean difference to ``against`` over seeds (paired by seed), with its 95% t interval."""
+    other = {r["seed"]: r[key] for r in results if r["method"] == against}
+    diffs = [r[key] - other[r["seed"]] for r in results if r["method"] == method and r["seed"] in other]
     return mean_ci(diffs) if diffs else "n/a"
+
+
+def diagnose_table(diagnoses) -> str:
+    """Each seed's diagnose gains with 95% t intervals over items, recomputed from the stored normal intervals
+    (same mean and standard error; t with n - 1 degrees of freedom instead of 1.96)."""
+    lines = ["| seed | condition | gold log-prob gain | 95% t interval | items |", "| --- | --- | --- | --- | --- |"]
+    for seed, d in sorted(diagnoses.items()):
+        for condition, summary in d["summary"].items():
+            g = summary.get("gold_logprob_gain")
+            if not isinstance(g, dict):
+                continue
+            half = t_critical(g["n"] - 1) * (g["ci"][1] - g["ci"][0]) / (2 * Z95)  # the stored interval: z
+            lines.append(f"| {seed} | {condition} | {g['mean']:+.3f} | [{g['mean'] - half:+.4f}, "
+                         f"{g['mean'] + half:+.4f}] | {g['n']} |")
+    return "\n".join(lines)
 
 
 def table(results, args) -> str:
@@ -165,6 +181,10 @@ def table(results, args) -> str:
     for method in [m for m in METHODS if m != "base"]:
         if any(r["method"] == method for r in results):
             lines.append(f"| {method} − base | " + " | ".join(paired(results, method, k) for _, k in keys) + " |")
+    for other in ("rcsd-shuffled", "rcsd-contrast"):  # the rubric-specific effect: paired by seed as well
+        if any(r["method"] == other for r in results) and any(r["method"] == "rcsd" for r in results):
+            lines.append(f"| rcsd − {other} | " + " | ".join(paired(results, "rcsd", k, other) for _, k in keys) +
+                         " |")
     return "\n".join(lines + ["", health_table(results)])
 
 
@@ -210,7 +230,12 @@ def main():
                    "runs x 3 seeds fit one afternoon on 2 CPU cores; the 2026-11-27 comparison used 6000)")
     p.add_argument("--max-steps", type=int, default=40)
     p.add_argument("--lr", type=float, default=5e-6)
+    p.add_argument("--table-from", type=Path, help="print the tables of a stored results.json and stop (no runs)")
     args = p.parse_args()
+    if args.table_from:
+        stored = json.loads(args.table_from.read_text())
+        print(table(stored["runs"], args) + "\n\nDiagnose, per seed:\n\n" + diagnose_table(stored["diagnose"]))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "commands.log"
     t0 = time.perf_counter()

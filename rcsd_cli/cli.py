@@ -10,8 +10,8 @@ import typer
 from rcsd_cli import __version__
 from rcsd_cli.commands import demo, export, inspect, plot, serve, stages
 from rcsd_cli.commands.common import example
+from rcsd_cli.commands.help_format import install as readable_help
 from rcsd_cli.errors import EXIT_BAD_INPUT, RcsdError
-from rcsd_cli.help_format import install as readable_help
 
 readable_help()
 
