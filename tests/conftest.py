@@ -50,6 +50,36 @@ def tiny_model(tmp_path_factory, tokenizer_dir) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
 
 
+ANSWER_TOKENS = ((" A", " B"), ("Answer", ":"), (" C", "\n"))
+
+
+def make_answering_llama(out: Path, tokenizer_dir: Path) -> Path:
+    """The tiny Llama with an untied output head that scores only the tokens of ANSWER_TOKENS, each pair
+    with opposite rows: sampled with ``top_k=3`` it writes strings such as ``": A CAnswer B"``, whose
+    extracted answer (A, B, C or none) varies from rollout to rollout, so the real rubric and correctness
+    rewards give a group non-zero advantages."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    make_tiny_llama(out, tokenizer_dir)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = LlamaForCausalLM.from_pretrained(out, tie_word_embeddings=False)
+    head = torch.zeros_like(model.lm_head.weight)
+    g = torch.Generator().manual_seed(0)
+    for a, b in ANSWER_TOKENS:
+        (ia,), (ib,) = tok.encode(a, add_special_tokens=False), tok.encode(b, add_special_tokens=False)
+        head[ia] = 0.5 * torch.randn(head.shape[1], generator=g)
+        head[ib] = -head[ia]
+    model.lm_head.weight = torch.nn.Parameter(head)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def answering_model(tmp_path_factory, tokenizer_dir) -> Path:
+    return make_answering_llama(tmp_path_factory.mktemp("answering-llama"), tokenizer_dir)
+
+
 @pytest.fixture
 def run_cli():
     """Run ``python -m rcsd_cli ARGS`` in a real subprocess."""

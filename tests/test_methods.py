@@ -42,18 +42,16 @@ def changed(out, model_dir):
     {"method": "rcsd", "lora_rank": 4, "lr_schedule": "cosine", "warmup_steps": 1},
     {"method": "rcsd", "task": "rubric-generator"},
 ])
-def test_method_trains_and_saves(tiny_model, tmp_path, kw, monkeypatch):
+def test_method_trains_and_saves(tiny_model, answering_model, tmp_path, kw):
     if kw["method"] == "grpo":
-        # A random model earns the same rubric score on every rollout, which (correctly) gives zero
-        # advantage; a reward that varies with the text makes the update observable.
-        import rcsd_cli.train.objectives as objectives
-
-        monkeypatch.setattr(objectives, "rollout_reward", lambda row, text, c: min(1.0, len(text) / 100))
+        # the real rubric and correctness rewards: the answering model's rollouts differ in their answer
+        tiny_model = answering_model
+        kw = kw | {"generation": GenerationConfig(max_new_tokens=6, temperature=1.0, top_k=3, batch_size=8)}
     metrics = train(cfg(tiny_model, **kw), rubric_rows(), tmp_path)
     assert len(metrics) == 2 and all(m.method == kw["method"] for m in metrics)
     assert all(m.loss == m.loss and m.grad_norm >= 0 for m in metrics)
     if kw["method"] == "grpo":
-        assert all(0 <= m.reward <= 1 for m in metrics)
+        assert 0 < metrics[0].reward < 1 and metrics[0].grad_norm > 0  # non-zero advantages drove the update
         assert metrics[0].rollout_tokens <= 2 * kw["group_size"] * 6
         assert (metrics[0].kl is not None) == ("kl_coef" in kw)
     if kw["method"] == "sft":
@@ -71,6 +69,18 @@ def test_method_trains_and_saves(tiny_model, tmp_path, kw, monkeypatch):
     assert changed(tmp_path, tiny_model)
     # LoRA: the folder holds the PEFT adapter and no full weights; otherwise a plain HF model
     assert bool(list(tmp_path.glob("adapter_*"))) == ("lora_rank" in kw)
+
+
+@pytest.mark.parametrize("reward", ["correct", "rubric"])
+def test_grpo_raises_the_real_reward(answering_model, tmp_path, reward):
+    """GRPO driven by the real reward (no stand-in): the answering model picks A, B, C or nothing at random;
+    the gold is A, so a few updates at a high lr raise the mean reward."""
+    gen = GenerationConfig(max_new_tokens=6, temperature=1.0, top_k=3, batch_size=32)
+    metrics = train(cfg(answering_model, method="grpo", reward=reward, group_size=4, steps=3, batch_size=5,
+                        micro_batch_size=5, lr=1e-2, generation=gen), rubric_rows(), tmp_path)
+    first, last = metrics[0], metrics[-1]
+    assert 0 < first.reward < 1 and first.grad_norm > 0
+    assert first.reward < last.reward <= 1
 
 
 def test_sft_lowers_reference_loss(tiny_model, tmp_path):
