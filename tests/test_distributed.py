@@ -21,10 +21,16 @@ PROBLEMS = [{"id": f"p{i}", "question": f"What is {i} + {i}?", "choices": [str(2
 
 
 def train_args(model, rubrics, out, *extra):
-    # Greedy rollouts make the comparison exact up to floating-point summation order.
+    # Greedy rollouts make the comparison exact up to floating-point summation order. The default linear
+    # lr decay makes the weights after a resume depend on the restored schedule as well as on AdamW's moments.
     return ["train", "--rubrics", str(rubrics), "-o", str(out), "--model", str(model), "--steps", "3",
             "--batch-size", "4", "--micro-batch-size", "2", "--max-new-tokens", "6", "--temperature", "0",
             "--lr", "1e-3", *extra]
+
+
+# GRPO needs rollouts that differ within a group: sampled (seeded per item, so the same on any number of
+# processes) from the answering model, whose answers vary, under the real rubric reward.
+GRPO = ["--method", "grpo", "--group-size", "2", "--temperature", "1", "--top-k", "3"]
 
 
 def torchrun(n, args, env):
@@ -53,6 +59,13 @@ def rubrics(tmp_path_factory):
     return out
 
 
+def weights_gap(a_dir, b_dir, name="model.safetensors"):
+    """Largest absolute difference between two runs' saved weights (the same tensor names required)."""
+    a, b = load_file(a_dir / name), load_file(b_dir / name)
+    assert sorted(a) == sorted(b)  # tied output head stored once, as in a one-process save
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
 def assert_same_run(one_dir, two_dir, world_size=2):
     """Per-step loss within 1e-4 relative, gradient norm within 1e-3, final weights within 1e-5."""
     one, _ = read_artifact(one_dir / "metrics.parquet", "metrics")
@@ -62,9 +75,7 @@ def assert_same_run(one_dir, two_dir, world_size=2):
     for a, b in zip(one, two, strict=True):
         assert b.loss == pytest.approx(a.loss, rel=1e-4, abs=1e-7)
         assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-3, abs=1e-7)
-    w1, w2 = load_file(one_dir / "model.safetensors"), load_file(two_dir / "model.safetensors")
-    assert sorted(w1) == sorted(w2)  # tied output head stored once, as in a one-process save
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+    assert weights_gap(one_dir, two_dir) < 1e-5
     return one, two
 
 
@@ -75,20 +86,33 @@ def resume_folder(checkpoint, folder):
     return folder
 
 
+def assert_resumed(proc, resumed, uninterrupted, step=2, name="model.safetensors"):
+    """A resume, not a restart: the run says so, keeps the checkpoint's metrics of steps 1..step as they
+    were, and ends on the uninterrupted run's weights (which depend on the restored AdamW moments and lr)."""
+    assert f"checkpoint-{step} (step {step})" in proc.stderr, proc.stderr[-2000:]
+    before, _ = read_artifact(uninterrupted / "metrics.parquet", "metrics")
+    after, _ = read_artifact(resumed / "metrics.parquet", "metrics")
+    assert after[:step] == before[:step]  # the timings too: steps 1..step were not run again
+    assert after[-1].loss == pytest.approx(before[-1].loss, rel=1e-4, abs=1e-7)
+    assert weights_gap(uninterrupted, resumed, name) < 1e-5
+
+
 @pytest.mark.parametrize("method", ["rcsd", "grpo"])
-def test_two_processes_match_one(run_cli, tiny_model, tmp_path, rubrics, method):
-    extra = ["--method", method] + (["--group-size", "2"] if method == "grpo" else [])
-    run_cli(*train_args(tiny_model, rubrics, tmp_path / "one", *extra), check=True)
-    p = torchrun(2, train_args(tiny_model, rubrics, tmp_path / "two", *extra, "--save-every", "2"), dist_env())
+def test_two_processes_match_one(run_cli, tiny_model, answering_model, tmp_path, rubrics, method):
+    model, extra = (answering_model, GRPO) if method == "grpo" else (tiny_model, [])
+    run_cli(*train_args(model, rubrics, tmp_path / "one", *extra), check=True)
+    p = torchrun(2, train_args(model, rubrics, tmp_path / "two", *extra, "--save-every", "2"), dist_env())
     assert p.returncode == 0, p.stderr[-3000:]
-    _, two = assert_same_run(tmp_path / "one", tmp_path / "two")
+    one, _ = assert_same_run(tmp_path / "one", tmp_path / "two")
     assert sorted(x.name for x in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert weights_gap(tmp_path / "one", model) > 1e-4  # the update moved the weights
+    if method == "grpo":  # ... driven by rewards that differ within a group
+        assert one[0].grad_norm > 0 and 0 < one[0].reward < 1
     if method == "rcsd":
         # a checkpoint written by two processes resumes in one process
         resumed = resume_folder(tmp_path / "two" / "checkpoint-2", tmp_path / "resumed")
-        run_cli(*train_args(tiny_model, rubrics, resumed, *extra, "--resume"), check=True)
-        again, _ = read_artifact(resumed / "metrics.parquet", "metrics")
-        assert again[-1].loss == pytest.approx(two[-1].loss, rel=1e-4, abs=1e-7)
+        p = run_cli(*train_args(model, rubrics, resumed, *extra, "--resume"), check=True)
+        assert_resumed(p, resumed, tmp_path / "two")
 
 
 def test_fsdp_full_shard_matches_one_process_and_resumes_unsharded(run_cli, tiny_model, tmp_path, rubrics):
@@ -99,13 +123,11 @@ def test_fsdp_full_shard_matches_one_process_and_resumes_unsharded(run_cli, tiny
                                "--save-every", "2"), dist_env())
     assert p.returncode == 0, p.stderr[-3000:]
     assert "FSDP2 full-shard over 2 processes" in p.stderr
-    _, two = assert_same_run(tmp_path / "one", tmp_path / "fsdp")
+    assert_same_run(tmp_path / "one", tmp_path / "fsdp")
     # the sharded run's checkpoint holds full weights and a by-name optimizer state: one process resumes it
     resumed = resume_folder(tmp_path / "fsdp" / "checkpoint-2", tmp_path / "resumed")
-    run_cli(*train_args(tiny_model, rubrics, resumed, *extra, "--resume"), check=True)
-    again, _ = read_artifact(resumed / "metrics.parquet", "metrics")
-    assert again[-1].loss == pytest.approx(two[-1].loss, rel=1e-4, abs=1e-7)
-    assert again[-1].grad_norm == pytest.approx(two[-1].grad_norm, rel=1e-3, abs=1e-7)
+    p = run_cli(*train_args(tiny_model, rubrics, resumed, *extra, "--resume"), check=True)
+    assert_resumed(p, resumed, tmp_path / "fsdp")
 
 
 @pytest.mark.slow  # ~20 s: one of the longest multi-process runs; CI runs -m slow
@@ -116,9 +138,7 @@ def test_replicated_checkpoint_resumes_sharded(run_cli, tiny_model, tmp_path, ru
     p = torchrun(2, train_args(tiny_model, rubrics, resumed, *live, "--sharding", "shard-grad-op", "--resume"),
                  dist_env())
     assert p.returncode == 0, p.stderr[-3000:]
-    one, _ = read_artifact(tmp_path / "one" / "metrics.parquet", "metrics")
-    again, _ = read_artifact(resumed / "metrics.parquet", "metrics")
-    assert again[-1].loss == pytest.approx(one[-1].loss, rel=1e-4, abs=1e-7)
+    assert_resumed(p, resumed, tmp_path / "one")
 
 
 @pytest.mark.slow  # two launcher runs of ~20 s; CI runs -m slow
@@ -158,9 +178,8 @@ def test_fsdp_full_shard_with_lora_matches_one_process(run_cli, tiny_model, tmp_
     ckpt = tmp_path / "fsdp" / "checkpoint-2"
     assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "optimizer.pt").is_file()
     resumed = resume_folder(ckpt, tmp_path / "resumed")  # resumes in one process, unsharded
-    run_cli(*train_args(tiny_model, rubrics, resumed, *lora, "--resume"), check=True)
-    again, _ = read_artifact(resumed / "metrics.parquet", "metrics")
-    assert again[-1].loss == pytest.approx(two[-1].loss, rel=1e-4, abs=1e-7)
+    p = run_cli(*train_args(tiny_model, rubrics, resumed, *lora, "--resume"), check=True)
+    assert_resumed(p, resumed, tmp_path / "fsdp", name="adapter_model.safetensors")
 
 
 @pytest.mark.slow  # ~20 s: one of the longest multi-process runs; CI runs -m slow

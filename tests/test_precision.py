@@ -17,7 +17,7 @@ from rcsd_cli.models import load_model
 from rcsd_cli.train.checkpoints import prune_checkpoints
 from rcsd_cli.train.losses import chunked_distill_loss
 from rcsd_cli.train.trainer import train
-from tests.test_trainer import config, rubric_rows
+from tests.test_trainer import assert_resumes_exactly, config, rubric_rows
 
 CPU = torch.device("cpu")
 
@@ -115,21 +115,15 @@ def test_bf16_mixed_holds_on_a_cpu_without_bf16_instructions(tiny_model):
     assert proc.returncode == 0, proc.stdout[-3000:]
 
 
-def test_bf16_mixed_resumes_exactly_from_its_fp32_master(tiny_model, tmp_path):
+def test_bf16_mixed_resumes_exactly_from_its_fp32_master(tiny_model, tmp_path, capsys):
     rows = rubric_rows()
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    full = tmp_path / "full"
     cfg = config(tiny_model, steps=3, save_every=1, precision="bf16-mixed", save_dtype="fp32")
     full.mkdir()
     train(cfg, rows, full)
     ckpt = load_file(full / "checkpoint-1" / "model.safetensors")
     assert all(v.dtype == torch.float32 for v in ckpt.values())
-    resumed.mkdir()
-    import shutil
-
-    shutil.copytree(full / "checkpoint-1", resumed / "checkpoint-1")
-    train(cfg, rows, resumed, resume=True)
-    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumes_exactly(cfg, rows, full, tmp_path / "resumed", 1, capsys)
 
 
 def test_pure_bf16_warns_and_saves_in_the_asked_dtype(run_cli, tiny_model, tmp_path):
