@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from rcsd_cli.commands.common import typer_parameters
+from rcsd_cli.data.artifacts import read_artifact
 from rcsd_cli.data.options import build_config, option_specs
 from rcsd_cli.data.schemas import CONFIG_MODELS, EvalConfig, SampleConfig, TrainConfig
 from rcsd_cli.errors import RcsdError
@@ -120,22 +121,37 @@ def test_saved_run_config_reproduces_the_run(run_cli, tmp_path, rubrics, tiny_mo
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_every_recipe_runs_one_step_on_a_tiny_model(run_cli, tmp_path, rubrics, tiny_model, recipe):
+    import yaml
+
     from rcsd_cli.data.options import read_config_file
 
     values = read_config_file(recipe, TrainConfig)
+    raw = yaml.safe_load(recipe.read_text())  # what the recipe says, read without rcsd's loader
+    assert set(raw) == set(values)
     if values.get("rollout_backend") == "vllm":  # the tiny model's heads are too small for vLLM: HF rollouts here
         values = {k: v for k, v in values.items() if k != "rollout_backend" and not k.startswith("vllm_")}
         recipe = tmp_path / recipe.name
         recipe.write_text(json.dumps(values))
-    small = ["--steps", "1", "--batch-size", "2", "--micro-batch-size", "1", "--max-new-tokens", "4",
-             "--gen-batch-size", "2"]
+    small = {"steps": 1, "batch_size": 2, "micro_batch_size": 1, "max_new_tokens": 4, "gen_batch_size": 2}
     if values.get("teacher_context") == "reason-first":
-        small += ["--analysis-max-new-tokens", "4"]
+        small["analysis_max_new_tokens"] = 4
+    flags = [x for k, v in small.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     p = run_cli("train", "--config", recipe, "--model", tiny_model, "--rubrics", rubrics, "-o", tmp_path / "out",
-                *small)
+                *flags)
     assert p.returncode == 0, p.stderr[-2000:]
     out = tmp_path / "out"
-    assert (out / "metrics.parquet").is_file()
+    # the run used the recipe: every value it sets (loss, clip, reduction, schedule, teacher, ...) reached the
+    # written config and the metrics' provenance, except what the command line overrode
+    written = json.loads((out / "rcsd_train_config.json").read_text())
+    paths = {s.name: s.path for s in option_specs(TrainConfig)}
+    expected = {k: raw[k] for k in values} | small | {"model": str(tiny_model), "rubrics": str(rubrics)}
+    for name, value in expected.items():
+        got = written
+        for key in paths[name]:
+            got = got[key]
+        assert got == value, (recipe.name, name, got, value)
+    _, meta = read_artifact(out / "metrics.parquet", "metrics")
+    assert meta["config"] == written
     if values.get("lora_rank"):
         adapter = json.loads((out / "adapter_config.json").read_text())
         assert set(adapter["target_modules"]) == set(values["lora_targets"].split(","))
