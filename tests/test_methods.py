@@ -135,6 +135,18 @@ def test_offline_round_through_the_cli(run_cli, tiny_model, tmp_path):
     for s, sc in zip(samples, scores, strict=True):
         assert len(sc.teacher_topk_ids) == len(s.completion_token_ids) and len(sc.teacher_topk_ids[0]) == 4
         assert sc.teacher_topk_logprobs[0] == sorted(sc.teacher_topk_logprobs[0], reverse=True)
+    # what was stored is what the online teacher of a training run sees: its prompt (train's teacher_ids),
+    # then the completion, read one position before each completion token
+    lm = load_model(str(tiny_model), device=torch.device("cpu"))
+    rows = {r.id: r for r in read_artifact(tmp_path / "r.parquet", "rubrics")[0]}
+    for s, sc in zip(samples, scores, strict=True):
+        prompt = teacher_ids(lm.tokenizer, rows[s.problem_id], cfg(tiny_model))
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([prompt + s.completion_token_ids])).logits[0].float()
+        start = len(prompt) - 1
+        top = logits[start: start + len(s.completion_token_ids)].log_softmax(-1).topk(4, dim=-1)
+        assert sc.teacher_topk_ids == top.indices.tolist()
+        assert torch.allclose(torch.tensor(sc.teacher_topk_logprobs), top.values, atol=1e-4)
     run_cli("train", "--samples", tmp_path / "s.parquet", "--scores", tmp_path / "sc.parquet", "-o",
             tmp_path / "m", "--model", tiny_model, "--steps", "2", "--batch-size", "3", "--lr", "1e-3", check=True)
     metrics = read_artifact(tmp_path / "m" / "metrics.parquet", "metrics")[0]
