@@ -80,6 +80,30 @@ def answering_model(tmp_path_factory, tokenizer_dir) -> Path:
     return make_answering_llama(tmp_path_factory.mktemp("answering-llama"), tokenizer_dir)
 
 
+def weights_gap(a_dir: Path, b_dir: Path, name: str = "model.safetensors") -> float:
+    """Largest absolute difference between two runs' saved weights (the same tensor names required)."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(a_dir / name), load_file(b_dir / name)
+    assert sorted(a) == sorted(b)  # a tied output head is stored once, as in a one-process save
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def assert_resumed(log: str, resumed: Path, uninterrupted: Path, step: int, name: str = "model.safetensors",
+                   rel: float = 1e-6, atol: float = 0.0) -> None:
+    """A resume, not a restart: the run says so, steps 1..step keep their recorded metrics (timings too: they
+    were not run again), the later losses match, and it ends on the uninterrupted run's weights (within
+    ``atol``), which under a decaying lr depend on the restored schedule and AdamW moments."""
+    from rcsd_cli.data.artifacts import read_artifact
+
+    assert f"checkpoint-{step} (step {step})" in log, log[-2000:]
+    before, _ = read_artifact(uninterrupted / "metrics.parquet", "metrics")
+    after, _ = read_artifact(resumed / "metrics.parquet", "metrics")
+    assert after[:step] == before[:step] and [m.step for m in after] == [m.step for m in before]
+    assert [m.loss for m in after] == pytest.approx([m.loss for m in before], rel=rel, abs=1e-7)
+    assert weights_gap(uninterrupted, resumed, name) <= atol
+
+
 @pytest.fixture
 def run_cli():
     """Run ``python -m rcsd_cli ARGS`` in a real subprocess."""

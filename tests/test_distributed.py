@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from rcsd_cli.data.artifacts import read_artifact
-from tests.conftest import ROOT, write_jsonl
+from tests.conftest import ROOT, assert_resumed, weights_gap, write_jsonl
 
 PROBLEMS = [{"id": f"p{i}", "question": f"What is {i} + {i}?", "choices": [str(2 * i), str(2 * i + 1)],
              "answer": "A"} for i in range(8)]
@@ -59,13 +59,6 @@ def rubrics(tmp_path_factory):
     return out
 
 
-def weights_gap(a_dir, b_dir, name="model.safetensors"):
-    """Largest absolute difference between two runs' saved weights (the same tensor names required)."""
-    a, b = load_file(a_dir / name), load_file(b_dir / name)
-    assert sorted(a) == sorted(b)  # tied output head stored once, as in a one-process save
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 def assert_same_run(one_dir, two_dir, world_size=2):
     """Per-step loss within 1e-4 relative, gradient norm within 1e-3, final weights within 1e-5."""
     one, _ = read_artifact(one_dir / "metrics.parquet", "metrics")
@@ -86,17 +79,6 @@ def resume_folder(checkpoint, folder):
     return folder
 
 
-def assert_resumed(proc, resumed, uninterrupted, step=2, name="model.safetensors"):
-    """A resume, not a restart: the run says so, keeps the checkpoint's metrics of steps 1..step as they
-    were, and ends on the uninterrupted run's weights (which depend on the restored AdamW moments and lr)."""
-    assert f"checkpoint-{step} (step {step})" in proc.stderr, proc.stderr[-2000:]
-    before, _ = read_artifact(uninterrupted / "metrics.parquet", "metrics")
-    after, _ = read_artifact(resumed / "metrics.parquet", "metrics")
-    assert after[:step] == before[:step]  # the timings too: steps 1..step were not run again
-    assert after[-1].loss == pytest.approx(before[-1].loss, rel=1e-4, abs=1e-7)
-    assert weights_gap(uninterrupted, resumed, name) < 1e-5
-
-
 @pytest.mark.parametrize("method", ["rcsd", "grpo"])
 def test_two_processes_match_one(run_cli, tiny_model, answering_model, tmp_path, rubrics, method):
     model, extra = (answering_model, GRPO) if method == "grpo" else (tiny_model, [])
@@ -112,7 +94,7 @@ def test_two_processes_match_one(run_cli, tiny_model, answering_model, tmp_path,
         # a checkpoint written by two processes resumes in one process
         resumed = resume_folder(tmp_path / "two" / "checkpoint-2", tmp_path / "resumed")
         p = run_cli(*train_args(model, rubrics, resumed, *extra, "--resume"), check=True)
-        assert_resumed(p, resumed, tmp_path / "two")
+        assert_resumed(p.stderr, resumed, tmp_path / "two", 2, rel=1e-4, atol=1e-5)
 
 
 def test_fsdp_full_shard_matches_one_process_and_resumes_unsharded(run_cli, tiny_model, tmp_path, rubrics):
@@ -127,7 +109,7 @@ def test_fsdp_full_shard_matches_one_process_and_resumes_unsharded(run_cli, tiny
     # the sharded run's checkpoint holds full weights and a by-name optimizer state: one process resumes it
     resumed = resume_folder(tmp_path / "fsdp" / "checkpoint-2", tmp_path / "resumed")
     p = run_cli(*train_args(tiny_model, rubrics, resumed, *extra, "--resume"), check=True)
-    assert_resumed(p, resumed, tmp_path / "fsdp")
+    assert_resumed(p.stderr, resumed, tmp_path / "fsdp", 2, rel=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow  # ~20 s: one of the longest multi-process runs; CI runs -m slow
@@ -138,7 +120,7 @@ def test_replicated_checkpoint_resumes_sharded(run_cli, tiny_model, tmp_path, ru
     p = torchrun(2, train_args(tiny_model, rubrics, resumed, *live, "--sharding", "shard-grad-op", "--resume"),
                  dist_env())
     assert p.returncode == 0, p.stderr[-3000:]
-    assert_resumed(p, resumed, tmp_path / "one")
+    assert_resumed(p.stderr, resumed, tmp_path / "one", 2, rel=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow  # two launcher runs of ~20 s; CI runs -m slow
@@ -179,7 +161,7 @@ def test_fsdp_full_shard_with_lora_matches_one_process(run_cli, tiny_model, tmp_
     assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "optimizer.pt").is_file()
     resumed = resume_folder(ckpt, tmp_path / "resumed")  # resumes in one process, unsharded
     p = run_cli(*train_args(tiny_model, rubrics, resumed, *lora, "--resume"), check=True)
-    assert_resumed(p, resumed, tmp_path / "fsdp", name="adapter_model.safetensors")
+    assert_resumed(p.stderr, resumed, tmp_path / "fsdp", 2, name="adapter_model.safetensors", rel=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow  # ~20 s: one of the longest multi-process runs; CI runs -m slow

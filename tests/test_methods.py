@@ -22,6 +22,10 @@ def cfg(model, **kw):
     return TrainConfig(**(base | kw))
 
 
+# the answering model's rollouts: sampled among its three live tokens
+ANSWERING = GenerationConfig(max_new_tokens=6, temperature=1.0, top_k=3, batch_size=8)
+
+
 def changed(out, model_dir):
     if (out / "adapter_config.json").is_file():  # LoRA: the adapter moved away from its zero-initialised B
         adapter = load_file(out / "adapter_model.safetensors")
@@ -46,7 +50,7 @@ def test_method_trains_and_saves(tiny_model, answering_model, tmp_path, kw):
     if kw["method"] == "grpo":
         # the real rubric and correctness rewards: the answering model's rollouts differ in their answer
         tiny_model = answering_model
-        kw = kw | {"generation": GenerationConfig(max_new_tokens=6, temperature=1.0, top_k=3, batch_size=8)}
+        kw = kw | {"generation": ANSWERING}
     metrics = train(cfg(tiny_model, **kw), rubric_rows(), tmp_path)
     assert len(metrics) == 2 and all(m.method == kw["method"] for m in metrics)
     assert all(m.loss == m.loss and m.grad_norm >= 0 for m in metrics)
@@ -75,9 +79,8 @@ def test_method_trains_and_saves(tiny_model, answering_model, tmp_path, kw):
 def test_grpo_raises_the_real_reward(answering_model, tmp_path, reward):
     """GRPO driven by the real reward (no stand-in): the answering model picks A, B, C or nothing at random;
     the gold is A, so a few updates at a high lr raise the mean reward."""
-    gen = GenerationConfig(max_new_tokens=6, temperature=1.0, top_k=3, batch_size=32)
     metrics = train(cfg(answering_model, method="grpo", reward=reward, group_size=4, steps=3, batch_size=5,
-                        micro_batch_size=5, lr=1e-2, generation=gen), rubric_rows(), tmp_path)
+                        micro_batch_size=5, lr=1e-2, generation=ANSWERING), rubric_rows(), tmp_path)
     first, last = metrics[0], metrics[-1]
     assert 0 < first.reward < 1 and first.grad_norm > 0
     assert first.reward < last.reward <= 1

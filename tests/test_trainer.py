@@ -13,6 +13,7 @@ from rcsd_cli.models import load_model
 from rcsd_cli.rubrics.rubric_gen import reference_rubric
 from rcsd_cli.train.objectives import StepContext, distill_backward
 from rcsd_cli.train.trainer import batch_order, train
+from tests.conftest import assert_resumed
 
 
 def rubric_rows():
@@ -109,22 +110,14 @@ def test_train_writes_model_metrics_and_resumes_exactly(tiny_model, tmp_path, ca
 
 
 def assert_resumes_exactly(cfg, rows, full, resumed, step, capsys):
-    """Resume ``full``'s checkpoint-``step`` in a fresh folder: a resume, not a restart (it says so, steps
-    1..step keep their recorded metrics, timings included), ending bit for bit on ``full``'s weights. With
-    a decaying lr those depend on the restored schedule and AdamW moments, not only on the weights."""
+    """Resume ``full``'s checkpoint-``step`` in a fresh folder: a resume, not a restart, ending bit for bit on
+    ``full``'s weights (``assert_resumed``)."""
     assert cfg.lr_schedule != "constant"
     resumed.mkdir()
     shutil.copytree(full / f"checkpoint-{step}", resumed / f"checkpoint-{step}")
     capsys.readouterr()
-    metrics = train(cfg, rows, resumed, resume=True)
-    assert f"checkpoint-{step} (step {step})" in capsys.readouterr().err
-    before, _ = read_artifact(full / "metrics.parquet", "metrics")
-    assert metrics[:step] == before[:step] and [m.step for m in metrics] == [m.step for m in before]
-    assert [m.loss for m in metrics] == pytest.approx([m.loss for m in before], rel=1e-6)
-    final, again = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
-    assert sorted(final) == sorted(again)
-    for k in final:
-        assert torch.equal(final[k], again[k]), k
+    train(cfg, rows, resumed, resume=True)
+    assert_resumed(capsys.readouterr().err, resumed, full, step)
 
 
 def test_sampling_depends_only_on_item_seeds(tiny_model):
