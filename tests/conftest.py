@@ -4,6 +4,12 @@ The tests run one pytest-xdist worker per core (pyproject's addopts) and each wo
 subprocesses it starts, on one thread: the models here are tiny, so torch's thread pool costs more than it
 gives, and two multi-threaded workers on two cores would slow each other several-fold. Set
 OMP_NUM_THREADS to choose otherwise; ``-n 0`` runs in one process.
+
+The suite passes in any order: pytest-randomly shuffles it on every run (the header prints
+``--randomly-seed=N``; pass it to replay an order, ``-p no:randomly`` for file order), and after every test
+``unchanged_shared_state`` checks that nothing shared was left changed: the process's environment, working
+directory and torch's global settings, and every object a module- or session-scoped fixture registered with
+``shared``. A test that needs to change a shared model or tokenizer changes a copy of its own.
 """
 
 from __future__ import annotations
@@ -19,6 +25,69 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported; the C
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+_SHARED: dict[str, tuple[object, object]] = {}  # fixture name -> (object, its fingerprint when registered)
+
+
+def _fingerprint(obj) -> object:
+    """What a test could leave changed on a shared object: a loaded model (``LoadedModel``) and its tokenizer,
+    a folder's files, or, for anything else, its repr (a server process's includes its return code)."""
+    if isinstance(obj, (tuple, list)):
+        return [_fingerprint(x) for x in obj]
+    if isinstance(obj, Path):
+        files = sorted(f for f in obj.rglob("*") if f.is_file()) if obj.is_dir() else [obj]
+        return [(str(f.relative_to(obj) if obj.is_dir() else f), f.stat().st_size, f.stat().st_mtime_ns)
+                for f in files if f.exists()]
+    model, tok = getattr(obj, "model", None), getattr(obj, "tokenizer", None)
+    if model is None:
+        return repr(obj)
+    import torch
+
+    with torch.no_grad():
+        weights = [(n, float(p.double().sum())) for n, p in model.named_parameters()]
+    tokens = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "padding_side")}
+    return {"tokenizer": tokens, "generation config": model.generation_config.to_diff_dict(),
+            "training mode": model.training, "weights": weights}
+
+
+def shared(name: str, obj):
+    """Register a module- or session-scoped fixture's object: every later test must leave it as it is now."""
+    _SHARED[name] = (obj, _fingerprint(obj))
+    return obj
+
+
+def unshare(name: str) -> None:
+    """A generator fixture's teardown: its object may change from now on (a server stops)."""
+    _SHARED.pop(name, None)
+
+
+_OWN_ENV = ("PYTEST_", "_TORCHINDUCTOR")  # pytest's current test; inductor's record of its first compile
+
+
+def _global_state() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_OWN_ENV)}
+    state = {"environment": env, "working directory": os.getcwd()}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        state |= {"torch default dtype": torch.get_default_dtype(), "torch grad mode": torch.is_grad_enabled(),
+                  "torch threads": torch.get_num_threads(),
+                  "torch deterministic algorithms": torch.are_deterministic_algorithms_enabled()}
+    return state
+
+
+@pytest.fixture(autouse=True)
+def unchanged_shared_state():
+    """Fail the test that leaves shared state changed, naming what changed (order dependence made visible)."""
+    before = _global_state()
+    yield
+    after = _global_state()
+    changed = [k for k in before if before[k] != after.get(k)]
+    if "environment" in changed:
+        env_a, env_b = before["environment"], after["environment"]
+        keys = sorted(k for k in env_a.keys() | env_b.keys() if env_a.get(k) != env_b.get(k))
+        changed[changed.index("environment")] = f"environment ({', '.join(keys)})"
+    changed += [f"fixture {name!r}" for name, (obj, print_) in _SHARED.items() if _fingerprint(obj) != print_]
+    assert not changed, f"the test left shared state changed: {'; '.join(changed)}"
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +116,7 @@ def make_tiny_llama(out: Path, tokenizer_dir: Path, hidden: int = 32, heads: int
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tokenizer_dir) -> Path:
     """~1.6M parameters: fast enough for every stage in a unit test."""
-    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
+    return shared("tiny_model", make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir))
 
 
 ANSWER_TOKENS = ((" A", " B"), ("Answer", ":"), (" C", "\n"))
@@ -77,7 +146,7 @@ def make_answering_llama(out: Path, tokenizer_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def answering_model(tmp_path_factory, tokenizer_dir) -> Path:
-    return make_answering_llama(tmp_path_factory.mktemp("answering-llama"), tokenizer_dir)
+    return shared("answering_model", make_answering_llama(tmp_path_factory.mktemp("answering-llama"), tokenizer_dir))
 
 
 def weights_gap(a_dir: Path, b_dir: Path, name: str = "model.safetensors") -> float:

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rcsd_cli.data.artifacts import read_artifact, read_metadata
-from tests.conftest import MC_ROWS, ROOT, write_jsonl
+from tests.conftest import MC_ROWS, ROOT, shared, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def pipeline(tmp_path_factory, tiny_model):
                            env=env, timeout=600)
         assert p.returncode == 0, f"{args[0]} failed:\n{p.stderr[-3000:]}"
         procs.append(p)
-    return d, procs
+    return shared("pipeline", (d, procs))
 
 
 def test_rubrics_file(pipeline):

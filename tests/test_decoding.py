@@ -7,6 +7,7 @@ import torch
 from rcsd_cli.data.schemas import GenerationConfig
 from rcsd_cli.modeling.generation import generate, generate_batch, use_compiled_decoding
 from rcsd_cli.models import load_model
+from tests.conftest import shared
 
 CPU = torch.device("cpu")
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 9], [1, 4, 4, 300, 2000]]
@@ -20,7 +21,7 @@ def both(model, tok, cfg, seeds=(11, 12, 13)):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
-    return load_model(str(tiny_model), device=CPU)
+    return shared("tiny", load_model(str(tiny_model), device=CPU))
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -32,14 +33,16 @@ def test_static_compiled_loop_equals_the_plain_loop(tiny, temperature):
     assert all(len(g.token_ids) == 40 for g in plain)  # a random model never stops: full length
 
 
-def test_stop_tokens_end_rows_at_the_same_place(tiny, monkeypatch):
-    """Rows stop at different steps, none on a check boundary: same completions, same finish reasons."""
+def test_stop_tokens_end_rows_at_the_same_place(tiny_model):
+    """Rows stop at different steps, none on a check boundary: same completions, same finish reasons.
+    The stop token is changed on a model and tokenizer of this test's own, never on the shared ``tiny``."""
+    own = load_model(str(tiny_model), device=CPU)
     cfg = GenerationConfig(max_new_tokens=30, temperature=0.0)
-    free = generate_batch(tiny.model, tiny.tokenizer, PROMPTS, cfg.model_copy(update={"compile_decoding": False}), 0)
+    free = generate_batch(own.model, own.tokenizer, PROMPTS, cfg.model_copy(update={"compile_decoding": False}), 0)
     stop_id = free[0].token_ids[4]  # row 0 stops at its 5th token (others when, or if, they emit it)
-    monkeypatch.setattr(tiny.model.generation_config, "eos_token_id", stop_id)
-    monkeypatch.setattr(tiny.tokenizer, "eos_token_id", stop_id)
-    plain, static = both(tiny.model, tiny.tokenizer, cfg)
+    own.model.generation_config.eos_token_id = stop_id
+    own.tokenizer.eos_token_id = stop_id
+    plain, static = both(own.model, own.tokenizer, cfg)
     assert plain[0].finish_reason == "stop" and len(plain[0].token_ids) <= 5
     assert [(g.token_ids, g.finish_reason) for g in static] == [(g.token_ids, g.finish_reason) for g in plain]
 

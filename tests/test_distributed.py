@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from rcsd_cli.data.artifacts import read_artifact
-from tests.conftest import ROOT, assert_resumed, weights_gap, write_jsonl
+from tests.conftest import ROOT, assert_resumed, shared, weights_gap, write_jsonl
 
 PROBLEMS = [{"id": f"p{i}", "question": f"What is {i} + {i}?", "choices": [str(2 * i), str(2 * i + 1)],
              "answer": "A"} for i in range(8)]
@@ -56,7 +56,7 @@ def rubrics(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "rcsd_cli", "gen-rubrics", str(folder / "p.jsonl"), "-o", str(out),
                            "--generator", "reference"], capture_output=True, text=True, env=dist_env())
     assert proc.returncode == 0, proc.stderr
-    return out
+    return shared("rubrics", out)
 
 
 def assert_same_run(one_dir, two_dir, world_size=2):

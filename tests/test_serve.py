@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 
 from rcsd_cli.data.schemas import ServeConfig
-from tests.conftest import ROOT
+from tests.conftest import ROOT, shared, unshare
 from tests.test_backends import start_server
 
 
@@ -37,7 +37,8 @@ SERVE_FLAGS = ("--max-tokens-limit", "64", "--max-n", "4")
 @pytest.fixture(scope="module")
 def served(tiny_model):
     proc, url = start_server(tiny_model, *SERVE_FLAGS)
-    yield proc, url
+    yield shared("served", (proc, url))
+    unshare("served")
     proc.kill()
     proc.wait()
 
