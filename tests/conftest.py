@@ -61,7 +61,8 @@ def unshare(name: str) -> None:
     _SHARED.pop(name, None)
 
 
-_OWN_ENV = ("PYTEST_", "_TORCHINDUCTOR")  # pytest's current test; inductor's record of its first compile
+# pytest's current test; inductor's record of its first compile and the cache directory it picks then
+_OWN_ENV = ("PYTEST_", "_TORCHINDUCTOR", "TORCHINDUCTOR_CACHE_DIR")
 
 
 def _global_state() -> dict:
