@@ -107,10 +107,33 @@ def load_tokenizer(name: str | None, trust_remote_code: bool = False):
     return tok
 
 
+SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"  # config.json of the models the recipes name
+
+
+def load_model_config(name: str | None, trust_remote_code: bool = False):
+    """A model's ``config.json`` alone (no weights): a local folder's, else the copy rcsd ships for the models its
+    recipes name (so ``train --dry-run`` plans them offline), else the hub's."""
+    from transformers import AutoConfig
+
+    path = resolve_model(name)
+    if (Path(path) / "adapter_config.json").is_file():
+        path = resolve_model(adapter_base(Path(path)))
+    shipped = SHIPPED_CONFIGS / path.replace("/", "--")
+    if not Path(path).exists() and (shipped / "config.json").is_file():
+        path = str(shipped)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise RcsdError(f"{name}: cannot read the model's config ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120]})") from exc
+
+
 def pick_device():
+    """This process's accelerator with its index (``cuda:LOCAL_RANK`` once a launcher set it; a bare ``cuda``
+    means GPU 0 to some loaders, e.g. safetensors), else the CPU."""
     import torch
 
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def load_model(name: str | None, trust_remote_code: bool = False, device=None, dtype=None,

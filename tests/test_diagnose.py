@@ -96,7 +96,7 @@ def test_diagnose_and_explain_measure_the_loss_train_applies(tiny_model, loss):
     completions = [[11, 12, 13, 14, 15], [21, 22, 23]]
     ctx = StepContext(model, tok, lambda side: aligned_hidden(model, side), model.get_output_embeddings(),
                       config(tiny_model, loss=loss, chunk_size=2), 0)  # teacher = the same weights, as diagnose
-    train = distill_backward(ctx, s_prompts, t_prompts, completions)
+    train = distill_backward(ctx, s_prompts, t_prompts, completions).read(torch.device("cpu"))
     s_logits = continuation_logits(model, s_prompts, completions, tok.pad_token_id)
     t_logits = continuation_logits(model, t_prompts, completions, tok.pad_token_id)
     measured = sum(token_loss(s, t, torch.tensor(c), loss).loss.sum().item()

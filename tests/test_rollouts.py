@@ -6,7 +6,9 @@ venv: ``scripts/test_vllm.sh``) and skip with the reason elsewhere.
 
 import copy
 import json
+import os
 import re
+from unittest import mock
 
 import pytest
 import torch
@@ -76,11 +78,15 @@ def test_vllm_rollouts_without_vllm_fail_in_one_line_before_anything_is_written(
 
 @pytest.fixture
 def vllm_model(tmp_path, tiny_model):
+    """A model vLLM's CPU kernels take (head size >= 32). An engine started in this process writes its settings
+    into ``os.environ`` for its workers (VLLM_*, LD_PRELOAD, ...); they are undone when the test ends, with the
+    engine, so the next test starts from the same environment."""
     from rcsd_cli.backends.vllm import vllm_available
 
     if not vllm_available():
         pytest.skip("vLLM is not installed here (optional extra rcsd[vllm]; see scripts/test_vllm.sh)")
-    return make_tiny_llama(tmp_path / "model", tiny_model, hidden=128, heads=2)  # vLLM CPU: head size >= 32
+    with mock.patch.dict(os.environ):
+        yield make_tiny_llama(tmp_path / "model", tiny_model, hidden=128, heads=2)
 
 
 def engine_for(model_dir):

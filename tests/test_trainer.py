@@ -68,7 +68,7 @@ def test_gradient_does_not_depend_on_micro_batching(tiny_model, reduction):
         ctx = StepContext(lm.model, lm.tokenizer, lambda side: aligned_hidden(teacher, side),
                           teacher.get_output_embeddings(), config(tiny_model, micro_batch_size=micro, chunk_size=2,
                                                                   clip=None, loss_reduction=reduction), 0)
-        res = distill_backward(ctx, s_prompts, t_prompts, completions)
+        res = distill_backward(ctx, s_prompts, t_prompts, completions).read(torch.device("cpu"))
         grads.append((res.objective, [p.grad.clone() for p in lm.model.parameters()]))
         per_token = res.loss_sum / res.tokens
         # sequence: the mean of per-sequence means; token: the mean over all 11 tokens

@@ -19,6 +19,7 @@ from rcsd_cli.data.schemas import (
     ScoreConfig,
     TrainConfig,
 )
+from rcsd_cli.errors import RcsdError
 
 
 def _flag(name: str, flag: str, help: str) -> inspect.Parameter:
@@ -85,7 +86,11 @@ def _train(cfg, output, *, dry_run: bool = False, **flags):
     if not dry_run:
         run_train(cfg, output, **flags)
         return
-    _print_dry_run(show_dry_run(cfg, flags.get("trust_remote_code", False)))
+    shown = show_dry_run(cfg, flags.get("trust_remote_code", False))
+    problem = shown.pop("problem")
+    _print_dry_run(shown)
+    if problem:
+        raise RcsdError(f"{cfg.model}: does not fit: {problem}")
 
 
 gen_rubrics = stage_command(
@@ -117,5 +122,7 @@ train = stage_command(
     TrainConfig, _train, output="rcsd-model",
     doc="Train the student towards its rubric-conditioned teacher (or a baseline) on its own samples.",
     extra=(_flag("resume", "--resume", "Continue from the latest checkpoint in OUTPUT."),
-           _flag("dry_run", "--dry-run", "Print the resolved config and the first item's prompts as tokenised, "
-                 "then exit without loading weights or writing anything.")))
+           _flag("dry_run", "--dry-run", "Print the resolved config, the first item's prompts as tokenised, the "
+                 "memory plan and one step simulated at full shape on fake tensors (per-process peak memory, "
+                 "FLOPs), then exit without loading weights or writing anything; exit 2 if the step does not "
+                 "fit.")))

@@ -678,6 +678,23 @@ def numeric_metrics() -> list[str]:
     return [name for name in MetricsRow.model_fields if name not in skip]
 
 
+class DryRunConfig(_Config):
+    """The target of ``rcsd train --dry-run``'s simulated step: the world and one accelerator."""
+
+    processes: int | None = opt(None, ge=1, panel="Dry run", flag="--processes", help="Processes to simulate "
+                                "(the run's world size). Unset: the launcher's WORLD_SIZE, else 1.")
+    device_memory: float | None = opt(None, gt=0, panel="Dry run", flag="--device-memory", help="GiB of the "
+                                      "accelerator each process gets (H100: 80; the 8B recipes set it): the step "
+                                      "is planned for a CUDA device of that size. Unset: this machine's device.")
+    device_tflops: float = opt(989.0, gt=0, panel="Dry run", flag="--device-tflops", help="Dense bf16 TFLOP/s of "
+                               "one accelerator (H100 SXM: 989), for the step time the counted FLOPs imply.")
+    utilisation: float = opt(0.4, gt=0, le=1, panel="Dry run", flag="--utilisation", help="Share of "
+                             "--device-tflops the step is assumed to reach.")
+    prompt_tokens: int = opt(2048, ge=1, panel="Dry run", flag="--dry-run-prompt-tokens", help="Without --rubrics "
+                             "or without the model's tokenizer: the longest prompt on each side, in tokens (the "
+                             "authors' 2048-token filter).")
+
+
 class MonitorConfig(_Config):
     """Held-out evaluation during training, and what to do with it: keep the best weights, stop a collapse."""
 
@@ -780,6 +797,7 @@ class TrainConfig(_Config):
         "(optional extras). metrics.parquet is always written.")
     rollout: RolloutConfig = nested(RolloutConfig)
     monitor: MonitorConfig = nested(MonitorConfig)
+    dry_run: DryRunConfig = nested(DryRunConfig)
     generation: GenerationConfig = nested(_generation(temperature=1.2, top_p=0.95, top_k=20),
                                           flags={"enable_thinking": "--student-thinking"})
 

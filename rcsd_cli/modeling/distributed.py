@@ -42,11 +42,21 @@ def is_main() -> bool:
 
 
 def reduce_sum(value: float) -> float:
+    """A host number summed over processes (through gloo on the host: no device work to wait for).
+    Host numbers stay real inside the dry run's fake tensor mode."""
     if not is_initialized():
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item()
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> None:
+    """Sum ``tensor`` over processes in place (its device's backend: NCCL on CUDA, gloo on the host)."""
+    dist.all_reduce(tensor)
 
 
 def sum_gradients(params) -> None:

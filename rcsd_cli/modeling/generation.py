@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from rcsd_cli.data.schemas import GenerationConfig
+from rcsd_cli.errors import RcsdError
 from rcsd_cli.modeling.logprobs import contrast_logits
 
 STOP_CHECK_EVERY = 16  # static loop: tokens between two "have all rows stopped?" host syncs
@@ -116,6 +117,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationCo
             rows = _decode(lm, input_ids, attention, cfg, generators, stop, pad, contrast=contrast_weight)
         else:
             if use_compiled_decoding(cfg, device):
+                check_static_attention(getattr(lm.config, "_attn_implementation", None))
                 rows = _decode_static(lm, input_ids, attention, cfg, generators, stop, pad,
                                       rows=max(rows or 0, len(prompts)))
             else:
@@ -176,6 +178,15 @@ def use_compiled_decoding(cfg: GenerationConfig, device) -> bool:
     """``compile_decoding`` unset: the static compiled loop on CUDA, the plain loop elsewhere (where
     it measured as fast or faster: examples/bench_decoding.py)."""
     return cfg.compile_decoding if cfg.compile_decoding is not None else device.type == "cuda"
+
+
+def check_static_attention(attn_implementation: str | None) -> None:
+    """The compiled loop marks every slot of its static cache present in the attention mask: SDPA and eager
+    attention still skip the unwritten slots ahead of each row, by the causal mask built from the cache
+    positions; FlashAttention-2 builds no such mask and would attend to them (wrong tokens, no error)."""
+    if attn_implementation and attn_implementation.startswith("flash_attention"):
+        raise RcsdError(f"--attn-implementation {attn_implementation} cannot decode with the compiled static-cache "
+                        "loop (it would attend to unwritten cache slots): use --no-compile-decoding or sdpa")
 
 
 def prompt_bucket(width: int) -> int:

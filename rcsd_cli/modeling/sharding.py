@@ -74,12 +74,13 @@ def _decoder_layers(lm) -> nn.ModuleList:
 
 
 def shard(lm, reshard_after_forward: bool, device_type: str, mixed: bool = False,
-          offload: bool = False) -> FinalHidden:
+          offload: bool = False, settle: bool = True) -> FinalHidden:
     """Wrap ``lm`` in a ``FinalHidden`` root and shard it over all processes; gradients sum.
 
     ``mixed`` (``--precision bf16-mixed``): the fp32 shards stay the optimizer's master weights,
     units gather them as bf16 for compute and reduce gradients in fp32. ``offload``
     (``--offload full``): shards, gradients and so the optimizer state live in host memory.
+    ``settle=False``: the caller materialises a meta-device model first, then calls ``settle_root``.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -99,10 +100,13 @@ def shard(lm, reshard_after_forward: bool, device_type: str, mixed: bool = False
     # Where it computes: offloaded shards live in host memory, the forward runs on the mesh's device.
     root.compute_device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" \
         else torch.device(device_type)
-    # The first forward decides which unit is the root: run it through the root, then reshard so
-    # that ``parameters()`` yields the sharded parameters the optimizer must own.
-    device = root.compute_device
-    one = torch.zeros((1, 1), dtype=torch.long, device=device)
+    return settle_root(root) if settle else root
+
+
+def settle_root(root: FinalHidden) -> FinalHidden:
+    """The first forward decides which unit is the root: run it through the root, then reshard so
+    that ``parameters()`` yields the sharded parameters the optimizer must own."""
+    one = torch.zeros((1, 1), dtype=torch.long, device=root.compute_device)
     with torch.no_grad():
         root(one, torch.ones_like(one), one)
     for unit in _units(root):

@@ -12,7 +12,7 @@ from rcsd_cli.modeling.sharding import from_launcher_env
 from rcsd_cli.stages.sample import read_samples
 from rcsd_cli.train.checkpoints import check_output_folder
 from rcsd_cli.train.objectives import OfflineItem, offline_step
-from rcsd_cli.train.trainer import resolve_precision, train
+from rcsd_cli.train.trainer import train
 from rcsd_cli.ui import info
 
 
@@ -36,8 +36,20 @@ def offline_items(samples_path: str, scores_path: str) -> list[OfflineItem]:
     return items
 
 
+def check_batch(cfg: TrainConfig, world: int) -> None:
+    """Every process trains on its share of each step's items (``[rank::world]``), so each needs one."""
+    if cfg.batch_size < world:
+        raise RcsdError(f"--batch-size {cfg.batch_size} is smaller than the {world} processes: every process needs "
+                        f"at least one item per step; use --batch-size {world} or more, or fewer processes")
+    sharding = cfg.distributed.sharding
+    if sharding in ("full-shard", "shard-grad-op") and cfg.batch_size % world:
+        raise RcsdError(f"--sharding {sharding}: --batch-size {cfg.batch_size} must be a multiple of the "
+                        f"{world} processes (every process runs the same number of passes)")
+
+
 def check_sharding(cfg: TrainConfig, world: int) -> None:
     """FSDP needs every process to run the same number of forward passes."""
+    check_batch(cfg, world)
     sharding, offload = cfg.distributed.sharding, cfg.distributed.offload
     if offload != "none" and (sharding == "replicate" or not dist.is_initialized()):
         raise RcsdError(f"--offload {offload} needs a sharded run: launch with torchrun (even one process) and "
@@ -53,9 +65,6 @@ def check_sharding(cfg: TrainConfig, world: int) -> None:
     if cfg.rollout.backend == "vllm" and cfg.lora.rank:
         raise RcsdError(f"--rollout-backend vllm with --lora-rank is not available with --sharding {sharding}; "
                         "use --sharding replicate (adapters are small)")
-    if cfg.batch_size % world:
-        raise RcsdError(f"--sharding {sharding}: --batch-size {cfg.batch_size} must be a multiple of the "
-                        f"{world} processes (every process runs the same number of passes)")
 
 
 def resolve_sharding(cfg: TrainConfig) -> TrainConfig:
@@ -120,6 +129,12 @@ def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume
         from rcsd_cli.train.monitor import held_out_items
 
         held_out_items(cfg, rows)
+    if cfg.rollout.backend == "hf":  # before any weight is loaded
+        from rcsd_cli.modeling.generation import check_static_attention, use_compiled_decoding
+        from rcsd_cli.models import pick_device
+
+        if use_compiled_decoding(cfg.generation, pick_device()):
+            check_static_attention(cfg.attn_implementation)
     rank, world = dist.setup(always=cfg.distributed.sharding != "replicate")
     check_sharding(cfg, world)
     if rank == 0:
@@ -135,50 +150,98 @@ def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume
     return metrics
 
 
-def memory_plan(cfg: TrainConfig, student_prompt_len: int, teacher_prompt_len: int,
-                trust_remote_code: bool = False) -> dict[str, float]:
-    """Estimated peak GiB per device of this run (``memory.estimate``), from the model's config only."""
+def dry_run_target(cfg: TrainConfig) -> tuple[str, float]:
+    """(device type, GiB per process) the dry run plans for: ``--device-memory`` GiB of CUDA device, else this
+    machine's GPU, else its RAM."""
+    import os
+
     import torch
-    from transformers import AutoConfig
 
-    from rcsd_cli.models import pick_device, resolve_model
-    from rcsd_cli.train.memory import estimate
-
-    try:
-        model_config = AutoConfig.from_pretrained(resolve_model(cfg.model), trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise RcsdError(f"{cfg.model}: cannot read the model's config ({type(exc).__name__})") from exc
-    device = pick_device()
-    device_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if device.type == "cuda" else None
-    new = cfg.generation.max_new_tokens
-    return estimate(cfg, model_config, student_tokens=student_prompt_len + new, teacher_tokens=teacher_prompt_len + new,
-                    world=dist.world()[1], device_type=device.type, device_gib=device_gib)
+    if cfg.dry_run.device_memory:
+        return "cuda", cfg.dry_run.device_memory
+    if torch.cuda.is_available():
+        return "cuda", torch.cuda.get_device_properties(0).total_memory / 2**30
+    return "cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
 def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
-    """What a run would feed the model, without loading weights or writing anything.
+    """What a run would feed the model and whether its step fits, without loading weights or writing anything.
 
-    Returns (and the command prints) the resolved config, the first item's student prompt,
-    teacher prompt, and for reason-first the analysis prompt and transition, decoded from the
-    very token ids training would use, and the estimated peak memory per device (``memory``).
+    Returns (and the command prints) the resolved config; the first item's student prompt, teacher prompt, and
+    for reason-first the analysis prompt and transition, decoded from the very token ids training would use;
+    the estimated peak memory per device (``memory``); and one step simulated at the run's full shapes under
+    fake tensors (``rehearsal``), with the verdict under ``problem`` (None when it fits).
     """
-    from rcsd_cli.models import load_tokenizer
+    from rcsd_cli.modeling import precision
+    from rcsd_cli.models import load_model_config, load_tokenizer
+    from rcsd_cli.train.memory import estimate, format_plan
+    from rcsd_cli.train.rehearsal import fits, format_rehearsal, rehearse
+
+    device_type, device_gib = dry_run_target(cfg)
+    cfg = resolve_sharding(cfg)
+    cfg = cfg.model_copy(update={"precision": precision.resolve(cfg.precision, device_type)})
+    shown: dict = {"config": cfg.model_dump(mode="json")}
+    tok, why = None, "no --rubrics"
+    if cfg.rubrics or (cfg.samples and cfg.scores):  # items to measure need the tokenizer
+        try:
+            tok = load_tokenizer(cfg.model, trust_remote_code)
+        except RcsdError as exc:
+            why = f"no tokenizer: {exc}"
+    lengths = _item_lengths(cfg, tok, shown, trust_remote_code) if tok is not None else None
+    new = cfg.generation.max_new_tokens
+    if lengths is None:
+        lengths = _limit_lengths(cfg)
+        shown["lengths"] = (f"from the run's limits ({why}): student prompt {lengths['student_prompt']} tokens "
+                            f"(--dry-run-prompt-tokens), teacher prompt {lengths['teacher_prompt']}, completion {new}")
+    else:
+        shown["lengths"] = (f"the longest item: student prompt {lengths['student_prompt']} tokens, teacher prompt "
+                            f"{lengths['teacher_prompt']}, completion {new} (--max-new-tokens)")
+    world = cfg.dry_run.processes or dist.world()[1]
+    check_batch(cfg, world)
+    model_config = load_model_config(cfg.model, trust_remote_code)
+    plan = estimate(cfg, model_config, student_tokens=lengths["student_prompt"] + new,
+                    teacher_tokens=lengths["teacher_prompt"] + new, world=world, device_type=device_type,
+                    device_gib=device_gib)
+    shown["memory"] = format_plan(plan)
+    measured = rehearse(cfg, model_config, lengths=lengths, world=world)
+    phases, problem = fits(cfg, measured, plan, device_gib, device_type == "cuda")
+    shown["simulated step"] = format_rehearsal(measured, phases, problem, world=world, lengths=lengths,
+                                               device_gib=device_gib, tflops=cfg.dry_run.device_tflops,
+                                               utilisation=cfg.dry_run.utilisation)
+    shown["problem"] = problem
+    return shown
+
+
+def _limit_lengths(cfg: TrainConfig) -> dict[str, int]:
+    """Sequence lengths from the run's limits alone: the longest prompt (``--dry-run-prompt-tokens``, or
+    ``--max-teacher-prompt-tokens`` on the teacher's side), plus a reason-first analysis at its limit."""
+    student = cfg.dry_run.prompt_tokens
+    teacher = cfg.max_teacher_prompt_tokens or student
+    if _reason_first(cfg):
+        teacher += cfg.reason_first.max_new_tokens
+    return {"student_prompt": student, "teacher_prompt": teacher, "completion": cfg.generation.max_new_tokens}
+
+
+def _reason_first(cfg: TrainConfig) -> bool:
+    return cfg.teacher.context == "reason-first" and cfg.task == "reasoner" and cfg.method in ("rcsd", "opsd")
+
+
+def _item_lengths(cfg: TrainConfig, tok, shown: dict, trust_remote_code: bool) -> dict[str, int] | None:
+    """The longest item's lengths (the longest, not the first, sizes the run), and the first item's prompts
+    decoded into ``shown``; None without items to read."""
     from rcsd_cli.rubrics.prompts import analysis_prompt, transition_ids
-    from rcsd_cli.train.memory import format_plan
     from rcsd_cli.train.objectives import student_ids, teacher_ids, teacher_view
 
-    cfg = resolve_precision(resolve_sharding(cfg))
-    tok = load_tokenizer(cfg.model, trust_remote_code)
-    shown: dict = {"config": cfg.model_dump(mode="json")}
+    new = cfg.generation.max_new_tokens
     if cfg.samples:
         items = offline_items(cfg.samples, cfg.scores) if cfg.scores else []
-        if items:
-            shown["student_prompt"] = tok.decode(items[0].prompt_ids)
-            n = max(len(item.prompt_ids) for item in items)  # the longest item sizes the plan
-            shown["memory"] = format_plan(memory_plan(cfg, n, n, trust_remote_code))
-        return shown
+        if not items:
+            return None
+        shown["student_prompt"] = tok.decode(items[0].prompt_ids)
+        n = max(len(item.prompt_ids) for item in items)
+        return {"student_prompt": n, "teacher_prompt": n, "completion": new}
     if not cfg.rubrics:
-        raise RcsdError("give --rubrics for online training, or --samples and --scores for an offline round")
+        return None
     rows, _ = read_artifact(cfg.rubrics, "rubrics")
     from rcsd_cli.rubrics.ablations import ablate
 
@@ -188,17 +251,16 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
         kept = notes["teacher_prompt_filter"]
         shown["data_filter"] = (f"dropped {kept['dropped']} of {kept['dropped'] + kept['kept']} items: teacher "
                                 f"prompt over {kept['max_tokens']} tokens")
-    reason_first = cfg.teacher.context == "reason-first" and cfg.task == "reasoner"
-    distills = cfg.method in ("rcsd", "opsd")
+    reason_first, distills = _reason_first(cfg), cfg.method in ("rcsd", "opsd")
 
     def prompts(row) -> dict:
-        shown = {"student_prompt": student_ids(tok, row, cfg)}
-        if distills and reason_first:
-            shown["analysis_prompt"] = analysis_prompt(tok, row, **teacher_view(cfg))
-            shown["transition"] = transition_ids(tok, row, **teacher_view(cfg))
+        ids = {"student_prompt": student_ids(tok, row, cfg)}
+        if reason_first:
+            ids["analysis_prompt"] = analysis_prompt(tok, row, **teacher_view(cfg))
+            ids["transition"] = transition_ids(tok, row, **teacher_view(cfg))
         elif distills:
-            shown["teacher_prompt"] = teacher_ids(tok, row, cfg)
-        return shown
+            ids["teacher_prompt"] = teacher_ids(tok, row, cfg)
+        return ids
 
     def teacher_len(ids: dict) -> int:
         if "analysis_prompt" in ids:  # the analysis at its limit
@@ -207,7 +269,6 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
 
     shown["item"] = rows[0].id
     shown.update({k: tok.decode(v) for k, v in prompts(rows[0]).items()})
-    every = [prompts(row) for row in rows]  # the longest item sizes the plan, not the first
-    s_len = max(len(ids["student_prompt"]) for ids in every)
-    shown["memory"] = format_plan(memory_plan(cfg, s_len, max(map(teacher_len, every)), trust_remote_code))
-    return shown
+    every = [prompts(row) for row in rows]
+    return {"student_prompt": max(len(ids["student_prompt"]) for ids in every),
+            "teacher_prompt": max(map(teacher_len, every)), "completion": new}

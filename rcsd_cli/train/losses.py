@@ -257,9 +257,7 @@ def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
     recompute = student_hidden.shape[1] > chunk_size
     for start in range(0, student_hidden.shape[1], chunk_size):
         sl = slice(start, start + chunk_size)
-        m = mask[:, sl]
-        if m.sum() == 0:
-            continue
+        m = mask[:, sl]  # a chunk with no token in the loss adds zeros: asking would cost a host sync
         with torch.no_grad():  # the teacher's logits need no graph, and are not recomputed in backward
             h_t = teacher_hidden[:, sl].detach()
             h_c = None if control_hidden is None else control_hidden[:, sl].detach()
@@ -287,9 +285,9 @@ def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
         weighted_sum = weighted_sum + weighted
         kl_sum += kl.detach()
         agree_sum += agree.detach()
-    for name, value in sums.items():  # one host sync per figure and micro-batch
-        health[name] = health.get(name, 0.0) + float(value)
-    return loss_sum, kl_sum.cpu(), agree_sum.cpu(), weighted_sum
+    for name, value in sums.items():  # device tensors: the step reads its figures once, at its end
+        health[name] = health.get(name, 0.0) + value
+    return loss_sum, kl_sum, agree_sum, weighted_sum
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:

@@ -41,20 +41,51 @@ from rcsd_cli.rubrics.rubric_gen import InvalidRubric, parse_rubric_output
 from rcsd_cli.train.losses import chunked_distill_loss, clipped_policy_loss, distinct_n, group_advantages, k3_kl
 from rcsd_cli.train.phases import no_clock
 
+Number = float | torch.Tensor  # a 0-d device tensor until the step's one read (``StepResult.read``)
+
 
 @dataclass
 class StepResult:
-    loss_sum: float
+    """One process's sums for a step. Sums computed on the device stay there while the step runs: an objective
+    never asks the device for a value (no host sync inside the step); ``read`` fetches them all at once."""
+
+    loss_sum: Number
     tokens: int
-    kl_sum: float | None
-    agree_sum: float | None
+    kl_sum: Number | None
+    agree_sum: Number | None
     reward: float | None
     rollout_tokens: int
     reward_count: int = 0  # rollouts the mean reward is over (to combine processes)
-    objective: float | None = None  # this process's share of the step's loss under --loss-reduction
+    objective: Number | None = None  # this process's share of the step's loss under --loss-reduction
     judge_unjudged: int | None = None  # --reward judge: criteria left unjudged this step
     reward_unscored: int | None = None  # --reward judge: rollouts given their group's mean
     health: dict = field(default_factory=dict)  # sums: entropies and clip share over tokens, n-gram and length counts
+
+    def read(self, device: torch.device, combine=None) -> StepResult:
+        """Every figure as a Python number, summed over processes by ``combine`` (an in-place all-reduce of a
+        float64 tensor; ``tokens`` is already global): one tensor, one collective, one host read."""
+        names = ["loss_sum", "kl_sum", "agree_sum", "objective", "rollout_tokens", "reward_count",
+                 "judge_unjudged", "reward_unscored"]
+        values = [getattr(self, n) for n in names]
+        health = sorted(self.health)
+        reward_total = None if self.reward is None else self.reward * self.reward_count
+        values += [self.health[k] for k in health] + [reward_total]
+        present = [v is not None for v in values]
+        flat = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                            for v in values if v is not None])
+        if combine is not None:
+            combine(flat)
+        it = iter(flat.tolist())
+        got = [next(it) if here else None for here in present]
+        out = dict(zip(names, got[: len(names)], strict=True))
+        reward_total, count = got[-1], out["reward_count"]
+        for n in ("rollout_tokens", "reward_count", "judge_unjudged", "reward_unscored"):
+            out[n] = None if out[n] is None else int(round(out[n]))
+        reward = self.reward if combine is None else reward_total / count if reward_total is not None and count \
+            else None
+        return StepResult(out["loss_sum"], int(self.tokens), out["kl_sum"], out["agree_sum"], reward,
+                          out["rollout_tokens"], out["reward_count"], out["objective"], out["judge_unjudged"],
+                          out["reward_unscored"], dict(zip(health, got[len(names): -1], strict=True)))
 
 
 @dataclass
@@ -177,16 +208,17 @@ def accumulate(ctx: StepContext, n: int, micro_step) -> tuple[float, dict[str, f
     """Every method's micro-batch loop: ``micro_step(rows)`` returns (weighted loss, {name: sum}).
 
     Each micro-batch's weighted loss is backpropagated as soon as it exists (gradients add up in
-    ``.grad``; the weights make the sum the step's loss); returns the objective and the summed stats.
+    ``.grad``; the weights make the sum the step's loss); returns the objective and the summed stats, as
+    device tensors (read once per step, ``StepResult.read``).
     """
     objective, sums = 0.0, {}
     for j in range(0, n, ctx.cfg.micro_batch_size):
         weighted, stats = micro_step(slice(j, j + ctx.cfg.micro_batch_size))
         with ctx.clock("student"):
             weighted.backward()
-        objective += weighted.item()
+        objective = objective + weighted.detach()
         for name, value in stats.items():
-            sums[name] = sums.get(name, 0.0) + float(value)
+            sums[name] = sums.get(name, 0.0) + value.detach()
     return objective, sums
 
 
@@ -206,7 +238,7 @@ def sequence_logprobs(ctx: StepContext, prompts, continuations, sl: slice, healt
     mask = pb.mask.to(dev).float()
     if health is not None:
         ent = torch.cat([entropies[k] for k in sorted(entropies)], dim=1)
-        health["student_entropy"] = health.get("student_entropy", 0.0) + float((ent * mask).sum())
+        health["student_entropy"] = health.get("student_entropy", 0.0) + (ent * mask).sum().detach()
     return logp, mask, pb
 
 
@@ -301,14 +333,23 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     completions = [g.token_ids for g in gens]
     judged = {}
     if cfg.grpo.reward == "judge":
-        rewards, judged = judged_rewards(ctx, group_rows, [g.text for g in gens])
+        reward_list, judged = judged_rewards(ctx, group_rows, [g.text for g in gens])
     else:
-        rewards = torch.tensor([rollout_reward(r, g.text, cfg) for r, g in zip(group_rows, gens, strict=True)],
-                               dtype=torch.float32)
-    advantages = group_advantages(rewards.view(len(rows), G)).view(-1)
+        reward_list = [rollout_reward(r, g.text, cfg) for r, g in zip(group_rows, gens, strict=True)]
+    res = grpo_backward(ctx, prompts, completions, reward_list, rollout_health(gens))
+    res.reward, res.reward_count = sum(reward_list) / len(reward_list), len(group_rows)
+    for name, value in judged.items():
+        setattr(res, name, value)
+    return res
+
+
+def grpo_backward(ctx: StepContext, prompts, completions, reward_list: list[float], health: dict) -> StepResult:
+    """The policy gradient of ``group_size`` rollouts per prompt (consecutive), rewards given."""
+    cfg, G = ctx.cfg, ctx.cfg.grpo.group_size
+    rewards = torch.tensor(reward_list, dtype=torch.float32)
+    advantages = group_advantages(rewards.view(-1, G)).view(-1)
     total = max(ctx.global_sum(sum(len(c) for c in completions)), 1)
     weights = reduction_weights(ctx, [len(c) for c in completions])
-    health = rollout_health(gens)
 
     def micro_step(sl):
         with ctx.clock("student"), ctx.compute():
@@ -330,11 +371,10 @@ def grpo_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
 
     objective, sums = accumulate(ctx, len(completions), micro_step)
     return StepResult(sums.get("loss", 0.0), total, sums.get("kl", 0.0) if cfg.grpo.kl_coef > 0 else None, None,
-                      rewards.mean().item(), sum(len(c) for c in completions), len(group_rows), objective=objective,
-                      health=health, **judged)
+                      None, sum(len(c) for c in completions), objective=objective, health=health)
 
 
-def judged_rewards(ctx: StepContext, rows: list[Rubric], texts: list[str]) -> tuple[torch.Tensor, dict]:
+def judged_rewards(ctx: StepContext, rows: list[Rubric], texts: list[str]) -> tuple[list[float], dict]:
     """``--reward judge``: each rollout's rubric score with unchecked criteria judged by the judge model.
 
     A rollout with no judged positive criterion has no score; it gets its group's mean (so its advantage is
@@ -351,7 +391,7 @@ def judged_rewards(ctx: StepContext, rows: list[Rubric], texts: list[str]) -> tu
         known = [x for x in group if x is not None]
         fill = sum(known) / len(known) if known else 0.0
         rewards += [fill if x is None else x for x in group]
-    return torch.tensor(rewards, dtype=torch.float32), {
+    return rewards, {
         "judge_unjudged": sum(s.n_unjudged for s in scores), "reward_unscored": sum(x is None for x in raw)}
 
 
@@ -359,6 +399,11 @@ def sft_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     cfg, tok = ctx.cfg, ctx.tokenizer
     prompts = [student_ids(tok, r, cfg) for r in rows]
     targets_ids = [reference_target(tok, r, style=cfg.prompt_style, task=cfg.task) for r in rows]
+    return sft_backward(ctx, prompts, targets_ids)
+
+
+def sft_backward(ctx: StepContext, prompts, targets_ids) -> StepResult:
+    """Cross-entropy on the given targets after their prompts."""
     total = max(ctx.global_sum(sum(len(t) for t in targets_ids)), 1)
     weights = reduction_weights(ctx, [len(t) for t in targets_ids])
     health: dict = {}
@@ -370,7 +415,7 @@ def sft_step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
             weighted = (per_tok * torch.tensor(weights[sl], device=logp.device).unsqueeze(-1)).sum()
         return weighted, {"loss": per_tok.detach().sum()}
 
-    objective, sums = accumulate(ctx, len(rows), micro_step)
+    objective, sums = accumulate(ctx, len(prompts), micro_step)
     return StepResult(sums.get("loss", 0.0), total, None, None, None, 0, objective=objective, health=health)
 
 

@@ -152,6 +152,13 @@ def hf_generate(module, tok, scope=nullcontext, compute=nullcontext) -> Generate
     return gen
 
 
+def separate_teacher_engine(cfg: TrainConfig) -> bool:
+    """Whether a vLLM run keeps a second engine for the frozen (or EMA) teacher's reason-first analyses."""
+    needs_teacher = (cfg.teacher.context == "reason-first" and cfg.reason_first.by == "teacher"
+                     and cfg.task == "reasoner" and cfg.method in ("rcsd", "opsd"))
+    return cfg.rollout.backend == "vllm" and needs_teacher and cfg.teacher.kind != "live"
+
+
 def build_rollouts(cfg: TrainConfig, student, teacher, tok, teacher_scope, compute=nullcontext, *,
                    trust_remote_code: bool) -> Rollouts:
     """HF generation on the modules (under the precision's ``compute`` context), or vLLM engines
@@ -160,9 +167,7 @@ def build_rollouts(cfg: TrainConfig, student, teacher, tok, teacher_scope, compu
         t_module = teacher if teacher is not None else student
         return Rollouts(hf_generate(student, tok, compute=compute),
                         hf_generate(t_module, tok, teacher_scope, compute))
-    needs_teacher = (cfg.teacher.context == "reason-first" and cfg.reason_first.by == "teacher"
-                     and cfg.task == "reasoner" and cfg.method in ("rcsd", "opsd"))
-    separate_teacher = needs_teacher and cfg.teacher.kind != "live"
+    separate_teacher = separate_teacher_engine(cfg)
     dtype = str(precision.frozen_dtype(cfg.precision)).removeprefix("torch.")  # bf16 unless the run is fp32
     settings = cfg.rollout.vllm.model_copy(update={
         "kv_cache_gib": cfg.rollout.vllm.kv_cache_gib or (None if torch.cuda.is_available() else 1.0),

@@ -103,30 +103,46 @@ def _build_models(cfg: TrainConfig, ckpt: Path | None, trust_remote_code: bool, 
                  attn_implementation=cfg.attn_implementation)
     loaded = load_model(cfg.model, trust_remote_code, **where)
     base, tok = loaded.model, loaded.tokenizer
-    if cfg.lora.rank:
-        from peft import LoraConfig, PeftModel, get_peft_model
+    if cfg.lora.rank and ckpt is not None:
+        from peft import PeftModel
 
-        if cfg.teacher.kind == "ema":
-            raise RcsdError("--teacher ema is not supported with LoRA; use frozen or live")
-        if ckpt is not None:
-            student = PeftModel.from_pretrained(base, ckpt, is_trainable=True)
-        else:
-            student = get_peft_model(base, LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
-                                                      lora_dropout=cfg.lora.dropout,
-                                                      target_modules=lora_targets(cfg.lora.targets)))
-            student.peft_config["default"].base_model_name_or_path = cfg.model
+        _refuse_ema_with_lora(cfg)
+        # the adapter's tensors go where the base is (a bare "cuda" would be GPU 0 on every rank)
+        student = PeftModel.from_pretrained(base, ckpt, is_trainable=True, torch_device=str(where["device"]))
         return student, None, tok
-    teacher = None if cfg.teacher.kind == "live" else copy.deepcopy(base)
-    student = load_model(str(ckpt), trust_remote_code, **where).model if ckpt is not None else base
+    student, teacher = student_and_teacher(cfg, base)
+    if ckpt is not None and not cfg.lora.rank:
+        student = load_model(str(ckpt), trust_remote_code, **where).model
     if teacher is not None and cfg.teacher.kind == "ema" and ckpt is not None:
         from safetensors.torch import load_file
 
         teacher.load_state_dict(load_file(ckpt / "ema_teacher.safetensors"))
+    return student, teacher, tok
+
+
+def student_and_teacher(cfg: TrainConfig, base):
+    """(student, teacher module or None) from a freshly built base model: LoRA adapters on it (the teacher is
+    then the base with adapters disabled), or a teacher copy (``frozen``: in the frozen dtype, no grad)."""
+    if cfg.lora.rank:
+        from peft import LoraConfig, get_peft_model
+
+        _refuse_ema_with_lora(cfg)
+        student = get_peft_model(base, LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
+                                                  lora_dropout=cfg.lora.dropout,
+                                                  target_modules=lora_targets(cfg.lora.targets)))
+        student.peft_config["default"].base_model_name_or_path = cfg.model
+        return student, None
+    teacher = None if cfg.teacher.kind == "live" else copy.deepcopy(base)
     if teacher is not None:
         teacher.requires_grad_(False).eval()
         if cfg.teacher.kind == "frozen":  # no gradients, no optimizer state: no master copy needed
             teacher.to(precision.frozen_dtype(cfg.precision))
-    return student, teacher, tok
+    return base, teacher
+
+
+def _refuse_ema_with_lora(cfg: TrainConfig) -> None:
+    if cfg.teacher.kind == "ema":
+        raise RcsdError("--teacher ema is not supported with LoRA; use frozen or live")
 
 
 def _teacher_view(cfg: TrainConfig, student, teacher, compute):
@@ -243,10 +259,10 @@ def optimizer_step(run: Run, res: StepResult, step: int) -> tuple[StepResult, fl
     first step only, the share of weights the update moved (``precision.moved_share``).
     """
     cfg = run.cfg
-    if run.world > 1:
-        if not run.sharded:  # FSDP already summed (reduce-scattered) them
-            dist.sum_gradients(run.params)
-        res = _combine(res)
+    if run.world > 1 and not run.sharded:  # FSDP already summed (reduce-scattered) them
+        dist.sum_gradients(run.params)
+    # the step's one read of its figures (after backward; the gradient norm below is the other)
+    res = res.read(sharding.compute_device(run.student), dist.all_reduce_sum if run.world > 1 else None)
     grad_norm = sharding.grad_norm_value(torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm))
     lr = run.scheduler.get_last_lr()[0]
     first = step == 0  # once per run history: a resumed run's metrics equal an uninterrupted one's
@@ -398,19 +414,3 @@ def resolve_precision(cfg: TrainConfig) -> TrainConfig:
     if cfg.precision is not None:
         return cfg
     return cfg.model_copy(update={"precision": precision.resolve(None, pick_device().type)})
-
-
-def _combine(res):
-    """Sum a step's statistics over processes (``tokens`` is already global)."""
-    count = dist.reduce_sum(res.reward_count)
-    reward = None
-    if res.reward is not None and count:
-        reward = dist.reduce_sum(res.reward * res.reward_count) / count
-    return StepResult(dist.reduce_sum(res.loss_sum), int(res.tokens),
-                      None if res.kl_sum is None else dist.reduce_sum(res.kl_sum),
-                      None if res.agree_sum is None else dist.reduce_sum(res.agree_sum), reward,
-                      int(dist.reduce_sum(res.rollout_tokens)), int(count),
-                      None if res.objective is None else dist.reduce_sum(res.objective),
-                      *(None if v is None else int(dist.reduce_sum(v)) for v in (res.judge_unjudged,
-                                                                                 res.reward_unscored)),
-                      {k: dist.reduce_sum(v) for k, v in sorted(res.health.items())})

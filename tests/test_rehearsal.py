@@ -1,0 +1,150 @@
+"""``train --dry-run``'s simulated step (``train/rehearsal.py``) and the real-shape defects it made visible.
+
+The step runs under PyTorch's fake tensors: a host sync anywhere inside it (``.item()``, ``bool(tensor)``) raises,
+so every method stepping here is the test that the step never waits for the device."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rcsd_cli.data.options import build_config, read_config_file
+from rcsd_cli.data.schemas import TrainConfig
+from rcsd_cli.models import load_model_config
+from rcsd_cli.train.rehearsal import GIB, rehearse
+from tests.conftest import ROOT
+
+LENGTHS = {"student_prompt": 24, "teacher_prompt": 40, "completion": 16}
+RECIPES = sorted((ROOT / "examples" / "recipes").glob("*.yaml"))
+
+
+def cfg_of(model, **options) -> TrainConfig:
+    return build_config(TrainConfig, {"model": str(model), "batch_size": 4, "micro_batch_size": 2, "chunk_size": 8,
+                                      "max_new_tokens": 16, **options})
+
+
+@pytest.mark.parametrize(("sharding", "world"), [("replicate", 1), ("full-shard", 2)])
+def test_the_step_measures_weights_teacher_and_adamw_state_exactly(tiny_model, sharding, world):
+    """fp32 full fine-tuning with a frozen teacher copy: the weights (embeddings tied, as the model has them),
+    the copy and AdamW's two moments are n fp32 values each, divided over the processes when sharded, and
+    resident after the step (a sharded teacher's root, gathered for the loss, is sharded again)."""
+    config = load_model_config(str(tiny_model))
+    n = sum(p.numel() for p in _meta(config).parameters()) / world
+    out = rehearse(cfg_of(tiny_model, precision="fp32", sharding=sharding), config, lengths=LENGTHS, world=world)
+    assert out["resident"] == pytest.approx({"weights": 4 * n / GIB, "teacher": 4 * n / GIB,
+                                            "optimizer": 2 * 4 * n / GIB}, rel=1e-4)
+    if sharding == "replicate":  # FSDP's own gradient categories stay empty under fake tensors
+        assert out["peak"]["gradients"] == pytest.approx(4 * n / GIB)
+    assert out["peak"]["activations"] > 0 and out["flops"] > 0
+    assert (out["sequences"], out["micro_batches"]) == (4 // world, 2 // world)  # batch 4, micro-batch 2
+
+
+def _meta(config):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("method", ["rcsd", "opsd", "grpo", "sft", "offline"])
+@pytest.mark.parametrize("sharding", ["replicate", "full-shard"])
+def test_every_method_steps_under_fake_tensors_without_a_host_sync(tiny_model, tmp_path, method, sharding):
+    """Full shape semantics at toy size: bf16-mixed, LoRA (the frozen base as teacher) and 4 simulated processes;
+    a ``.item()`` or ``if tensor`` inside the step fails here."""
+    options = {"precision": "bf16-mixed", "sharding": sharding, "lora_rank": 4, "gradient_checkpointing": True}
+    if sharding == "full-shard":  # LoRA cannot shard with vLLM only; sharded full fine-tuning keeps a teacher
+        options.pop("lora_rank")
+    if method == "offline":
+        options.update(samples="s.parquet", scores="c.parquet")
+    else:
+        options.update(method=method, **({"group_size": 2} if method == "grpo" else {}))
+    config = load_model_config(str(tiny_model))
+    out = rehearse(cfg_of(tiny_model, **options), config, lengths=LENGTHS, world=4)
+    assert out["flops"] > 0 and out["peak"]["total"] > out["resident"]["weights"] > 0
+    assert out["sequences"] == (2 if method == "grpo" else 1)  # ceil(4 / 4) prompts, times the group for GRPO
+
+
+def test_dry_run_prints_the_simulated_step_and_exits_2_when_it_does_not_fit(run_cli, tiny_model):
+    args = ["train", "--model", tiny_model, "--batch-size", "4", "--max-new-tokens", "16", "--dry-run"]
+    ok = run_cli(*args, "--processes", "2", "--device-memory", "80", check=True)
+    assert "rank 0 of 2: 2 sequences of 2048 prompt + 16 completion tokens" in ok.stdout, ok.stdout
+    assert "fits: yes" in ok.stdout and "PFLOP per rank" in ok.stdout and "not simulated:" in ok.stdout
+    assert "from the run's limits (no --rubrics)" in ok.stdout
+    tight = run_cli(*args, "--device-memory", "0.001")
+    assert tight.returncode == 2 and "Traceback" not in tight.stderr
+    assert "does not fit: the training step needs" in tight.stderr and "change --" in tight.stderr
+
+
+def test_a_batch_smaller_than_the_world_is_refused_at_start(run_cli, tiny_model, tmp_path):
+    """R5: ``[rank::world]`` would leave processes without items (GRPO hung, the default method died with a
+    ZeroDivisionError on the idle rank); now a launch refuses before loading anything, and so does the dry run."""
+    from tests.test_distributed import dist_env
+
+    dry = run_cli("train", "--model", tiny_model, "--method", "grpo", "--batch-size", "2", "--processes", "4",
+                  "--dry-run")
+    assert dry.returncode == 2 and "--batch-size 2 is smaller than the 4 processes" in dry.stderr
+    rubrics = tmp_path / "r.parquet"
+    run_cli("gen-rubrics", _problems(tmp_path), "-o", rubrics, "--generator", "reference", check=True)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "rcsd_cli", "train", "--rubrics", str(rubrics), "--model", str(tiny_model),
+                           "--batch-size", "1", "--steps", "1", "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=dist_env(), timeout=300)
+    assert proc.returncode != 0
+    assert "--batch-size 1 is smaller than the 2 processes" in proc.stderr, proc.stderr[-2000:]
+    ranks = proc.stderr.split("elastic/multiprocessing")[0]  # then the launcher reports its ChildFailedError
+    assert "Traceback" not in ranks and not (tmp_path / "out").exists()
+
+
+def _problems(folder: Path) -> Path:
+    from tests.conftest import write_jsonl
+
+    return write_jsonl(folder / "p.jsonl", [{"id": "q1", "question": "What is 2 + 3?", "answer": "5"}])
+
+
+def test_flash_attention_refuses_the_static_cache_loop(tiny_model):
+    """R11: the compiled loop's mask marks unwritten cache slots present; FlashAttention-2 would attend to them."""
+    from rcsd_cli.data.schemas import GenerationConfig
+    from rcsd_cli.errors import RcsdError
+    from rcsd_cli.modeling.generation import generate
+    from rcsd_cli.models import load_model
+
+    lm = load_model(str(tiny_model), device=torch.device("cpu"))
+    lm.model.config._attn_implementation = "flash_attention_2"  # as loaded with it on a GPU
+    with pytest.raises(RcsdError, match="flash_attention_2 cannot decode with the compiled static-cache loop"):
+        generate(lm.model, lm.tokenizer, [[1, 2, 3]], GenerationConfig(max_new_tokens=4, compile_decoding=True), 0)
+
+
+def test_a_lora_resume_loads_the_adapter_where_the_base_is(tiny_model, tmp_path, monkeypatch):
+    """R3: without a device, peft loads a saved adapter onto ``infer_device()`` (a bare ``cuda``: GPU 0 on every
+    rank). Stubbed to the meta device here, an adapter loaded there has no values."""
+    import peft.peft_model
+    import peft.utils.save_and_load
+    from peft import LoraConfig, get_peft_model
+
+    from rcsd_cli.models import load_model
+    from rcsd_cli.train.trainer import _build_models
+
+    saved = get_peft_model(load_model(str(tiny_model), device=torch.device("cpu")).model,
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    saved.save_pretrained(tmp_path / "ckpt")
+    for module in (peft.peft_model, peft.utils.save_and_load):
+        monkeypatch.setattr(module, "infer_device", lambda: "meta")
+    student, _, _ = _build_models(cfg_of(tiny_model, lora_rank=4, lora_targets="q_proj,v_proj"), tmp_path / "ckpt",
+                                  trust_remote_code=False)
+    expected = {k: v for k, v in saved.state_dict().items() if "lora_" in k}
+    got = student.state_dict()
+    assert {got[k].device.type for k in expected} == {"cpu"}
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+@pytest.mark.slow  # 8B shapes: up to a minute each on 2 cores
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_dry_run_fits_at_full_shape(run_cli, recipe):
+    """Each shipped recipe, at its model's real shape and world (offline: rcsd ships the configs it names)."""
+    proc = run_cli("train", "--config", recipe, "--dry-run", check=True)
+    assert "fits: yes" in proc.stdout, proc.stdout[-3000:]
+    values = read_config_file(recipe, TrainConfig)
+    world = values.get("processes", 1)
+    assert f"rank 0 of {world}:" in proc.stdout
