@@ -687,7 +687,8 @@ class DryRunConfig(_Config):
                                       "accelerator each process gets (H100: 80; the 8B recipes set it): the step "
                                       "is planned for a CUDA device of that size. Unset: this machine's device.")
     device_tflops: float = opt(989.0, gt=0, panel="Dry run", flag="--device-tflops", help="Dense bf16 TFLOP/s of "
-                               "one accelerator (H100 SXM: 989), for the step time the counted FLOPs imply.")
+                               "one accelerator (H100 SXM: 989), for the step time the counted FLOPs imply on a GPU "
+                               "target.")
     utilisation: float = opt(0.4, gt=0, le=1, panel="Dry run", flag="--utilisation", help="Share of "
                              "--device-tflops the step is assumed to reach.")
     prompt_tokens: int = opt(2048, ge=1, panel="Dry run", flag="--dry-run-prompt-tokens", help="Without --rubrics "

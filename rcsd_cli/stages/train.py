@@ -206,7 +206,8 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
     measured = rehearse(cfg, model_config, lengths=lengths, world=world)
     phases, problem = fits(cfg, measured, plan, device_gib, device_type == "cuda")
     shown["simulated step"] = format_rehearsal(measured, phases, problem, world=world, lengths=lengths,
-                                               device_gib=device_gib, tflops=cfg.dry_run.device_tflops,
+                                               device_gib=device_gib,
+                                               tflops=cfg.dry_run.device_tflops if device_type == "cuda" else None,
                                                utilisation=cfg.dry_run.utilisation)
     shown["problem"] = problem
     return shown

@@ -19,6 +19,8 @@ stream creation on a CPU-only build, so SDPA is measured by its CPU kernel, and 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -115,7 +117,10 @@ def _step(cfg: TrainConfig, student, teacher, optimizer, lengths: dict, sequence
         res = objectives.offline_step(ctx, [item] * sequences)
     elif cfg.method in ("rcsd", "opsd"):
         res = objectives.distill_backward(ctx, prompts, [[pad] * lengths["teacher_prompt"]] * sequences, completions)
-    elif cfg.method == "grpo":  # rewards that differ within each group, so advantages are not all zero
+    elif cfg.method == "grpo":  # whole groups of the sequences simulated, with rewards that differ within each
+        group = math.gcd(sequences, cfg.grpo.group_size)
+        ctx = dataclasses.replace(ctx, cfg=cfg.model_copy(update={"grpo": cfg.grpo.model_copy(
+            update={"group_size": group})}))
         res = objectives.grpo_backward(ctx, prompts, completions, [float(i % 2) for i in range(sequences)], {})
     else:
         res = objectives.sft_backward(ctx, prompts, completions)
@@ -308,10 +313,10 @@ def fits(cfg: TrainConfig, measured: dict, plan: dict[str, float], device_gib: f
         fix = {"activations": "--micro-batch-size or --gradient-checkpointing",
                "temporaries": "--micro-batch-size or --chunk-size"}.get(
             largest, "--sharding full-shard, more processes, or --lora-rank")
-        return phases, (f"the training step needs {phases['training']:.1f} GiB of {device_gib:g} GiB per device "
+        return phases, (f"the training step needs {phases['training']:.1f} GiB of {device_gib:.1f} GiB per device "
                         f"({largest} {peak[largest]:.1f} GiB): change {fix}")
     if phases["generation"] > device_gib:
-        return phases, (f"generation needs {phases['generation']:.1f} GiB of {device_gib:g} GiB per device "
+        return phases, (f"generation needs {phases['generation']:.1f} GiB of {device_gib:.1f} GiB per device "
                         f"(training state {resident:.1f} GiB stays resident): change {generation_fix}")
     return phases, None
 
@@ -322,8 +327,9 @@ NOT_SIMULATED = ("generation (the KV cache, sampling logits and vLLM engines are
 
 
 def format_rehearsal(measured: dict, phases: dict[str, float], problem: str | None, *, world: int, lengths: dict,
-                     device_gib: float, tflops: float, utilisation: float) -> str:
-    """The simulated step as the dry run prints it: per-rank GiB by category, the phases, the verdict, FLOPs."""
+                     device_gib: float, tflops: float | None, utilisation: float) -> str:
+    """The simulated step as the dry run prints it: per-rank GiB by category, the phases, the verdict, FLOPs (and
+    the step time they imply at ``tflops``, None for a CPU target)."""
     peak, rows = measured["peak"], []
     rows.append(f"rank 0 of {world}: {measured['sequences']} sequences of {lengths['student_prompt']} prompt + "
                 f"{lengths['completion']} completion tokens (teacher prompt {lengths['teacher_prompt']}), "
@@ -333,11 +339,12 @@ def format_rehearsal(measured: dict, phases: dict[str, float], problem: str | No
              if k != "total" and v > 0.005]
     rows.append(f"{'peak':<{width}}  {peak['total']:8.2f} GiB per rank (measured, torch's memory tracker)")
     rows.append(f"phases: training {phases['training']:.1f} GiB, generation {phases['generation']:.1f} GiB of "
-                f"{device_gib:g} GiB per device")
+                f"{device_gib:.1f} GiB per device")
     rows.append(f"fits: no - {problem}" if problem else "fits: yes")
-    pflop = measured["flops"] / 1e15
-    seconds = measured["flops"] / (tflops * 1e12 * utilisation)
-    rows.append(f"FLOPs: {pflop:.2f} PFLOP per rank for forward, backward and loss (FlopCounterMode): "
-                f"{seconds:.1f} s at {utilisation:.0%} of {tflops:g} TFLOP/s, rollouts not included")
+    flops = f"FLOPs: {measured['flops'] / 1e12:,.1f} TFLOP per rank for forward, backward and loss (FlopCounterMode)"
+    if tflops:  # the time they imply on the target GPU
+        seconds = measured["flops"] / (tflops * 1e12 * utilisation)
+        flops += f": {seconds:.1f} s at {utilisation:.0%} of {tflops:g} TFLOP/s, rollouts not included"
+    rows.append(flops)
     rows.append(f"not simulated: {NOT_SIMULATED}")
     return "\n".join(rows)
