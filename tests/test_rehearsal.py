@@ -155,3 +155,89 @@ def test_every_recipe_dry_run_fits_at_full_shape(run_cli, recipe, tmp_path):
     assert "fits: yes" in proc.stdout, proc.stdout[-3000:]
     world = values.get("processes", 1)
     assert f"rank 0 of {world}:" in proc.stdout
+    if values.get("rollout_backend") == "vllm":  # the engines' lengths, as they will start
+        new = values["max_new_tokens"]
+        assert f"vllm student engine: max_model_len {2048 + new:,}, max_num_batched_tokens" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- R1: vLLM engines sized as vLLM checks
+
+
+def test_kv_per_token_and_one_sequence_of_the_flagship_by_hand():
+    """Qwen3-8B: 36 layers x 8 KV heads x 128 dims, keys and values in bf16 = 147,456 bytes a token; the
+    flagship's 2048 + 4096 tokens are 0.84375 GiB, the model's own 40,960-token limit 5.625 GiB."""
+    from rcsd_cli.train.engine_sizing import kv_bytes_per_token
+
+    per_token = kv_bytes_per_token(load_model_config("Qwen/Qwen3-8B"), 2)
+    assert per_token == 2 * 36 * 8 * 128 * 2 == 147_456
+    assert (6144 * per_token / GIB, 40_960 * per_token / GIB) == (0.84375, 5.625)
+
+
+def _flagship(**options) -> TrainConfig:
+    values = read_config_file(ROOT / "examples" / "recipes" / "paper-stage2-qwen3-8b.yaml", TrainConfig)
+    return build_config(TrainConfig, {**values, **options})
+
+
+def test_the_flagships_engines_get_its_lengths_and_a_share_too_small_is_named():
+    """Two engines (student rollouts; the frozen teacher's reason-first analyses), each 0.3 of 80 GiB: 15.3 GiB
+    of bf16 weights and the profiling peak leave KV for several 6,144-token sequences. At 0.4 in all, 16 GiB
+    each, nothing is left, and the error names the option."""
+    from rcsd_cli.train.engine_sizing import check_engines, engine_sizes
+
+    lengths = {"student_prompt": 2048, "teacher_prompt": 2048 + 4096, "completion": 4096}
+    config = load_model_config("Qwen/Qwen3-8B")
+    n = sum(p.numel() for p in _meta(config).parameters())
+
+    def sizes(cfg):
+        return engine_sizes(cfg, config, lengths, n_params=n, dtype_bytes=2, device_gib=80.0, separate_teacher=True)
+
+    fit = sizes(_flagship())
+    assert [(s.role, s.max_model_len, s.max_num_batched_tokens, s.share) for s in fit] == [
+        ("student engine", 6144, 8192, 0.3), ("teacher engine", 6144, 8192, 0.3)]
+    assert all(s.sequence_gib == 0.84375 and s.kv_gib > 5 * s.sequence_gib for s in fit)
+    assert check_engines(fit, 80.0) is None
+    problem = check_engines(sizes(_flagship(vllm_memory_utilization=0.4)), 80.0)
+    assert problem.startswith("vllm student engine: its 0.20 of 80.0 GiB leaves")
+    assert problem.endswith("raise --vllm-memory-utilization or lower --max-new-tokens")
+
+
+class _RecordingLLM:
+    """vLLM's ``LLM`` as far as starting one goes: records the arguments it was given."""
+
+    started: list[dict] = []
+
+    def __init__(self, **kwargs):
+        type(self).started.append(kwargs)
+
+
+@pytest.fixture
+def recording_vllm(monkeypatch):
+    import types
+
+    from rcsd_cli.backends import vllm as backend
+
+    module = types.ModuleType("vllm")
+    module.LLM = _RecordingLLM
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setattr(backend, "vllm_available", lambda: True)
+    monkeypatch.setattr(_RecordingLLM, "started", [])
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # the in-process engine sets it: undone after
+    return _RecordingLLM.started
+
+
+def test_train_starts_its_engines_with_the_runs_lengths_or_refuses_before_loading(tiny_model, recording_vllm):
+    """R1: ``max_model_len`` (student prompt + completion) and ``max_num_batched_tokens`` reach vLLM; a KV
+    cache that cannot hold one such sequence is refused before any engine loads."""
+    from rcsd_cli.errors import RcsdError
+    from rcsd_cli.models import load_model
+    from rcsd_cli.train.rollout_engines import build_rollouts
+
+    lm = load_model(str(tiny_model), device=torch.device("cpu"))
+    lengths = {"student_prompt": 40, "teacher_prompt": 60, "completion": 16}
+    cfg = cfg_of(tiny_model, rollout_backend="vllm", vllm_kv_cache_gib=0.25)
+    build_rollouts(cfg, lm.model, None, lm.tokenizer, None, trust_remote_code=False, lengths=lengths)
+    assert [(s["max_model_len"], s["max_num_batched_tokens"]) for s in recording_vllm] == [(56, 8192)]
+    tight = cfg_of(tiny_model, rollout_backend="vllm", vllm_kv_cache_gib=1e-6)
+    with pytest.raises(RcsdError, match=r"vllm student engine: --vllm-kv-cache-gib 1e-06 holds no 56-token"):
+        build_rollouts(tight, lm.model, None, lm.tokenizer, None, trust_remote_code=False, lengths=lengths)
+    assert len(recording_vllm) == 1

@@ -68,8 +68,9 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, cfg: BackendConfig, model_name: str, trust_remote_code: bool = False, *,
-                 dtype: str = "auto", in_process: bool = False, role: str = ""):
-        """``cfg.vllm`` holds the engine settings; ``in_process``: colocated in a training run."""
+                 dtype: str = "auto", in_process: bool = False, role: str = "", engine_args: dict | None = None):
+        """``cfg.vllm`` holds the engine settings; ``in_process``: colocated in a training run; ``engine_args``:
+        the run's sizing (``max_model_len``, ``max_num_batched_tokens``: see ``train.engine_sizing``)."""
         if not vllm_available():
             raise RcsdError("vllm: vLLM is not installed: pip install 'rcsd[vllm]' (see docs/scaling.md)")
         if in_process:  # engine core in this process: weight pushes hand over tensors, nothing is pickled
@@ -91,7 +92,7 @@ class VLLMBackend:
             gpu, total = False, 0.0
         self.gpu = gpu
         label = f"vllm{' ' + role if role else ''}"
-        extra = {}
+        extra = dict(engine_args or {})
         if in_process and _launched_processes() > 1:  # torchrun: one engine per process, on the launcher's group
             extra["distributed_executor_backend"] = "external_launcher"
         if not gpu:  # vLLM 0.32 CPU: a seeded request split by chunked prefill crashes the engine

@@ -205,6 +205,16 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
     shown["memory"] = format_plan(plan)
     measured = rehearse(cfg, model_config, lengths=lengths, world=world)
     phases, problem = fits(cfg, measured, plan, device_gib, device_type == "cuda")
+    if cfg.rollout.backend == "vllm":  # the engines as vLLM will check them at start
+        from rcsd_cli.train.engine_sizing import check_engines, engine_sizes
+        from rcsd_cli.train.rollout_engines import separate_teacher_engine
+
+        gpu_gib = device_gib if device_type == "cuda" else None
+        sizes = engine_sizes(cfg, model_config, lengths, n_params=measured["parameters"],
+                             dtype_bytes=precision.frozen_dtype(cfg.precision).itemsize, device_gib=gpu_gib,
+                             separate_teacher=separate_teacher_engine(cfg))
+        shown["vllm engines"] = "\n".join(size.describe(gpu_gib) for size in sizes)
+        problem = problem or check_engines(sizes, gpu_gib)
     shown["simulated step"] = format_rehearsal(measured, phases, problem, world=world, lengths=lengths,
                                                device_gib=device_gib,
                                                tflops=cfg.dry_run.device_tflops if device_type == "cuda" else None,
@@ -216,22 +226,19 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
 def _limit_lengths(cfg: TrainConfig) -> dict[str, int]:
     """Sequence lengths from the run's limits alone: the longest prompt (``--dry-run-prompt-tokens``, or
     ``--max-teacher-prompt-tokens`` on the teacher's side), plus a reason-first analysis at its limit."""
+    from rcsd_cli.train.objectives import reason_first
+
     student = cfg.dry_run.prompt_tokens
     teacher = cfg.max_teacher_prompt_tokens or student
-    if _reason_first(cfg):
+    if reason_first(cfg):
         teacher += cfg.reason_first.max_new_tokens
     return {"student_prompt": student, "teacher_prompt": teacher, "completion": cfg.generation.max_new_tokens}
-
-
-def _reason_first(cfg: TrainConfig) -> bool:
-    return cfg.teacher.context == "reason-first" and cfg.task == "reasoner" and cfg.method in ("rcsd", "opsd")
 
 
 def _item_lengths(cfg: TrainConfig, tok, shown: dict, trust_remote_code: bool) -> dict[str, int] | None:
     """The longest item's lengths (the longest, not the first, sizes the run), and the first item's prompts
     decoded into ``shown``; None without items to read."""
-    from rcsd_cli.rubrics.prompts import analysis_prompt, transition_ids
-    from rcsd_cli.train.objectives import student_ids, teacher_ids, teacher_view
+    from rcsd_cli.train.objectives import item_prompts, longest_lengths
 
     new = cfg.generation.max_new_tokens
     if cfg.samples:
@@ -252,24 +259,7 @@ def _item_lengths(cfg: TrainConfig, tok, shown: dict, trust_remote_code: bool) -
         kept = notes["teacher_prompt_filter"]
         shown["data_filter"] = (f"dropped {kept['dropped']} of {kept['dropped'] + kept['kept']} items: teacher "
                                 f"prompt over {kept['max_tokens']} tokens")
-    reason_first, distills = _reason_first(cfg), cfg.method in ("rcsd", "opsd")
-
-    def prompts(row) -> dict:
-        ids = {"student_prompt": student_ids(tok, row, cfg)}
-        if reason_first:
-            ids["analysis_prompt"] = analysis_prompt(tok, row, **teacher_view(cfg))
-            ids["transition"] = transition_ids(tok, row, **teacher_view(cfg))
-        elif distills:
-            ids["teacher_prompt"] = teacher_ids(tok, row, cfg)
-        return ids
-
-    def teacher_len(ids: dict) -> int:
-        if "analysis_prompt" in ids:  # the analysis at its limit
-            return len(ids["analysis_prompt"]) + cfg.reason_first.max_new_tokens + len(ids["transition"])
-        return len(ids.get("teacher_prompt", ids["student_prompt"]))
-
     shown["item"] = rows[0].id
-    shown.update({k: tok.decode(v) for k, v in prompts(rows[0]).items()})
-    every = [prompts(row) for row in rows]
-    return {"student_prompt": max(len(ids["student_prompt"]) for ids in every),
-            "teacher_prompt": max(map(teacher_len, every)), "completion": new}
+    every = [item_prompts(tok, row, cfg) for row in rows]
+    shown.update({k: tok.decode(v) for k, v in every[0].items()})
+    return longest_lengths(cfg, every)

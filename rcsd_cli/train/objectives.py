@@ -152,6 +152,37 @@ def control_ids(tok, row: Rubric, cfg: TrainConfig, control: Rubric) -> list[int
     return teacher_prompt(tok, control, task=cfg.task, **view)
 
 
+def reason_first(cfg: TrainConfig) -> bool:
+    """Whether the teacher writes an analysis before it reads the completion (the authors' two-turn teacher)."""
+    return cfg.teacher.context == "reason-first" and cfg.task == "reasoner" and cfg.method in ("rcsd", "opsd")
+
+
+def item_prompts(tok, row: Rubric, cfg: TrainConfig) -> dict[str, list[int]]:
+    """The token ids of an item's prompts: the student's, and the teacher's (reason-first: its analysis prompt
+    and the transition after the analysis) when the method distils."""
+    ids = {"student_prompt": student_ids(tok, row, cfg)}
+    if reason_first(cfg):
+        ids["analysis_prompt"] = analysis_prompt(tok, row, **teacher_view(cfg))
+        ids["transition"] = transition_ids(tok, row, **teacher_view(cfg))
+    elif cfg.method in ("rcsd", "opsd"):
+        ids["teacher_prompt"] = teacher_ids(tok, row, cfg)
+    return ids
+
+
+def longest_lengths(cfg: TrainConfig, every: list[dict[str, list[int]]]) -> dict[str, int]:
+    """The longest prompt on each side over ``item_prompts`` of every item (a reason-first teacher prompt with
+    its analysis at ``--analysis-max-new-tokens``), and the completion limit: what sizes a run's memory and its
+    engines' ``max_model_len``."""
+
+    def teacher(ids: dict) -> int:
+        if "analysis_prompt" in ids:
+            return len(ids["analysis_prompt"]) + cfg.reason_first.max_new_tokens + len(ids["transition"])
+        return len(ids.get("teacher_prompt", ids["student_prompt"]))
+
+    return {"student_prompt": max(len(ids["student_prompt"]) for ids in every),
+            "teacher_prompt": max(map(teacher, every)), "completion": cfg.generation.max_new_tokens}
+
+
 def teacher_prompt_length(tok, row: Rubric, cfg: TrainConfig) -> int:
     """Tokens of the prompt the teacher is given before any sampled text: the analysis prompt for
     reason-first (the authors' 2048-token filter measured that one), else the whole teacher prompt."""

@@ -158,6 +158,7 @@ def rehearse(cfg: TrainConfig, model_config, *, lengths: dict, world: int) -> di
     for counting in (False, True):
         with fake_world(world):
             student, teacher = _on_meta(cfg, model_config, sharded)
+            out["parameters"] = sum(p.numel() for p in student.parameters())  # all of them, on the meta device
             with FakeTensorMode(allow_non_fake_inputs=True):  # the meta-device model goes in
                 student, teacher = _materialise(cfg, student, teacher, sharded)
                 params = [p for p in student.parameters() if p.requires_grad]

@@ -160,25 +160,38 @@ def separate_teacher_engine(cfg: TrainConfig) -> bool:
 
 
 def build_rollouts(cfg: TrainConfig, student, teacher, tok, teacher_scope, compute=nullcontext, *,
-                   trust_remote_code: bool) -> Rollouts:
+                   trust_remote_code: bool, lengths: dict[str, int] | None = None) -> Rollouts:
     """HF generation on the modules (under the precision's ``compute`` context), or vLLM engines
-    mirroring them (see the module docstring): bf16 engines unless the run computes in fp32."""
+    mirroring them (see the module docstring): bf16 engines unless the run computes in fp32, sized for
+    ``lengths`` (the run's longest prompts, ``objectives.longest_lengths``) and checked before they start."""
     if cfg.rollout.backend == "hf":
         t_module = teacher if teacher is not None else student
         return Rollouts(hf_generate(student, tok, compute=compute),
                         hf_generate(t_module, tok, teacher_scope, compute))
+    from rcsd_cli.train.engine_sizing import engine_sizes, require_engines_fit
+
     separate_teacher = separate_teacher_engine(cfg)
     dtype = str(precision.frozen_dtype(cfg.precision)).removeprefix("torch.")  # bf16 unless the run is fp32
+    on_gpu = torch.cuda.is_available()
     settings = cfg.rollout.vllm.model_copy(update={
-        "kv_cache_gib": cfg.rollout.vllm.kv_cache_gib or (None if torch.cuda.is_available() else 1.0),
+        "kv_cache_gib": cfg.rollout.vllm.kv_cache_gib or (None if on_gpu else 1.0),
         "memory_utilization": cfg.rollout.memory_share / (2 if separate_teacher else 1)})
+    device_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30 \
+        if on_gpu else None
+    sizes = {}
+    if lengths is not None:
+        found = engine_sizes(cfg, student.config, lengths, n_params=sum(p.numel() for p in student.parameters()),
+                             dtype_bytes=getattr(torch, dtype).itemsize, device_gib=device_gib,
+                             separate_teacher=separate_teacher)
+        require_engines_fit(found, device_gib)  # before minutes of loading, not after
+        sizes = {size.role: size.engine_args() for size in found}
 
     def engine(role, sleep: bool = True):
         from rcsd_cli.backends.vllm import VLLMBackend
 
         vllm = settings.model_copy(update={"sleep": settings.sleep and sleep})
         return VLLMBackend(BackendConfig.model_construct(kind="vllm", vllm=vllm), cfg.model, trust_remote_code,
-                           dtype=dtype, in_process=True, role=role)
+                           dtype=dtype, in_process=True, role=role, engine_args=sizes.get(role))
 
     s_engine = EngineRollouts(engine("student engine"), follows=student, dtype=getattr(torch, dtype))
     engines = [s_engine]

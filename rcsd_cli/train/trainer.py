@@ -41,7 +41,7 @@ from rcsd_cli.train.checkpoints import (
     write_metrics,
 )
 from rcsd_cli.train.monitor import Monitor, best_folder, evaluate
-from rcsd_cli.train.objectives import OBJECTIVES, StepContext, StepResult
+from rcsd_cli.train.objectives import OBJECTIVES, StepContext, StepResult, item_prompts, longest_lengths
 from rcsd_cli.train.phases import PhaseClock
 from rcsd_cli.train.rollout_engines import Rollouts, build_rollouts
 from rcsd_cli.train.tracking import Tracker, numeric, open_tracker
@@ -204,8 +204,9 @@ class Run:
             info(message)
 
 
-def setup(cfg: TrainConfig, out: Path, resume: bool, trust_remote_code: bool) -> Run:
-    """Models (sharded if asked), optimizer, schedule, teacher view and rollout engines; a resumed state."""
+def setup(cfg: TrainConfig, out: Path, resume: bool, trust_remote_code: bool, rows: list = ()) -> Run:
+    """Models (sharded if asked), optimizer, schedule, teacher view and rollout engines (vLLM's sized for the
+    longest of ``rows``); a resumed state."""
     rank, world = dist.setup()
     log = info if rank == 0 else (lambda *_: None)
     device_type = pick_device().type
@@ -239,8 +240,11 @@ def setup(cfg: TrainConfig, out: Path, resume: bool, trust_remote_code: bool) ->
     if ckpt is not None:
         load_optimizer(ckpt, student, optimizer, scheduler)
     teacher_hidden, teacher_head, teacher_scope = _teacher_view(cfg, student, teacher, compute)
+    lengths = None
+    if cfg.rollout.backend == "vllm" and rows and not cfg.samples:
+        lengths = longest_lengths(cfg, [item_prompts(tok, row, cfg) for row in rows])
     rollouts = build_rollouts(cfg, student, teacher, tok, teacher_scope, compute,
-                              trust_remote_code=trust_remote_code)
+                              trust_remote_code=trust_remote_code, lengths=lengths)
     if ckpt is not None:  # engines start from --model: give them the resumed weights
         rollouts.after_update()
     judge = None
@@ -364,7 +368,7 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
     notes = data_notes if data_notes is not None else {}
     monitor = Monitor(cfg, rows, notes) if (cfg.monitor.every or cfg.monitor.keep_best or cfg.monitor.stop_when) \
         else None
-    run = setup(cfg, out, resume, trust_remote_code)
+    run = setup(cfg, out, resume, trust_remote_code, rows)
     clock = PhaseClock()
     objective = objective or OBJECTIVES[cfg.method]
     if monitor is not None and run.start_step == 0:
