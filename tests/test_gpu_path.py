@@ -22,7 +22,8 @@ class RecordingEngine:
 
     made: list = []
 
-    def __init__(self, cfg, model, trust_remote_code=False, *, dtype="auto", in_process=False, role=""):
+    def __init__(self, cfg, model, trust_remote_code=False, *, dtype="auto", in_process=False, role="",
+                 engine_args=None):
         self.role, self.sleep_mode, self.asleep, self.calls = role, cfg.vllm.sleep, set(), []
         RecordingEngine.made.append(self)
 
@@ -92,3 +93,34 @@ def test_sharded_teacher_reshards_resume_stays_on_the_host_and_push_gathers_bf16
         assert rep["load_map_locations"] == ["cpu"]
         assert rep["optimizer_restored"]
     assert reports[0]["optimizer_entries_read"][0] > 0 and reports[1]["optimizer_entries_read"] == [0]
+
+
+def test_phase_timing_waits_for_the_gpu_once_per_step(monkeypatch):
+    """R7: the clock synchronised before and after every phase (two host stalls per phase, eight phases a
+    step). With CUDA events it records, and waits once when the step's figures are taken."""
+    from rcsd_cli.train import phases
+
+    waits, events = [], []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.at = None
+            events.append(self)
+
+        def record(self):
+            self.at = len(events)  # a stand-in clock: milliseconds = events made so far
+
+        def elapsed_time(self, end):
+            return float(end.at - self.at)
+
+    for name, value in {"is_available": lambda: True, "synchronize": lambda: waits.append(1), "Event": Event,
+                        "reset_peak_memory_stats": lambda: None, "max_memory_allocated": lambda: 2**30}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    clock = phases.PhaseClock()
+    for phase in ("rollout", "teacher", "student", "student", "optimizer", "push"):
+        with clock(phase):
+            pass
+    assert waits == []  # nothing waited inside the step
+    taken = clock.take()
+    assert waits == [1] and taken["peak_gpu_gib"] == 1.0
+    assert taken["student_seconds"] == 0.002 and taken["rollout_seconds"] == 0.001  # two phases of 1 ms
