@@ -25,11 +25,15 @@ class RecordingEngine:
     def __init__(self, cfg, model, trust_remote_code=False, *, dtype="auto", in_process=False, role="",
                  engine_args=None):
         self.role, self.sleep_mode, self.asleep, self.calls = role, cfg.vllm.sleep, set(), []
+        self.engine_args = engine_args or {}
         RecordingEngine.made.append(self)
 
-    def generate(self, prompts, cfg, seed, seeds=None):
-        self.calls.append(("generate", tuple(sorted(self.asleep))))
+    def generate(self, prompts, cfg, seed, seeds=None, adapter=True):
+        self.calls.append(("generate", tuple(sorted(self.asleep)), adapter))
         return []
+
+    def use_adapter(self, folder):
+        self.calls.append(("adapter", tuple(sorted(self.asleep)), sorted(p.name for p in Path(folder).iterdir())))
 
     def sleep(self, keep_weights):
         if self.sleep_mode:
@@ -45,6 +49,9 @@ class RecordingEngine:
     def load_weights(self, weights):
         self.calls.append(("load", tuple(sorted(self.asleep)), {v.dtype for _, v in weights}))
 
+    def close(self):
+        self.calls.append(("close",))
+
 
 @pytest.mark.parametrize("recipe", ["paper-stage2-qwen3-8b", "paper-opsd-qwen3-8b"])
 def test_at_most_one_engine_per_process_sleeps_and_wakes_in_order(monkeypatch, tiny_model, recipe):
@@ -52,8 +59,8 @@ def test_at_most_one_engine_per_process_sleeps_and_wakes_in_order(monkeypatch, t
     from rcsd_cli.backends import vllm
     from rcsd_cli.train.rollout_engines import build_rollouts
 
-    values = read_config_file(RECIPES / f"{recipe}.yaml", TrainConfig)
-    cfg = build_config(TrainConfig, {**values, "model": str(tiny_model), "precision": "bf16-mixed"})
+    values = read_config_file(RECIPES / f"{recipe}.yaml", TrainConfig)  # as full fine-tuning: two engines
+    cfg = build_config(TrainConfig, {**values, "model": str(tiny_model), "precision": "bf16-mixed", "lora_rank": 0})
     assert cfg.teacher.context == "reason-first"
     monkeypatch.setattr(vllm, "VLLMBackend", RecordingEngine)
     monkeypatch.setattr(vllm, "vllm_available", lambda: True)
@@ -73,6 +80,42 @@ def test_at_most_one_engine_per_process_sleeps_and_wakes_in_order(monkeypatch, t
                      ("wake", ("kv_cache",)), ("generate", ()), ("sleep", False)]
     loads = [c for c in student_engine.calls if c[0] == "load"]
     assert loads[0][2] == {torch.bfloat16}  # pushed in the engine's dtype
+
+
+@pytest.mark.parametrize("recipe", ["paper-stage2-qwen3-8b", "paper-opsd-qwen3-8b"])
+def test_a_lora_run_keeps_one_engine_and_pushes_only_the_adapter(monkeypatch, tiny_model, recipe):
+    """R10: the flagship (LoRA, frozen reason-first teacher) reloaded all base weights after a level-2 sleep every
+    step and kept a second engine resident for the teacher. Now one engine with LoRA enabled: the student's
+    rollouts carry its adapter, the teacher's analyses the base alone, a push writes the adapter files only,
+    and sleeping keeps the base weights (level 1)."""
+    from peft import LoraConfig, get_peft_model
+
+    from rcsd_cli.backends import vllm
+    from rcsd_cli.models import load_model
+    from rcsd_cli.train.rollout_engines import build_rollouts
+
+    values = read_config_file(RECIPES / f"{recipe}.yaml", TrainConfig)
+    cfg = build_config(TrainConfig, {**values, "model": str(tiny_model), "precision": "bf16-mixed"})
+    assert cfg.lora.rank == 16 and cfg.teacher.kind == "frozen" and cfg.teacher.context == "reason-first"
+    monkeypatch.setattr(vllm, "VLLMBackend", RecordingEngine)
+    monkeypatch.setattr(vllm, "vllm_available", lambda: True)
+    RecordingEngine.made = []
+    student = get_peft_model(load_model(str(tiny_model)).model, LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
+    rollouts = build_rollouts(cfg, student, None, None, None, trust_remote_code=False)
+    assert [e.role for e in RecordingEngine.made] == ["student engine"] and len(rollouts.engines) == 1
+    engine = RecordingEngine.made[0]
+    assert engine.engine_args == {"enable_lora": True, "max_lora_rank": 16, "max_loras": 1}
+    rollouts.teacher([[1]], cfg.generation, [0])  # the step: the analysis, the rollout, training, the push
+    rollouts.student([[1]], cfg.generation, [0])
+    rollouts.after_update()
+    rollouts.student([[1]], cfg.generation, [0])
+    folder = rollouts.engines[0].folder
+    rollouts.close()
+    assert not folder.exists()  # the process's adapter folder goes with the engine
+    files = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert engine.calls == [("generate", (), False), ("sleep", True), ("wake", ("kv_cache",)),
+                            ("generate", (), True), ("sleep", True), ("adapter", ("kv_cache",), files),
+                            ("wake", ("kv_cache",)), ("generate", (), True), ("sleep", True), ("close",)]
 
 
 @pytest.mark.parametrize("offload", ["none", "full"])

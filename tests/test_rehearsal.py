@@ -179,24 +179,30 @@ def _flagship(**options) -> TrainConfig:
 
 
 def test_the_flagships_engines_get_its_lengths_and_a_share_too_small_is_named():
-    """Two engines (student rollouts; the frozen teacher's reason-first analyses), each 0.3 of 80 GiB: 15.3 GiB
-    of bf16 weights and the profiling peak leave KV for several 6,144-token sequences. At 0.4 in all, 16 GiB
+    """The flagship (LoRA): one engine for rollouts and the frozen base's analyses, 0.6 of 80 GiB, its longest
+    sequence 6,144 tokens. As full fine-tuning: two engines (the teacher's keeps the initial weights), 0.3 each:
+    15.3 GiB of bf16 weights and the profiling peak still leave KV for several sequences. At 0.4 in all, 16 GiB
     each, nothing is left, and the error names the option."""
     from rcsd_cli.train.engine_sizing import check_engines, engine_sizes
+    from rcsd_cli.train.rollout_engines import separate_teacher_engine
 
     lengths = {"student_prompt": 2048, "teacher_prompt": 2048 + 4096, "completion": 4096}
     config = load_model_config("Qwen/Qwen3-8B")
     n = sum(p.numel() for p in _meta(config).parameters())
 
     def sizes(cfg):
-        return engine_sizes(cfg, config, lengths, n_params=n, dtype_bytes=2, device_gib=80.0, separate_teacher=True)
+        return engine_sizes(cfg, config, lengths, n_params=n, dtype_bytes=2, device_gib=80.0,
+                            separate_teacher=separate_teacher_engine(cfg))
 
-    fit = sizes(_flagship())
-    assert [(s.role, s.max_model_len, s.max_num_batched_tokens, s.share) for s in fit] == [
-        ("student engine", 6144, 8192, 0.3), ("teacher engine", 6144, 8192, 0.3)]
-    assert all(s.sequence_gib == 0.84375 and s.kv_gib > 5 * s.sequence_gib for s in fit)
-    assert check_engines(fit, 80.0) is None
-    problem = check_engines(sizes(_flagship(vllm_memory_utilization=0.4)), 80.0)
+    def described(found):
+        return [(s.role, s.max_model_len, s.max_num_batched_tokens, s.share) for s in found]
+
+    lora, full = sizes(_flagship()), sizes(_flagship(lora_rank=0))
+    assert described(lora) == [("student engine", 6144, 8192, 0.6)]
+    assert described(full) == [("student engine", 6144, 8192, 0.3), ("teacher engine", 6144, 8192, 0.3)]
+    assert all(s.sequence_gib == 0.84375 and s.kv_gib > 5 * s.sequence_gib for s in lora + full)
+    assert check_engines(lora, 80.0) is None and check_engines(full, 80.0) is None
+    problem = check_engines(sizes(_flagship(lora_rank=0, vllm_memory_utilization=0.4)), 80.0)
     assert problem.startswith("vllm student engine: its 0.20 of 80.0 GiB leaves")
     assert problem.endswith("raise --vllm-memory-utilization or lower --max-new-tokens")
 

@@ -130,15 +130,19 @@ def test_engine_follows_the_student_after_a_push_and_samples_reproducibly(vllm_m
     assert sync_gap(engine, student, tok) < 1e-3
 
 
-def test_train_with_vllm_rollouts_and_a_frozen_teacher_engine(run_cli, vllm_model, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_train_with_vllm_rollouts_and_a_frozen_teacher(run_cli, vllm_model, tmp_path, lora):
+    """Full fine-tuning: a second engine keeps the initial weights for the teacher's analyses. LoRA: one engine,
+    the adapter pushed, the base for the teacher."""
     write_jsonl(tmp_path / "p.jsonl", PROBLEMS)
     run_cli("gen-rubrics", tmp_path / "p.jsonl", "-o", tmp_path / "r.parquet", "--generator", "reference", check=True)
     out = tmp_path / "out"
     p = run_cli("train", "--rubrics", tmp_path / "r.parquet", "--model", vllm_model, "-o", out, "--steps", "2",
                 "--batch-size", "2", "--max-new-tokens", "8", "--teacher-context", "reason-first",
                 "--analysis-max-new-tokens", "8", "--rollout-backend", "vllm", "--vllm-enforce-eager",
-                "--vllm-kv-cache-gib", "0.25", "--lr", "1e-3", check=True)
-    assert "vllm student engine: loading" in p.stderr and "vllm teacher engine: loading" in p.stderr
+                "--vllm-kv-cache-gib", "0.25", "--lr", "1e-3", *(["--lora-rank", "8"] if lora else []), check=True)
+    assert "vllm student engine: loading" in p.stderr
+    assert ("vllm teacher engine: loading" in p.stderr) is not lora
     gap = float(re.search(r"differ by at most (\S+)", p.stderr).group(1))
     assert gap < 1e-3
     metrics, _ = read_artifact(out / "metrics.parquet", "metrics")
@@ -207,6 +211,38 @@ def test_vllm_serves_a_lora_adapter_folder_like_the_merged_model(vllm_model, tmp
             "--vllm-enforce-eager", "--vllm-kv-cache-gib", "0.25", "--max-new-tokens", "4", check=True)
     samples, meta = read_artifact(tmp_path / "s.parquet", "samples")
     assert len(samples) == 2 and meta["model"] == str(adapter)
+
+
+def test_a_lora_engine_follows_the_pushed_adapter_and_serves_the_base_to_the_teacher(vllm_model):
+    """R10: one engine with LoRA enabled; a push hands over the adapter (the base weights are never reloaded),
+    after which the engine's log-probs are the student's; asked without the adapter it is the frozen base."""
+    from peft import LoraConfig, get_peft_model
+
+    from rcsd_cli.backends.vllm import VLLMBackend, lora_engine_args
+    from rcsd_cli.data.schemas import BackendConfig
+    from rcsd_cli.train.rollout_engines import AdapterRollouts, EngineRollouts, sync_gap
+
+    loaded = load_model(str(vllm_model))
+    torch.manual_seed(0)
+    student = get_peft_model(loaded.model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    engine = VLLMBackend(BackendConfig(kind="vllm", vllm_enforce_eager=True, vllm_kv_cache_gib=0.25),
+                         str(vllm_model), dtype="float32", in_process=True, engine_args=lora_engine_args(8, "test"))
+    pushed = []
+    engine.load_weights = pushed.append  # a full push would land here
+    rollouts, base = AdapterRollouts(engine, follows=student), EngineRollouts(engine, adapter=False)
+    assert sync_gap(rollouts, student, loaded.tokenizer) < 1e-3  # B = 0 at the start: the adapter is a no-op
+    with torch.no_grad():  # an optimizer step, as LoRA takes it: only the adapter moves
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    assert sync_gap(rollouts, student, loaded.tokenizer) > 1e-2  # stale until pushed
+    rollouts.push()
+    rollouts.push()  # a second push replaces the first (a new request id, the older folder removed)
+    assert sync_gap(rollouts, student, loaded.tokenizer) < 1e-3
+    with student.disable_adapter():
+        assert sync_gap(base, student, loaded.tokenizer) < 1e-3
+    assert pushed == [] and len(list(rollouts.folder.iterdir())) == 1
+    rollouts.close()
 
 
 def test_the_vllm_api_rcsd_calls_is_the_installed_ones(vllm_model, monkeypatch):

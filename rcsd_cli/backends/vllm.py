@@ -56,12 +56,17 @@ def _lora_engine(path: str) -> tuple[str, dict]:
     from rcsd_cli.models import adapter_base, resolve_model
 
     rank = int(json.loads((folder / "adapter_config.json").read_text()).get("r") or 8)
+    settings = lora_engine_args(rank, str(folder))
+    info(f"vllm: {folder} is a LoRA adapter (rank {rank}); serving it on its base {adapter_base(folder)}")
+    return resolve_model(adapter_base(folder)), {**settings, "request": LoRARequest("adapter", 1, str(folder))}
+
+
+def lora_engine_args(rank: int, what: str) -> dict:
+    """An engine that serves one LoRA adapter of ``rank`` at a time (``what`` names it in the error)."""
     max_rank = next((r for r in _LORA_RANKS if r >= rank), None)
     if max_rank is None:
-        raise RcsdError(f"{folder}: LoRA rank {rank} is above vLLM's largest ({_LORA_RANKS[-1]})")
-    info(f"vllm: {folder} is a LoRA adapter (rank {rank}); serving it on its base {adapter_base(folder)}")
-    return resolve_model(adapter_base(folder)), {"enable_lora": True, "max_lora_rank": max_rank, "max_loras": 1,
-                                                  "request": LoRARequest("adapter", 1, str(folder))}
+        raise RcsdError(f"{what}: LoRA rank {rank} is above vLLM's largest ({_LORA_RANKS[-1]})")
+    return {"enable_lora": True, "max_lora_rank": max_rank, "max_loras": 1}
 
 
 class VLLMBackend:
@@ -83,6 +88,7 @@ class VLLMBackend:
         self.tokenizer = load_tokenizer(model_name, trust_remote_code)
         path, lora = _lora_engine(path)  # an adapter folder: its base model, the adapter as a LoRA request
         self.lora_request = lora.pop("request", None)
+        self.adapters = 1 if self.lora_request else 0  # adapters served so far (each has its own request id)
         try:
             import torch
 
@@ -122,9 +128,19 @@ class VLLMBackend:
         except Exception as exc:  # noqa: BLE001 - the engine's own log above has the details
             raise RcsdError(f"{label}: engine failed to start ({_first_line(exc)})") from exc
 
-    def _run(self, prompts, params):
+    def use_adapter(self, folder: str) -> None:
+        """Serve later requests (those that ask for the adapter) with the LoRA adapter saved in ``folder``. Each
+        folder gets a new id, so the engine loads it at its next request; the base weights stay as they are,
+        and vLLM evicts the adapter before (``max_loras`` 1)."""
+        from vllm.lora.request import LoRARequest
+
+        self.adapters += 1
+        self.lora_request = LoRARequest(f"adapter-{self.adapters}", self.adapters, folder)
+
+    def _run(self, prompts, params, adapter: bool = True):
         try:
-            return self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
+            return self.llm.generate(prompts, params, use_tqdm=False,
+                                     lora_request=self.lora_request if adapter else None)
         except Exception as exc:  # noqa: BLE001 - engine failures become one clean line
             raise RcsdError(f"vllm: generation failed ({_first_line(exc)})") from exc
 
@@ -134,7 +150,9 @@ class VLLMBackend:
         return SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               top_k=cfg.top_k if cfg.top_k else -1, seed=seed, ignore_eos=cfg.ignore_eos, **extra)
 
-    def generate(self, prompts, cfg, seed, on_done=None, seeds=None):
+    def generate(self, prompts, cfg, seed, on_done=None, seeds=None, adapter: bool = True):
+        """Sampled completions of token-id prompts; ``adapter`` False: from the base model even when an adapter
+        is being served (a LoRA run's frozen teacher)."""
         from vllm.inputs import TokensPrompt
 
         from rcsd_cli.modeling.generation import item_seed
@@ -145,7 +163,7 @@ class VLLMBackend:
         for start in range(0, len(prompts), chunk_size):
             chunk = prompts[start: start + chunk_size]
             params = [self._params(cfg, seeds[start + i] % 2**31) for i in range(len(chunk))]
-            outs = self._run([TokensPrompt(prompt_token_ids=p) for p in chunk], params)
+            outs = self._run([TokensPrompt(prompt_token_ids=p) for p in chunk], params, adapter)
             batch = []
             for out in outs:
                 o = out.outputs[0]
@@ -174,13 +192,13 @@ class VLLMBackend:
             lps.append(row_v)
         return ids, lps
 
-    def token_logprobs(self, prompt: list[int], continuation: list[int]) -> list[float]:
+    def token_logprobs(self, prompt: list[int], continuation: list[int], adapter: bool = True) -> list[float]:
         """The engine's log-probability of each continuation token after ``prompt`` (the sync check)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         out = self._run([TokensPrompt(prompt_token_ids=prompt + continuation)],
-                        SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0))[0]
+                        SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0), adapter)[0]
         ids = prompt + continuation
         return [out.prompt_logprobs[pos][ids[pos]].logprob for pos in range(len(prompt), len(ids))]
 

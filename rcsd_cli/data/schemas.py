@@ -628,7 +628,8 @@ class RolloutConfig(_Config):
     backend: Literal["hf", "vllm"] = opt(
         "hf", panel="Rollouts", flag="--rollout-backend", help="Engine for rollouts and reason-first analyses: hf "
         "(rcsd's decoding loop on the training modules) or vllm (colocated vLLM engine in this process, the "
-        "student's weights pushed after every optimizer step; a frozen teacher's analyses from a second engine; "
+        "student's weights (with LoRA: its adapter) pushed after every optimizer step; a frozen teacher's analyses "
+        "from a second engine (with LoRA: the same engine without the adapter); "
         "needs rcsd[vllm]).")
     vllm: VllmConfig = nested(VllmConfig, hide=("tensor_parallel_size",))
 

@@ -3,8 +3,9 @@
 ``hf``: rcsd's own decoding loop on the training modules (always current, nothing to sync).
 ``vllm``: colocated vLLM engines in the training process, created once. The student engine
 receives the student's weights after every optimizer step (parameter by parameter, gathered
-from FSDP shards one at a time; LoRA deltas added on the fly, the adapter left untouched). A
-frozen teacher's analyses come from a second engine that keeps the initial weights, an EMA
+from FSDP shards one at a time). With LoRA it receives only the adapter (saved, then served as a
+LoRA request on the base it loaded once), and the same engine without the adapter is the frozen
+teacher. Without LoRA, a frozen teacher's analyses come from a second engine that keeps the initial weights, an EMA
 teacher's from one that follows the teacher, a live teacher's from the student engine: never
 silently from the student when the teacher is meant to differ. vLLM allows sleep mode for one
 engine per process (its allocator's sleep unmaps every allocation of the process), so only the
@@ -78,8 +79,10 @@ def _lora_layers(lm) -> dict:
 class EngineRollouts:
     """A colocated vLLM engine that follows a module's weights (or keeps its initial ones)."""
 
-    def __init__(self, engine, follows=None, dtype: torch.dtype | None = None):
-        self.engine, self.follows, self.dtype = engine, follows, dtype
+    keeps_weights = False  # whether sleeping keeps the weights (vLLM's level 1) while the module trains
+
+    def __init__(self, engine, follows=None, dtype: torch.dtype | None = None, adapter: bool = True):
+        self.engine, self.follows, self.dtype, self.adapter = engine, follows, dtype, adapter
         self.weights_dropped = False  # GPU sleep mode drops a following engine's weights between calls
 
     def _ready(self) -> None:
@@ -89,8 +92,8 @@ class EngineRollouts:
 
     def generate(self, prompts, gen_cfg, seeds):
         self._ready()
-        out = self.engine.generate(prompts, gen_cfg, 0, seeds=seeds)
-        self.engine.sleep(keep_weights=self.follows is None)
+        out = self.engine.generate(prompts, gen_cfg, 0, seeds=seeds, adapter=self.adapter)
+        self.engine.sleep(keep_weights=self.follows is None or self.keeps_weights)
         self.weights_dropped = self.follows is not None and "weights" in self.engine.asleep
         return out
 
@@ -104,7 +107,44 @@ class EngineRollouts:
 
     def token_logprobs(self, prompt, continuation):
         self._ready()
-        return self.engine.token_logprobs(prompt, continuation)
+        return self.engine.token_logprobs(prompt, continuation, adapter=self.adapter)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class AdapterRollouts(EngineRollouts):
+    """LoRA: the engine loads the base weights once and serves the student as the base plus its current
+    adapter. A push saves the adapter (megabytes, not the base's gigabytes) to this process's folder and hands
+    the engine the new folder; the base is never reloaded, so sleeping keeps the weights. The frozen teacher
+    (the base with adapters disabled) is the same engine asked without the adapter (``adapter=False``), so no
+    second engine is resident."""
+
+    keeps_weights = True
+
+    def __init__(self, engine, follows):
+        import tempfile
+        from pathlib import Path
+
+        super().__init__(engine, follows)
+        self.folder = Path(tempfile.mkdtemp(prefix="rcsd-adapter-"))
+        self.pushes = 0
+
+    def push(self) -> None:
+        import shutil
+
+        self.pushes += 1
+        folder = self.folder / f"push-{self.pushes}"
+        with torch.no_grad():
+            sharding.unwrap(self.follows).save_pretrained(str(folder))  # the adapter alone (safetensors)
+        self.engine.use_adapter(str(folder))
+        shutil.rmtree(self.folder / f"push-{self.pushes - 1}", ignore_errors=True)  # loaded, or never needed
+
+    def close(self) -> None:
+        import shutil
+
+        super().close()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class Rollouts:
@@ -122,7 +162,7 @@ class Rollouts:
 
     def close(self) -> None:
         for e in self.engines:
-            e.engine.close()
+            e.close()
 
     def report_sync(self, student, tok, log=info) -> None:
         """Once, after the first push: the student engine's log-probs of a probe text vs the student's."""
@@ -153,10 +193,11 @@ def hf_generate(module, tok, scope=nullcontext, compute=nullcontext) -> Generate
 
 
 def separate_teacher_engine(cfg: TrainConfig) -> bool:
-    """Whether a vLLM run keeps a second engine for the frozen (or EMA) teacher's reason-first analyses."""
+    """Whether a vLLM run keeps a second engine for the frozen (or EMA) teacher's reason-first analyses (with
+    LoRA the student's engine serves the frozen base too)."""
     needs_teacher = (cfg.teacher.context == "reason-first" and cfg.reason_first.by == "teacher"
                      and cfg.task == "reasoner" and cfg.method in ("rcsd", "opsd"))
-    return cfg.rollout.backend == "vllm" and needs_teacher and cfg.teacher.kind != "live"
+    return cfg.rollout.backend == "vllm" and needs_teacher and cfg.teacher.kind != "live" and not cfg.lora.rank
 
 
 def build_rollouts(cfg: TrainConfig, student, teacher, tok, teacher_scope, compute=nullcontext, *,
@@ -186,13 +227,21 @@ def build_rollouts(cfg: TrainConfig, student, teacher, tok, teacher_scope, compu
         require_engines_fit(found, device_gib)  # before minutes of loading, not after
         sizes = {size.role: size.engine_args() for size in found}
 
-    def engine(role, sleep: bool = True):
+    def engine(role, sleep: bool = True, **engine_args):
         from rcsd_cli.backends.vllm import VLLMBackend
 
         vllm = settings.model_copy(update={"sleep": settings.sleep and sleep})
         return VLLMBackend(BackendConfig.model_construct(kind="vllm", vllm=vllm), cfg.model, trust_remote_code,
-                           dtype=dtype, in_process=True, role=role, engine_args=sizes.get(role))
+                           dtype=dtype, in_process=True, role=role,
+                           engine_args={**sizes.get(role, {}), **engine_args})
 
+    if cfg.lora.rank:  # one engine: base weights once, the student's adapter pushed, the base for the teacher
+        from rcsd_cli.backends.vllm import lora_engine_args
+
+        shared = engine("student engine", **lora_engine_args(cfg.lora.rank, "--lora-rank"))
+        s_engine = AdapterRollouts(shared, follows=student)
+        frozen = EngineRollouts(shared, adapter=False).generate if cfg.teacher.kind == "frozen" else None
+        return Rollouts(s_engine.generate, frozen or s_engine.generate, [s_engine])
     s_engine = EngineRollouts(engine("student engine"), follows=student, dtype=getattr(torch, dtype))
     engines = [s_engine]
     t_gen = s_engine.generate
