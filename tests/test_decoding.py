@@ -117,8 +117,10 @@ def test_inputs_go_to_the_compute_device_not_the_parameters_device(tiny_model):
     assert aligned_hidden(root, pb.student).shape == (3, 2, 32)
 
 
-def test_compiled_decoding_compiles_once_per_bucket(tiny):
-    """After one batch per prompt bucket, batches of other widths and a short last batch reuse the graphs."""
+def test_compiled_decoding_compiles_once_per_bucket_and_keeps_one_cache(tiny):
+    """After one batch per prompt bucket, batches of other widths and a short last batch reuse the graphs; the
+    model keeps one static cache, the latest shape's (R4: one per bucket, never freed, was 11-15 GB each at 8B
+    and 4,096 new tokens while the memory plan counted one)."""
     from rcsd_cli.modeling.generation import prompt_bucket
 
     assert [prompt_bucket(w) for w in (1, 64, 65, 96, 97, 480, 512, 544, 2048)] == \
@@ -127,12 +129,12 @@ def test_compiled_decoding_compiles_once_per_bucket(tiny):
     warm = {64: [[1, 5, 6]] * 3, 96: [[1] + [7] * 70] * 3}
     for prompts in warm.values():
         generate_batch(tiny.model, tiny.tokenizer, prompts, cfg, 0)
-    caches = dict(tiny.model._rcsd_static_caches)
+    assert list(tiny.model._rcsd_static_caches) == [(3, 96 + 4, None)]
     with torch._dynamo.config.patch(error_on_recompile=True):
         for prompts in (PROMPTS, [[1] + [8] * 80] * 3, [[1] + [9] * 50, [1, 2], [3], [1, 4, 4]]):  # 4: 3 + 1 rows
             out = generate(tiny.model, tiny.tokenizer, prompts, cfg, 0)
             assert [len(g.token_ids) for g in out] == [4] * len(prompts)
-    assert {k: id(v) for k, v in tiny.model._rcsd_static_caches.items()} == {k: id(v) for k, v in caches.items()}
+            assert len(tiny.model._rcsd_static_caches) == 1
 
 
 @pytest.mark.parametrize("compiled", [False, True])

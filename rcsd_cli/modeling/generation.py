@@ -222,8 +222,10 @@ def _same_dtype(update):
 
 
 def _static_cache(model, rows: int, total: int):
-    """This model's cache for (rows, total length, autocast dtype), allocated once and reset for each batch:
-    the same tensors every time, as CUDA graphs need."""
+    """This model's cache for (rows, total length, autocast dtype), reset for each batch of that shape: the
+    same tensors every time, as CUDA graphs need. Only the latest shape's cache is kept: at 8B and 4,096 new
+    tokens one is 11-15 GB, and a cache per prompt bucket would add up to several; a new shape frees the old
+    one before allocating (its CUDA graph is recorded again, once per change)."""
     from transformers import StaticCache
 
     caches = model.__dict__.setdefault("_rcsd_static_caches", {})
@@ -231,6 +233,7 @@ def _static_cache(model, rows: int, total: int):
            torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
     cache = caches.get(key)
     if cache is None:
+        caches.clear()
         config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
         cache = caches[key] = StaticCache(config=config, max_cache_len=total)
         for layer in cache.layers:  # bf16 autocast over fp32 weights: rotary keys come out fp32, values bf16
