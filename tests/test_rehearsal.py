@@ -98,6 +98,27 @@ def test_a_batch_smaller_than_the_world_is_refused_at_start(run_cli, tiny_model,
     assert "Traceback" not in ranks and not (tmp_path / "out").exists()
 
 
+def test_sharded_hf_rollouts_decode_with_the_plain_loop(run_cli, tiny_model, tmp_path):
+    """R8: the compiled step over FSDP2-sharded layers breaks at every unit's hooks and meets new gathered
+    tensors every rollout; asked for, it is refused at start; unset (the CUDA default), the run takes the plain
+    loop, as the dry run's plan does."""
+    from rcsd_cli.stages.train import decoding_for
+    from tests.test_distributed import dist_env
+
+    sharded = cfg_of(tiny_model, sharding="full-shard")
+    assert decoding_for(sharded, True).generation.compile_decoding is False
+    assert decoding_for(sharded, False).generation.compile_decoding is None  # one process without a launcher
+    assert decoding_for(cfg_of(tiny_model), True).generation.compile_decoding is None  # replicated
+    rubrics = tmp_path / "r.parquet"
+    run_cli("gen-rubrics", _problems(tmp_path), "-o", rubrics, "--generator", "reference", check=True)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                           "-m", "rcsd_cli", "train", "--rubrics", str(rubrics), "--model", str(tiny_model),
+                           "--sharding", "full-shard", "--compile-decoding", "--steps", "1", "-o",
+                           str(tmp_path / "out")], capture_output=True, text=True, env=dist_env(), timeout=300)
+    assert proc.returncode != 0 and not (tmp_path / "out").exists()
+    assert "--compile-decoding is not available with --sharding full-shard" in proc.stderr, proc.stderr[-2000:]
+
+
 def _problems(folder: Path) -> Path:
     from tests.conftest import write_jsonl
 

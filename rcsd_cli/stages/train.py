@@ -65,6 +65,19 @@ def check_sharding(cfg: TrainConfig, world: int) -> None:
     if cfg.rollout.backend == "vllm" and cfg.lora.rank:
         raise RcsdError(f"--rollout-backend vllm with --lora-rank is not available with --sharding {sharding}; "
                         "use --sharding replicate (adapters are small)")
+    if cfg.rollout.backend == "hf" and cfg.generation.compile_decoding:
+        raise RcsdError(f"--compile-decoding is not available with --sharding {sharding}: FSDP2's hooks split the "
+                        "compiled step into about two graphs per layer and the gathered weights are new tensors "
+                        "every rollout (CUDA graphs recorded again each step); use --no-compile-decoding, "
+                        "--sharding replicate or --rollout-backend vllm")
+
+
+def decoding_for(cfg: TrainConfig, sharded: bool) -> TrainConfig:
+    """Sharded HF rollouts decode with the plain loop (see ``check_sharding``), whatever the device's default."""
+    sharded = sharded and cfg.distributed.sharding not in (None, "replicate")
+    if sharded and cfg.rollout.backend == "hf" and cfg.generation.compile_decoding is None:
+        return cfg.model_copy(update={"generation": cfg.generation.model_copy(update={"compile_decoding": False})})
+    return cfg
 
 
 def resolve_sharding(cfg: TrainConfig) -> TrainConfig:
@@ -137,6 +150,7 @@ def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume
             check_static_attention(cfg.attn_implementation)
     rank, world = dist.setup(always=cfg.distributed.sharding != "replicate")
     check_sharding(cfg, world)
+    cfg = decoding_for(cfg, dist.is_initialized())
     if rank == 0:
         check_output_folder(output, overwrite, resume)
     dist.barrier()
@@ -198,6 +212,7 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
                             f"{lengths['teacher_prompt']}, completion {new} (--max-new-tokens)")
     world = cfg.dry_run.processes or dist.world()[1]
     check_batch(cfg, world)
+    cfg = decoding_for(cfg, world > 1)
     model_config = load_model_config(cfg.model, trust_remote_code)
     plan = estimate(cfg, model_config, student_tokens=lengths["student_prompt"] + new,
                     teacher_tokens=lengths["teacher_prompt"] + new, world=world, device_type=device_type,
