@@ -40,10 +40,13 @@ def row(recipe: Path, shown: dict[str, str], seconds: float, error: str) -> str:
     categories = ", ".join(f"{name} {gib}" for name, gib in re.findall(r"^(weights|teacher|optimizer|gradients|"
                                                                         r"activations|temporaries)\s+([\d.]+) GiB",
                                                                         step, flags=re.M))
+    engines = "; ".join(f"{role}: {length} tokens, {kv} GiB KV" for role, length, kv in re.findall(
+        r"^vllm (\w+) engine: max_model_len ([\d,]+),.*?leaves ([\d.]+) GiB of KV", shown.get("vllm engines", ""),
+        flags=re.M)) or "-"
     verdict = "yes" if "fits: yes" in step else f"no: {error}" if error else "no"
     flops = find(r"^FLOPs: (.+)$").replace(" for forward, backward and loss (FlopCounterMode)", "")
     return (f"| `{recipe.stem}` | {find(r'^rank 0 of (.+?);')} | {find(r'^peak +([0-9.]+) GiB')} ({categories}) "
-            f"| {find(r'^phases: (.+)$')} | {verdict} | {flops.replace(', rollouts not included', '')} "
+            f"| {find(r'^phases: (.+)$')} | {engines} | {verdict} | {flops.replace(', rollouts not included', '')} "
             f"| {seconds:.0f} s |")
 
 
@@ -71,11 +74,13 @@ def main() -> None:
             rows.append(row(recipe, shown, seconds, error))
             raw.append(f"## `{recipe.stem}` (exit {proc.returncode}, {seconds:.0f} s)\n\n```\n"
                        f"===== lengths =====\n{shown.get('lengths', '')}\n\n===== memory =====\n"
-                       f"{shown.get('memory', '')}\n\n===== simulated step =====\n{shown.get('simulated step', '')}"
+                       f"{shown.get('memory', '')}\n\n===== vllm engines =====\n{shown.get('vllm engines', '-')}"
+                       f"\n\n===== simulated step =====\n{shown.get('simulated step', '')}"
                        f"{chr(10) + error if error else ''}\n```\n")
             print(rows[-1], flush=True)
     header = ("| recipe | rank 0's share of the step | peak per rank, GiB (measured) | phases per device (plan "
-              "+ measured) | fits | FLOPs per rank | dry run |\n| --- | --- | --- | --- | --- | --- | --- |")
+              "+ measured) | vLLM engines: max_model_len, KV left (planned) | fits | FLOPs per rank | dry run |\n"
+              "| --- | --- | --- | --- | --- | --- | --- | --- |")
     args.out.write_text(f"# Every recipe's dry run at full shape\n\n`python examples/dry_run_recipes.py` on "
                         f"{cpu_name()} ({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}; nothing else "
                         f"running.\n\n{header}\n" + "\n".join(rows)
