@@ -4,9 +4,9 @@ own light dependencies (pydantic, pyarrow: carry their wheels to a bare GPU box)
 
 Measured, each printed as a table and written to OUT/gpu_quick.json:
 - decoding of a Qwen3-8B-shaped model (36 layers, hidden 4096, vocabulary 151,936), plain vs compiled loop:
-  16 prompts x 512 tokens x 256 new, then widths 480/512/544 and a batch of 5 (seconds, new dynamo graphs);
-  host syncs per token of each loop (``torch.cuda.set_sync_debug_mode``); the first position where compiled
-  and plain greedy tokens differ; peak memory of prefill at 16 x 2,048;
+  16 prompts x 512 tokens x 256 new, then widths 480/512/544 and 16 + 5 prompts (seconds, new dynamo graphs);
+  host syncs per token of each loop, counted in shapes already compiled (``torch.cuda.set_sync_debug_mode``);
+  the first position where compiled and plain greedy tokens differ; peak memory of prefill at 16 x 2,048;
 - the loss at the model's real hidden states: KL, clip share and top-1 agreement with bf16 logits (the old
   path) vs rcsd's fp32 logits;
 - one training step's allocated/reserved peak against ``memory.estimate``: LoRA r16 on the 36-layer shape
@@ -20,6 +20,7 @@ Measured, each printed as a table and written to OUT/gpu_quick.json:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -112,7 +113,8 @@ def decoding(model, device, scale: str) -> dict:
                              ("512", prompts(rows, width, vocab, 1)),
                              ("480", prompts(rows, width - width // 16, vocab, 2)),
                              ("544", prompts(rows, width + width // 16, vocab, 3)),
-                             ("batch of 5", prompts(5, width, vocab, 4))):
+                             # a short last batch, padded to the others' rows: no new graph
+                             ("512 + batch of 5", prompts(rows + 5, width, vocab, 4))):
             before = graphs()
             out, seconds = timed(lambda: generate(model, tok, batch, cfg, 0), device)
             results["runs"].append({"loop": loop, "batch": label, "seconds": round(seconds, 3),
@@ -120,10 +122,9 @@ def decoding(model, device, scale: str) -> dict:
                                     "new_graphs": graphs() - before})
             if label == "512":
                 results.setdefault("tokens", {})[loop] = [g.token_ids for g in out]
-        short = GenerationConfig(max_new_tokens=new // 4, temperature=0.0, ignore_eos=True, batch_size=rows,
-                                 compile_decoding=loop == "compiled")
-        syncs = host_syncs(lambda: generate(model, tok, prompts(rows, width, vocab, 1), short, 0), device)
-        results[f"host_syncs_per_token_{loop}"] = None if syncs < 0 else round(syncs / short.max_new_tokens, 3)
+        # the shapes of the timed "512" row, already compiled: no compile inside the count
+        syncs = host_syncs(lambda: generate(model, tok, prompts(rows, width, vocab, 1), cfg, 0), device)
+        results[f"host_syncs_per_token_{loop}"] = None if syncs < 0 else round(syncs / cfg.max_new_tokens, 3)
     tokens = results.pop("tokens")
     results["first_divergent_token"] = [next((i for i, (a, b) in enumerate(zip(p, c, strict=True)) if a != b), None)
                                         for p, c in zip(tokens["plain"], tokens["compiled"], strict=True)]
@@ -173,7 +174,7 @@ def loss_precision(model, device, scale: str) -> dict:
                               "top1": float(((s_logits.argmax(-1) == t_logits.argmax(-1)).float() * m).sum()) / tokens}
         health = {}
         chunked_distill_loss(hs, ht, head, head, mask, targets, cfg, health=health)
-        out["fp32_logits"]["clip_share"] = health["clip_share"] / tokens
+        out["fp32_logits"]["clip_share"] = float(health["clip_share"]) / tokens  # summed on the device
         again = chunked_distill_loss(hs, ht, head, head, mask, targets, cfg)[0]
         out["same_loss_twice"] = bool(torch.equal(again, loss))
     return out
@@ -276,6 +277,14 @@ def sharded_worker(out: Path, device) -> dict:
     return results
 
 
+def release(model) -> None:
+    """Drop what decoding keeps alive beyond ``del model``: the compiled step (it holds the bound forward), the
+    static KV cache, and dynamo's and the CUDA graph trees' records (their memory pool holds the weights)."""
+    model.__dict__.pop("_rcsd_decode_step", None)
+    model.__dict__.pop("_rcsd_static_caches", None)
+    torch._dynamo.reset()
+
+
 def table(title: str, rows: list[dict]) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     lines = [f"\n{title}", "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
@@ -292,7 +301,11 @@ def quick(out: Path, scale: str = "qwen3-8b") -> dict:
     model = qwen3(scale, device=device.type)
     report["decoding"] = decoding(model, device, scale)
     report["loss_precision"] = loss_precision(model, device, scale)
+    release(model)  # the next measurement starts without this model's weights, caches and graphs
     del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     report["step_memory"] = step_memory(device, scale)
     report["sharded"] = sharded_worker(out, device)
     report["seconds"] = round(time.perf_counter() - t0, 1)

@@ -167,3 +167,19 @@ def test_phase_timing_waits_for_the_gpu_once_per_step(monkeypatch):
     taken = clock.take()
     assert waits == [1] and taken["peak_gpu_gib"] == 1.0
     assert taken["student_seconds"] == 0.002 and taken["rollout_seconds"] == 0.001  # two phases of 1 ms
+
+
+@pytest.mark.slow  # about 40 s on 2 cores
+def test_the_gpu_quick_check_runs_on_cpu_at_tiny_scale(tmp_path):
+    """``examples/gpu_check.py --quick`` is what a lent GPU runs, once: it must run through here first. A short
+    last batch is padded to the others' rows (no new graph: R2's "batch of 5" row compiled again)."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "examples" / "gpu_check.py"), "--quick", "--allow-cpu",
+                           "--scale", "tiny", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_quick.json").read_text())
+    runs = {(r["loop"], r["batch"]): r for r in report["decoding"]["runs"]}
+    assert runs[("compiled", "warm-up 512")]["new_graphs"] >= 1
+    assert runs[("compiled", "512 + batch of 5")]["new_graphs"] == 0 and runs[("compiled", "512")]["new_graphs"] == 0
+    assert report["loss_precision"]["same_loss_twice"] is True
+    assert all(r.get("optimizer_restored") for r in report["sharded"].values())
