@@ -5,6 +5,7 @@ gradient norm, same final weights, and checkpoints that resume on another number
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,18 @@ def accelerate_launch(config, n, args, env):
     return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                            "--num_processes", str(n), "--main_process_port", "0", "-m", "rcsd_cli", *args],
                           capture_output=True, text=True, env=env, timeout=600)
+
+
+def launch_failure(proc) -> str:
+    """What a failed launch says: each rank's first error lines (a rank that aborts is often not the last to
+    write), then the end of the output."""
+    ranks = {}
+    for line in proc.stderr.splitlines():
+        found = re.match(r"\[rank(\d+)\]:(.*)", line)
+        if found and re.search(r"Error|error|terminate|Abort|what\(\)", found.group(2)):
+            ranks.setdefault(found.group(1), []).append(found.group(2).strip())
+    firsts = "\n".join(f"rank {r}: {' | '.join(lines[:3])}" for r, lines in sorted(ranks.items()))
+    return f"{firsts}\n...\n{proc.stderr[-2000:]}"
 
 
 def dist_env():
@@ -84,7 +97,7 @@ def test_two_processes_match_one(run_cli, tiny_model, answering_model, tmp_path,
     model, extra = (answering_model, GRPO) if method == "grpo" else (tiny_model, [])
     run_cli(*train_args(model, rubrics, tmp_path / "one", *extra), check=True)
     p = torchrun(2, train_args(model, rubrics, tmp_path / "two", *extra, "--save-every", "2"), dist_env())
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, launch_failure(p)
     one, _ = assert_same_run(tmp_path / "one", tmp_path / "two")
     assert sorted(x.name for x in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-2"]
     assert weights_gap(tmp_path / "one", model) > 1e-4  # the update moved the weights
@@ -103,7 +116,7 @@ def test_fsdp_full_shard_matches_one_process_and_resumes_unsharded(run_cli, tiny
     run_cli(*train_args(tiny_model, rubrics, tmp_path / "one", *extra), check=True)
     p = torchrun(2, train_args(tiny_model, rubrics, tmp_path / "fsdp", *extra, "--sharding", "full-shard",
                                "--save-every", "2"), dist_env())
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, launch_failure(p)
     assert "FSDP2 full-shard over 2 processes" in p.stderr
     assert_same_run(tmp_path / "one", tmp_path / "fsdp")
     # the sharded run's checkpoint holds full weights and a by-name optimizer state: one process resumes it
@@ -119,7 +132,7 @@ def test_replicated_checkpoint_resumes_sharded(run_cli, tiny_model, tmp_path, ru
     resumed = resume_folder(tmp_path / "one" / "checkpoint-2", tmp_path / "resumed")
     p = torchrun(2, train_args(tiny_model, rubrics, resumed, *live, "--sharding", "shard-grad-op", "--resume"),
                  dist_env())
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, launch_failure(p)
     assert_resumed(p.stderr, resumed, tmp_path / "one", 2, rel=1e-4, atol=1e-5)
 
 
@@ -133,7 +146,7 @@ def test_accelerate_launch_with_example_configs(run_cli, tiny_model, tmp_path, r
     run_cli(*train_args(tiny_model, rubrics, tmp_path / "one", *extra), check=True)
     p = accelerate_launch(ROOT / "examples" / "accelerate" / config, 2,
                           train_args(tiny_model, rubrics, tmp_path / "two", *extra), dist_env())
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, launch_failure(p)
     if expect:
         assert expect in p.stderr
     assert_same_run(tmp_path / "one", tmp_path / "two")
@@ -146,7 +159,7 @@ def test_fsdp_full_shard_with_lora_matches_one_process(run_cli, tiny_model, tmp_
     run_cli(*train_args(tiny_model, rubrics, tmp_path / "one", *lora), check=True)
     p = torchrun(2, train_args(tiny_model, rubrics, tmp_path / "fsdp", *lora, "--sharding", "full-shard",
                                "--offload", "full", "--save-every", "2"), dist_env())
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, launch_failure(p)
     one, _ = read_artifact(tmp_path / "one" / "metrics.parquet", "metrics")
     two, _ = read_artifact(tmp_path / "fsdp" / "metrics.parquet", "metrics")
     for a, b in zip(one, two, strict=True):
@@ -172,7 +185,7 @@ def test_fsdp_bf16_mixed_two_processes_match_one(run_cli, tiny_model, tmp_path, 
     for n in (1, 2):
         p = torchrun(n, train_args(tiny_model, rubrics, tmp_path / f"n{n}", *mixed, "--sharding", "full-shard"),
                      dist_env())
-        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.returncode == 0, launch_failure(p)
         runs[n], meta = read_artifact(tmp_path / f"n{n}" / "metrics.parquet", "metrics")
         assert meta["config"]["precision"] == "bf16-mixed"
     for a, b in zip(runs[1], runs[2], strict=True):  # bf16 compute: equal up to bf16 rounding
