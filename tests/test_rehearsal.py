@@ -13,6 +13,7 @@ import torch
 from rcsd_cli.data.options import build_config, read_config_file
 from rcsd_cli.data.schemas import TrainConfig
 from rcsd_cli.models import load_model_config
+from rcsd_cli.train.memory import meta_model
 from rcsd_cli.train.rehearsal import GIB, rehearse
 from tests.conftest import ROOT
 
@@ -31,7 +32,7 @@ def test_the_step_measures_weights_teacher_and_adamw_state_exactly(tiny_model, s
     the copy and AdamW's two moments are n fp32 values each, divided over the processes when sharded, and
     resident after the step (a sharded teacher's root, gathered for the loss, is sharded again)."""
     config = load_model_config(str(tiny_model))
-    n = sum(p.numel() for p in _meta(config).parameters()) / world
+    n = sum(p.numel() for p in meta_model(config).parameters()) / world
     out = rehearse(cfg_of(tiny_model, precision="fp32", sharding=sharding), config, lengths=LENGTHS, world=world)
     assert out["resident"] == pytest.approx({"weights": 4 * n / GIB, "teacher": 4 * n / GIB,
                                             "optimizer": 2 * 4 * n / GIB}, rel=1e-4)
@@ -39,13 +40,6 @@ def test_the_step_measures_weights_teacher_and_adamw_state_exactly(tiny_model, s
         assert out["peak"]["gradients"] == pytest.approx(4 * n / GIB)
     assert out["peak"]["activations"] > 0 and out["flops"] > 0
     assert (out["sequences"], out["micro_batches"]) == (4 // world, 2 // world)  # batch 4, micro-batch 2
-
-
-def _meta(config):
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 @pytest.mark.parametrize("method", ["rcsd", "opsd", "grpo", "sft", "offline"])
@@ -209,7 +203,7 @@ def test_the_flagships_engines_get_its_lengths_and_a_share_too_small_is_named():
 
     lengths = {"student_prompt": 2048, "teacher_prompt": 2048 + 4096, "completion": 4096}
     config = load_model_config("Qwen/Qwen3-8B")
-    n = sum(p.numel() for p in _meta(config).parameters())
+    n = sum(p.numel() for p in meta_model(config).parameters())
 
     def sizes(cfg):
         return engine_sizes(cfg, config, lengths, n_params=n, dtype_bytes=2, device_gib=80.0,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from rcsd_cli.data.schemas import TrainConfig
 from rcsd_cli.errors import RcsdError
+from rcsd_cli.train.memory import kv_values_per_token, text_config
 
 GIB = 2**30
 MIN_BATCHED_TOKENS = 8192  # vLLM's own default for an offline engine on one GPU
@@ -45,18 +46,14 @@ class EngineSize:
 
 def kv_bytes_per_token(model_config, dtype_bytes: int) -> int:
     """Keys and values of one token over all layers."""
-    text = getattr(model_config, "get_text_config", lambda: model_config)()
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+    return 2 * kv_values_per_token(model_config) * dtype_bytes
 
 
 def profiling_peak_bytes(model_config, batched_tokens: int, dtype_bytes: int) -> int:
     """vLLM's profiling run, roughly: one decoder layer's activations over ``batched_tokens`` tokens (the
     residual stream, q/k/v and attention output, the MLP's gate, up and product) and the sampler's fp32 logits
     with one fp32 copy for ``MAX_NUM_SEQS`` rows."""
-    text = getattr(model_config, "get_text_config", lambda: model_config)()
+    text = text_config(model_config)
     h = text.hidden_size
     inter = getattr(text, "intermediate_size", 4 * h)
     return batched_tokens * (4 * h + 3 * inter) * dtype_bytes + MAX_NUM_SEQS * text.vocab_size * 4 * 2

@@ -50,7 +50,20 @@ GIB = 2**30
 _BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
-def _meta_model(model_config):
+def text_config(model_config):
+    """The language model's part of a config (multimodal configs nest it)."""
+    return getattr(model_config, "get_text_config", lambda: model_config)()
+
+
+def kv_values_per_token(model_config) -> int:
+    """Key (or value) entries one token adds to a KV cache over all layers."""
+    text = text_config(model_config)
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return text.num_hidden_layers * (getattr(text, "num_key_value_heads", None) or heads) * head_dim
+
+
+def meta_model(model_config):
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -78,17 +91,15 @@ def estimate(cfg: TrainConfig, model_config, *, student_tokens: int, teacher_tok
     ``student_tokens``/``teacher_tokens``: one sequence's prompt + completion length on each side.
     """
     choice = precision.resolve(cfg.precision, device_type)
-    model = _meta_model(model_config)
+    model = meta_model(model_config)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = _lora_parameters(model, cfg) if cfg.lora.rank else n_params
     w_bytes = _BYTES[precision.base_dtype(choice, bool(cfg.lora.rank))]
     train_bytes = 4 if cfg.lora.rank else w_bytes  # peft keeps adapters in fp32
     shard = world if cfg.distributed.sharding in ("full-shard", "shard-grad-op") and world > 1 else 1
-    text = getattr(model_config, "get_text_config", lambda: model_config)()
+    text = text_config(model_config)
     h, layers = text.hidden_size, text.num_hidden_layers
     inter = getattr(text, "intermediate_size", 4 * h)
-    heads = text.num_attention_heads
-    kv_dim = (getattr(text, "num_key_value_heads", None) or heads) * (getattr(text, "head_dim", None) or h // heads)
     vocab = text.vocab_size
     act_bytes = 4 if choice == "fp32" else 2
     micro = min(cfg.micro_batch_size, cfg.batch_size)
@@ -118,7 +129,7 @@ def estimate(cfg: TrainConfig, model_config, *, student_tokens: int, teacher_tok
     kv_len = prompt_bucket(max(1, student_tokens - new)) + new if compiled else student_tokens
     key_bytes = 4 if fp32_stream or choice == "fp32" else 2
     value_bytes = key_bytes if compiled else act_bytes
-    plan["rollout_kv_cache"] = rows * kv_len * layers * kv_dim * (key_bytes + value_bytes)
+    plan["rollout_kv_cache"] = rows * kv_len * kv_values_per_token(model_config) * (key_bytes + value_bytes)
     plan["sampling_logits"] = rows * vocab * (act_bytes + 4 * 4 + 8)  # logits, fp32 copies, sort order (int64)
     gathered_bytes = 2 if choice == "bf16-mixed" else w_bytes  # FSDP2 gathers bf16 under the mixed policy
     if shard > 1:  # the root unit (embeddings, head, final norm) stays gathered from forward to backward, and
