@@ -170,3 +170,40 @@ def test_no_host_tensor_per_token_and_one_position_of_prefill_logits(tiny, monke
         counts.append(len(made))
         assert shapes[0][1] == 1 and len(shapes) == new
     assert counts[0] == counts[1]
+
+
+def test_compiled_decoding_under_autocast_casts_no_weight_per_token(tiny_model, monkeypatch):
+    """R6: under bf16-mixed, autocast casts each fp32 master weight to bf16 inside the compiled decode step, at
+    every token. Counted in the graph the compiler receives: no cast of a weight-shaped input, after the fix;
+    the tokens are autocast's, and the static cache holds bf16 keys and values (R4: fp32 keys were twice the
+    size), while the model keeps its fp32 weights."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from rcsd_cli.modeling import precision
+
+    lm = load_model(str(tiny_model), device=CPU)
+    weight_shapes = {tuple(m.weight.shape) for m in lm.model.modules() if isinstance(m, torch.nn.Linear)}
+    casts = []
+
+    def counting(gm, example_inputs):
+        inputs = {n.name: n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"}
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and ("to_copy" in str(n.target) or "convert_element_type" in str(n.target)):
+                src = inputs.get(getattr(n.args[0], "name", None))
+                if src is not None and tuple(src.shape) in weight_shapes and src.dtype == torch.float32:
+                    casts.append(tuple(src.shape))
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=aot_autograd(fw_compiler=counting),
+                                                                         dynamic=False))
+    torch._dynamo.reset()
+    with precision.compute("bf16-mixed", "cpu"):
+        plain, static = both(lm.model, lm.tokenizer, GenerationConfig(max_new_tokens=6, temperature=0.0))
+    torch._dynamo.reset()
+    assert [g.token_ids for g in static] == [g.token_ids for g in plain]
+    assert casts == []
+    (cache,) = lm.model._rcsd_static_caches.values()
+    assert {layer.keys.dtype for layer in cache.layers} == {layer.values.dtype for layer in cache.layers} == \
+        {torch.bfloat16}
+    assert {p.dtype for p in lm.model.parameters()} == {torch.float32}

@@ -44,11 +44,11 @@ def test_terms_by_hand(tiny_model):
     # the rollout's KV cache: 4 rows (the step's prompts) x 100 tokens x 2 layers x kv width 16, fp32 keys and values
     assert plan["rollout_kv_cache"] * GIB == pytest.approx(4 * 100 * 2 * 16 * 8)
     # bf16-mixed over fp32 weights: fp32 rotary keys, bf16 values (plain loop); the compiled loop's static cache
-    # stores values as keys and pads the prompt (60 tokens here) to its bucket (64)
+    # stores both in autocast's bf16 and pads the prompt (60 tokens here) to its bucket (64)
     assert mixed["rollout_kv_cache"] * GIB == pytest.approx(4 * 100 * 2 * 16 * 6)
     compiled = estimate(cfg.model_copy(update={"precision": "bf16-mixed", "generation": cfg.generation.model_copy(
         update={"compile_decoding": True, "max_new_tokens": 40})}), mc, student_tokens=100, teacher_tokens=200)
-    assert compiled["rollout_kv_cache"] * GIB == pytest.approx(4 * (64 + 40) * 2 * 16 * 8)
+    assert compiled["rollout_kv_cache"] * GIB == pytest.approx(4 * (64 + 40) * 2 * 16 * 4)
     # autocast keeps a bf16 copy of the weights it casts (not with LoRA's bf16 base, not under FSDP's policy)
     assert mixed["autocast_weight_copies"] * GIB == pytest.approx(2 * n) and plan["autocast_weight_copies"] == 0
     assert lora["autocast_weight_copies"] == 0

@@ -113,6 +113,43 @@ def test_sharded_hf_rollouts_decode_with_the_plain_loop(run_cli, tiny_model, tmp
     assert "--compile-decoding is not available with --sharding full-shard" in proc.stderr, proc.stderr[-2000:]
 
 
+_EXPLAIN_SHARDED = """
+import json, sys, torch, torch.distributed as dist
+from rcsd_cli.models import load_model
+from rcsd_cli.modeling.sharding import gathered, shard
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+lm = load_model(sys.argv[1], device=torch.device("cpu"))
+ids = torch.tensor([[1, 2, 3]])
+plain = torch._dynamo.explain(lm.model.forward)(input_ids=ids)
+root = shard(lm.model, True, "cpu")
+addresses = []
+for _ in range(2):  # two rollouts
+    with gathered(root):
+        sharded = torch._dynamo.explain(root.lm.forward)(input_ids=ids)
+        addresses.append([p.data_ptr() for p in root.lm.parameters()])
+print(json.dumps(dict(plain=plain.graph_break_count, sharded=sharded.graph_break_count,
+                      moved=sum(a != b for a, b in zip(*addresses)), params=len(addresses[0]))))
+"""
+
+
+def test_compiled_decoding_over_sharded_layers_breaks_per_layer_and_moves_every_step(tiny_model):
+    """R8, measured with ``torch._dynamo.explain`` inside the gathered root (gloo, one process): the unsharded
+    model compiles to one graph; gathered FSDP2 units break it twice per decoder layer (their hooks), and the
+    gathered parameters sit at new addresses in the next rollout, so CUDA graphs would be recorded again every
+    step. Hence the refusal above."""
+    import json
+
+    from tests.test_distributed import dist_env
+
+    proc = subprocess.run([sys.executable, "-c", _EXPLAIN_SHARDED, str(tiny_model)], capture_output=True, text=True,
+                          env=dist_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    layers = 2  # the tiny model's decoder layers
+    assert got["plain"] == 0 and got["sharded"] >= 2 * layers
+    assert got["moved"] >= got["params"] - 1  # all but the root's own gathered tensors
+
+
 def _problems(folder: Path) -> Path:
     from tests.conftest import write_jsonl
 

@@ -40,11 +40,7 @@ class HFBackend:
     def generate(self, prompts, cfg, seed, on_done=None, seeds=None):
         from rcsd_cli.modeling.generation import generate
 
-        def relay(start, batch):
-            if on_done:
-                on_done(list(range(start, start + len(batch))), batch)
-
-        return generate(self.model, self.tokenizer, prompts, cfg, seed, on_batch=relay, seeds=seeds)
+        return generate(self.model, self.tokenizer, prompts, cfg, seed, on_done=on_done, seeds=seeds)
 
     def topk_logprobs(self, prompts, continuations, k):
         from rcsd_cli.modeling.logprobs import teacher_topk

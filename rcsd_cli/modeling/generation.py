@@ -5,7 +5,8 @@ engine without touching how prompts are built. Later backends (vLLM, OpenAI-comp
 servers) implement the same ``generate`` signature.
 
 Two decoding loops give the same tokens. The plain one grows a dynamic KV cache and asks the
-device after every token whether all rows stopped. The static one (``compile_decoding``)
+device after every token whether all rows stopped; ``generate`` runs it with continuous batching
+(``continuous``: a row that stops is refilled at once with the next prompt). The static one (``compile_decoding``)
 preallocates the KV cache and the attention mask for the whole completion, so every decode step
 has the same shapes and can run as one compiled graph (``torch.compile``; CUDA graphs on a GPU),
 and looks for stop tokens only every ``STOP_CHECK_EVERY`` tokens: no host sync per token (the
@@ -25,7 +26,10 @@ import torch
 
 from rcsd_cli.data.schemas import GenerationConfig
 from rcsd_cli.errors import RcsdError
+from rcsd_cli.modeling import continuous
+from rcsd_cli.modeling.continuous import DecodeStats
 from rcsd_cli.modeling.logprobs import contrast_logits
+from rcsd_cli.modeling.sampling import _filter, item_seed, next_tokens, stop_ids  # noqa: F401 (re-exported)
 
 STOP_CHECK_EVERY = 16  # static loop: tokens between two "have all rows stopped?" host syncs
 
@@ -36,47 +40,6 @@ class Generation:
     text: str
     finish_reason: str  # "stop" when an end-of-sequence token was produced, "length", or "error"
     error: str | None = None  # why a served request failed after its retries (openai backend only)
-
-
-def _stop_ids(tokenizer, model) -> set[int]:
-    ids = set()
-    for src in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(src, int):
-            ids.add(src)
-        elif src:
-            ids.update(src)
-    return ids
-
-
-def item_seed(*parts) -> int:
-    """A stable 63-bit seed from (run seed, step, item id, ...): the same item draws the same sample
-    whatever batch it lands in, whichever process runs it and whatever ran before."""
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
-
-
-def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Top-k, then nucleus filtering (the order transformers applies them); removed entries become -inf."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix reaching top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
-def _next_tokens(logits: torch.Tensor, cfg: GenerationConfig, generators: list[torch.Generator]) -> torch.Tensor:
-    if cfg.temperature <= 0:
-        return logits.argmax(-1)
-    scores = _filter(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p)
-    # Gumbel-max with one generator per row: an exact sample from softmax(scores), row by row independent
-    noise = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in generators])
-    gumbel = -torch.log(-torch.log(noise.clamp_(min=1e-20, max=1 - 1e-7)))
-    return (scores + gumbel).argmax(-1)
 
 
 @torch.no_grad()
@@ -96,56 +59,58 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationCo
     """
     if isinstance(seeds, int):
         seeds = [item_seed(seeds, i) for i in range(len(prompts))]
-    from rcsd_cli.modeling.sharding import compute_device
-
-    device = compute_device(model)
-    pad = tokenizer.pad_token_id
     rows_in = prompts + (controls or [])
     width = max(len(p) for p in rows_in)
-    input_ids = torch.full((len(rows_in), width), pad, dtype=torch.long)
+    input_ids = torch.full((len(rows_in), width), tokenizer.pad_token_id, dtype=torch.long)
     attention = torch.zeros((len(rows_in), width), dtype=torch.long)
     for i, p in enumerate(rows_in):
         input_ids[i, width - len(p):] = torch.tensor(p)
         attention[i, width - len(p):] = 1
-    input_ids, attention = input_ids.to(device), attention.to(device)
-    stop = torch.tensor([-1] if cfg.ignore_eos else sorted(_stop_ids(tokenizer, model)) or [-1], device=device)
-    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    was_training = model.training
-    model.eval()
-    with _decoding(model) as lm:
+    with _decoding(model, tokenizer, cfg) as (lm, stop, pad):
+        device = stop.device
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         if controls is not None:
             rows = _decode(lm, input_ids, attention, cfg, generators, stop, pad, contrast=contrast_weight)
-        else:
-            if use_compiled_decoding(cfg, device):
-                check_static_attention(getattr(lm.config, "_attn_implementation", None))
+        elif use_compiled_decoding(cfg, device):
+            check_static_attention(getattr(lm.config, "_attn_implementation", None))
+            with autocast_weights(lm, device.type):
                 rows = _decode_static(lm, input_ids, attention, cfg, generators, stop, pad,
                                       rows=max(rows or 0, len(prompts)))
-            else:
-                rows = _decode(lm, input_ids, attention, cfg, generators, stop, pad)
-    model.train(was_training)
-    stop_ids = set(stop.tolist())
-    results = []
-    for row in rows:
-        ids, finish = [], "length"
-        for t in row:
-            ids.append(t)
-            if t in stop_ids:
-                finish = "stop"
-                break
-        results.append(Generation(ids, tokenizer.decode(ids, skip_special_tokens=True), finish))
-    return results
+        else:
+            rows = _decode(lm, input_ids, attention, cfg, generators, stop, pad)
+        stops = set(stop.tolist())
+    return [_finished(row, stops, tokenizer) for row in rows]
+
+
+def _finished(row: list[int], stops: set[int], tokenizer) -> Generation:
+    """A completion cut after its first stop token (kept), with its text and why it ended."""
+    ids = []
+    for t in row:
+        ids.append(t)
+        if t in stops:
+            return Generation(ids, tokenizer.decode(ids, skip_special_tokens=True), "stop")
+    return Generation(ids, tokenizer.decode(ids, skip_special_tokens=True), "length")
 
 
 @contextmanager
-def _decoding(model):
-    """The causal LM to decode with: a sharded model is gathered once (no collectives per token)."""
-    from rcsd_cli.modeling.sharding import FinalHidden, gathered
+def _decoding(model, tokenizer, cfg: GenerationConfig):
+    """(causal LM, stop ids, pad id) to decode with, in eval mode: a sharded model is gathered once (no
+    collectives per token); its inputs go to the mesh's device (``compute_device``)."""
+    from rcsd_cli.modeling.sharding import FinalHidden, compute_device, gathered
 
-    if isinstance(model, FinalHidden):  # inputs are already on the mesh's device (``compute_device``)
-        with gathered(model):
-            yield model.lm
-    else:
-        yield model
+    device = compute_device(model)
+    stop = torch.tensor([-1] if cfg.ignore_eos else sorted(stop_ids(tokenizer, model)) or [-1], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(model, FinalHidden):
+            with gathered(model):
+                yield model.lm, stop, tokenizer.pad_token_id
+        else:
+            yield model, stop, tokenizer.pad_token_id
+    finally:
+        model.train(was_training)
 
 
 def _decode(model, input_ids, attention, cfg, generators, stop, pad, contrast: float | None = None
@@ -160,7 +125,7 @@ def _decode(model, input_ids, attention, cfg, generators, stop, pad, contrast: f
         logits = out.logits[:, -1, :]
         if contrast is not None:
             logits = contrast_logits(logits[:n].float(), logits[n:].float(), contrast)
-        nxt = _next_tokens(logits, cfg, generators)
+        nxt = next_tokens(logits, cfg, generators)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         tokens.append(nxt)
         done |= torch.isin(nxt, stop)
@@ -212,10 +177,42 @@ def _compiled_step(model):
     return step
 
 
-def _same_dtype(update):
-    """A static cache layer allocates one dtype (the keys'); store the values in it too."""
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+@contextmanager
+def autocast_weights(model, device_type: str):
+    """Under autocast, the weights of the linear layers held in autocast's dtype for one decoding call.
+
+    Autocast casts an fp32 master weight to bf16 at every use, and its cast cache does not live across
+    compiled calls: a compiled decode step would read 4 and write 2 bytes per weight for every token
+    (R6). Cast once here instead; the values are the ones autocast computes, so are the tokens. Only
+    linear layers: autocast casts their weights, while norms and embeddings stay in their own dtype.
+    """
+    low = _autocast_dtype(device_type)
+    kept = []
+    if low is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                for p in (module.weight, module.bias):
+                    if p is not None and p.is_floating_point() and p.dtype.itemsize > low.itemsize:
+                        kept.append((p, p.data))
+                        p.data = p.data.to(low)
+    try:
+        yield
+    finally:
+        for p, data in kept:
+            p.data = data
+
+
+def _store_as(update, dtype: torch.dtype | None):
+    """A static cache layer allocates one dtype, the first keys'. Store keys and values in ``dtype`` (autocast's,
+    the one attention computes in: bf16 under bf16-mixed, not the fp32 that the normed, rotated keys come out
+    in: half the cache, same tokens), or else in the keys' dtype."""
 
     def cast_update(key_states, value_states, *args, **kwargs):
+        key_states = key_states.to(dtype or key_states.dtype)
         return update(key_states, value_states.to(key_states.dtype), *args, **kwargs)
 
     return cast_update
@@ -229,15 +226,15 @@ def _static_cache(model, rows: int, total: int):
     from transformers import StaticCache
 
     caches = model.__dict__.setdefault("_rcsd_static_caches", {})
-    key = (rows, total, torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else
-           torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+    low = _autocast_dtype("cuda") or _autocast_dtype("cpu")
+    key = (rows, total, low)
     cache = caches.get(key)
     if cache is None:
         caches.clear()
         config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
         cache = caches[key] = StaticCache(config=config, max_cache_len=total)
-        for layer in cache.layers:  # bf16 autocast over fp32 weights: rotary keys come out fp32, values bf16
-            layer.update = _same_dtype(layer.update)
+        for layer in cache.layers:
+            layer.update = _store_as(layer.update, low)
     elif cache.is_initialized:
         cache.reset()
     return cache
@@ -274,7 +271,7 @@ def _decode_static(model, input_ids, attention, cfg, generators, stop, pad, comp
     done[n:] = True
     with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64)):
         for t in range(cfg.max_new_tokens):
-            nxt = torch.cat([_next_tokens(logits[:n], cfg, generators), filler])
+            nxt = torch.cat([next_tokens(logits[:n], cfg, generators), filler])
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             tokens[:, t] = nxt
             done |= torch.isin(nxt, stop)
@@ -287,14 +284,47 @@ def _decode_static(model, input_ids, attention, cfg, generators, stop, pad, comp
 
 
 def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, seed: int,
-             on_batch=None, seeds: list[int] | None = None, controls: list[list[int]] | None = None,
-             contrast_weight: float = 1.0) -> list[Generation]:
-    """Generate for any number of prompts in batches of ``cfg.batch_size``.
+             on_done=None, seeds: list[int] | None = None, controls: list[list[int]] | None = None,
+             contrast_weight: float = 1.0, stats: DecodeStats | None = None) -> list[Generation]:
+    """One completion per prompt, at most ``cfg.batch_size`` prompts decoding at once.
 
-    ``seeds`` (one per prompt) make each sample independent of batching; by default prompt i of
-    this call gets ``item_seed(seed, i)``. ``controls``: contrastive decoding (``generate_batch``).
+    The plain loop batches continuously (``continuous``: a prompt joins as soon as a row stops); the
+    compiled loop decodes fixed-shape batches in order. ``seeds`` (one per prompt) make each sample
+    independent of batching; by default prompt i of this call gets ``item_seed(seed, i)``. ``on_done(indices,
+    generations)`` sees completions as they finish, in any order. ``controls``: contrastive decoding
+    (``generate_batch``). ``stats``: filled with the continuous loop's decode steps and row occupancy.
     """
     seeds = seeds if seeds is not None else [item_seed(seed, i) for i in range(len(prompts))]
+    if not prompts:
+        return []
+    from rcsd_cli.modeling.sharding import compute_device
+
+    if controls is None and use_compiled_decoding(cfg, compute_device(model)):
+        return _static_batches(model, tokenizer, prompts, cfg, seeds, on_done)
+    results: list[Generation | None] = [None] * len(prompts)
+    with _decoding(model, tokenizer, cfg) as (lm, stop, pad):
+        stops = set(stop.tolist())
+
+        def finished(indices: list[int], rows: list[list[int]]) -> None:
+            for i, row in zip(indices, rows, strict=True):
+                results[i] = _finished(row, stops, tokenizer)
+            if on_done:
+                on_done(indices, [results[i] for i in indices])
+
+        try:
+            continuous.decode(lm, prompts, cfg, seeds, stop, pad, rows=cfg.batch_size, controls=controls,
+                              contrast_weight=contrast_weight, on_done=finished, stats=stats)
+        except continuous.NotContinuous:  # e.g. sliding-window layers: fixed batches in order
+            pass
+    if any(r is None for r in results):
+        return _static_batches(model, tokenizer, prompts, cfg, seeds, on_done, controls, contrast_weight)
+    return results
+
+
+def _static_batches(model, tokenizer, prompts, cfg, seeds, on_done=None, controls=None, contrast_weight=1.0
+                    ) -> list[Generation]:
+    """Fixed batches of ``cfg.batch_size`` in order, each decoded until its last row stops (the compiled loop's
+    way: every batch, the last one padded, has the same shape)."""
     results: list[Generation] = []
     for start in range(0, len(prompts), cfg.batch_size):
         window = slice(start, start + cfg.batch_size)
@@ -302,6 +332,6 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, 
                                controls=None if controls is None else controls[window],
                                contrast_weight=contrast_weight, rows=min(cfg.batch_size, len(prompts)))
         results.extend(batch)
-        if on_batch:
-            on_batch(start, batch)
+        if on_done:
+            on_done(list(range(start, start + len(batch))), batch)
     return results

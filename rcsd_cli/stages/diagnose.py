@@ -140,7 +140,7 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
                 return engine.generate(prompts, cfg.generation, cfg.seed, seeds=seeds,
                                        on_done=lambda _, b: advance(len(b)))
             return generate(model, tok, prompts, cfg.generation, cfg.seed, seeds=seeds, controls=controls,
-                            contrast_weight=cfg.teacher.contrast_weight, on_batch=lambda _, b: advance(len(b)))
+                            contrast_weight=cfg.teacher.contrast_weight, on_done=lambda _, b: advance(len(b)))
 
     def prompts(cond: str) -> list[list[int]]:
         return [condition_prompt(tok, r, partner[r.id], cond, cfg.prompt_style, teacher_think) for r in items]

@@ -15,11 +15,12 @@ its ``config.json`` (no weights read), so parameter counts are exact, LoRA inclu
   them) stay fp32; the teacher's final hidden states; one loss chunk of logits (student, teacher,
   softmax and gradient: 4 x micro-batch x chunk x vocabulary in fp32);
 - ``bf16-mixed`` without sharding: autocast's bf16 copy of every weight it casts, kept from the
-  forward to the end of the autocast region (FSDP2's policy gathers bf16 weights instead);
+  forward to the end of the autocast region (FSDP2's policy gathers bf16 weights instead); the
+  compiled decoding loop holds the same copy while it decodes (cast once per call, not per token);
 - the rollout's KV cache: ``--gen-batch-size`` rows (up to the step's prompts; the compiled loop
   pads to that many rows and the prompt to its bucket), keys and values in the dtype decoding
-  produces (under ``bf16-mixed`` over fp32 weights the rotary keys are fp32, and the compiled
-  loop's static cache stores values as keys);
+  produces (under ``bf16-mixed`` over fp32 weights the plain loop's rotary keys are fp32; the
+  compiled loop's static cache stores both in autocast's bf16);
 - the sampling step's logits: one position per row (prefill keeps the last position only), with
   the fp32 copies top-k/top-p filtering makes;
 - sharded runs: the root unit (embeddings, head, final norm) gathered from forward to backward
@@ -127,9 +128,8 @@ def estimate(cfg: TrainConfig, model_config, *, student_tokens: int, teacher_tok
     rows = min(cfg.generation.batch_size, step_rows)
     compiled = use_compiled_decoding(cfg.generation, torch.device(device_type))
     kv_len = prompt_bucket(max(1, student_tokens - new)) + new if compiled else student_tokens
-    key_bytes = 4 if fp32_stream or choice == "fp32" else 2
-    value_bytes = key_bytes if compiled else act_bytes
-    plan["rollout_kv_cache"] = rows * kv_len * kv_values_per_token(model_config) * (key_bytes + value_bytes)
+    key_bytes = 4 if fp32_stream and not compiled else act_bytes  # the static cache stores autocast's dtype
+    plan["rollout_kv_cache"] = rows * kv_len * kv_values_per_token(model_config) * (key_bytes + act_bytes)
     plan["sampling_logits"] = rows * vocab * (act_bytes + 4 * 4 + 8)  # logits, fp32 copies, sort order (int64)
     gathered_bytes = 2 if choice == "bf16-mixed" else w_bytes  # FSDP2 gathers bf16 under the mixed policy
     if shard > 1:  # the root unit (embeddings, head, final norm) stays gathered from forward to backward, and

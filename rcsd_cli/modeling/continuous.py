@@ -1,0 +1,215 @@
+"""Continuous batching for the plain decoding loop: a row that stops is refilled with the next waiting prompt.
+
+A static batch decodes until its longest row stops, so most of its steps carry finished rows (the demo's
+answers average 20 tokens while each batch's longest runs to 50-80). Here every decode step carries up to
+``rows`` live items: when one stops, it leaves the batch and the next prompt joins.
+
+How rows share one KV cache (a ``DynamicCache``): every row's tokens are the right-aligned suffix of the
+cache's columns, the columns left of it masked out (left padding). Joining prompts are prefilled as a batch
+of their own and their cache is concatenated to the live rows' after left-padding the shorter of the two;
+a row that stops is dropped from every layer, and columns no live row reaches any more are trimmed from the
+left. Each row carries its own position ids, so where it sits in the cache does not change its values, and
+each item samples from its own generator, so its tokens do not depend on which items it shares a batch with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from rcsd_cli.data.schemas import GenerationConfig
+from rcsd_cli.modeling.logprobs import contrast_logits
+from rcsd_cli.modeling.sampling import next_tokens
+
+OnDone = Callable[[list[int], list[list[int]]], None]  # (item indices, their token ids), as items stop
+
+
+@dataclass
+class DecodeStats:
+    """What a call cost: decode steps (one forward of the live rows each) and the row-steps they carried."""
+
+    steps: int = 0
+    live_row_steps: int = 0  # sum over steps of the rows that were still generating
+    slot_steps: int = 0  # sum over steps of ``rows`` (the batch the scheduler may fill)
+
+    @property
+    def occupancy(self) -> float:
+        return self.live_row_steps / self.slot_steps if self.slot_steps else 0.0
+
+
+@dataclass
+class _Live:
+    """The rows in flight, in cache order. With controls (contrastive decoding) item ``j`` has two cache rows:
+    its prompt at ``j`` and its control at ``len(items) + j``."""
+
+    items: list[int] = field(default_factory=list)
+    generators: list[torch.Generator] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # per cache row: tokens it has in the cache
+    cache: object = None
+    mask: torch.Tensor | None = None  # [cache rows, columns]
+    position: torch.Tensor | None = None  # [cache rows, 1]: the position of each row's last token
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class NotContinuous(Exception):
+    """The model's cache is not one this scheduler can split and join (sliding-window or other layers)."""
+
+
+def _layers(cache) -> list:
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        raise NotContinuous(f"continuous batching needs a DynamicCache of full-attention layers, got {type(cache)}")
+    return layers
+
+
+def _select(live: _Live, keep: list[int], rows_of) -> None:
+    """Keep the items at positions ``keep`` (cache rows follow), trim columns no kept row reaches."""
+    rows = rows_of(keep, len(live.items))
+    live.items = [live.items[j] for j in keep]
+    live.generators = [live.generators[j] for j in keep]
+    live.tokens = [live.tokens[j] for j in keep]
+    live.lengths = [live.lengths[r] for r in rows]
+    if not rows:
+        live.cache = live.mask = live.position = None
+        return
+    cut = live.mask.shape[1] - max(live.lengths)
+    index = torch.tensor(rows, device=live.mask.device)
+    for layer in _layers(live.cache):
+        layer.keys = layer.keys.index_select(0, index)[:, :, cut:]
+        layer.values = layer.values.index_select(0, index)[:, :, cut:]
+    live.mask = live.mask.index_select(0, index)[:, cut:]
+    live.position = live.position.index_select(0, index)
+
+
+def _join(live: _Live, new: _Live, halves: int) -> None:
+    """Append ``new``'s items after the live ones; cache rows stay grouped as prompts, then controls (``halves``
+    is 2 with controls), both caches left-padded to the wider one."""
+    if live.cache is None:
+        live.__dict__.update(new.__dict__)
+        return
+    old_n, new_n = len(live.items), len(new.items)
+    width = max(live.mask.shape[1], new.mask.shape[1])
+
+    def merged(a, b, pad_dim: int | None = None):
+        if pad_dim is not None:
+            a, b = _left_pad(a, width, pad_dim), _left_pad(b, width, pad_dim)
+        parts = []
+        for k in range(halves):
+            parts += [a[k * old_n:(k + 1) * old_n], b[k * new_n:(k + 1) * new_n]]
+        return torch.cat(parts) if isinstance(a, torch.Tensor) else [x for part in parts for x in part]
+
+    for old_layer, new_layer in zip(_layers(live.cache), _layers(new.cache), strict=True):
+        old_layer.keys = merged(old_layer.keys, new_layer.keys, 2)
+        old_layer.values = merged(old_layer.values, new_layer.values, 2)
+    live.mask = merged(live.mask, new.mask, 1)
+    live.position = merged(live.position, new.position)
+    live.lengths = merged(live.lengths, new.lengths)
+    live.items += new.items
+    live.generators += new.generators
+    live.tokens += new.tokens
+
+
+@torch.no_grad()
+def decode(model, prompts: list[list[int]], cfg: GenerationConfig, seeds: list[int], stop: torch.Tensor, pad: int,
+           rows: int, controls: list[list[int]] | None = None, contrast_weight: float = 1.0,
+           on_done: OnDone | None = None, stats: DecodeStats | None = None) -> list[list[int]]:
+    """Every prompt's completion token ids (the stop token kept), at most ``rows`` items decoding at once.
+
+    ``controls``: control prompt i decodes beside prompt i, fed the same tokens, and every step samples from
+    (1+w) z_prompt - w z_control (``--teacher-contrast``); an item and its control join and leave together.
+    """
+    device = stop.device
+    stop_set = set(stop.tolist())
+    pairs = controls is not None
+
+    def rows_of(items: list[int], n: int) -> list[int]:  # cache rows of the items at these positions
+        return items + [n + j for j in items] if pairs else list(items)
+
+    results: list[list[int] | None] = [None] * len(prompts)
+    live, waiting = _Live(), 0
+    logits = None  # [cache rows, vocab]: the next-token logits of every live row
+    stats = stats if stats is not None else DecodeStats()
+    while waiting < len(prompts) or live.items:
+        free = rows - len(live.items)
+        if free > 0 and waiting < len(prompts):
+            joining = list(range(waiting, min(len(prompts), waiting + free)))
+            waiting = joining[-1] + 1
+            new, new_logits = _prefill(model, prompts, controls, joining, seeds, pad, device)
+            _join(live, new, 2 if pairs else 1)
+            logits = new_logits if logits is None else _merge_logits(logits, new_logits, pairs)
+        n = len(live.items)
+        z = logits[:n]
+        if pairs:
+            z = contrast_logits(z.float(), logits[n:].float(), contrast_weight)
+        nxt = next_tokens(z, cfg, live.generators).tolist()  # the plain loop reads every token on the host
+        keep, finished = [], []
+        for j, token in enumerate(nxt):
+            live.tokens[j].append(token)
+            if token in stop_set or len(live.tokens[j]) == cfg.max_new_tokens:
+                results[live.items[j]] = live.tokens[j]
+                finished.append(j)
+            else:
+                keep.append(j)
+        if finished and on_done:
+            on_done([live.items[j] for j in finished], [live.tokens[j] for j in finished])
+        if finished:
+            fed_items = keep
+            _select(live, keep, rows_of)
+        else:
+            fed_items = list(range(n))
+        if not live.items:
+            logits = None
+            continue
+        fed = torch.tensor([nxt[j] for j in fed_items], device=device)
+        fed = torch.cat([fed, fed]) if pairs else fed
+        live.mask = torch.cat([live.mask, torch.ones_like(live.mask[:, :1])], dim=1)
+        live.position = live.position + 1
+        live.lengths = [length + 1 for length in live.lengths]
+        out = model(input_ids=fed.unsqueeze(-1), attention_mask=live.mask, position_ids=live.position,
+                    past_key_values=live.cache, use_cache=True)
+        logits = out.logits[:, -1, :]
+        stats.steps += 1
+        stats.live_row_steps += len(live.items)
+        stats.slot_steps += rows
+    return results
+
+
+def _merge_logits(old: torch.Tensor, new: torch.Tensor, pairs: bool) -> torch.Tensor:
+    if not pairs:
+        return torch.cat([old, new])
+    a, b = old.shape[0] // 2, new.shape[0] // 2
+    return torch.cat([old[:a], new[:b], old[a:], new[b:]])
+
+
+def _prefill(model, prompts, controls, joining: list[int], seeds: list[int], pad: int, device
+             ) -> tuple[_Live, torch.Tensor]:
+    """The joining items' prompts (then their controls) left-padded into one batch and run through the model."""
+    rows_in = [prompts[i] for i in joining] + ([controls[i] for i in joining] if controls is not None else [])
+    width = max(len(p) for p in rows_in)
+    input_ids = torch.full((len(rows_in), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows_in), width), dtype=torch.long)
+    for r, p in enumerate(rows_in):
+        input_ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
+    _layers(out.past_key_values)
+    new = _Live(items=list(joining), generators=[torch.Generator(device=device).manual_seed(seeds[i])
+                                                 for i in joining],
+                tokens=[[] for _ in joining], lengths=[len(p) for p in rows_in], cache=out.past_key_values,
+                mask=mask, position=position[:, -1:])
+    return new, out.logits[:, -1, :]
