@@ -4,12 +4,12 @@ A static batch decodes until its longest row stops, so most of its steps carry f
 answers average 20 tokens while each batch's longest runs to 50-80). Here every decode step carries up to
 ``rows`` live items: when one stops, it leaves the batch and the next prompt joins.
 
-How rows share one KV cache (a ``DynamicCache``): every row's tokens are the right-aligned suffix of the
-cache's columns, the columns left of it masked out (left padding). Joining prompts are prefilled as a batch
-of their own and their cache is concatenated to the live rows' after left-padding the shorter of the two;
-a row that stops is dropped from every layer, and columns no live row reaches any more are trimmed from the
-left. Each row carries its own position ids, so where it sits in the cache does not change its values, and
-each item samples from its own generator, so its tokens do not depend on which items it shares a batch with.
+How rows share one KV cache (a ``DynamicCache`` whose layers grow in place): a row's tokens sit in the cache's
+columns its attention-mask row marks, the others are padding. Joining prompts are prefilled as a batch of their
+own (left-padded) and their cache is concatenated to the live rows' after left-padding the narrower of the two;
+a row that stops is dropped from every layer, and so are the columns no live row uses any more. Each row
+carries its own position ids, so where it sits in the cache does not change its values, and each item samples
+from its own generator, so its tokens do not depend on which items it shares a batch with.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ class _Live:
     items: list[int] = field(default_factory=list)
     generators: list[torch.Generator] = field(default_factory=list)
     tokens: list[list[int]] = field(default_factory=list)
-    lengths: list[int] = field(default_factory=list)  # per cache row: tokens it has in the cache
     cache: object = None
     mask: torch.Tensor | None = None  # [cache rows, columns]
     position: torch.Tensor | None = None  # [cache rows, 1]: the position of each row's last token
@@ -66,6 +65,33 @@ class NotContinuous(Exception):
     """The model's cache is not one this scheduler can split and join (sliding-window or other layers)."""
 
 
+class _GrowingLayer:
+    """One layer's keys and values in buffers with room to grow: a decode step writes its column in place, where
+    ``DynamicLayer.update`` copies the whole cache (``torch.cat``: a fifth of a decode step at 135M, 16 rows)."""
+
+    @staticmethod
+    def adopt(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold ``keys``/``values`` [rows, heads, columns, dim] in ``layer``, with room for as many columns again."""
+        n = keys.shape[2]
+        room = max(64, n)
+        layer._k = keys.new_empty((*keys.shape[:2], n + room, keys.shape[3]))
+        layer._v = values.new_empty((*values.shape[:2], n + room, values.shape[3]))
+        layer._k[:, :, :n], layer._v[:, :, :n] = keys, values
+        layer._n = n
+        layer.keys, layer.values = layer._k[:, :, :n], layer._v[:, :, :n]
+        layer.update = lambda k, v, *args, **kwargs: _GrowingLayer.append(layer, k, v)
+
+    @staticmethod
+    def append(layer, keys: torch.Tensor, values: torch.Tensor):
+        n, add = layer._n, keys.shape[2]
+        if n + add > layer._k.shape[2]:
+            _GrowingLayer.adopt(layer, layer.keys, layer.values)
+        layer._k[:, :, n:n + add], layer._v[:, :, n:n + add] = keys, values
+        layer._n = n + add
+        layer.keys, layer.values = layer._k[:, :, :n + add], layer._v[:, :, :n + add]
+        return layer.keys, layer.values
+
+
 def _layers(cache) -> list:
     from transformers.cache_utils import DynamicLayer
 
@@ -75,23 +101,34 @@ def _layers(cache) -> list:
     return layers
 
 
+def _reshape(live: _Live, rows: torch.Tensor | None, columns: torch.Tensor | None) -> None:
+    """Keep these cache rows and columns (``None``: all) of every layer and of the mask."""
+    for layer in _layers(live.cache):
+        keys, values = layer.keys, layer.values
+        if rows is not None:
+            keys, values = keys.index_select(0, rows), values.index_select(0, rows)
+        if columns is not None:
+            keys, values = keys.index_select(2, columns), values.index_select(2, columns)
+        _GrowingLayer.adopt(layer, keys, values)
+    if rows is not None:
+        live.mask = live.mask.index_select(0, rows)
+    if columns is not None:
+        live.mask = live.mask.index_select(1, columns)
+
+
 def _select(live: _Live, keep: list[int], rows_of) -> None:
-    """Keep the items at positions ``keep`` (cache rows follow), trim columns no kept row reaches."""
+    """Keep the items at positions ``keep`` (their cache rows follow) and drop the columns no kept row uses."""
     rows = rows_of(keep, len(live.items))
     live.items = [live.items[j] for j in keep]
     live.generators = [live.generators[j] for j in keep]
     live.tokens = [live.tokens[j] for j in keep]
-    live.lengths = [live.lengths[r] for r in rows]
     if not rows:
         live.cache = live.mask = live.position = None
         return
-    cut = live.mask.shape[1] - max(live.lengths)
     index = torch.tensor(rows, device=live.mask.device)
-    for layer in _layers(live.cache):
-        layer.keys = layer.keys.index_select(0, index)[:, :, cut:]
-        layer.values = layer.values.index_select(0, index)[:, :, cut:]
-    live.mask = live.mask.index_select(0, index)[:, cut:]
     live.position = live.position.index_select(0, index)
+    used = live.mask.index_select(0, index).any(0)
+    _reshape(live, index, None if bool(used.all()) else used.nonzero().squeeze(1))
 
 
 def _join(live: _Live, new: _Live, halves: int) -> None:
@@ -112,11 +149,10 @@ def _join(live: _Live, new: _Live, halves: int) -> None:
         return torch.cat(parts) if isinstance(a, torch.Tensor) else [x for part in parts for x in part]
 
     for old_layer, new_layer in zip(_layers(live.cache), _layers(new.cache), strict=True):
-        old_layer.keys = merged(old_layer.keys, new_layer.keys, 2)
-        old_layer.values = merged(old_layer.values, new_layer.values, 2)
+        _GrowingLayer.adopt(old_layer, merged(old_layer.keys, new_layer.keys, 2),
+                            merged(old_layer.values, new_layer.values, 2))
     live.mask = merged(live.mask, new.mask, 1)
     live.position = merged(live.position, new.position)
-    live.lengths = merged(live.lengths, new.lengths)
     live.items += new.items
     live.generators += new.generators
     live.tokens += new.tokens
@@ -177,7 +213,6 @@ def decode(model, prompts: list[list[int]], cfg: GenerationConfig, seeds: list[i
         fed = torch.cat([fed, fed]) if pairs else fed
         live.mask = torch.cat([live.mask, torch.ones_like(live.mask[:, :1])], dim=1)
         live.position = live.position + 1
-        live.lengths = [length + 1 for length in live.lengths]
         out = model(input_ids=fed.unsqueeze(-1), attention_mask=live.mask, position_ids=live.position,
                     past_key_values=live.cache, use_cache=True)
         logits = out.logits[:, -1, :]
@@ -210,6 +245,7 @@ def _prefill(model, prompts, controls, joining: list[int], seeds: list[int], pad
     _layers(out.past_key_values)
     new = _Live(items=list(joining), generators=[torch.Generator(device=device).manual_seed(seeds[i])
                                                  for i in joining],
-                tokens=[[] for _ in joining], lengths=[len(p) for p in rows_in], cache=out.past_key_values,
-                mask=mask, position=position[:, -1:])
+                tokens=[[] for _ in joining], cache=out.past_key_values, mask=mask, position=position[:, -1:])
+    for layer in new.cache.layers:
+        _GrowingLayer.adopt(layer, layer.keys, layer.values)
     return new, out.logits[:, -1, :]

@@ -121,30 +121,76 @@ def continuation_sums(model, pairs: list[tuple[list[int], list[int]]], pad_id: i
                       on_done=None) -> list[float]:
     """The summed log-probability of each (context ids, continuation ids) pair, in the given order.
 
-    Pairs that differ only in their continuation's last token (multiple-choice letters, one-token
-    choices) share one forward pass, as lm-eval groups them: the shared positions are summed once and
-    each pair reads its own last token from the same final distribution. Forwards run longest first,
-    so a batch pads to lengths close to its own; ``on_done(n)`` after each batch of n pairs."""
-    groups: dict[tuple, list[int]] = {}
+    A context is run once for all its continuations (a question and its choices): its KV cache is repeated for
+    each continuation, which then runs only its own tokens. Continuations that differ only in their last token
+    (multiple-choice letters, one-token choices) share a row, as lm-eval groups them: each reads its last
+    token from the same final distribution. Contexts run ``batch_size`` at a time, longest first, so a
+    batch pads to lengths close to its own; ``on_done(n)`` after each batch of n pairs."""
+    groups: dict[tuple, list[int]] = {}  # (context, continuation but its last token) -> pair indices
     for i, (ctx, cont) in enumerate(pairs):
         if cont:  # an empty continuation has probability 1: its sum stays 0
             groups.setdefault((tuple(ctx), tuple(cont[:-1])), []).append(i)
-    keys = sorted(groups, key=lambda k: -(len(k[0]) + len(k[1])))
-    head = model.get_output_embeddings()
+    by_context: dict[tuple, list[tuple]] = {}
+    for key in groups:
+        by_context.setdefault(key[0], []).append(key)
+    contexts = sorted(by_context, key=len, reverse=True)
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = lm.get_output_embeddings()
     out = [0.0] * len(pairs)
-    for j in range(0, len(keys), batch_size):
-        part = keys[j: j + batch_size]
-        firsts = [pairs[groups[k][0]] for k in part]
-        pb = build_pair_batch([ctx for ctx, _ in firsts], [ctx for ctx, _ in firsts], [c for _, c in firsts], pad_id)
-        hidden = aligned_hidden(model, pb.student)
-        dev = hidden.device
-        shared = (chunked_token_logprobs(hidden, head, pb.targets.to(dev)) * pb.mask.to(dev)).tolist()
-        last = torch.tensor([len(c) - 1 for _, c in firsts], device=dev)
-        final = F.log_softmax(upcast(head(hidden[torch.arange(len(part), device=dev), last])), -1)
-        for b, key in enumerate(part):
-            prefix = sum(shared[b][: len(key[1])])  # every position but the last, the same for the group
+    for j in range(0, len(contexts), batch_size):
+        part = contexts[j: j + batch_size]
+        keys = [key for ctx in part for key in by_context[ctx]]
+        row_ctx = [part.index(key[0]) for key in keys]
+        hidden = _context_then_continuations(lm, list(part), [list(key[1]) for key in keys], row_ctx, pad_id)
+        width = hidden.shape[1]  # position t predicts continuation token t
+        targets = torch.full((len(keys), width), pad_id, dtype=torch.long, device=hidden.device)
+        mask = torch.zeros((len(keys), width), dtype=torch.bool, device=hidden.device)
+        for r, key in enumerate(keys):
+            targets[r, :len(key[1])] = torch.tensor(key[1], dtype=torch.long)
+            mask[r, :len(key[1])] = True
+        shared = (chunked_token_logprobs(hidden, head, targets) * mask).sum(-1).tolist()
+        last = torch.tensor([len(key[1]) for key in keys], device=hidden.device)
+        final = F.log_softmax(upcast(head(hidden[torch.arange(len(keys), device=hidden.device), last])), -1)
+        for r, key in enumerate(keys):
             for i in groups[key]:
-                out[i] = prefix + final[b, pairs[i][1][-1]].item()
+                out[i] = shared[r] + final[r, pairs[i][1][-1]].item()
         if on_done:
-            on_done(sum(len(groups[k]) for k in part))
+            on_done(sum(len(groups[key]) for key in keys))
     return out
+
+
+def _context_then_continuations(lm, contexts: list[tuple], continuations: list[list[int]], row_ctx: list[int],
+                                pad_id: int) -> torch.Tensor:
+    """Final hidden states [rows, 1 + longest continuation, H]: position 0 is the last context token of the row's
+    context, position t the continuation's token t-1. The contexts run once, left-padded, with a KV cache
+    that each row then extends by its continuation (right-padded; a causal mask keeps pads out of the rest)."""
+    device = next(lm.parameters()).device
+    width = max(len(c) for c in contexts)
+    ids = torch.full((len(contexts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(contexts), width), dtype=torch.long)
+    for b, ctx in enumerate(contexts):
+        ids[b, width - len(ctx):] = torch.tensor(ctx, dtype=torch.long)
+        attention[b, width - len(ctx):] = 1
+    ids, attention = ids.to(device), attention.to(device)
+    body = lm.base_model
+    out = body(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+               use_cache=True)
+    rows = torch.tensor(row_ctx, device=device)
+    last = out.last_hidden_state[:, -1].index_select(0, rows).unsqueeze(1)
+    longest = max(len(c) for c in continuations)
+    if longest == 0:
+        return last
+    cache = out.past_key_values
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+    cont = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    cont_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for r, c in enumerate(continuations):
+        cont[r, :len(c)] = torch.tensor(c, dtype=torch.long)
+        cont_mask[r, :len(c)] = 1
+    lengths = torch.tensor([len(contexts[b]) for b in row_ctx], device=device)
+    position = lengths[:, None] + torch.arange(longest, device=device)[None]
+    hidden = body(input_ids=cont.to(device), attention_mask=torch.cat([attention.index_select(0, rows),
+                                                                        cont_mask.to(device)], 1),
+                  position_ids=position, past_key_values=cache, use_cache=True).last_hidden_state
+    return torch.cat([last, hidden], 1)
