@@ -176,6 +176,30 @@ def test_loglik_choice_scores_equal_a_plain_forward(tiny_model):
     assert (g["prediction"], g["acc"], g["acc_norm"], g["gold_logprob"]) == ("A", 0.0, 1.0, -3.0)
 
 
+def test_loglik_runs_each_context_once_for_all_its_choices(tiny_model, monkeypatch):
+    """Two questions with 3 and 2 multi-token choices: one forward of the 2 contexts, then one of the 5
+    continuations over the contexts' repeated KV cache, not 5 rows of context + choice."""
+    from rcsd_cli.backends.base import HFBackend
+    from rcsd_cli.evaluation.loglik import GENERIC, choice_logprobs
+
+    engine = HFBackend(str(tiny_model))
+    body, real = engine.model.model, engine.model.model.forward
+    shapes = []
+
+    def recording(*args, **kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(body, "forward", recording)
+    problems = [Problem(id="a", question="Which is a gas at room temperature?", choices=["Oxygen gas", "Iron bar",
+                                                                                        "Salt water"], answer="A"),
+                Problem(id="b", question="2+2?", choices=["four apples", "five pears"], answer="A")]
+    choice_logprobs(engine, problems, GENERIC, batch_size=4)
+    contexts = {GENERIC.context(p, []) for p in problems}
+    assert [rows for rows, _ in shapes] == [len(contexts), 5]
+    assert shapes[1][1] < shapes[0][1]  # the continuations run only their own tokens
+
+
 def test_loglik_protocols_are_lm_evals_own_tasks():
     """Contexts and continuations as lm-eval 0.4.13's task YAMLs render them (arc_easy, sciq, openbookqa,
     mmlu_college_physics with its description and first_n dev examples)."""
