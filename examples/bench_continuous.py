@@ -21,6 +21,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     import torch
 
@@ -52,8 +62,8 @@ def main() -> None:
                                                    top_k=20, batch_size=args.rows)),
     }
     print(f"# Continuous batching vs static batches ({args.model}, {args.rows} rows, {args.new_tokens} new tokens)\n")
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads, {args.rounds} alternating rounds; medians\n")
+    print(f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} alternating "
+          f"rounds, {time.strftime('%Y-%m-%d')}; medians\n")
     print("| workload | loop | items | tokens | decode steps | live row-steps | seconds | tokens/s | speed-up |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, (problems, cfg) in workloads.items():

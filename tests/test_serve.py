@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -117,14 +118,14 @@ def test_full_queue_answers_503_with_retry_after(tiny_model, monkeypatch):
     import rcsd_cli.backends.server as server
 
     release, started = threading.Event(), threading.Event()
-    real = server.generate_batch
+    real = server.generate
 
     def held(*args, **kwargs):
         started.set()
         release.wait(30)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(server, "generate_batch", held)
+    monkeypatch.setattr(server, "generate", held)
     httpd, url = in_process_server(tiny_model, max_queue=1)
     first: list = []
     t = threading.Thread(target=lambda: first.append(post(url + "/completions", {"prompt": "hi", "max_tokens": 2})))
@@ -139,13 +140,54 @@ def test_full_queue_answers_503_with_retry_after(tiny_model, monkeypatch):
     httpd.shutdown()
 
 
+def test_waiting_requests_are_decoded_together_with_their_own_answers(tiny_model, monkeypatch):
+    """While the model is busy, requests that arrive wait and then run as one batch (one ``generate`` call); each
+    gets the answer it gets alone (same seed, its own max_tokens), and different sampling settings run apart."""
+    import rcsd_cli.backends.server as server
+
+    httpd, url = in_process_server(tiny_model)
+    bodies = [{"prompt": "hi", "max_tokens": 5, "seed": 1, "temperature": 1.0, "n": 2, "return_token_ids": True},
+              {"prompt": "The sky is", "max_tokens": 3, "seed": 2, "temperature": 1.0, "return_token_ids": True},
+              {"prompt": "hi", "max_tokens": 4, "temperature": 0.0, "return_token_ids": True}]
+    alone = [post(url + "/completions", body)[1]["choices"] for body in bodies]
+    release, started, calls = threading.Event(), threading.Event(), []
+    real = server.generate
+
+    def held(model, tok, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        started.set()
+        release.wait(30)
+        return real(model, tok, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(server, "generate", held)
+    first = threading.Thread(target=lambda: post(url + "/completions", {"prompt": "hold", "max_tokens": 2}))
+    first.start()
+    assert started.wait(30)
+    replies: dict = {}
+    threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, post(url + "/completions", bodies[i])))
+               for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # all three are waiting behind the held call
+    release.set()
+    for t in threads + [first]:
+        t.join(60)
+    assert calls[0] == 1 and sorted(calls[1:]) == [1, 3]  # then the two sampled requests (2 + 1 rows) together
+    for i in range(3):
+        code, reply, _ = replies[i]
+        assert code == 200
+        assert [(c["token_ids"], c["finish_reason"]) for c in reply["choices"]] == \
+            [(c["token_ids"], c["finish_reason"]) for c in alone[i]]
+    httpd.shutdown()
+
+
 def test_internal_failure_is_a_500_with_one_line(tiny_model, monkeypatch, capfd):
     import rcsd_cli.backends.server as server
 
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: device-side assert triggered\nmore detail")
 
-    monkeypatch.setattr(server, "generate_batch", broken)
+    monkeypatch.setattr(server, "generate", broken)
     monkeypatch.delenv("RCSD_DEBUG", raising=False)
     httpd, url = in_process_server(tiny_model)
     code, reply, _ = post(url + "/completions", {"prompt": "hi", "max_tokens": 2})

@@ -2,8 +2,9 @@
 
 Every request is validated before it reaches the model (types, ranges, token ids inside the
 vocabulary, prompt plus ``max_tokens`` inside the context) and refused with a 400 whose message is
-one line naming the field, as vLLM and OpenAI answer. Generation holds one lock, so requests are
-served one at a time; at most ``max_queue`` may be running or waiting, the next gets a 503 with
+one line naming the field, as vLLM and OpenAI answer. Requests are
+decoded together: one worker owns the model and takes every request waiting into its next batch
+(``Batcher``); at most ``max_queue`` may be running or waiting, the next gets a 503 with
 ``Retry-After`` instead of stalling. A request that fails anyway gets a 500 with one line; the
 console shows one line too (the traceback only with ``RCSD_DEBUG=1``). Nothing drops a connection
 without an answer except a client that stops sending (read timeout) or ``--exit-after``.
@@ -13,11 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import sys
 import threading
 import time
 import traceback
 import uuid
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
@@ -25,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rcsd_cli.data.schemas import GenerationConfig, ServeConfig
 from rcsd_cli.errors import describe_validation_error
-from rcsd_cli.modeling.generation import generate_batch
+from rcsd_cli.modeling.generation import Generation, generate, item_seed
 
 DEFAULT_MAX_TOKENS = 256
 MAX_BODY_BYTES = 32 * 2**20
@@ -94,8 +98,9 @@ class ServerState:
         self.name = cfg.served_name or cfg.model
         self.vocab = model.get_input_embeddings().num_embeddings
         self.context = getattr(model.config, "max_position_embeddings", None)
-        self.lock = threading.Lock()  # one generation at a time
+        self.batcher = Batcher(model, tokenizer, cfg.batch_rows)
         self.slots = threading.BoundedSemaphore(cfg.max_queue)
+        self.count_lock = threading.Lock()
         self.served = 0
 
     def prompt_ids(self, path: str, body: bytes) -> tuple[list[int], _Request, bool]:
@@ -160,8 +165,66 @@ class ServerState:
     def generation_config(self, prompt_len: int, req: _Request) -> GenerationConfig:
         room = self.context - prompt_len if self.context else DEFAULT_MAX_TOKENS  # default max_tokens: what fits
         return GenerationConfig(max_new_tokens=req.max_tokens or min(DEFAULT_MAX_TOKENS, room),
-                                temperature=req.temperature, top_p=req.top_p, top_k=max(0, req.top_k),
-                                batch_size=max(1, req.n))
+                                temperature=req.temperature, top_p=req.top_p, top_k=max(0, req.top_k))
+
+
+@dataclass
+class _Job:
+    prompt: list[int]
+    cfg: GenerationConfig
+    seed: int
+    n: int
+    done: threading.Event = dataclass_field(default_factory=threading.Event)
+    result: list[Generation] | None = None
+    error: BaseException | None = None
+
+
+class Batcher:
+    """One worker thread owns the model: it takes every request waiting, groups those with the same sampling
+    settings, and decodes each group in one continuously batched ``generate`` call of up to ``rows`` rows
+    (one token limit per request). Completion i of a request draws from ``item_seed(seed, i)``, as it would
+    alone, so a request's answer does not depend on what it was batched with."""
+
+    def __init__(self, model, tokenizer, rows: int):
+        self.model, self.tokenizer, self.rows = model, tokenizer, rows
+        self._waiting: queue.Queue[_Job] = queue.Queue()
+        threading.Thread(target=self._work, daemon=True, name="rcsd-serve-batcher").start()
+
+    def submit(self, prompt: list[int], cfg: GenerationConfig, seed: int, n: int) -> list[Generation]:
+        job = _Job(prompt, cfg, seed, n)
+        self._waiting.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _work(self) -> None:
+        while True:
+            jobs = [self._waiting.get()]
+            while not self._waiting.empty():
+                jobs.append(self._waiting.get_nowait())
+            groups: dict[str, list[_Job]] = {}
+            for job in jobs:
+                groups.setdefault(job.cfg.model_dump_json(exclude={"max_new_tokens", "batch_size"}), []).append(job)
+            for group in groups.values():
+                self._run(group)
+
+    def _run(self, jobs: list[_Job]) -> None:
+        prompts = [job.prompt for job in jobs for _ in range(job.n)]
+        seeds = [item_seed(job.seed, i) for job in jobs for i in range(job.n)]
+        limits = [job.cfg.max_new_tokens for job in jobs for _ in range(job.n)]
+        cfg = jobs[0].cfg.model_copy(update={"max_new_tokens": max(limits), "batch_size": self.rows})
+        try:
+            gens = generate(self.model, self.tokenizer, prompts, cfg, 0, seeds=seeds, limits=limits)
+        except Exception as exc:  # every request of the group gets the failure
+            for job in jobs:
+                job.error = exc
+                job.done.set()
+            return
+        start = 0
+        for job in jobs:
+            job.result, start = gens[start:start + job.n], start + job.n
+            job.done.set()
 
 
 def _debug() -> bool:
@@ -243,10 +306,9 @@ def make_handler(state: ServerState):
                 os._exit(3)
 
         def _generate(self, ids: list[int], req: _Request, chat: bool) -> tuple[dict, int]:
-            tok = state.tokenizer
             cfg = state.generation_config(len(ids), req)
-            with state.lock:
-                gens = generate_batch(state.model, tok, [ids] * req.n, cfg, req.seed or 0)
+            gens = state.batcher.submit(ids, cfg, req.seed or 0, req.n)
+            with state.count_lock:
                 state.served += 1
                 served = state.served
             choices = []

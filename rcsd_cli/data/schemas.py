@@ -961,7 +961,9 @@ class ServeConfig(_Config):
                                        "for (default: the model's context length); above it: 400.")
     max_n: int = opt(64, ge=1, panel="Server", help="Largest n (completions per request); above it: 400.")
     max_queue: int = opt(64, ge=1, panel="Server", help="Requests running or waiting at once; one more gets 503 "
-                         "with Retry-After instead of stalling (generation serves one request at a time).")
+                         "with Retry-After instead of stalling.")
+    batch_rows: int = opt(32, ge=1, panel="Server", help="Completions decoded at once: the requests waiting are "
+                          "batched together (continuous batching; a finished row takes the next completion).")
     exit_after: int | None = opt(None, ge=1, panel="Server", help="Die abruptly after N requests (fault tests).")
 
 

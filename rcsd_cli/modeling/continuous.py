@@ -161,9 +161,11 @@ def _join(live: _Live, new: _Live, halves: int) -> None:
 @torch.no_grad()
 def decode(model, prompts: list[list[int]], cfg: GenerationConfig, seeds: list[int], stop: torch.Tensor, pad: int,
            rows: int, controls: list[list[int]] | None = None, contrast_weight: float = 1.0,
-           on_done: OnDone | None = None, stats: DecodeStats | None = None) -> list[list[int]]:
+           on_done: OnDone | None = None, stats: DecodeStats | None = None,
+           limits: list[int] | None = None) -> list[list[int]]:
     """Every prompt's completion token ids (the stop token kept), at most ``rows`` items decoding at once.
 
+    ``limits``: each item's own token limit (requests merged by ``rcsd serve``), else ``cfg.max_new_tokens``.
     ``controls``: control prompt i decodes beside prompt i, fed the same tokens, and every step samples from
     (1+w) z_prompt - w z_control (``--teacher-contrast``); an item and its control join and leave together.
     """
@@ -194,7 +196,8 @@ def decode(model, prompts: list[list[int]], cfg: GenerationConfig, seeds: list[i
         keep, finished = [], []
         for j, token in enumerate(nxt):
             live.tokens[j].append(token)
-            if token in stop_set or len(live.tokens[j]) == cfg.max_new_tokens:
+            limit = cfg.max_new_tokens if limits is None else limits[live.items[j]]
+            if token in stop_set or len(live.tokens[j]) >= limit:
                 results[live.items[j]] = live.tokens[j]
                 finished.append(j)
             else:

@@ -285,7 +285,8 @@ def _decode_static(model, input_ids, attention, cfg, generators, stop, pad, comp
 
 def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, seed: int,
              on_done=None, seeds: list[int] | None = None, controls: list[list[int]] | None = None,
-             contrast_weight: float = 1.0, stats: DecodeStats | None = None) -> list[Generation]:
+             contrast_weight: float = 1.0, stats: DecodeStats | None = None,
+             limits: list[int] | None = None) -> list[Generation]:
     """One completion per prompt, at most ``cfg.batch_size`` prompts decoding at once.
 
     The plain loop batches continuously (``continuous``: a prompt joins as soon as a row stops); the
@@ -293,6 +294,8 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, 
     independent of batching; by default prompt i of this call gets ``item_seed(seed, i)``. ``on_done(indices,
     generations)`` sees completions as they finish, in any order. ``controls``: contrastive decoding
     (``generate_batch``). ``stats``: filled with the continuous loop's decode steps and row occupancy.
+    ``limits``: a token limit per prompt (at most ``cfg.max_new_tokens``); a completion cut there ends
+    with "length", as if it had been asked for alone.
     """
     seeds = seeds if seeds is not None else [item_seed(seed, i) for i in range(len(prompts))]
     if not prompts:
@@ -300,7 +303,8 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, 
     from rcsd_cli.modeling.sharding import compute_device
 
     if controls is None and use_compiled_decoding(cfg, compute_device(model)):
-        return _static_batches(model, tokenizer, prompts, cfg, seeds, on_done)
+        return _cut(_static_batches(model, tokenizer, prompts, cfg, seeds, None if limits else on_done),
+                    limits, tokenizer, on_done)
     results: list[Generation | None] = [None] * len(prompts)
     with _decoding(model, tokenizer, cfg) as (lm, stop, pad):
         stops = set(stop.tolist())
@@ -313,12 +317,24 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, 
 
         try:
             continuous.decode(lm, prompts, cfg, seeds, stop, pad, rows=cfg.batch_size, controls=controls,
-                              contrast_weight=contrast_weight, on_done=finished, stats=stats)
+                              contrast_weight=contrast_weight, on_done=finished, stats=stats, limits=limits)
         except continuous.NotContinuous:  # e.g. sliding-window layers: fixed batches in order
             pass
     if any(r is None for r in results):
-        return _static_batches(model, tokenizer, prompts, cfg, seeds, on_done, controls, contrast_weight)
+        return _cut(_static_batches(model, tokenizer, prompts, cfg, seeds, None if limits else on_done, controls,
+                                    contrast_weight), limits, tokenizer, on_done)
     return results
+
+
+def _cut(results: list[Generation], limits: list[int] | None, tokenizer, on_done=None) -> list[Generation]:
+    """Each completion cut at its own limit: its first tokens are the ones it draws alone (per-item seeds)."""
+    if limits is None:
+        return results
+    cut = [g if len(g.token_ids) <= n else Generation(g.token_ids[:n], tokenizer.decode(
+        g.token_ids[:n], skip_special_tokens=True), "length") for g, n in zip(results, limits, strict=True)]
+    if on_done:
+        on_done(list(range(len(cut))), cut)
+    return cut
 
 
 def _static_batches(model, tokenizer, prompts, cfg, seeds, on_done=None, controls=None, contrast_weight=1.0
