@@ -4,7 +4,8 @@ Serves ``/v1/completions`` (prompt as text or token ids, ``return_token_ids`` su
 ``/v1/chat/completions`` (the model's chat template), ``/v1/models`` and ``/health``, so any
 stage's ``--backend openai`` — or another tool — can use a model loaded once, e.g. as a shared
 judge. Requests are validated, bounded, and those waiting are decoded together
-(``rcsd_cli/backends/server.py``): it is meant for judges, tests and small fleets, not as a replacement for vLLM's server.
+(``rcsd_cli/backends/server.py``): it is meant for judges, tests and small fleets, not as a
+replacement for vLLM's server.
 """
 
 from __future__ import annotations
