@@ -55,9 +55,9 @@ def main() -> None:
         with torch.no_grad(), precision.compute(choice, device.type):
             if variant == "plain":
                 rows = generation._decode(model, prompts, attention, cfg, gens, stop, tok.pad_token_id)
-            else:
-                rows = generation._decode_static(model, prompts, attention, cfg, gens, stop, tok.pad_token_id,
-                                                 compiled=variant == "compiled")
+            else:  # slots of a static cache (refilled continuously; here every row runs to N tokens)
+                rows = generation._decode_static(model, prompts.tolist(), cfg, list(range(batch)), stop,
+                                                 tok.pad_token_id, rows=batch, compiled=variant == "compiled")
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0, rows

@@ -70,3 +70,22 @@ def test_an_item_samples_the_same_whatever_batch_it_decodes_in(stopping):
     runs = [[g.token_ids for g in generate(stopping.model, stopping.tokenizer, PROMPTS,
                                            cfg.model_copy(update={"batch_size": b}), seed=5)] for b in (1, 3, 8)]
     assert runs[0] == runs[1] == runs[2]
+
+
+def test_compiled_slots_refill_in_fixed_shapes_with_the_plain_loops_tokens(stopping):
+    """The compiled loop batches continuously too (``_decode_static``: slots of a static cache refilled at each look
+    every few tokens): the same tokens as the plain loop, per-request limits kept, and refills (eager prefills)
+    never recompile the decode step."""
+    cfg = SAMPLED.model_copy(update={"compile_decoding": True})
+    limits = [24, 5, 24, 9, 24, 1, 24, 17]
+    plain = generate(stopping.model, stopping.tokenizer, PROMPTS, SAMPLED, 0, seeds=SEEDS, limits=limits)
+    stats = DecodeStats()
+    compiled = generate(stopping.model, stopping.tokenizer, PROMPTS, cfg, 0, seeds=SEEDS, limits=limits, stats=stats)
+    assert [(g.token_ids, g.finish_reason) for g in compiled] == [(g.token_ids, g.finish_reason) for g in plain]
+    assert all(len(g.token_ids) <= n for g, n in zip(compiled, limits, strict=True))
+    lengths = [len(g.token_ids) for g in _static_batches(stopping.model, stopping.tokenizer, PROMPTS, SAMPLED, SEEDS)]
+    assert stats.steps < sum(max(lengths[s:s + 3]) - 1 for s in range(0, len(PROMPTS), 3))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = generate(stopping.model, stopping.tokenizer, PROMPTS[::-1], cfg, 0, seeds=SEEDS[::-1])
+    assert [g.token_ids for g in again] == [g.token_ids for g in generate(
+        stopping.model, stopping.tokenizer, PROMPTS[::-1], SAMPLED, 0, seeds=SEEDS[::-1])]

@@ -4,17 +4,17 @@ Backends take prompt token ids and return completion token ids, so every stage c
 engine without touching how prompts are built. Later backends (vLLM, OpenAI-compatible
 servers) implement the same ``generate`` signature.
 
-Two decoding loops give the same tokens. The plain one grows a dynamic KV cache and asks the
-device after every token whether all rows stopped; ``generate`` runs it with continuous batching
-(``continuous``: a row that stops is refilled at once with the next prompt). The static one (``compile_decoding``)
-preallocates the KV cache and the attention mask for the whole completion, so every decode step
-has the same shapes and can run as one compiled graph (``torch.compile``; CUDA graphs on a GPU),
-and looks for stop tokens only every ``STOP_CHECK_EVERY`` tokens: no host sync per token (the
-positions advance on the device). Shapes come from a fixed set, so a run compiles once per
-bucket, not once per batch: a call's short last batch is padded to its other batches' rows, and
-prompts are left-padded to the next of ``prompt_bucket``'s widths (at most half again the prompt). Each bucket's
-cache is allocated once per model and reused. Both loops keep the logits of the last prompt
-position only: [rows, 1, vocab] at prefill, not [rows, width, vocab].
+Two decoding loops give the same tokens, and both batch continuously: a row that stops takes the
+next waiting prompt at once. The plain one (``continuous``) grows a dynamic KV cache and reads every
+token on the host, so rows leave and join at every step. The static one (``compile_decoding``) keeps
+``rows`` slots of a preallocated KV cache and an additive mask for the call's prompt bucket plus the
+completion, so every decode step has the same shapes and can run as one compiled graph
+(``torch.compile``; CUDA graphs on a GPU); it samples and finds stops on the device, and the host looks
+only every ``STOP_CHECK_EVERY`` tokens, when it collects finished slots and refills them (an eager
+prefill copied into the slot). Shapes come from a fixed set, so a run compiles once per bucket
+(``prompt_bucket``: at most half again the prompt), not once per batch, and each model keeps one slot
+cache, the latest shape's. Both loops keep the logits of the last prompt position only: [rows, 1,
+vocab] at prefill, not [rows, width, vocab].
 """
 
 from __future__ import annotations
@@ -73,10 +73,7 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationCo
         if controls is not None:
             rows = _decode(lm, input_ids, attention, cfg, generators, stop, pad, contrast=contrast_weight)
         elif use_compiled_decoding(cfg, device):
-            check_static_attention(getattr(lm.config, "_attn_implementation", None))
-            with autocast_weights(lm, device.type):
-                rows = _decode_static(lm, input_ids, attention, cfg, generators, stop, pad,
-                                      rows=max(rows or 0, len(prompts)))
+            rows = _decode_compiled(lm, prompts, cfg, seeds, stop, pad, rows=max(rows or 0, len(prompts)))
         else:
             rows = _decode(lm, input_ids, attention, cfg, generators, stop, pad)
         stops = set(stop.tolist())
@@ -206,81 +203,183 @@ def autocast_weights(model, device_type: str):
             p.data = data
 
 
-def _store_as(update, dtype: torch.dtype | None):
-    """A static cache layer allocates one dtype, the first keys'. Store keys and values in ``dtype`` (autocast's,
-    the one attention computes in: bf16 under bf16-mixed, not the fp32 that the normed, rotated keys come out
-    in: half the cache, same tokens), or else in the keys' dtype."""
+class _SlotCache:
+    """The compiled loop's KV cache: ``rows`` slots of ``total`` columns per layer, allocated once per (rows,
+    total, autocast dtype) and reused, as CUDA graphs need the same tensors every step. Each slot writes at its
+    own column (``write``), so a slot is refilled with a new prompt while the others go on. Keys and values are
+    held in autocast's dtype when it is on (bf16 under bf16-mixed: half the fp32 the normed, rotated keys come
+    out in, and the dtype attention computes in anyway), else in the dtype the first prefill gives."""
 
-    def cast_update(key_states, value_states, *args, **kwargs):
-        key_states = key_states.to(dtype or key_states.dtype)
-        return update(key_states, value_states.to(key_states.dtype), *args, **kwargs)
+    def __init__(self, rows: int, total: int, dtype: torch.dtype | None):
+        self.rows, self.total, self.dtype = rows, total, dtype
+        self.cache = None  # a DynamicCache whose layers write per slot, built at the first prefill
+        self.write = None  # [rows]: the column each slot's next token goes to
 
-    return cast_update
+    def fill(self, slots: torch.Tensor, prefill) -> None:
+        """Copy a prefill's keys and values (left-padded, [n, heads, width, dim]) into ``slots``' first columns."""
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        if self.cache is None:
+            device = slots.device
+            self.write = torch.zeros(self.rows, dtype=torch.long, device=device)
+            self.cache = DynamicCache()
+            for src in prefill.layers:
+                layer = DynamicLayer()
+                shape = (self.rows, src.keys.shape[1], self.total, src.keys.shape[3])
+                layer.keys = torch.zeros(shape, dtype=self.dtype or src.keys.dtype, device=device)
+                layer.values = torch.zeros(shape, dtype=layer.keys.dtype, device=device)
+                layer.is_initialized, layer.dtype, layer.device = True, layer.keys.dtype, device
+                for t in (layer.keys, layer.values):  # written inside the graph: CUDA graphs need fixed addresses
+                    torch._dynamo.mark_static_address(t)
+                layer.update = self._writer(layer)
+                self.cache.layers.append(layer)
+        width = prefill.layers[0].keys.shape[2]
+        for layer, src in zip(self.cache.layers, prefill.layers, strict=True):
+            layer.keys[slots, :, :width] = src.keys.to(layer.keys.dtype)
+            layer.values[slots, :, :width] = src.values.to(layer.keys.dtype)
+        self.write[slots] = width
+
+    def _writer(self, layer):
+        def update(key_states, value_states, *args, **kwargs):  # one new token per slot, at its own column
+            at = self.write.view(-1, 1, 1, 1).expand(-1, key_states.shape[1], 1, key_states.shape[3])
+            layer.keys.scatter_(2, at, key_states.to(layer.keys.dtype))
+            layer.values.scatter_(2, at, value_states.to(layer.keys.dtype))
+            return layer.keys, layer.values
+
+        return update
+
+    @property
+    def layers(self):
+        return self.cache.layers if self.cache is not None else []
 
 
-def _static_cache(model, rows: int, total: int):
-    """This model's cache for (rows, total length, autocast dtype), reset for each batch of that shape: the
-    same tensors every time, as CUDA graphs need. Only the latest shape's cache is kept: at 8B and 4,096 new
-    tokens one is 11-15 GB, and a cache per prompt bucket would add up to several; a new shape frees the old
-    one before allocating (its CUDA graph is recorded again, once per change)."""
-    from transformers import StaticCache
+def _decode_compiled(lm, prompts, cfg, seeds, stop, pad, rows: int, **kwargs) -> list[list[int]]:
+    check_static_attention(getattr(lm.config, "_attn_implementation", None))
+    with autocast_weights(lm, stop.device.type):
+        return _decode_static(lm, prompts, cfg, seeds, stop, pad, rows=rows, **kwargs)
 
+
+def _slot_cache(model, rows: int, total: int) -> _SlotCache:
+    """This model's slot cache for (rows, total length, autocast dtype). Only the latest shape's is kept: at 8B
+    and 4,096 new tokens one is 11-15 GB; a new shape frees the old one first (its CUDA graph is recorded again,
+    once per change)."""
     caches = model.__dict__.setdefault("_rcsd_static_caches", {})
     low = _autocast_dtype("cuda") or _autocast_dtype("cpu")
     key = (rows, total, low)
-    cache = caches.get(key)
-    if cache is None:
+    if key not in caches:
         caches.clear()
-        config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-        cache = caches[key] = StaticCache(config=config, max_cache_len=total)
-        for layer in cache.layers:
-            layer.update = _store_as(layer.update, low)
-    elif cache.is_initialized:
-        cache.reset()
-    return cache
+        caches[key] = _SlotCache(rows, total, low)
+    return caches[key]
 
 
-def _decode_static(model, input_ids, attention, cfg, generators, stop, pad, compiled=True, rows: int = 0
-                   ) -> list[list[int]]:
-    """The plain loop's tokens from a preallocated KV cache and mask; stop checks every few tokens.
-    ``rows``: decode at least this many rows (a short last batch in the same shapes as the others)."""
-    n, width = input_ids.shape
-    device = input_ids.device
-    rows = max(n, rows)
-    region = prompt_bucket(width)
-    total = region + cfg.max_new_tokens
-    # Left-pad the prompts to the bucket (the cache writes from slot 0 and counts its own position on the
-    # device); filler rows repeat the first prompt (no all-masked rows) and their tokens are dropped.
-    input_ids = torch.cat([torch.full((n, region - width), pad, dtype=input_ids.dtype, device=device), input_ids], 1)
-    attention = torch.cat([torch.zeros((n, region - width), dtype=attention.dtype, device=device), attention], 1)
-    if rows > n:
-        input_ids = torch.cat([input_ids, input_ids[:1].expand(rows - n, -1)])
-        attention = torch.cat([attention, attention[:1].expand(rows - n, -1)])
-    cache = _static_cache(model, rows, total)
-    mask = torch.ones((rows, total), dtype=attention.dtype, device=device)  # generated tokens (and pads) count,
-    mask[:, :region] = attention  # as in the plain loop; the causal mask hides the future
-    position = (attention.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1, :]
+@torch.no_grad()
+def _decode_static(model, prompts: list[list[int]], cfg: GenerationConfig, seeds: list[int], stop: torch.Tensor,
+                   pad: int, rows: int, compiled: bool = True, on_done=None, limits: list[int] | None = None,
+                   stats: DecodeStats | None = None) -> list[list[int]]:
+    """Continuous batching in fixed shapes, for the compiled step: ``rows`` slots over a static KV cache of the
+    call's prompt bucket plus ``max_new_tokens`` columns. Tokens are sampled and stops found on the device;
+    the host looks every ``STOP_CHECK_EVERY`` tokens (or sooner, when a slot must reach its limit), collects
+    the finished slots and refills them with the next prompts (an eager prefill copied into the slot). Every
+    decode step has the same shapes (one compiled graph per bucket; CUDA graphs on a GPU): the mask is an
+    additive [rows, 1, 1, total] tensor and each slot carries its own position and write column."""
+    device = stop.device
+    new = cfg.max_new_tokens
+    total = prompt_bucket(max(len(p) for p in prompts)) + new
+    slots = _slot_cache(model, rows, total)
     step = _compiled_step(model) if compiled else model
-    position = position[:, -1:]
-    tokens = torch.full((rows, cfg.max_new_tokens), pad, dtype=torch.long, device=device)
-    filler = torch.full((rows - n,), pad, dtype=torch.long, device=device)
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    done[n:] = True
+    dtype = slots.dtype or next(p for p in model.parameters() if p.is_floating_point()).dtype
+    blocked = torch.finfo(dtype).min
+    mask = torch.full((rows, 1, 1, total), blocked, dtype=dtype, device=device)
+    mask[:, :, :, 0] = 0  # an idle slot attends to one column (no all-masked row, no NaN)
+    position = torch.zeros((rows, 1), dtype=torch.long, device=device)
+    tokens = torch.full((rows, new), pad, dtype=torch.long, device=device)
+    count = torch.zeros(rows, dtype=torch.long, device=device)
+    limit = torch.zeros(rows, dtype=torch.long, device=device)
+    done = torch.ones(rows, dtype=torch.bool, device=device)
+    idle = torch.Generator(device=device).manual_seed(0)
+    generators, item_of = [idle] * rows, [-1] * rows  # the item each slot decodes, -1 when idle
+    limits = limits or [new] * len(prompts)
+    results: list[list[int] | None] = [None] * len(prompts)
+    logits, waiting, pending, stats = None, 0, False, stats if stats is not None else DecodeStats()
+
+    def forward():
+        nonlocal logits
+        mask.scatter_(3, slots.write.view(-1, 1, 1, 1), 0)
+        position.add_(1)
+        logits = step(input_ids=fed.unsqueeze(-1), attention_mask=mask, position_ids=position,
+                      past_key_values=slots.cache, use_cache=True).logits[:, -1, :]
+        slots.write.add_(1).clamp_(max=total - 1)  # a finished slot runs on until the next look, harmlessly
+        stats.steps += 1
+        stats.slot_steps += rows
+
     with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, 64)):
-        for t in range(cfg.max_new_tokens):
-            nxt = torch.cat([next_tokens(logits[:n], cfg, generators), filler])
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            tokens[:, t] = nxt
-            done |= torch.isin(nxt, stop)
-            if t + 1 == cfg.max_new_tokens or ((t + 1) % STOP_CHECK_EVERY == 0 and bool(done.all())):
-                break
-            position = position + 1
-            logits = step(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=position,
-                          past_key_values=cache, use_cache=True).logits[:, -1, :]
-    return tokens[:n, : t + 1].tolist()
+        while True:
+            finished, counts = done.tolist(), count.tolist()  # the host's look
+            ended = [r for r in range(rows) if item_of[r] >= 0 and finished[r]]
+            if ended:
+                rows_out = tokens[ended].tolist()
+                for r, row in zip(ended, rows_out, strict=True):
+                    results[item_of[r]] = row[:counts[r]]
+                if on_done:
+                    on_done([item_of[r] for r in ended], [results[item_of[r]] for r in ended])
+                for r in ended:
+                    item_of[r], generators[r] = -1, idle
+            busy = [r for r in range(rows) if item_of[r] >= 0]
+            if pending and busy:
+                forward()
+            free = [r for r in range(rows) if item_of[r] < 0][:len(prompts) - waiting]
+            if free:
+                joining = list(range(waiting, waiting + len(free)))
+                waiting += len(free)
+                logits = _refill(model, prompts, joining, free, pad, slots, mask, position, logits, blocked)
+                at = torch.tensor(free, device=device)
+                tokens[at], count[at], done[at] = pad, 0, False
+                limit[at] = torch.tensor([limits[i] for i in joining], device=device)
+                for r, i in zip(free, joining, strict=True):
+                    item_of[r], generators[r] = i, torch.Generator(device=device).manual_seed(seeds[i])
+                busy = sorted(busy + free)
+            if not busy:
+                return results
+            left = {r: limits[item_of[r]] - (0 if r in free else counts[r]) for r in busy}
+            window = min(STOP_CHECK_EVERY, min(left.values()))
+            for k in range(window):
+                nxt = next_tokens(logits, cfg, generators)
+                fed = torch.where(done, torch.full_like(nxt, pad), nxt)
+                at = count.clamp(max=new - 1).unsqueeze(1)
+                tokens.scatter_(1, at, torch.where(done.unsqueeze(1), tokens.gather(1, at), fed.unsqueeze(1)))
+                count.add_((~done).long())
+                done |= torch.isin(fed, stop) | (count >= limit)
+                if k < window - 1:
+                    forward()
+            stats.live_row_steps += window * len(busy)
+            pending = True
+
+
+def _refill(model, prompts, joining: list[int], free: list[int], pad: int, slots: _SlotCache, mask, position,
+            logits, blocked) -> torch.Tensor:
+    """Prefill the joining prompts (eagerly, left-padded to their own width) into the free slots; returns the
+    logits with the new slots' rows replaced by their prefill's last position."""
+    device = mask.device
+    width = max(len(prompts[i]) for i in joining)
+    ids = torch.full((len(joining), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(joining), width), dtype=torch.long)
+    for j, i in enumerate(joining):
+        ids[j, width - len(prompts[i]):] = torch.tensor(prompts[i])
+        attention[j, width - len(prompts[i]):] = 1
+    ids, attention = ids.to(device), attention.to(device)
+    pos = (attention.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attention, position_ids=pos, use_cache=True, logits_to_keep=1)
+    at = torch.tensor(free, device=device)
+    slots.fill(at, out.past_key_values)
+    mask[at] = blocked
+    mask[at, :, :, :width] = torch.where(attention.bool(), 0.0, blocked).to(mask.dtype).view(len(free), 1, 1, width)
+    position[at] = pos[:, -1:]
+    new_logits = out.logits[:, -1, :]
+    if logits is None:
+        logits = new_logits.new_zeros((slots.rows, new_logits.shape[-1]))
+    logits = logits.clone()
+    logits[at] = new_logits.to(logits.dtype)
+    return logits
 
 
 def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, seed: int,
@@ -302,9 +401,7 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, 
         return []
     from rcsd_cli.modeling.sharding import compute_device
 
-    if controls is None and use_compiled_decoding(cfg, compute_device(model)):
-        return _cut(_static_batches(model, tokenizer, prompts, cfg, seeds, None if limits else on_done),
-                    limits, tokenizer, on_done)
+    compiled = controls is None and use_compiled_decoding(cfg, compute_device(model))
     results: list[Generation | None] = [None] * len(prompts)
     with _decoding(model, tokenizer, cfg) as (lm, stop, pad):
         stops = set(stop.tolist())
@@ -315,11 +412,15 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, 
             if on_done:
                 on_done(indices, [results[i] for i in indices])
 
-        try:
-            continuous.decode(lm, prompts, cfg, seeds, stop, pad, rows=cfg.batch_size, controls=controls,
-                              contrast_weight=contrast_weight, on_done=finished, stats=stats, limits=limits)
-        except continuous.NotContinuous:  # e.g. sliding-window layers: fixed batches in order
-            pass
+        if compiled:
+            _decode_compiled(lm, prompts, cfg, seeds, stop, pad, rows=min(cfg.batch_size, len(prompts)),
+                             on_done=finished, limits=limits, stats=stats)
+        else:
+            try:
+                continuous.decode(lm, prompts, cfg, seeds, stop, pad, rows=cfg.batch_size, controls=controls,
+                                  contrast_weight=contrast_weight, on_done=finished, stats=stats, limits=limits)
+            except continuous.NotContinuous:  # e.g. sliding-window layers: fixed batches in order
+                pass
     if any(r is None for r in results):
         return _cut(_static_batches(model, tokenizer, prompts, cfg, seeds, None if limits else on_done, controls,
                                     contrast_weight), limits, tokenizer, on_done)
