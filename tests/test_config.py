@@ -9,7 +9,7 @@ import pytest
 
 from rcsd_cli.commands.common import typer_parameters
 from rcsd_cli.data.artifacts import read_artifact
-from rcsd_cli.data.options import build_config, option_specs
+from rcsd_cli.data.options import build_config, option_specs, with_options
 from rcsd_cli.data.schemas import CONFIG_MODELS, EvalConfig, SampleConfig, TrainConfig
 from rcsd_cli.errors import RcsdError
 
@@ -238,7 +238,7 @@ def test_paper_prompts_match_the_authors_token_for_token(tokenizer_dir, template
 
     assert student_ids(tok, row, cfg) == ids(student)
     assert teacher_ids(tok, row, cfg) == ids(teacher)
-    reason_first = cfg.model_copy(update={"teacher_context": "reason-first"})
+    reason_first = with_options(cfg, teacher_context="reason-first")
     assert analysis_prompt(tok, row, **teacher_view(reason_first)) == ids(analysis)
     assert text_ids(tok, transition_text(row, row.rubric, "paper")) == tok(transition)["input_ids"]
 
@@ -401,7 +401,7 @@ def test_a_group_given_in_part_keeps_the_stage_defaults(tmp_path):
     from_file = build_config(TrainConfig, read_config_file(file, TrainConfig))
     assert (from_file.generation.temperature, from_file.generation.max_new_tokens) == (1.2, 64)
     assert TrainConfig(rubrics="r", generation={"top_k": 5}).generation.temperature == 1.2
-    copied = train.model_copy(update={"temperature": 0.5})  # a copy starts from the config, not the defaults
+    copied = with_options(train, temperature=0.5)  # a copy starts from the config, not the defaults
     assert (copied.generation.temperature, copied.generation.top_p) == (0.5, 0.9)
 
 
@@ -419,12 +419,16 @@ def test_vllm_settings_are_one_model_for_stages_and_training():
         TrainConfig(rubrics="r", vllm_kv_cache_gib=1)
 
 
-def test_model_copy_takes_flat_option_names_too():
+def test_with_options_takes_flat_option_names_and_model_copy_stays_pydantics():
+    from pydantic import BaseModel
+
     cfg = TrainConfig(rubrics="r.parquet")
-    copy = cfg.model_copy(update={"lora_rank": 4, "loss": "jsd", "beta": 0.5, "steps": 3})
+    copy = with_options(cfg, lora_rank=4, loss="jsd", beta=0.5, steps=3, vllm_enforce_eager=True)
     assert (copy.lora.rank, copy.loss.kind, copy.loss.beta, copy.steps) == (4, "jsd", 0.5, 3)
-    assert (cfg.lora.rank, cfg.loss.kind, cfg.steps) == (0, "topk_kl", 10)  # the original is untouched
+    assert copy.rollout.vllm.enforce_eager and copy.rollout is not cfg.rollout  # two levels down, copied
+    assert (cfg.lora.rank, cfg.loss.kind, cfg.steps, cfg.rollout.vllm.enforce_eager) == (0, "topk_kl", 10, False)
     assert not hasattr(copy, "lora_rank")
+    assert TrainConfig.model_copy is BaseModel.model_copy  # not overridden: field names only, as pydantic says
 
 
 @pytest.mark.slow
@@ -451,7 +455,7 @@ def test_max_teacher_prompt_tokens_counts_the_exact_teacher_ids(run_cli, tmp_pat
     assert f"dropped 1 of 4 items: teacher prompt over {short} tokens" in p.stdout
     p = run_cli(*common, "--max-teacher-prompt-tokens", short - 1, check=True)
     assert f"dropped 2 of 4 items: teacher prompt over {short - 1} tokens" in p.stdout  # q3 goes too
-    reason_first = cfg.model_copy(update={"teacher_context": "reason-first"})
+    reason_first = with_options(cfg, teacher_context="reason-first")
     assert all(teacher_prompt_length(tok, r, reason_first) != lengths[r.id] for r in items)  # the analysis prompt
 
     p = run_cli("train", "--rubrics", out, "--model", tiny_model, "-o", tmp_path / "m", "--steps", "1",

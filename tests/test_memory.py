@@ -7,6 +7,7 @@ import pytest
 from transformers import AutoConfig
 
 from rcsd_cli.data.artifacts import read_artifact, write_artifact
+from rcsd_cli.data.options import with_options
 from rcsd_cli.data.schemas import TrainConfig
 from rcsd_cli.train.memory import GIB, estimate
 from tests.conftest import make_tiny_llama
@@ -30,13 +31,13 @@ def test_terms_by_hand(tiny_model):
     # r 4 on q_proj (32 -> 32) and v_proj (32 -> 16) of 2 layers, fp32 adapters; no teacher copy
     assert lora["gradients"] * GIB == pytest.approx(4 * 2 * 4 * ((32 + 32) + (32 + 16)))
     assert lora["teacher_copy"] == 0
-    sharded = estimate(cfg.model_copy(update={"sharding": "full-shard"}), mc, student_tokens=100, teacher_tokens=200,
+    sharded = estimate(with_options(cfg, sharding="full-shard"), mc, student_tokens=100, teacher_tokens=200,
                        world=4)
     assert sharded["weights"] == pytest.approx(plan["weights"] / 4)
     ckpt = estimate(cfg.model_copy(update={"gradient_checkpointing": True}), mc, student_tokens=100,
                     teacher_tokens=200)
     assert ckpt["activations"] < plan["activations"]
-    offloaded = estimate(cfg.model_copy(update={"sharding": "full-shard", "offload": "full"}), mc, student_tokens=100,
+    offloaded = estimate(with_options(cfg, sharding="full-shard", offload="full"), mc, student_tokens=100,
                          teacher_tokens=200, world=2, device_type="cuda", device_gib=80)
     assert "weights" not in offloaded and offloaded["host_weights"] == pytest.approx(plan["weights"] / 2)
     assert offloaded["total"] == pytest.approx(sum(v for k, v in offloaded.items()

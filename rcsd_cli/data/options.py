@@ -17,11 +17,13 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 from pydantic import BaseModel, Field, ValidationError
 
 from rcsd_cli.errors import RcsdError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 def opt(default: Any = ..., *, panel: str, help: str, flag: str | None = None, argument: bool = False,
@@ -114,6 +116,18 @@ def fold_flat_options(model: type[BaseModel], data: dict) -> dict:
         else:
             _place(out, path, value)
     return out
+
+
+def with_options(cfg: ModelT, **changes) -> ModelT:
+    """A copy of ``cfg`` with options changed by the names the command line and config files use (``lora_rank``,
+    ``sharding``, ``temperature``): each lands in its group, and a changed group is copied, never shared. This
+    is the one step that resolves flat names; pydantic's ``model_copy`` keeps its meaning (field names only)."""
+    update = fold_flat_options(type(cfg), dict(changes))
+    for field, value in update.items():
+        current = getattr(cfg, field, None)
+        if isinstance(value, dict) and isinstance(current, BaseModel):
+            update[field] = with_options(current, **value)
+    return cfg.model_copy(update=update)
 
 
 def _as_dict(value) -> dict:

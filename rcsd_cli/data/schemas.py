@@ -276,18 +276,6 @@ class _Config(BaseModel):
 
         return with_group_defaults(cls, fold_flat_options(cls, data)) if isinstance(data, dict) else data
 
-    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False):
-        """As pydantic's (no validation), but flat option names (``lora_rank``) land in their nested group."""
-        if update:
-            from rcsd_cli.data.options import fold_flat_options
-
-            update = fold_flat_options(type(self), dict(update))
-            for field, value in update.items():
-                current = getattr(self, field, None)
-                if isinstance(value, dict) and isinstance(current, BaseModel):
-                    update[field] = current.model_copy(update=value)
-        return super().model_copy(update=update, deep=deep)
-
 
 PromptStyle = Literal["paper", "answer-line"]
 _PROMPT_STYLE_HELP = ("paper: the authors' prompts (Question: ..., \\boxed{} answer; teacher with reference answer "

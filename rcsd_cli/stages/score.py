@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rcsd_cli.data.artifacts import ensure_writable, read_artifact, write_artifact
+from rcsd_cli.data.options import with_options
 from rcsd_cli.data.schemas import BackendConfig, Criterion, GenerationConfig, Problem, Score, ScoreConfig
 from rcsd_cli.errors import RcsdError, where
 from rcsd_cli.evaluation.scoring import score_with_judge
@@ -72,7 +73,7 @@ def run_score(cfg: ScoreConfig, output: Path, *, overwrite: bool = False,
     samples, samples_meta = read_samples(samples_path)
     sample_cfg = samples_meta.get("config") or {}
     if cfg.teacher.logprobs and not cfg.teacher.model:
-        cfg = cfg.model_copy(update={"teacher_model": samples_meta.get("model") or DEFAULT_MODEL})
+        cfg = with_options(cfg, teacher_model=samples_meta.get("model") or DEFAULT_MODEL)
     rubrics, _ = read_artifact(rubrics_path, "rubrics")
     by_id = {r.id: r for r in rubrics}
     items = []

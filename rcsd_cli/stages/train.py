@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rcsd_cli.data.artifacts import read_artifact
+from rcsd_cli.data.options import with_options
 from rcsd_cli.data.schemas import TrainConfig
 from rcsd_cli.errors import RcsdError, where
 from rcsd_cli.modeling import distributed as dist
@@ -87,7 +88,7 @@ def resolve_sharding(cfg: TrainConfig) -> TrainConfig:
     sharding, note = from_launcher_env(None)
     if note and dist.is_main():
         info(note)
-    return cfg.model_copy(update={"sharding": sharding})
+    return with_options(cfg, sharding=sharding)
 
 
 def filter_long_teacher_prompts(rows: list, cfg: TrainConfig, trust_remote_code: bool) -> tuple[list, dict]:
