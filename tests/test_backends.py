@@ -13,8 +13,8 @@ from rcsd_cli.data.artifacts import read_artifact
 from tests.conftest import ROOT, make_tiny_llama, write_jsonl
 
 
-def start_server(model, *extra):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def start_server(model, *extra, env_extra: dict | None = None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
     proc = subprocess.Popen([sys.executable, "-m", "rcsd_cli", "serve", "--model", str(model), "--port", "0", *extra],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     for _ in range(200):
@@ -70,7 +70,8 @@ def test_openai_backend_matches_hf_schema_and_tokens(run_cli, tiny_model, server
 def test_server_dying_mid_run_loses_no_finished_row(run_cli, tiny_model, tmp_path):
     write_jsonl(tmp_path / "p.jsonl", PROBLEMS)
     run_cli("gen-rubrics", tmp_path / "p.jsonl", "-o", tmp_path / "r.parquet", "--generator", "reference", check=True)
-    dying, url = start_server(tiny_model, "--exit-after", "3")
+    assert "--exit-after" not in run_cli("serve", "--help", check=True).stdout  # a fault hook is not an option
+    dying, url = start_server(tiny_model, env_extra={"RCSD_SERVE_EXIT_AFTER": "3"})
     out = tmp_path / "s.parquet"
     args = ["sample", tmp_path / "r.parquet", "-o", out, "--model", tiny_model, "--max-new-tokens", "5",
             "--backend", "openai", "--concurrency", "1", "--max-retries", "1", "--request-timeout", "30"]

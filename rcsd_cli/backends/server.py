@@ -7,7 +7,8 @@ decoded together: one worker owns the model and takes every request waiting into
 (``Batcher``); at most ``max_queue`` may be running or waiting, the next gets a 503 with
 ``Retry-After`` instead of stalling. A request that fails anyway gets a 500 with one line; the
 console shows one line too (the traceback only with ``RCSD_DEBUG=1``). Nothing drops a connection
-without an answer except a client that stops sending (read timeout) or ``--exit-after``.
+without an answer except a client that stops sending (read timeout) or the fault tests' hook:
+``RCSD_SERVE_EXIT_AFTER=N`` makes the process die abruptly after N requests (not an option: no user wants it).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from rcsd_cli.modeling.generation import Generation, generate, item_seed
 DEFAULT_MAX_TOKENS = 256
 MAX_BODY_BYTES = 32 * 2**20
 READ_TIMEOUT_S = 60  # a client that stops sending its body is dropped after this
+EXIT_AFTER_ENV = "RCSD_SERVE_EXIT_AFTER"  # fault tests: die abruptly after N requests
 
 
 class _Request(BaseModel):
@@ -101,6 +103,7 @@ class ServerState:
         self.batcher = Batcher(model, tokenizer, cfg.batch_rows)
         self.slots = threading.BoundedSemaphore(cfg.max_queue)
         self.count_lock = threading.Lock()
+        self.exit_after = int(os.environ.get(EXIT_AFTER_ENV) or 0)
         self.served = 0
 
     def prompt_ids(self, path: str, body: bytes) -> tuple[list[int], _Request, bool]:
@@ -301,8 +304,8 @@ def make_handler(state: ServerState):
             finally:
                 state.slots.release()
             self._send(200, payload)
-            if state.cfg.exit_after and served >= state.cfg.exit_after:
-                print(f"rcsd serve: exiting after {served} requests (--exit-after)", file=sys.stderr, flush=True)
+            if state.exit_after and served >= state.exit_after:
+                print(f"rcsd serve: exiting after {served} requests ({EXIT_AFTER_ENV})", file=sys.stderr, flush=True)
                 os._exit(3)
 
         def _generate(self, ids: list[int], req: _Request, chat: bool) -> tuple[dict, int]:

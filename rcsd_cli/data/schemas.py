@@ -952,7 +952,6 @@ class ServeConfig(_Config):
                          "with Retry-After instead of stalling.")
     batch_rows: int = opt(32, ge=1, panel="Server", help="Completions decoded at once: the requests waiting are "
                           "batched together (continuous batching; a finished row takes the next completion).")
-    exit_after: int | None = opt(None, ge=1, panel="Server", help="Die abruptly after N requests (fault tests).")
 
 
 ROW_MODELS: dict[str, type[BaseModel]] = {
