@@ -13,6 +13,20 @@ from dataclasses import dataclass
 import torch
 
 
+def left_padded(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                           torch.Tensor]:
+    """(ids, attention mask, position ids) [n, longest] of prompts left-padded for decoding: every row's last
+    token in the last column, positions counting real tokens only."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        attention[i, width - len(p):] = 1
+    ids, attention = ids.to(device), attention.to(device)
+    return ids, attention, (attention.cumsum(-1) - 1).clamp(min=0)
+
+
 @dataclass
 class SideBatch:
     input_ids: torch.Tensor       # [B, L]

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from rcsd_cli.data.schemas import GenerationConfig
+from rcsd_cli.modeling.batching import left_padded
 from rcsd_cli.modeling.logprobs import contrast_logits
 from rcsd_cli.modeling.sampling import next_tokens
 
@@ -31,7 +32,8 @@ class DecodeStats:
     """What a call cost: decode steps (one forward of the live rows each) and the row-steps they carried."""
 
     steps: int = 0
-    live_row_steps: int = 0  # sum over steps of the rows that were still generating
+    live_row_steps: int = 0  # sum over steps of the rows still generating (compiled loop: of the slots holding
+    # an item, a finished one until the next look)
     slot_steps: int = 0  # sum over steps of ``rows`` (the batch the scheduler may fill)
 
     @property
@@ -236,14 +238,7 @@ def _prefill(model, prompts, controls, joining: list[int], seeds: list[int], pad
              ) -> tuple[_Live, torch.Tensor]:
     """The joining items' prompts (then their controls) left-padded into one batch and run through the model."""
     rows_in = [prompts[i] for i in joining] + ([controls[i] for i in joining] if controls is not None else [])
-    width = max(len(p) for p in rows_in)
-    input_ids = torch.full((len(rows_in), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows_in), width), dtype=torch.long)
-    for r, p in enumerate(rows_in):
-        input_ids[r, width - len(p):] = torch.tensor(p)
-        mask[r, width - len(p):] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    input_ids, mask, position = left_padded(rows_in, pad, device)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
     _layers(out.past_key_values)
     new = _Live(items=list(joining), generators=[torch.Generator(device=device).manual_seed(seeds[i])

@@ -27,6 +27,7 @@ import torch
 from rcsd_cli.data.schemas import GenerationConfig
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.modeling import continuous
+from rcsd_cli.modeling.batching import left_padded
 from rcsd_cli.modeling.continuous import DecodeStats
 from rcsd_cli.modeling.logprobs import contrast_logits
 from rcsd_cli.modeling.sampling import _filter, item_seed, next_tokens, stop_ids  # noqa: F401 (re-exported)
@@ -59,16 +60,9 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationCo
     """
     if isinstance(seeds, int):
         seeds = [item_seed(seeds, i) for i in range(len(prompts))]
-    rows_in = prompts + (controls or [])
-    width = max(len(p) for p in rows_in)
-    input_ids = torch.full((len(rows_in), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(rows_in), width), dtype=torch.long)
-    for i, p in enumerate(rows_in):
-        input_ids[i, width - len(p):] = torch.tensor(p)
-        attention[i, width - len(p):] = 1
     with _decoding(model, tokenizer, cfg) as (lm, stop, pad):
         device = stop.device
-        input_ids, attention = input_ids.to(device), attention.to(device)
+        input_ids, attention, _ = left_padded(prompts + (controls or []), pad, device)
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         if controls is not None:
             rows = _decode(lm, input_ids, attention, cfg, generators, stop, pad, contrast=contrast_weight)
@@ -360,14 +354,8 @@ def _refill(model, prompts, joining: list[int], free: list[int], pad: int, slots
     """Prefill the joining prompts (eagerly, left-padded to their own width) into the free slots; returns the
     logits with the new slots' rows replaced by their prefill's last position."""
     device = mask.device
-    width = max(len(prompts[i]) for i in joining)
-    ids = torch.full((len(joining), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(joining), width), dtype=torch.long)
-    for j, i in enumerate(joining):
-        ids[j, width - len(prompts[i]):] = torch.tensor(prompts[i])
-        attention[j, width - len(prompts[i]):] = 1
-    ids, attention = ids.to(device), attention.to(device)
-    pos = (attention.cumsum(-1) - 1).clamp(min=0)
+    ids, attention, pos = left_padded([prompts[i] for i in joining], pad, device)
+    width = ids.shape[1]
     out = model(input_ids=ids, attention_mask=attention, position_ids=pos, use_cache=True, logits_to_keep=1)
     at = torch.tensor(free, device=device)
     slots.fill(at, out.past_key_values)

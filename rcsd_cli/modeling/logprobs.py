@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch
+from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch, left_padded
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -165,15 +165,9 @@ def _context_then_continuations(lm, contexts: list[tuple], continuations: list[l
     context, position t the continuation's token t-1. The contexts run once, left-padded, with a KV cache
     that each row then extends by its continuation (right-padded; a causal mask keeps pads out of the rest)."""
     device = next(lm.parameters()).device
-    width = max(len(c) for c in contexts)
-    ids = torch.full((len(contexts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(contexts), width), dtype=torch.long)
-    for b, ctx in enumerate(contexts):
-        ids[b, width - len(ctx):] = torch.tensor(ctx, dtype=torch.long)
-        attention[b, width - len(ctx):] = 1
-    ids, attention = ids.to(device), attention.to(device)
+    ids, attention, position = left_padded([list(c) for c in contexts], pad_id, device)
     body = lm.base_model
-    out = body(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+    out = body(input_ids=ids, attention_mask=attention, position_ids=position,
                use_cache=True)
     rows = torch.tensor(row_ctx, device=device)
     last = out.last_hidden_state[:, -1].index_select(0, rows).unsqueeze(1)
