@@ -147,7 +147,9 @@ def test_compiled_decoding_over_sharded_layers_breaks_per_layer_and_moves_every_
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     layers = 2  # the tiny model's decoder layers
     assert got["plain"] == 0 and got["sharded"] >= 2 * layers
-    assert got["moved"] >= got["params"] - 1  # all but the root's own gathered tensors
+    # most gathered tensors come back at new addresses (the allocator may hand a few the same block again); one
+    # moved tensor is enough to make a CUDA graph record again
+    assert got["moved"] >= got["params"] // 2
 
 
 def _problems(folder: Path) -> Path:
