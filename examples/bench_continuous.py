@@ -34,7 +34,7 @@ def cpu_name() -> str:
 def main() -> None:
     import torch
 
-    from rcsd_cli.data.schemas import GenerationConfig
+    from rcsd_cli.configs.groups import GenerationConfig
     from rcsd_cli.modeling.continuous import DecodeStats
     from rcsd_cli.modeling.generation import _static_batches, generate
     from rcsd_cli.modeling.sampling import item_seed

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     import torch
 
-    from rcsd_cli.data.schemas import GenerationConfig
+    from rcsd_cli.configs.groups import GenerationConfig
     from rcsd_cli.modeling import generation, precision
     from rcsd_cli.models import load_model
 

@@ -21,7 +21,7 @@ import sys
 CHILD = r"""
 import json, resource, sys, time, torch
 from rcsd_cli.train.losses import chunked_distill_loss
-from rcsd_cli.data.schemas import LossConfig
+from rcsd_cli.configs.groups import LossConfig
 T, chunk, V, H, device, repeats = map(eval, sys.argv[1:7])
 torch.manual_seed(0)
 head_s = torch.nn.Linear(H, V, bias=False).to(device)

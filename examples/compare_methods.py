@@ -20,8 +20,11 @@ import statistics
 import time
 from pathlib import Path
 
+from rcsd_cli.configs.eval import EvalConfig
+from rcsd_cli.configs.gen_rubrics import GenRubricsConfig
+from rcsd_cli.configs.groups import GenerationConfig
+from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.data.options import build_config, read_config_file
-from rcsd_cli.data.schemas import EvalConfig, GenerationConfig, GenRubricsConfig, TrainConfig
 from rcsd_cli.evaluation.stats import Z95
 from rcsd_cli.stages.eval import run_eval
 from rcsd_cli.stages.gen_rubrics import run_gen_rubrics

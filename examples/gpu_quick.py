@@ -98,7 +98,7 @@ def host_syncs(fn, device) -> int:
 
 
 def decoding(model, device, scale: str) -> dict:
-    from rcsd_cli.data.schemas import GenerationConfig
+    from rcsd_cli.configs.groups import GenerationConfig
     from rcsd_cli.modeling.generation import generate
 
     vocab = model.config.vocab_size
@@ -145,7 +145,7 @@ def decoding(model, device, scale: str) -> dict:
 
 def loss_precision(model, device, scale: str) -> dict:
     """KL/clip/top-1 at real hidden states: bf16 logits (the old path) vs the fp32 logits rcsd uses."""
-    from rcsd_cli.data.schemas import LossConfig
+    from rcsd_cli.configs.groups import LossConfig
     from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch
     from rcsd_cli.modeling.logprobs import upcast
     from rcsd_cli.train.losses import chunked_distill_loss, token_loss
@@ -184,7 +184,8 @@ def step_memory(device, scale: str) -> list[dict]:
     """One bf16-mixed training step's peak CUDA memory against ``memory.estimate`` (prompt 512, 512 new)."""
     from peft import LoraConfig, get_peft_model
 
-    from rcsd_cli.data.schemas import LossConfig, TrainConfig
+    from rcsd_cli.configs.groups import LossConfig
+    from rcsd_cli.configs.train import TrainConfig
     from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch
     from rcsd_cli.train.losses import chunked_distill_loss
     from rcsd_cli.train.memory import estimate

@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from rcsd_cli.data.schemas import EvalConfig, GenerationConfig
+from rcsd_cli.configs.eval import EvalConfig
+from rcsd_cli.configs.groups import GenerationConfig
 from rcsd_cli.evaluation.benchmarks import load_bench, raw_records, select
 from rcsd_cli.models import resolve_model
 from rcsd_cli.stages.eval import run_eval

@@ -21,8 +21,10 @@ import re
 import time
 from pathlib import Path
 
+from rcsd_cli.configs.gen_rubrics import GenRubricsConfig
+from rcsd_cli.configs.groups import GenerationConfig
+from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.data.artifacts import read_artifact
-from rcsd_cli.data.schemas import GenerationConfig, GenRubricsConfig, TrainConfig
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.evaluation.stats import mean_interval, wilson_interval
 from rcsd_cli.stages.gen_rubrics import run_gen_rubrics

@@ -20,7 +20,8 @@ import json
 import os
 from typing import Any
 
-from rcsd_cli.data.schemas import BackendConfig, Criterion, Problem
+from rcsd_cli.configs.groups import BackendConfig
+from rcsd_cli.data.rows import Criterion, Problem
 from rcsd_cli.evaluation.scoring import JUDGE_REPLY, score_with_judge
 
 _JUDGE: dict = {}

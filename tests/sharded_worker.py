@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
+from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.data.artifacts import read_artifact
 from rcsd_cli.data.options import build_config
-from rcsd_cli.data.schemas import TrainConfig
 from rcsd_cli.modeling import distributed as dist
 from rcsd_cli.modeling import sharding
 from rcsd_cli.train import checkpoints, trainer

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rcsd_cli.data.schemas import Check, Criterion, CriterionVerdict, Problem
+from rcsd_cli.data.rows import Check, Criterion, CriterionVerdict, Problem
 from rcsd_cli.evaluation.answers import answers_match, extract_answer
 from rcsd_cli.evaluation.scoring import check_met, parse_judge_reply, rubric_score, score_completion
 from rcsd_cli.rubrics.rubric_gen import reference_rubric
@@ -275,7 +275,7 @@ def test_authors_boxed_finds_what_their_script_finds():
 
 
 def test_eval_grader_authors_is_refused_with_loglik():
-    from rcsd_cli.data.schemas import EvalConfig
+    from rcsd_cli.configs.eval import EvalConfig
 
     assert EvalConfig(bench="gsm8k", grader="authors").grader == "authors"
     with pytest.raises(ValueError, match="--grader has no effect with --scoring loglik"):

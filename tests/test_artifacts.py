@@ -8,8 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from rcsd_cli import __version__
+from rcsd_cli.configs.groups import GenerationConfig
+from rcsd_cli.configs.sample import SampleConfig
 from rcsd_cli.data.artifacts import PartialLog, read_artifact, read_metadata, write_artifact
-from rcsd_cli.data.schemas import Check, Criterion, GenerationConfig, Rubric, Sample, SampleConfig
+from rcsd_cli.data.rows import Check, Criterion, Rubric, Sample
 from rcsd_cli.errors import RcsdError
 
 
@@ -82,7 +84,7 @@ def test_partial_log_resumes_and_refuses_other_settings(tmp_path):
 
 
 def _score(i, topk):
-    from rcsd_cli.data.schemas import Score
+    from rcsd_cli.data.rows import Score
 
     return Score(sample_id=f"s{i}", problem_id="q", verdicts=[], score=None, points_met=0.0, points_possible=1.0,
                  n_unjudged=0, extracted_answer=None, correct=None,
@@ -94,7 +96,7 @@ def test_sparse_and_full_files_share_one_schema_and_load_together(tmp_path):
     from datasets import load_dataset
 
     from rcsd_cli.data.artifacts import arrow_schema
-    from rcsd_cli.data.schemas import EvalItem, Score
+    from rcsd_cli.data.rows import EvalItem, Score
 
     sparse = write_artifact(tmp_path / "a.parquet", "scores", [_score(0, False)], stage="score")
     full = write_artifact(tmp_path / "b.parquet", "scores", [_score(1, True)], stage="score")

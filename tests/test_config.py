@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 
 from rcsd_cli.commands.common import typer_parameters
+from rcsd_cli.configs.eval import EvalConfig
+from rcsd_cli.configs.sample import SampleConfig
+from rcsd_cli.configs.schemas import CONFIG_MODELS
+from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.data.artifacts import read_artifact
 from rcsd_cli.data.options import build_config, option_specs, with_options
-from rcsd_cli.data.schemas import CONFIG_MODELS, EvalConfig, SampleConfig, TrainConfig
 from rcsd_cli.errors import RcsdError
 
 from .conftest import ROOT, write_jsonl
@@ -199,7 +202,8 @@ def _authors_turn(template: str, message: str, thinking: bool) -> str:
 def test_paper_prompts_match_the_authors_token_for_token(tokenizer_dir, template, thinking):
     from transformers import AutoTokenizer
 
-    from rcsd_cli.data.schemas import Criterion, GenerationConfig, Rubric
+    from rcsd_cli.configs.groups import GenerationConfig
+    from rcsd_cli.data.rows import Criterion, Rubric
     from rcsd_cli.rubrics.prompts import analysis_prompt, text_ids, transition_text
     from rcsd_cli.train.objectives import student_ids, teacher_ids, teacher_view
 
@@ -247,7 +251,7 @@ def test_reason_first_teacher_input_is_prompt_analysis_transition(tiny_model, mo
     """Teacher ids = [analysis prompt ‖ sampled analysis ‖ transition]; the analysis is sampled as configured."""
     from transformers import AutoTokenizer
 
-    from rcsd_cli.data.schemas import Criterion, Rubric
+    from rcsd_cli.data.rows import Criterion, Rubric
     from rcsd_cli.modeling.generation import Generation
     from rcsd_cli.rubrics.prompts import analysis_prompt, text_ids, transition_text
     from rcsd_cli.train import objectives
@@ -307,7 +311,7 @@ def test_json_config_for_sample(run_cli, tmp_path, rubrics, tiny_model):
 
 
 def test_rubric_ablations_change_only_the_rubric():
-    from rcsd_cli.data.schemas import Criterion, Rubric
+    from rcsd_cli.data.rows import Criterion, Rubric
     from rcsd_cli.rubrics.ablations import GENERIC_RUBRIC, ablate
 
     rows = [Rubric(id=f"q{i}", question=f"Q{i}?", answer="1", rubric_origin="imported",
@@ -406,7 +410,9 @@ def test_a_group_given_in_part_keeps_the_stage_defaults(tmp_path):
 
 
 def test_vllm_settings_are_one_model_for_stages_and_training():
-    from rcsd_cli.data.schemas import RolloutConfig, SampleConfig, VllmConfig
+    from rcsd_cli.configs.groups import VllmConfig
+    from rcsd_cli.configs.sample import SampleConfig
+    from rcsd_cli.configs.train import RolloutConfig
 
     sample = SampleConfig(rubrics="r", backend="vllm", vllm_enforce_eager=True, vllm_memory_utilization=0.5)
     train = TrainConfig(rubrics="r", rollout_backend="vllm", vllm_enforce_eager=True, vllm_memory_utilization=0.5)

@@ -4,7 +4,7 @@ the static batches' tokens, item by item, while it runs fewer decode steps with 
 import pytest
 import torch
 
-from rcsd_cli.data.schemas import GenerationConfig
+from rcsd_cli.configs.groups import GenerationConfig
 from rcsd_cli.modeling.continuous import DecodeStats
 from rcsd_cli.modeling.generation import _static_batches, generate
 from rcsd_cli.models import load_model

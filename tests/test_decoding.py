@@ -4,7 +4,7 @@ tokens inside a check window, left-padded prompts of different lengths, LoRA stu
 import pytest
 import torch
 
-from rcsd_cli.data.schemas import GenerationConfig
+from rcsd_cli.configs.groups import GenerationConfig
 from rcsd_cli.modeling.generation import generate, generate_batch, use_compiled_decoding
 from rcsd_cli.models import load_model
 from tests.conftest import shared

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from rcsd_cli.configs.groups import LossConfig
 from rcsd_cli.data.artifacts import read_artifact
-from rcsd_cli.data.schemas import LossConfig
 
 from .conftest import MC_ROWS, write_jsonl
 
@@ -113,8 +113,8 @@ def test_diagnose_and_explain_measure_the_loss_train_applies(tiny_model, loss):
 def test_diagnose_refuses_a_contrast_it_would_not_measure(args, message):
     from pydantic import ValidationError
 
+    from rcsd_cli.configs.diagnose import DiagnoseConfig
     from rcsd_cli.data.options import fold_flat_options
-    from rcsd_cli.data.schemas import DiagnoseConfig
 
     flat = {"rubrics": "r.parquet"}
     for flag, value in zip(args[::2], args[1::2], strict=True):

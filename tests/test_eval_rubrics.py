@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from rcsd_cli.data.artifacts import read_artifact
-from rcsd_cli.data.schemas import Criterion
+from rcsd_cli.data.rows import Criterion
 from rcsd_cli.evaluation.rubric_quality import parse_quality_reply, win_counts
 from tests.conftest import write_jsonl
 from tests.test_faults import FakeServer

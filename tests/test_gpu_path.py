@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.data.options import build_config, read_config_file
-from rcsd_cli.data.schemas import TrainConfig
 from tests.test_distributed import dist_env
 from tests.test_distributed import rubrics as rubrics  # a fixture
 

@@ -7,8 +7,8 @@ import ast
 from tests.conftest import ROOT
 
 # Lowest first; docs/development.md lists the same order.
-LAYERS = ["errors", "ui", "models", "data", "modeling", "rubrics", "backends", "evaluation", "train", "stages",
-          "verl_reward", "commands", "cli", "__main__", "reference"]
+LAYERS = ["errors", "ui", "models", "data", "configs", "modeling", "rubrics", "backends", "evaluation", "train",
+          "stages", "verl_reward", "commands", "cli", "__main__", "reference"]
 RANK = {name: i for i, name in enumerate(LAYERS)}
 RANK.update({"errors": 0, "ui": 0, "models": 0, "stages": RANK["stages"], "verl_reward": RANK["stages"]})
 

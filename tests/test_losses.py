@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rcsd_cli.data.schemas import LossConfig
+from rcsd_cli.configs.groups import LossConfig
 from rcsd_cli.train.losses import LOSSES, chunked_distill_loss, distill_token_loss, sampled_token_reverse_kl, token_loss
 
 

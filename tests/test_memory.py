@@ -6,9 +6,9 @@ import re
 import pytest
 from transformers import AutoConfig
 
+from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.data.artifacts import read_artifact, write_artifact
 from rcsd_cli.data.options import with_options
-from rcsd_cli.data.schemas import TrainConfig
 from rcsd_cli.train.memory import GIB, estimate
 from tests.conftest import make_tiny_llama
 from tests.test_trainer import rubric_rows

@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rcsd_cli.configs.groups import GenerationConfig
+from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.data.artifacts import read_artifact
-from rcsd_cli.data.schemas import GenerationConfig, TrainConfig
 from rcsd_cli.models import load_model
 from rcsd_cli.rubrics.prompts import reference_target, rubric_json
 from rcsd_cli.train.objectives import teacher_ids

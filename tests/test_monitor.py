@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from rcsd_cli.configs.train import TrainConfig, parse_stop_rule
 from rcsd_cli.data.artifacts import read_artifact, read_metadata
-from rcsd_cli.data.schemas import TrainConfig, parse_stop_rule
 
 
 @pytest.fixture

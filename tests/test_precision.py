@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from rcsd_cli.configs.groups import LossConfig
 from rcsd_cli.data.artifacts import read_artifact, write_artifact
-from rcsd_cli.data.schemas import LossConfig
 from rcsd_cli.modeling import precision
 from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch
 from rcsd_cli.models import load_model

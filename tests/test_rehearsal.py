@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.data.options import build_config, read_config_file
-from rcsd_cli.data.schemas import TrainConfig
 from rcsd_cli.models import load_model_config
 from rcsd_cli.train.memory import meta_model
 from rcsd_cli.train.rehearsal import GIB, rehearse
@@ -160,7 +160,7 @@ def _problems(folder: Path) -> Path:
 
 def test_flash_attention_refuses_the_static_cache_loop(tiny_model):
     """R11: the compiled loop's mask marks unwritten cache slots present; FlashAttention-2 would attend to them."""
-    from rcsd_cli.data.schemas import GenerationConfig
+    from rcsd_cli.configs.groups import GenerationConfig
     from rcsd_cli.errors import RcsdError
     from rcsd_cli.modeling.generation import generate
     from rcsd_cli.models import load_model

@@ -91,14 +91,14 @@ def vllm_model(tmp_path, tiny_model):
 
 def engine_for(model_dir):
     from rcsd_cli.backends.vllm import VLLMBackend
-    from rcsd_cli.data.schemas import BackendConfig
+    from rcsd_cli.configs.groups import BackendConfig
 
     return VLLMBackend(BackendConfig(kind="vllm", vllm_enforce_eager=True, vllm_kv_cache_gib=0.25), str(model_dir),
                        dtype="float32", in_process=True)
 
 
 def test_engine_follows_the_student_after_a_push_and_samples_reproducibly(vllm_model):
-    from rcsd_cli.data.schemas import GenerationConfig
+    from rcsd_cli.configs.groups import GenerationConfig
     from rcsd_cli.modeling.generation import item_seed
     from rcsd_cli.train.rollout_engines import EngineRollouts, sync_gap
 
@@ -181,7 +181,7 @@ def test_vllm_serves_a_lora_adapter_folder_like_the_merged_model(vllm_model, tmp
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rcsd_cli.data.schemas import GenerationConfig
+    from rcsd_cli.configs.groups import GenerationConfig
     from rcsd_cli.modeling.generation import generate
 
     torch.manual_seed(0)
@@ -219,7 +219,7 @@ def test_a_lora_engine_follows_the_pushed_adapter_and_serves_the_base_to_the_tea
     from peft import LoraConfig, get_peft_model
 
     from rcsd_cli.backends.vllm import VLLMBackend, lora_engine_args
-    from rcsd_cli.data.schemas import BackendConfig
+    from rcsd_cli.configs.groups import BackendConfig
     from rcsd_cli.train.rollout_engines import AdapterRollouts, EngineRollouts, sync_gap
 
     loaded = load_model(str(vllm_model))
@@ -278,7 +278,7 @@ def test_the_vllm_api_rcsd_calls_is_the_installed_ones(vllm_model, monkeypatch):
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from rcsd_cli.backends import vllm as backend
-    from rcsd_cli.data.schemas import BackendConfig
+    from rcsd_cli.configs.groups import BackendConfig
 
     def installed(name: str) -> str | None:
         try:

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.data.artifacts import read_artifact
-from rcsd_cli.data.schemas import TrainConfig
 from rcsd_cli.rubrics.rubric_gen import InvalidRubric, parse_rubric_output
 from tests.conftest import write_jsonl
 
@@ -51,7 +51,7 @@ PHOTONS = {"id": "bulb", "question": "A 100-W bulb is 3% efficient. How many vis
 
 def test_paper_designer_message_is_the_authors_text():
     """GOLDEN holds RubricPromptBuilder().build(question, reference) run from the authors' file."""
-    from rcsd_cli.data.schemas import Problem
+    from rcsd_cli.data.rows import Problem
     from rcsd_cli.rubrics.prompts import rubric_designer_message
 
     problem = Problem(**PHOTONS)
@@ -132,7 +132,7 @@ def test_stage_one_prompts_are_the_authors_texts(tiny_model):
     chat template exactly."""
     from transformers import AutoTokenizer
 
-    from rcsd_cli.data.schemas import Criterion, Rubric
+    from rcsd_cli.data.rows import Criterion, Rubric
     from rcsd_cli.rubrics.prompts import chat_prompt_ids, stage_one_message, stage_one_teacher_message
     from rcsd_cli.train.objectives import student_ids, teacher_ids
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from rcsd_cli.data.schemas import Check, Criterion, export_json_schemas
+from rcsd_cli.configs.schemas import export_json_schemas
+from rcsd_cli.data.rows import Check, Criterion
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 
@@ -14,9 +15,10 @@ SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 def test_schema_files_match_models():
     expected = export_json_schemas()
     on_disk = {p.name for p in SCHEMAS.glob("*.json")}
-    assert on_disk == set(expected), "run: python -m rcsd_cli.data.schemas schemas"
+    assert on_disk == set(expected), "run: python -m rcsd_cli.configs.schemas schemas"
     for name, schema in expected.items():
-        assert json.loads((SCHEMAS / name).read_text()) == schema, f"{name} is stale: python -m rcsd_cli.data.schemas"
+        stale = f"{name} is stale: python -m rcsd_cli.configs.schemas"
+        assert json.loads((SCHEMAS / name).read_text()) == schema, stale
 
 
 def test_criterion_validation():
@@ -36,7 +38,7 @@ def test_schemas_and_the_verl_reward_import_nothing_from_the_cli_layer():
     import subprocess
     import sys
 
-    code = ("import sys, rcsd_cli.data.schemas, rcsd_cli.verl_reward, rcsd_cli.data.artifacts; "
+    code = ("import sys, rcsd_cli.configs.schemas, rcsd_cli.verl_reward, rcsd_cli.data.artifacts; "
             "print(sorted(m for m in ('typer', 'rich', 'click') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from rcsd_cli.data.schemas import ServeConfig
+from rcsd_cli.configs.serve import ServeConfig
 from tests.conftest import ROOT, shared, unshare
 from tests.test_backends import start_server
 

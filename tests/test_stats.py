@@ -46,7 +46,7 @@ def test_wilson_interval_by_hand():
 
 
 def eval_item(i, correct, rubric=None, tokens=(5,)):
-    from rcsd_cli.data.schemas import EvalItem
+    from rcsd_cli.data.rows import EvalItem
 
     graded = [c for c in correct if c is not None]
     return EvalItem(id=f"q{i}", bench="t", question="?", choices=None, gold=None if not graded else "1",

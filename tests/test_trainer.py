@@ -6,8 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rcsd_cli.configs.groups import GenerationConfig
+from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.data.artifacts import read_artifact
-from rcsd_cli.data.schemas import GenerationConfig, Problem, Rubric, TrainConfig
+from rcsd_cli.data.rows import Problem, Rubric
 from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch
 from rcsd_cli.models import load_model
 from rcsd_cli.rubrics.rubric_gen import reference_rubric
@@ -122,7 +124,7 @@ def assert_resumes_exactly(cfg, rows, full, resumed, step, capsys):
 
 def test_sampling_depends_only_on_item_seeds(tiny_model):
     """Same samples whatever the batch size; global RNG untouched; greedy equals transformers' generate."""
-    from rcsd_cli.data.schemas import GenerationConfig
+    from rcsd_cli.configs.groups import GenerationConfig
     from rcsd_cli.modeling.generation import generate
 
     lm = load_model(str(tiny_model), device=CPU)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
-from rcsd_cli.data.schemas import BackendConfig, GenerationConfig
+from rcsd_cli.configs.groups import BackendConfig, GenerationConfig
 from rcsd_cli.modeling.generation import Generation
 
 OnDone = Callable[[list[int], list[Generation]], None]  # (prompt indices, their generations)

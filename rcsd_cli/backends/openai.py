@@ -30,7 +30,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from rcsd_cli.data.schemas import BackendConfig, GenerationConfig
+from rcsd_cli.configs.groups import BackendConfig, GenerationConfig
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.modeling.generation import Generation
 from rcsd_cli.ui import warn

@@ -28,7 +28,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rcsd_cli.data.schemas import GenerationConfig, ServeConfig
+from rcsd_cli.configs.groups import GenerationConfig
+from rcsd_cli.configs.serve import ServeConfig
 from rcsd_cli.errors import describe_validation_error
 from rcsd_cli.modeling.generation import Generation, generate, item_seed
 

@@ -17,7 +17,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterable
 
-from rcsd_cli.data.schemas import BackendConfig
+from rcsd_cli.configs.groups import BackendConfig
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.modeling.generation import Generation
 from rcsd_cli.ui import info

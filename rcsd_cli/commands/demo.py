@@ -15,8 +15,13 @@ from typing import Annotated, Literal
 import typer
 
 from rcsd_cli.commands import common as c
+from rcsd_cli.configs.eval import EvalConfig
+from rcsd_cli.configs.gen_rubrics import GenRubricsConfig
+from rcsd_cli.configs.groups import GenerationConfig
+from rcsd_cli.configs.sample import SampleConfig
+from rcsd_cli.configs.score import ScoreConfig
+from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.data.artifacts import clear_own_folder
-from rcsd_cli.data.schemas import EvalConfig, GenerationConfig, GenRubricsConfig, SampleConfig, ScoreConfig, TrainConfig
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.models import resolve_model
 from rcsd_cli.ui import info, results

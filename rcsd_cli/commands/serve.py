@@ -11,7 +11,7 @@ replacement for vLLM's server.
 from __future__ import annotations
 
 from rcsd_cli.commands.common import stage_command
-from rcsd_cli.data.schemas import ServeConfig
+from rcsd_cli.configs.serve import ServeConfig
 
 
 def _serve(cfg: ServeConfig, *, trust_remote_code: bool = False):

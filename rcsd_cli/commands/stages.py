@@ -9,16 +9,14 @@ from typing import Annotated
 import typer
 
 from rcsd_cli.commands.common import stage_command
-from rcsd_cli.data.schemas import (
-    DiagnoseConfig,
-    EvalConfig,
-    EvalRubricsConfig,
-    ExplainConfig,
-    GenRubricsConfig,
-    SampleConfig,
-    ScoreConfig,
-    TrainConfig,
-)
+from rcsd_cli.configs.diagnose import DiagnoseConfig
+from rcsd_cli.configs.eval import EvalConfig
+from rcsd_cli.configs.eval_rubrics import EvalRubricsConfig
+from rcsd_cli.configs.explain import ExplainConfig
+from rcsd_cli.configs.gen_rubrics import GenRubricsConfig
+from rcsd_cli.configs.sample import SampleConfig
+from rcsd_cli.configs.score import ScoreConfig
+from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.errors import RcsdError
 
 

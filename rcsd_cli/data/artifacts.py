@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
 
 from rcsd_cli import __version__
-from rcsd_cli.data.schemas import ROW_MODELS
+from rcsd_cli.data.rows import ROW_MODELS
 from rcsd_cli.errors import RcsdError, describe_validation_error, where
 
 META_KEY = b"rcsd"

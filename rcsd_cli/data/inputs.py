@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from rcsd_cli.data.schemas import MAX_QUESTION_CHARS, Criterion, Problem
+from rcsd_cli.data.rows import MAX_QUESTION_CHARS, Criterion, Problem
 from rcsd_cli.errors import RcsdError, describe_validation_error, where
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from rcsd_cli.data.inputs import LETTERS, gpqa_problem, load_problems
-from rcsd_cli.data.schemas import Problem
+from rcsd_cli.data.rows import Problem
 from rcsd_cli.errors import RcsdError
 
 MMLU_STEM = (

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from rcsd_cli.data.inputs import LETTERS
-from rcsd_cli.data.schemas import Problem
+from rcsd_cli.data.rows import Problem
 from rcsd_cli.errors import RcsdError
 
 

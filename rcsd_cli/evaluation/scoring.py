@@ -12,7 +12,8 @@ import json
 import re
 from dataclasses import dataclass
 
-from rcsd_cli.data.schemas import Check, Criterion, CriterionVerdict, GenerationConfig, Problem, Score
+from rcsd_cli.configs.groups import GenerationConfig
+from rcsd_cli.data.rows import Check, Criterion, CriterionVerdict, Problem, Score
 from rcsd_cli.evaluation.answers import answers_match, extract_answer
 
 JUDGE_REPLY = GenerationConfig(temperature=0.0, max_new_tokens=192)  # how a judge answers (greedy, short JSON)

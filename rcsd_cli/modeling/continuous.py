@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from rcsd_cli.data.schemas import GenerationConfig
+from rcsd_cli.configs.groups import GenerationConfig
 from rcsd_cli.modeling.batching import left_padded
 from rcsd_cli.modeling.logprobs import contrast_logits
 from rcsd_cli.modeling.sampling import next_tokens

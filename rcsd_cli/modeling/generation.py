@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rcsd_cli.data.schemas import GenerationConfig
+from rcsd_cli.configs.groups import GenerationConfig
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.modeling import continuous
 from rcsd_cli.modeling.batching import left_padded

@@ -25,7 +25,7 @@ from typing import get_args
 
 import torch
 
-from rcsd_cli.data.schemas import Precision
+from rcsd_cli.configs.groups import Precision
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

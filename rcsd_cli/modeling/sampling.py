@@ -9,7 +9,7 @@ import hashlib
 
 import torch
 
-from rcsd_cli.data.schemas import GenerationConfig
+from rcsd_cli.configs.groups import GenerationConfig
 
 
 def stop_ids(tokenizer, model) -> set[int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from rcsd_cli.data.schemas import Criterion, Rubric
+from rcsd_cli.data.rows import Criterion, Rubric
 
 _AUTHORS_GENERIC = (  # (title, description), each with weight 1, in the authors' order
     ("Understand Problem", "Understand the problem: Identify what is being asked and restate the goal clearly."),

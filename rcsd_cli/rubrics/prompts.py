@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 
 from rcsd_cli.data.inputs import LETTERS
-from rcsd_cli.data.schemas import Criterion, Problem
+from rcsd_cli.data.rows import Criterion, Problem
 
 # --- the authors' texts (github carriegu0818/RCSD, data_collator_reward.py), verbatim
 PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."

@@ -20,7 +20,7 @@ import re
 from pydantic import ValidationError
 
 from rcsd_cli.data.inputs import LETTERS
-from rcsd_cli.data.schemas import Check, Criterion, Problem
+from rcsd_cli.data.rows import Check, Criterion, Problem
 
 ANSWER_LINE_REGEX = r"^\W*(?:final\s+)?answer\s*:\s*\S|\\boxed\{\s*[^{}\s]"
 CONCISE_WORDS = 300

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from rcsd_cli.backends import open_backend
+from rcsd_cli.configs.diagnose import DiagnoseConfig
 from rcsd_cli.data.artifacts import ensure_writable, read_artifact, write_artifact
-from rcsd_cli.data.schemas import DiagnoseConfig, DiagnoseRow, Rubric
+from rcsd_cli.data.rows import DiagnoseRow, Rubric
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.evaluation.benchmarks import select
 from rcsd_cli.evaluation.scoring import score_completion

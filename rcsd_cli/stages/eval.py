@@ -12,8 +12,9 @@ from rich.table import Table
 
 from rcsd_cli.backends import open_backend
 from rcsd_cli.backends.resume import ResumableGenerator
+from rcsd_cli.configs.eval import EvalConfig
 from rcsd_cli.data.artifacts import ensure_writable, read_artifact, write_artifact
-from rcsd_cli.data.schemas import EvalConfig, EvalItem
+from rcsd_cli.data.rows import EvalItem
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.evaluation.answers import RULES, STRICT_RULE, grade_texts
 from rcsd_cli.evaluation.benchmarks import ALL_BENCHES, load_bench, select

@@ -16,9 +16,10 @@ from rich.table import Table
 
 from rcsd_cli.backends import open_backend
 from rcsd_cli.backends.resume import ResumableGenerator
+from rcsd_cli.configs.eval_rubrics import EvalRubricsConfig
 from rcsd_cli.data.artifacts import ensure_writable, read_artifact, write_artifact
 from rcsd_cli.data.inputs import load_problems, question_key
-from rcsd_cli.data.schemas import EvalRubricsConfig, Problem, RubricQualityRow
+from rcsd_cli.data.rows import Problem, RubricQualityRow
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.evaluation.rubric_quality import METRICS, parse_quality_reply, win_counts
 from rcsd_cli.evaluation.stats import mean_interval, wilson_interval

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from rcsd_cli.configs.explain import ExplainConfig
 from rcsd_cli.data.artifacts import ensure_writable, read_artifact
-from rcsd_cli.data.schemas import ExplainConfig
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.modeling.logprobs import continuation_logits
 from rcsd_cli.models import load_model

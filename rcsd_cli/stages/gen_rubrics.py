@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rcsd_cli.configs.gen_rubrics import GenRubricsConfig
 from rcsd_cli.data.artifacts import ensure_writable, write_artifact
 from rcsd_cli.data.inputs import InputRow, load_problems
-from rcsd_cli.data.schemas import GenRubricsConfig, RejectedRubric, Rubric
+from rcsd_cli.data.rows import RejectedRubric, Rubric
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.evaluation.benchmarks import BENCHES, load_bench, select
 from rcsd_cli.rubrics.rubric_gen import RCSD_SCHEMA_REFUSED, InvalidRubric, parse_rubric_output, reference_rubric

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from rcsd_cli.backends import open_backend
 from rcsd_cli.backends.resume import fingerprint
+from rcsd_cli.configs.sample import SampleConfig
 from rcsd_cli.data.artifacts import PartialLog, ensure_writable, read_artifact, read_metadata, write_artifact
 from rcsd_cli.data.inputs import load_problems
-from rcsd_cli.data.schemas import Problem, Sample, SampleConfig
+from rcsd_cli.data.rows import Problem, Sample
 from rcsd_cli.modeling.generation import item_seed
 from rcsd_cli.rubrics.prompts import student_prompt
 from rcsd_cli.ui import info, progress, warn

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rcsd_cli.configs.groups import BackendConfig, GenerationConfig
+from rcsd_cli.configs.score import ScoreConfig
 from rcsd_cli.data.artifacts import ensure_writable, read_artifact, write_artifact
 from rcsd_cli.data.options import with_options
-from rcsd_cli.data.schemas import BackendConfig, Criterion, GenerationConfig, Problem, Score, ScoreConfig
+from rcsd_cli.data.rows import Criterion, Problem, Score
 from rcsd_cli.errors import RcsdError, where
 from rcsd_cli.evaluation.scoring import score_with_judge
 from rcsd_cli.evaluation.stats import mean_interval

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.data.artifacts import read_artifact
 from rcsd_cli.data.options import with_options
-from rcsd_cli.data.schemas import TrainConfig
 from rcsd_cli.errors import RcsdError, where
 from rcsd_cli.modeling import distributed as dist
 from rcsd_cli.modeling.sharding import from_launcher_env

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.data.artifacts import clear_own_folder, write_artifact
-from rcsd_cli.data.schemas import MetricsRow, TrainConfig
+from rcsd_cli.data.rows import MetricsRow
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.modeling import distributed as dist
 from rcsd_cli.modeling import precision, sharding

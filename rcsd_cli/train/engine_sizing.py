@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rcsd_cli.data.schemas import TrainConfig
+from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.train.memory import kv_values_per_token, text_config
 

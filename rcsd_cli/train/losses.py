@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from rcsd_cli.modeling.logprobs import contrast_logits, fp32_logits, upcast
 
 if TYPE_CHECKING:
-    from rcsd_cli.data.schemas import LossConfig
+    from rcsd_cli.configs.groups import LossConfig
 
 
 def _restrict(student_logits, teacher_logits, top_k: int | None, tail: bool = False):

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from rcsd_cli.data.schemas import TrainConfig
+from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.modeling import precision
 from rcsd_cli.modeling.generation import prompt_bucket, use_compiled_decoding
 from rcsd_cli.train.phases import current_rss_gib

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+from rcsd_cli.configs.groups import GenerationConfig
+from rcsd_cli.configs.train import TrainConfig, parse_stop_rule
 from rcsd_cli.data.inputs import question_key
-from rcsd_cli.data.schemas import GenerationConfig, MetricsRow, Problem, TrainConfig, parse_stop_rule
+from rcsd_cli.data.rows import MetricsRow, Problem
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.evaluation.answers import STRICT_RULE, grade_texts
 from rcsd_cli.evaluation.benchmarks import load_bench, select

@@ -25,7 +25,9 @@ from typing import Callable
 
 import torch
 
-from rcsd_cli.data.schemas import GenerationConfig, Rubric, TrainConfig
+from rcsd_cli.configs.groups import GenerationConfig
+from rcsd_cli.configs.train import TrainConfig
+from rcsd_cli.data.rows import Rubric
 from rcsd_cli.evaluation.scoring import JUDGE_REPLY, score_completion, score_with_judge
 from rcsd_cli.modeling.batching import SideBatch, aligned_hidden, build_pair_batch
 from rcsd_cli.modeling.generation import generate, item_seed

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
-from rcsd_cli.data.schemas import TrainConfig
+from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.modeling import precision, sharding
 
 GIB = 2**30

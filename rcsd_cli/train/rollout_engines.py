@@ -22,7 +22,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from rcsd_cli.data.schemas import BackendConfig, GenerationConfig, TrainConfig
+from rcsd_cli.configs.groups import BackendConfig, GenerationConfig
+from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.modeling import precision, sharding
 from rcsd_cli.modeling.generation import Generation, generate
 from rcsd_cli.modeling.logprobs import continuation_logprobs
