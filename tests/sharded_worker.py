@@ -15,7 +15,7 @@ from rcsd_cli.data.options import build_config
 from rcsd_cli.modeling import distributed as dist
 from rcsd_cli.modeling import sharding
 from rcsd_cli.train import checkpoints, trainer
-from rcsd_cli.train.objectives import OBJECTIVES
+from rcsd_cli.train.methods import step_for
 from rcsd_cli.train.rollout_engines import module_weights
 
 
@@ -28,7 +28,7 @@ def main(model: str, rubrics: str, out: str, offload: str) -> None:
     dist.setup(always=True)  # as ``rcsd train`` does: one launched process shards too
     run = trainer.setup(cfg, out_dir, False, False)
     report = {"rank": run.rank, "world": run.world}
-    trainer.run_step(run, OBJECTIVES[cfg.method], rows, 0)
+    trainer.run_step(run, step_for(cfg), rows, 0)
     report["teacher_sharded_after_step"] = all(isinstance(p, DTensor) for p in run.teacher.parameters())
     report["student_sharded_after_step"] = all(isinstance(p, DTensor) for p in run.student.parameters())
 

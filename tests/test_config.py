@@ -204,8 +204,8 @@ def test_paper_prompts_match_the_authors_token_for_token(tokenizer_dir, template
 
     from rcsd_cli.configs.groups import GenerationConfig
     from rcsd_cli.data.rows import Criterion, Rubric
-    from rcsd_cli.rubrics.prompts import analysis_prompt, text_ids, transition_text
-    from rcsd_cli.train.objectives import student_ids, teacher_ids, teacher_view
+    from rcsd_cli.rubrics.prompts import text_ids, transition_text
+    from rcsd_cli.rubrics.views import PromptView
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     if template == "qwen3":
@@ -240,10 +240,11 @@ def test_paper_prompts_match_the_authors_token_for_token(tokenizer_dir, template
     def ids(message):
         return tok(_authors_turn(template, message, thinking), add_special_tokens=False)["input_ids"]
 
-    assert student_ids(tok, row, cfg) == ids(student)
-    assert teacher_ids(tok, row, cfg) == ids(teacher)
+    view = PromptView.for_train(cfg)
+    assert view.student_ids(tok, row) == ids(student)
+    assert view.teacher_ids(tok, row) == ids(teacher)
     reason_first = with_options(cfg, teacher_context="reason-first")
-    assert analysis_prompt(tok, row, **teacher_view(reason_first)) == ids(analysis)
+    assert PromptView.for_train(reason_first).analysis_ids(tok, row) == ids(analysis)
     assert text_ids(tok, transition_text(row, row.rubric, "paper")) == tok(transition)["input_ids"]
 
 
@@ -254,7 +255,8 @@ def test_reason_first_teacher_input_is_prompt_analysis_transition(tiny_model, mo
     from rcsd_cli.data.rows import Criterion, Rubric
     from rcsd_cli.modeling.generation import Generation
     from rcsd_cli.rubrics.prompts import analysis_prompt, text_ids, transition_text
-    from rcsd_cli.train import objectives
+    from rcsd_cli.train.methods import distill
+    from rcsd_cli.train.step import StepContext
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     row = Rubric(id="q", question="2+2?", answer="4", rubric=[Criterion(id="a", title="Says four", weight=5)],
@@ -267,16 +269,16 @@ def test_reason_first_teacher_input_is_prompt_analysis_transition(tiny_model, mo
         seen["cfg"] = gen_cfg
         return [Generation([11, 12, 2], "x", "stop") for _ in prompts]
 
-    ctx = objectives.StepContext(None, tok, None, None, cfg, 0, teacher_generate)
-    (ids,) = objectives.reason_first_teacher_prompts(ctx, [row])
-    ask = analysis_prompt(tok, row, **objectives.teacher_view(cfg))
+    ctx = StepContext(None, tok, None, None, cfg, 0, teacher_generate)
+    (ids,) = distill.reason_first_teacher_prompts(ctx, [row])
+    ask = analysis_prompt(tok, row, style="paper", context="reason-first")
     assert ids == ask + [11, 12, 2] + text_ids(tok, transition_text(row, row.rubric, "paper"))
     g = seen["cfg"]
     assert (g.temperature, g.top_p, g.top_k, g.max_new_tokens) == (0.7, 0.95, 5, 9)
 
 
 def test_reduction_weights_by_hand():
-    from rcsd_cli.train.objectives import StepContext, reduction_weights
+    from rcsd_cli.train.step import StepContext, reduction_weights
 
     counts = [2, 6, 0]
     seq = StepContext(None, None, None, None, TrainConfig(rubrics="r"), 0)
@@ -443,7 +445,7 @@ def test_max_teacher_prompt_tokens_counts_the_exact_teacher_ids(run_cli, tmp_pat
     length keeps it, N - 1 drops it); the count is printed by --dry-run and recorded by a run."""
     from rcsd_cli.data.artifacts import read_artifact
     from rcsd_cli.models import load_tokenizer
-    from rcsd_cli.train.objectives import teacher_ids, teacher_prompt_length
+    from rcsd_cli.rubrics.views import PromptView
 
     rows = [{"id": f"q{i}", "question": f"What is {i} + {i}" + ", in words" * i + "?", "answer": str(2 * i)}
             for i in range(1, 4)]
@@ -453,8 +455,9 @@ def test_max_teacher_prompt_tokens_counts_the_exact_teacher_ids(run_cli, tmp_pat
     items, _ = read_artifact(out, "rubrics")
     tok = load_tokenizer(str(tiny_model))
     cfg = TrainConfig(rubrics=str(out), model=str(tiny_model))
-    lengths = {r.id: teacher_prompt_length(tok, r, cfg) for r in items}
-    assert lengths == {r.id: len(teacher_ids(tok, r, cfg)) for r in items}
+    view = PromptView.for_train(cfg)
+    lengths = {r.id: view.teacher_prompt_length(tok, r) for r in items}
+    assert lengths == {r.id: len(view.teacher_ids(tok, r)) for r in items}
     short = max(v for k, v in lengths.items() if k != "long")
     common = ["train", "--rubrics", out, "--model", tiny_model, "--dry-run"]
     p = run_cli(*common, "--max-teacher-prompt-tokens", short, check=True)
@@ -462,7 +465,8 @@ def test_max_teacher_prompt_tokens_counts_the_exact_teacher_ids(run_cli, tmp_pat
     p = run_cli(*common, "--max-teacher-prompt-tokens", short - 1, check=True)
     assert f"dropped 2 of 4 items: teacher prompt over {short - 1} tokens" in p.stdout  # q3 goes too
     reason_first = with_options(cfg, teacher_context="reason-first")
-    assert all(teacher_prompt_length(tok, r, reason_first) != lengths[r.id] for r in items)  # the analysis prompt
+    analysis_view = PromptView.for_train(reason_first)  # the analysis prompt is counted
+    assert all(analysis_view.teacher_prompt_length(tok, r) != lengths[r.id] for r in items)
 
     p = run_cli("train", "--rubrics", out, "--model", tiny_model, "-o", tmp_path / "m", "--steps", "1",
                 "--batch-size", "2", "--max-new-tokens", "4", "--max-teacher-prompt-tokens", short, check=True)

@@ -87,7 +87,8 @@ def test_diagnose_and_explain_measure_the_loss_train_applies(tiny_model, loss):
     from rcsd_cli.modeling.logprobs import continuation_logits
     from rcsd_cli.models import load_model
     from rcsd_cli.train.losses import token_loss
-    from rcsd_cli.train.objectives import StepContext, distill_backward
+    from rcsd_cli.train.methods import distill
+    from rcsd_cli.train.step import StepContext
     from tests.test_trainer import config
 
     lm = load_model(str(tiny_model), device=torch.device("cpu"))
@@ -96,7 +97,7 @@ def test_diagnose_and_explain_measure_the_loss_train_applies(tiny_model, loss):
     completions = [[11, 12, 13, 14, 15], [21, 22, 23]]
     ctx = StepContext(model, tok, lambda side: aligned_hidden(model, side), model.get_output_embeddings(),
                       config(tiny_model, loss=loss, chunk_size=2), 0)  # teacher = the same weights, as diagnose
-    train = distill_backward(ctx, s_prompts, t_prompts, completions).read(torch.device("cpu"))
+    train = distill.backward(ctx, s_prompts, t_prompts, completions).read(torch.device("cpu"))
     s_logits = continuation_logits(model, s_prompts, completions, tok.pad_token_id)
     t_logits = continuation_logits(model, t_prompts, completions, tok.pad_token_id)
     measured = sum(token_loss(s, t, torch.tensor(c), loss).loss.sum().item()

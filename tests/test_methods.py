@@ -11,7 +11,7 @@ from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.data.artifacts import read_artifact
 from rcsd_cli.models import load_model
 from rcsd_cli.rubrics.prompts import reference_target, rubric_json
-from rcsd_cli.train.objectives import teacher_ids
+from rcsd_cli.rubrics.views import PromptView
 from rcsd_cli.train.trainer import lr_factor, train
 from tests.conftest import MC_ROWS, write_jsonl
 from tests.test_trainer import rubric_rows
@@ -112,13 +112,13 @@ def test_prompts_and_targets(tiny_model):
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     row = rubric_rows()[1]
-    rcsd = tok.decode(teacher_ids(tok, row, cfg(tiny_model)))
+    rcsd = tok.decode(PromptView.for_train(cfg(tiny_model)).teacher_ids(tok, row))
     assert "Correct final answer" in rcsd and "Reference Answer:" in rcsd
-    opsd = tok.decode(teacher_ids(tok, row, cfg(tiny_model, method="opsd")))
+    opsd = tok.decode(PromptView.for_train(cfg(tiny_model, method="opsd")).teacher_ids(tok, row))
     assert "Correct final answer" not in opsd and "Reference Answer:" in opsd
-    only_rubric = tok.decode(teacher_ids(tok, row, cfg(tiny_model, teacher_context="rubric")))
+    only_rubric = tok.decode(PromptView.for_train(cfg(tiny_model, teacher_context="rubric")).teacher_ids(tok, row))
     assert "Reference Answer" not in only_rubric and "Rubric (JSON array)" in only_rubric
-    stage1 = tok.decode(teacher_ids(tok, row, cfg(tiny_model, task="rubric-generator")))
+    stage1 = tok.decode(PromptView.for_train(cfg(tiny_model, task="rubric-generator")).teacher_ids(tok, row))
     assert rubric_json(row.rubric) in stage1
     target = tok.decode(reference_target(tok, row, style="paper"))
     assert target.endswith("\\boxed{A}.<|im_end|>")
@@ -139,12 +139,12 @@ def test_offline_round_through_the_cli(run_cli, tiny_model, tmp_path):
     for s, sc in zip(samples, scores, strict=True):
         assert len(sc.teacher_topk_ids) == len(s.completion_token_ids) and len(sc.teacher_topk_ids[0]) == 4
         assert sc.teacher_topk_logprobs[0] == sorted(sc.teacher_topk_logprobs[0], reverse=True)
-    # what was stored is what the online teacher of a training run sees: its prompt (train's teacher_ids),
+    # what was stored is what the online teacher of a training run sees: its prompt (train's PromptView.teacher_ids),
     # then the completion, read one position before each completion token
     lm = load_model(str(tiny_model), device=torch.device("cpu"))
     rows = {r.id: r for r in read_artifact(tmp_path / "r.parquet", "rubrics")[0]}
     for s, sc in zip(samples, scores, strict=True):
-        prompt = teacher_ids(lm.tokenizer, rows[s.problem_id], cfg(tiny_model))
+        prompt = PromptView.for_train(cfg(tiny_model)).teacher_ids(lm.tokenizer, rows[s.problem_id])
         with torch.no_grad():
             logits = lm.model(torch.tensor([prompt + s.completion_token_ids])).logits[0].float()
         start = len(prompt) - 1
@@ -169,29 +169,28 @@ QWEN3_LIKE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content
 def test_thinking_templates_render_both_sides_alike(tiny_model, thinking, suffix):
     from transformers import AutoTokenizer
 
-    from rcsd_cli.train.objectives import student_ids
-
     tok = AutoTokenizer.from_pretrained(tiny_model)
     tok.chat_template = QWEN3_LIKE
     c = cfg(tiny_model, generation=GenerationConfig(max_new_tokens=4, enable_thinking=thinking))
     row = rubric_rows()[0]
-    s, t = tok.decode(student_ids(tok, row, c)), tok.decode(teacher_ids(tok, row, c))
+    view = PromptView.for_train(c)
+    s, t = tok.decode(view.student_ids(tok, row)), tok.decode(view.teacher_ids(tok, row))
     assert s.endswith("<|im_start|>assistant\n" + suffix.removeprefix("assistant\n"))
     assert t.endswith("<|im_start|>assistant\n" + suffix.removeprefix("assistant\n"))
 
 
 def test_reason_first_teacher_samples_an_analysis_each_step(tiny_model, tmp_path, monkeypatch):
-    import rcsd_cli.train.objectives as objectives
+    from rcsd_cli.train.methods import distill
 
     built = []
-    original = objectives.reason_first_teacher_prompts
+    original = distill.reason_first_teacher_prompts
 
     def spy(ctx, rows):
         out = original(ctx, rows)
         built.append(out)
         return out
 
-    monkeypatch.setattr(objectives, "reason_first_teacher_prompts", spy)
+    monkeypatch.setattr(distill, "reason_first_teacher_prompts", spy)
     metrics = train(cfg(tiny_model, teacher_context="reason-first", analysis_max_new_tokens=5), rubric_rows(),
                     tmp_path)
     assert len(metrics) == 2 and len(built) == 2 and all(len(p) == 2 for p in built)
@@ -227,21 +226,21 @@ def test_contrastive_teacher_controls_and_a_run(tiny_model, tmp_path):
 
     from rcsd_cli.rubrics.ablations import control_rows
     from rcsd_cli.rubrics.prompts import teacher_prompt
-    from rcsd_cli.train.objectives import control_ids, teacher_view
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     rows = rubric_rows()
     for kind in ("shuffled", "reference", "generic"):
         c = cfg(tiny_model, teacher_contrast=kind)
         controls = control_rows(rows, kind, c.seed)
-        text = tok.decode(control_ids(tok, rows[0], c, controls[rows[0].id]))
+        view = PromptView.for_train(c)
+        text = tok.decode(view.control_ids(tok, controls[rows[0].id]))
         if kind == "shuffled":
             partner = controls[rows[0].id]
             assert partner.rubric != rows[0].rubric and rubric_json(partner.rubric) in text
             assert partner.question == rows[0].question  # the item's own question and reference
         if kind == "reference":
-            assert control_ids(tok, rows[0], c, controls[rows[0].id]) == teacher_prompt(
-                tok, rows[0], **{**teacher_view(c), "method": "opsd"}) and "Rubric" not in text
+            assert view.control_ids(tok, controls[rows[0].id]) == teacher_prompt(
+                tok, rows[0], method="opsd", style=c.prompt_style) and "Rubric" not in text
         if kind == "generic":
             assert "Check correctness and consistency" in text
     metrics = train(cfg(tiny_model, teacher_contrast="shuffled", contrast_weight=0.5), rows, tmp_path)

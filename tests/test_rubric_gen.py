@@ -134,7 +134,7 @@ def test_stage_one_prompts_are_the_authors_texts(tiny_model):
 
     from rcsd_cli.data.rows import Criterion, Rubric
     from rcsd_cli.rubrics.prompts import chat_prompt_ids, stage_one_message, stage_one_teacher_message
-    from rcsd_cli.train.objectives import student_ids, teacher_ids
+    from rcsd_cli.rubrics.views import PromptView
 
     golden = Path(__file__).parent / "golden"
     row = Rubric(id="ice", question="Why does ice float on liquid water?", rubric_origin="imported",
@@ -150,8 +150,9 @@ def test_stage_one_prompts_are_the_authors_texts(tiny_model):
     assert stage_one_teacher_message(row, "paper") == teacher
     tok = AutoTokenizer.from_pretrained(tiny_model)
     cfg = TrainConfig(rubrics="r", task="rubric-generator", loss="jsd", beta=0.5)
-    assert student_ids(tok, row, cfg) == chat_prompt_ids(tok, student)
-    assert teacher_ids(tok, row, cfg) == chat_prompt_ids(tok, teacher)
+    view = PromptView.for_train(cfg)
+    assert view.student_ids(tok, row) == chat_prompt_ids(tok, student)
+    assert view.teacher_ids(tok, row) == chat_prompt_ids(tok, teacher)
     with pytest.raises(ValueError, match="reason-first is not available with --task rubric-generator"):
         TrainConfig(rubrics="r", task="rubric-generator", teacher_context="reason-first")
 

@@ -13,7 +13,8 @@ from rcsd_cli.data.rows import Problem, Rubric
 from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch
 from rcsd_cli.models import load_model
 from rcsd_cli.rubrics.rubric_gen import reference_rubric
-from rcsd_cli.train.objectives import StepContext, distill_backward
+from rcsd_cli.train.methods import distill
+from rcsd_cli.train.step import StepContext
 from rcsd_cli.train.trainer import batch_order, train
 from tests.conftest import assert_resumed
 
@@ -70,7 +71,7 @@ def test_gradient_does_not_depend_on_micro_batching(tiny_model, reduction):
         ctx = StepContext(lm.model, lm.tokenizer, lambda side: aligned_hidden(teacher, side),
                           teacher.get_output_embeddings(), config(tiny_model, micro_batch_size=micro, chunk_size=2,
                                                                   clip=None, loss_reduction=reduction), 0)
-        res = distill_backward(ctx, s_prompts, t_prompts, completions).read(torch.device("cpu"))
+        res = distill.backward(ctx, s_prompts, t_prompts, completions).read(torch.device("cpu"))
         grads.append((res.objective, [p.grad.clone() for p in lm.model.parameters()]))
         per_token = res.loss_sum / res.tokens
         # sequence: the mean of per-sequence means; token: the mean over all 11 tokens
@@ -173,7 +174,7 @@ def test_gradient_checkpointing_keeps_the_gradient(tiny_model):
             enable_gradient_checkpointing(lm.model)
         ctx = StepContext(lm.model, lm.tokenizer, lambda side: aligned_hidden(teacher, side),
                           teacher.get_output_embeddings(), config(tiny_model, clip=None, chunk_size=2), 0)
-        distill_backward(ctx, s_prompts, t_prompts, completions)
+        distill.backward(ctx, s_prompts, t_prompts, completions)
         grads.append([p.grad.clone() for p in lm.model.parameters()])
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-7)

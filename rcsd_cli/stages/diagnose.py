@@ -21,6 +21,7 @@ One row per (item, condition) goes to Parquet; the summary table is printed and 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,7 +38,8 @@ from rcsd_cli.modeling.generation import generate, item_seed
 from rcsd_cli.modeling.logprobs import continuation_logits, contrast_logits
 from rcsd_cli.models import load_model
 from rcsd_cli.rubrics.ablations import ablate
-from rcsd_cli.rubrics.prompts import student_prompt, teacher_prompt, text_ids
+from rcsd_cli.rubrics.prompts import text_ids
+from rcsd_cli.rubrics.views import PromptView
 from rcsd_cli.train.losses import token_diagnostics, token_loss
 from rcsd_cli.ui import info, progress, results
 
@@ -49,18 +51,17 @@ def gold_suffix(row: Rubric, style: str) -> str | None:
     return f"\n\nThe final answer is \\boxed{{{row.answer}}}." if style == "paper" else f"\nAnswer: {row.answer}"
 
 
-def condition_prompt(tok, row: Rubric, partner: Rubric, condition: str, style: str,
-                     thinking: bool | None) -> list[int]:
+def condition_prompt(view: PromptView, tok, row: Rubric, partner: Rubric, condition: str) -> list[int]:
     """The teacher prompt of one condition; ``partner`` lends its rubric to ``shuffled``; ``generic``
-    (a contrast control only) is the authors' generic rubric."""
+    (a contrast control only) is the authors' generic rubric; ``none`` is the student's prompt rendered
+    with the teacher's thinking."""
     if condition == "generic":
-        return condition_prompt(tok, ablate([row], "generic", 0)[0], partner, "rubric", style, thinking)
+        return condition_prompt(view, tok, ablate([row], "generic", 0)[0], partner, "rubric")
     if condition == "none":
-        return student_prompt(tok, row, style=style, thinking=thinking)
+        return replace(view, student_thinking=view.teacher_thinking).student_ids(tok, row)
     if condition == "shuffled":
         row = row.model_copy(update={"rubric": partner.rubric})
-    return teacher_prompt(tok, row, style=style, thinking=thinking,
-                          method="opsd" if condition == "reference" else "rcsd")
+    return replace(view, method="opsd" if condition == "reference" else "rcsd").teacher_ids(tok, row)
 
 
 def _paired(values: list[tuple[float, float]]) -> dict:
@@ -110,17 +111,14 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
     ensure_writable(output, overwrite)
     conditions = cfg.conditions.split(",")
     rubrics, _ = read_artifact(cfg.rubrics, "rubrics")
-    think = cfg.generation.enable_thinking
-    teacher_think = think if cfg.teacher.thinking is None else cfg.teacher.thinking
+    view = PromptView.for_diagnose(cfg)
     dropped = 0
     if cfg.max_teacher_prompt_tokens:  # as train's filter, on the rubric condition's exact ids
         from rcsd_cli.models import load_tokenizer
 
         tok = load_tokenizer(cfg.model, trust_remote_code)
-        fits = [r for r in rubrics if len(condition_prompt(tok, r, r, "rubric", cfg.prompt_style, teacher_think))
-                <= cfg.max_teacher_prompt_tokens]
-        dropped, rubrics = len(rubrics) - len(fits), fits
-        info(f"dropped {dropped} of {dropped + len(fits)} items: teacher prompt over "
+        rubrics, dropped = view.within_teacher_prompt_limit(rubrics, tok, cfg.max_teacher_prompt_tokens)
+        info(f"dropped {dropped} of {dropped + len(rubrics)} items: teacher prompt over "
              f"{cfg.max_teacher_prompt_tokens} tokens")
     items: list[Rubric] = select(rubrics, cfg.seed, 0, cfg.limit)
     if len(items) < 2:
@@ -144,9 +142,9 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
                             contrast_weight=cfg.teacher.contrast_weight, on_done=lambda _, b: advance(len(b)))
 
     def prompts(cond: str) -> list[list[int]]:
-        return [condition_prompt(tok, r, partner[r.id], cond, cfg.prompt_style, teacher_think) for r in items]
+        return [condition_prompt(view, tok, r, partner[r.id], cond) for r in items]
 
-    s_prompts = [student_prompt(tok, r, style=cfg.prompt_style, thinking=think) for r in items]
+    s_prompts = [view.student_ids(tok, r) for r in items]
     t_prompts = {cond: prompts("rubric" if cond == "contrast" else cond) for cond in conditions}
     c_prompts = prompts(cfg.teacher.contrast) if "contrast" in conditions else None
     rollouts = answer("student rollouts", s_prompts, [item_seed(cfg.seed, "diagnose-student", r.id) for r in items])

@@ -18,11 +18,11 @@ from rcsd_cli.data.rows import EvalItem
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.evaluation.answers import RULES, STRICT_RULE, grade_texts
 from rcsd_cli.evaluation.benchmarks import ALL_BENCHES, load_bench, select
+from rcsd_cli.evaluation.judging import judge_and_score
 from rcsd_cli.evaluation.scoring import JUDGE_REPLY
 from rcsd_cli.evaluation.stats import mean_interval, pass_at_k, wilson_interval
 from rcsd_cli.rubrics.prompts import student_prompt
 from rcsd_cli.rubrics.rubric_gen import reference_rubric
-from rcsd_cli.stages.score import judge_and_score
 from rcsd_cli.ui import progress, results
 
 

@@ -16,11 +16,11 @@ import torch
 
 from rcsd_cli.configs.explain import ExplainConfig
 from rcsd_cli.data.artifacts import ensure_writable, read_artifact
+from rcsd_cli.data.samples import read_samples
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.modeling.logprobs import continuation_logits
 from rcsd_cli.models import load_model
-from rcsd_cli.rubrics.prompts import teacher_prompt
-from rcsd_cli.stages.sample import read_samples
+from rcsd_cli.rubrics.views import PromptView
 from rcsd_cli.train.losses import token_loss
 from rcsd_cli.ui import info, progress, results
 
@@ -72,14 +72,11 @@ def run_explain(cfg: ExplainConfig, output: Path, *, overwrite: bool = False, tr
     if missing:
         raise RcsdError(f"{cfg.rubrics}: no rubric for problem {missing[0]!r} of {cfg.samples}")
     sample_cfg = meta.get("config") or {}
-    style = cfg.prompt_style or sample_cfg.get("prompt_style") or "answer-line"
-    thinking = cfg.teacher.thinking
-    if thinking is None:
-        thinking = (sample_cfg.get("generation") or {}).get("enable_thinking")
+    view = PromptView.for_samples(cfg.prompt_style, cfg.teacher.thinking, sample_cfg, context=cfg.teacher.context)
     lm = load_model(cfg.model or meta.get("model"), trust_remote_code)
     tok = lm.tokenizer
     rows = [rubrics[s.problem_id] for s in samples]
-    t_prompts = [teacher_prompt(tok, r, context=cfg.teacher.context, style=style, thinking=thinking) for r in rows]
+    t_prompts = [view.teacher_ids(tok, r) for r in rows]
     conts = [s.completion_token_ids for s in samples]
     with progress("explain", len(samples)) as advance:
         s_logits = continuation_logits(lm.model, [s.prompt_token_ids for s in samples], conts, tok.pad_token_id)

@@ -12,7 +12,7 @@ from rcsd_cli.data.inputs import load_problems
 from rcsd_cli.data.rows import Problem, Sample
 from rcsd_cli.modeling.generation import item_seed
 from rcsd_cli.rubrics.prompts import student_prompt
-from rcsd_cli.ui import info, progress, warn
+from rcsd_cli.ui import info, progress
 
 
 def load_rubric_or_problems(path: str | Path) -> list[Problem]:
@@ -21,15 +21,6 @@ def load_rubric_or_problems(path: str | Path) -> list[Problem]:
         rows, _ = read_artifact(path, "rubrics")
         return rows
     return [r.problem for r in load_problems(path)]
-
-
-def read_samples(path: str | Path) -> tuple[list[Sample], dict]:
-    """Samples to work on: rows whose request failed for good (error column) are skipped, with a line saying so."""
-    samples, meta = read_artifact(path, "samples")
-    failed = [s for s in samples if s.error is not None]
-    if failed:
-        warn(f"{path}: skipping {len(failed)} failed sample(s) (first {failed[0].id!r}: {failed[0].error})")
-    return [s for s in samples if s.error is None], meta
 
 
 def run_sample(cfg: SampleConfig, output: Path, *, overwrite: bool = False,

@@ -4,56 +4,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rcsd_cli.configs.groups import BackendConfig, GenerationConfig
+from rcsd_cli.backends import open_backend
 from rcsd_cli.configs.score import ScoreConfig
 from rcsd_cli.data.artifacts import ensure_writable, read_artifact, write_artifact
 from rcsd_cli.data.options import with_options
-from rcsd_cli.data.rows import Criterion, Problem, Score
+from rcsd_cli.data.rows import Score
+from rcsd_cli.data.samples import read_samples
 from rcsd_cli.errors import RcsdError, where
-from rcsd_cli.evaluation.scoring import score_with_judge
+from rcsd_cli.evaluation.judging import judge_and_score
 from rcsd_cli.evaluation.stats import mean_interval
 from rcsd_cli.models import DEFAULT_MODEL
-from rcsd_cli.stages.sample import read_samples
+from rcsd_cli.rubrics.views import PromptView
 from rcsd_cli.ui import info, progress
 
 
-def judge_and_score(items: list[tuple[str, Problem, list[Criterion], str]], judge_model: str | None,
-                    generation: GenerationConfig, retries: int = 2, seed: int = 0,
-                    trust_remote_code: bool = False, backend: BackendConfig | None = None,
-                    resume: tuple[Path, object, bool] | None = None) -> list[Score]:
-    """Score (sample id, problem, rubric, completion) tuples; criteria without checks go to the judge.
-
-    ``resume`` = (output, config, fresh): judge replies are kept in ``output.judge.partial.jsonl``.
-    """
-    judge, runner = None, None
-    if judge_model and any(cr.check is None for _, _, rubric, _ in items for cr in rubric):
-        from rcsd_cli.backends import open_backend
-        from rcsd_cli.backends.resume import ResumableGenerator
-
-        judge = open_backend(backend or BackendConfig(), judge_model, trust_remote_code)
-        if resume is not None:
-            out, cfg, fresh = resume
-            runner = ResumableGenerator(judge, Path(str(out) + ".judge"), cfg, fresh)
-    n = sum(cr.check is None for _, _, rubric, _ in items for cr in rubric) if judge else 0
-    with progress("judge", n, enabled=judge is not None) as advance:
-        scores = score_with_judge(judge, items, generation, retries, seed, on_done=advance, runner=runner)
-    if runner is not None:
-        runner.finish()
-    return scores
-
-
 def add_teacher_logprobs(scores: list[Score], samples, by_id: dict, cfg: ScoreConfig, model_name: str,
-                         trust_remote_code: bool, style: str, thinking: bool | None) -> list[Score]:
+                         trust_remote_code: bool, view: PromptView) -> list[Score]:
     """Attach the teacher's top-k log-probs over each sample's own completion ids."""
-    from rcsd_cli.backends import open_backend
-    from rcsd_cli.rubrics.prompts import teacher_prompt
-
     engine = open_backend(cfg.backend, model_name, trust_remote_code)
     if not hasattr(engine, "topk_logprobs"):
         raise RcsdError(f"--teacher-logprobs needs a backend that scores given tokens (hf or vllm), not {engine.name}")
     tok = engine.tokenizer
-    prompts = [teacher_prompt(tok, by_id[s.problem_id], method=cfg.teacher.method, context=cfg.teacher.context,
-                              style=style, thinking=thinking) for s in samples]
+    prompts = [view.teacher_ids(tok, by_id[s.problem_id]) for s in samples]
     ids, lps = [], []
     with progress("teacher log-probs", len(samples)) as advance:
         for j in range(0, len(samples), 8):
@@ -88,12 +60,9 @@ def run_score(cfg: ScoreConfig, output: Path, *, overwrite: bool = False,
                              cfg.backend, resume=(output, cfg, overwrite))
     if cfg.teacher.logprobs:
         # The teacher prompt follows the samples' own style and thinking unless told otherwise.
-        style = cfg.prompt_style or sample_cfg.get("prompt_style") or "answer-line"
-        thinking = cfg.teacher.thinking
-        if thinking is None:
-            thinking = (sample_cfg.get("generation") or {}).get("enable_thinking")
-        scores = add_teacher_logprobs(scores, samples, by_id, cfg, cfg.teacher.model, trust_remote_code, style,
-                                      thinking)
+        view = PromptView.for_samples(cfg.prompt_style, cfg.teacher.thinking, sample_cfg, method=cfg.teacher.method,
+                                      context=cfg.teacher.context)
+        scores = add_teacher_logprobs(scores, samples, by_id, cfg, cfg.teacher.model, trust_remote_code, view)
     write_artifact(output, "scores", scores, stage="score", config=cfg, model_id=cfg.judge_model,
                    inputs=[samples_path, rubrics_path], overwrite=overwrite)
     vals = [s.score for s in scores if s.score is not None]

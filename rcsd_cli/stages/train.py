@@ -7,12 +7,13 @@ from pathlib import Path
 from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.data.artifacts import read_artifact
 from rcsd_cli.data.options import with_options
+from rcsd_cli.data.samples import read_samples
 from rcsd_cli.errors import RcsdError, where
 from rcsd_cli.modeling import distributed as dist
 from rcsd_cli.modeling.sharding import from_launcher_env
-from rcsd_cli.stages.sample import read_samples
+from rcsd_cli.rubrics.views import PromptView, longest_lengths
 from rcsd_cli.train.checkpoints import check_output_folder
-from rcsd_cli.train.objectives import OfflineItem, offline_step
+from rcsd_cli.train.methods.offline import OfflineItem
 from rcsd_cli.train.trainer import train
 from rcsd_cli.ui import info
 
@@ -96,9 +97,9 @@ def filter_long_teacher_prompts(rows: list, cfg: TrainConfig, trust_remote_code:
     if not cfg.max_teacher_prompt_tokens:
         return rows, {}
     from rcsd_cli.models import load_tokenizer
-    from rcsd_cli.train.objectives import within_teacher_prompt_limit
 
-    kept, dropped = within_teacher_prompt_limit(rows, load_tokenizer(cfg.model, trust_remote_code), cfg)
+    kept, dropped = PromptView.for_train(cfg).within_teacher_prompt_limit(
+        rows, load_tokenizer(cfg.model, trust_remote_code), cfg.max_teacher_prompt_tokens)
     what = f"teacher prompt over {cfg.max_teacher_prompt_tokens} tokens"
     if not kept:
         raise RcsdError(f"{cfg.rubrics}: every one of {len(rows)} items has a {what} (--max-teacher-prompt-tokens)")
@@ -112,12 +113,11 @@ def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume
               trust_remote_code: bool = False):
     """Validate inputs, then train online (``cfg.rubrics``) or one offline round (``cfg.samples``)."""
     cfg = resolve_sharding(cfg)
-    objective = None
     if cfg.samples or cfg.scores:
         if not (cfg.samples and cfg.scores):
             raise RcsdError("an offline round needs both --samples and --scores")
         rows = offline_items(cfg.samples, cfg.scores)
-        objective, inputs = offline_step, [cfg.samples, cfg.scores]
+        inputs = [cfg.samples, cfg.scores]
     elif cfg.rubrics:
         rows, _ = read_artifact(cfg.rubrics, "rubrics")
         inputs = [cfg.rubrics]
@@ -157,7 +157,7 @@ def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume
     dist.barrier()
     try:
         metrics = train(cfg, rows, output, resume=resume, trust_remote_code=trust_remote_code, inputs=inputs,
-                        objective=objective, data_notes=data_notes)
+                        data_notes=data_notes)
     finally:
         dist.teardown()
     if metrics and rank == 0:
@@ -242,11 +242,9 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
 def _limit_lengths(cfg: TrainConfig) -> dict[str, int]:
     """Sequence lengths from the run's limits alone: the longest prompt (``--dry-run-prompt-tokens``, or
     ``--max-teacher-prompt-tokens`` on the teacher's side), plus a reason-first analysis at its limit."""
-    from rcsd_cli.train.objectives import reason_first
-
     student = cfg.dry_run.prompt_tokens
     teacher = cfg.max_teacher_prompt_tokens or student
-    if reason_first(cfg):
+    if PromptView.for_train(cfg).reason_first:
         teacher += cfg.reason_first.max_new_tokens
     return {"student_prompt": student, "teacher_prompt": teacher, "completion": cfg.generation.max_new_tokens}
 
@@ -254,8 +252,6 @@ def _limit_lengths(cfg: TrainConfig) -> dict[str, int]:
 def _item_lengths(cfg: TrainConfig, tok, shown: dict, trust_remote_code: bool) -> dict[str, int] | None:
     """The longest item's lengths (the longest, not the first, sizes the run), and the first item's prompts
     decoded into ``shown``; None without items to read."""
-    from rcsd_cli.train.objectives import item_prompts, longest_lengths
-
     new = cfg.generation.max_new_tokens
     if cfg.samples:
         items = offline_items(cfg.samples, cfg.scores) if cfg.scores else []
@@ -276,6 +272,7 @@ def _item_lengths(cfg: TrainConfig, tok, shown: dict, trust_remote_code: bool) -
         shown["data_filter"] = (f"dropped {kept['dropped']} of {kept['dropped'] + kept['kept']} items: teacher "
                                 f"prompt over {kept['max_tokens']} tokens")
     shown["item"] = rows[0].id
-    every = [item_prompts(tok, row, cfg) for row in rows]
+    view = PromptView.for_train(cfg)
+    every = [view.item_prompts(tok, row) for row in rows]
     shown.update({k: tok.decode(v) for k, v in every[0].items()})
     return longest_lengths(cfg, every)

@@ -4,7 +4,7 @@ A run that does not fit should fail here, in seconds on a laptop, not an hour in
 is rcsd's own: the model built from its ``config.json`` on the meta device (``trainer.student_and_teacher``: LoRA,
 the teacher copy), the precision policy, FSDP2 sharding (``sharding.shard``) over a fake process group of the run's
 world size, the teacher's forward over the longest privileged prompt, the method's chunked loss and backward
-(``objectives.*_backward``), gradient clipping and AdamW. Completions of ``--max-new-tokens`` stand in for the
+(each method's ``backward``), gradient clipping and AdamW. Completions of ``--max-new-tokens`` stand in for the
 rollouts. It all runs under PyTorch's ``FakeTensorMode``: tensors carry shapes, dtypes and devices but no data, so
 an 8B model sharded eight ways takes seconds and no memory. Torch's own trackers measure it: ``FSDPMemTracker``
 (sharded) or ``MemTracker`` give the peak bytes per category, ``FlopCounterMode`` the FLOPs. A fake tensor has no
@@ -29,6 +29,9 @@ import torch
 
 from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.modeling import precision, sharding
+from rcsd_cli.train.methods import distill, grpo, offline, sft
+from rcsd_cli.train.methods.offline import OfflineItem
+from rcsd_cli.train.step import StepContext
 
 GIB = 2**30
 
@@ -102,28 +105,27 @@ def _materialise(cfg: TrainConfig, student, teacher, sharded: bool):
 def _step(cfg: TrainConfig, student, teacher, optimizer, lengths: dict, sequences: int, pad: int):
     """The method's backward over ``sequences`` items of the given lengths, then clipping and AdamW (unless
     ``optimizer`` is None)."""
-    from rcsd_cli.train import objectives
     from rcsd_cli.train.trainer import _teacher_view
 
     compute = lambda: precision.compute(cfg.precision, "cpu")  # noqa: E731
     hidden, head, _ = _teacher_view(cfg, student, teacher, compute)
-    ctx = objectives.StepContext(student, SimpleNamespace(pad_token_id=pad), hidden, head, cfg, 0, compute=compute)
+    ctx = StepContext(student, SimpleNamespace(pad_token_id=pad), hidden, head, cfg, 0, compute=compute)
     prompts = [[pad] * lengths["student_prompt"]] * sequences
     completions = [[pad] * lengths["completion"]] * sequences
     if cfg.samples:  # an offline round: stored teacher top-k instead of a teacher forward
         k = cfg.loss.top_k or 20
-        item = objectives.OfflineItem(prompts[0], completions[0], [list(range(k))] * lengths["completion"],
+        item = OfflineItem(prompts[0], completions[0], [list(range(k))] * lengths["completion"],
                                       [[0.0] * k] * lengths["completion"])
-        res = objectives.offline_step(ctx, [item] * sequences)
+        res = offline.step(ctx, [item] * sequences)
     elif cfg.method in ("rcsd", "opsd"):
-        res = objectives.distill_backward(ctx, prompts, [[pad] * lengths["teacher_prompt"]] * sequences, completions)
+        res = distill.backward(ctx, prompts, [[pad] * lengths["teacher_prompt"]] * sequences, completions)
     elif cfg.method == "grpo":  # whole groups of the sequences simulated, with rewards that differ within each
         group = math.gcd(sequences, cfg.grpo.group_size)
         ctx = dataclasses.replace(ctx, cfg=cfg.model_copy(update={"grpo": cfg.grpo.model_copy(
             update={"group_size": group})}))
-        res = objectives.grpo_backward(ctx, prompts, completions, [float(i % 2) for i in range(sequences)], {})
+        res = grpo.backward(ctx, prompts, completions, [float(i % 2) for i in range(sequences)], {})
     else:
-        res = objectives.sft_backward(ctx, prompts, completions)
+        res = sft.backward(ctx, prompts, completions)
     if teacher is not None:  # as ``trainer.run_step``: a sharded teacher's root is sharded again
         sharding.reshard(teacher)
     if optimizer is not None:

@@ -205,7 +205,7 @@ def build_rollouts(cfg: TrainConfig, student, teacher, tok, teacher_scope, compu
                    trust_remote_code: bool, lengths: dict[str, int] | None = None) -> Rollouts:
     """HF generation on the modules (under the precision's ``compute`` context), or vLLM engines
     mirroring them (see the module docstring): bf16 engines unless the run computes in fp32, sized for
-    ``lengths`` (the run's longest prompts, ``objectives.longest_lengths``) and checked before they start."""
+    ``lengths`` (the run's longest prompts, ``views.longest_lengths``) and checked before they start."""
     if cfg.rollout.backend == "hf":
         t_module = teacher if teacher is not None else student
         return Rollouts(hf_generate(student, tok, compute=compute),

@@ -4,7 +4,7 @@
 base model with adapters disabled, no copy; ``live`` is the current student under no-grad; ``ema``
 a moving average of the student), shards them under FSDP2 if asked, builds AdamW, its schedule and
 the rollout engines, and restores a checkpoint. Each step takes ``batch_size`` items in a seeded
-order (epoch after epoch), lets the method's objective (``objectives.py``) accumulate gradients,
+order (epoch after epoch), lets the method's step (``methods/``) accumulate gradients,
 then ``optimizer_step`` clips and steps; ``record_step`` turns the step into a metrics row, logs it
 and writes it. Sampling seeds and the data order are functions of (seed, step), so a resumed run
 reproduces an uninterrupted one exactly on CPU. What goes to disk lives in ``checkpoints.py``.
@@ -30,6 +30,7 @@ from rcsd_cli.modeling import precision, sharding
 from rcsd_cli.modeling.batching import aligned_hidden
 from rcsd_cli.models import load_model, pick_device
 from rcsd_cli.rubrics.ablations import control_rows
+from rcsd_cli.rubrics.views import PromptView, longest_lengths
 from rcsd_cli.train.checkpoints import (
     latest_checkpoint,
     load_optimizer,
@@ -41,10 +42,11 @@ from rcsd_cli.train.checkpoints import (
     write_final,
     write_metrics,
 )
+from rcsd_cli.train.methods import Step, step_for
 from rcsd_cli.train.monitor import Monitor, best_folder, evaluate
-from rcsd_cli.train.objectives import OBJECTIVES, StepContext, StepResult, item_prompts, longest_lengths
 from rcsd_cli.train.phases import PhaseClock
 from rcsd_cli.train.rollout_engines import Rollouts, build_rollouts
+from rcsd_cli.train.step import StepContext, StepResult
 from rcsd_cli.train.tracking import Tracker, numeric, open_tracker
 from rcsd_cli.ui import info, progress, warn
 
@@ -243,7 +245,8 @@ def setup(cfg: TrainConfig, out: Path, resume: bool, trust_remote_code: bool, ro
     teacher_hidden, teacher_head, teacher_scope = _teacher_view(cfg, student, teacher, compute)
     lengths = None
     if cfg.rollout.backend == "vllm" and rows and not cfg.samples:
-        lengths = longest_lengths(cfg, [item_prompts(tok, row, cfg) for row in rows])
+        view = PromptView.for_train(cfg)
+        lengths = longest_lengths(cfg, [view.item_prompts(tok, row) for row in rows])
     rollouts = build_rollouts(cfg, student, teacher, tok, teacher_scope, compute,
                               trust_remote_code=trust_remote_code, lengths=lengths)
     if ckpt is not None:  # engines start from --model: give them the resumed weights
@@ -281,7 +284,7 @@ def optimizer_step(run: Run, res: StepResult, step: int) -> tuple[StepResult, fl
     return res, grad_norm, lr, moved
 
 
-def run_step(run: Run, objective, rows: list, step: int, clock=None, controls=None):
+def run_step(run: Run, method_step: Step, rows: list, step: int, clock=None, controls=None):
     """One optimizer step: this process's share of the step's items, the objective's gradients, AdamW, the
     engines' weights. Returns (step result, gradient norm, learning rate, share of weights moved)."""
     cfg, clock = run.cfg, clock or PhaseClock()
@@ -290,7 +293,7 @@ def run_step(run: Run, objective, rows: list, step: int, clock=None, controls=No
                       run.rollouts.teacher, run.rank, student_generate=run.rollouts.student, clock=clock,
                       compute=run.compute, judge=run.judge, controls=controls)
     run.optimizer.zero_grad(set_to_none=True)
-    res = objective(ctx, batch)
+    res = method_step(ctx, batch)
     if run.teacher is not None:  # a sharded teacher's root stays gathered after its forward: shard it again
         sharding.reshard(run.teacher)
     with clock("optimizer"):
@@ -356,7 +359,7 @@ def health_metrics(res: StepResult) -> dict:
 
 
 def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trust_remote_code: bool = False,
-          inputs: list[str] = (), objective=None, data_notes: dict | None = None) -> list[MetricsRow]:
+          inputs: list[str] = (), data_notes: dict | None = None) -> list[MetricsRow]:
     """Run the loop and leave a Hugging Face checkpoint plus metrics.parquet in ``out``.
 
     ``data_notes`` (what was done to the items before training, e.g. the teacher-prompt filter) goes
@@ -371,7 +374,7 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
         else None
     run = setup(cfg, out, resume, trust_remote_code, rows)
     clock = PhaseClock()
-    objective = objective or OBJECTIVES[cfg.method]
+    method_step = step_for(cfg)
     if monitor is not None and run.start_step == 0:
         monitor.baseline(run.student, run.tok, run.compute, run.log)
     controls = control_rows(rows, cfg.teacher.contrast, cfg.seed) if cfg.teacher.contrast != "none" else None
@@ -384,7 +387,7 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
                 run.log(f"rollout budget of {cfg.max_rollout_tokens} tokens reached after {step} steps")
                 break
             t0 = time.perf_counter()
-            res, grad_norm, lr, moved = run_step(run, objective, rows, step, clock, controls)
+            res, grad_norm, lr, moved = run_step(run, method_step, rows, step, clock, controls)
             if step == run.start_step:
                 run.rollouts.report_sync(run.student, run.tok, run.log)
             evals = {}
