@@ -20,7 +20,7 @@ import sys
 
 CHILD = r"""
 import json, resource, sys, time, torch
-from rcsd_cli.train.losses import chunked_distill_loss
+from rcsd_cli.train.chunked_loss import TeacherSide, chunked_distill_loss
 from rcsd_cli.configs.groups import LossConfig
 T, chunk, V, H, device, repeats = map(eval, sys.argv[1:7])
 torch.manual_seed(0)
@@ -36,7 +36,8 @@ if device == "cuda":
 for _ in range(repeats):
     h_s = torch.randn(1, T, H, device=device, requires_grad=True)
     t0 = time.perf_counter()
-    _, _, _, loss = chunked_distill_loss(h_s, h_t, head_s, head_t, mask, targets, LossConfig(), chunk_size=chunk)
+    loss = chunked_distill_loss(h_s, head_s, TeacherSide(h_t, head_t), mask, targets, LossConfig(),
+                                chunk_size=chunk).weighted
     loss.backward()
     if device == "cuda":
         torch.cuda.synchronize()

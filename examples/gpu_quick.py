@@ -148,7 +148,8 @@ def loss_precision(model, device, scale: str) -> dict:
     from rcsd_cli.configs.groups import LossConfig
     from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch
     from rcsd_cli.modeling.logprobs import upcast
-    from rcsd_cli.train.losses import chunked_distill_loss, token_loss
+    from rcsd_cli.train.chunked_loss import TeacherSide, chunked_distill_loss
+    from rcsd_cli.train.losses import token_loss
 
     vocab = model.config.vocab_size
     n, p, c = (4, 256, 256) if scale != "tiny" else (2, 16, 16)
@@ -162,7 +163,8 @@ def loss_precision(model, device, scale: str) -> dict:
         hs, ht = aligned_hidden(model, pb.student), aligned_hidden(model, pb.teacher)
         mask, targets = pb.mask.to(device), pb.targets.to(device)
         out = {}
-        loss, kl, agree, _ = chunked_distill_loss(hs, ht, head, head, mask, targets, cfg)
+        sums = chunked_distill_loss(hs, head, TeacherSide(ht, head), mask, targets, cfg)
+        loss, kl, agree = sums.loss, sums.kl, sums.agree
         tokens = float(mask.sum())
         out["fp32_logits"] = {"loss": float(loss) / tokens, "kl": float(kl) / tokens, "top1": float(agree) / tokens}
         s_logits, t_logits = upcast(head(hs)), upcast(head(ht))  # bf16 logits, upcast afterwards
@@ -172,10 +174,8 @@ def loss_precision(model, device, scale: str) -> dict:
                               "kl": float((terms.forward_kl * m).sum()) / tokens,
                               "clip_share": float((terms.clip_share * m).sum()) / tokens,
                               "top1": float(((s_logits.argmax(-1) == t_logits.argmax(-1)).float() * m).sum()) / tokens}
-        health = {}
-        chunked_distill_loss(hs, ht, head, head, mask, targets, cfg, health=health)
-        out["fp32_logits"]["clip_share"] = float(health["clip_share"]) / tokens  # summed on the device
-        again = chunked_distill_loss(hs, ht, head, head, mask, targets, cfg)[0]
+        out["fp32_logits"]["clip_share"] = float(sums.health["clip_share"]) / tokens  # summed on the device
+        again = chunked_distill_loss(hs, head, TeacherSide(ht, head), mask, targets, cfg).loss
         out["same_loss_twice"] = bool(torch.equal(again, loss))
     return out
 
@@ -187,7 +187,7 @@ def step_memory(device, scale: str) -> list[dict]:
     from rcsd_cli.configs.groups import LossConfig
     from rcsd_cli.configs.train import TrainConfig
     from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch
-    from rcsd_cli.train.losses import chunked_distill_loss
+    from rcsd_cli.train.chunked_loss import TeacherSide, chunked_distill_loss
     from rcsd_cli.train.memory import estimate
 
     rows = []
@@ -215,8 +215,8 @@ def step_memory(device, scale: str) -> list[dict]:
             with torch.no_grad(), (model.disable_adapter() if lora else torch.autocast(device.type, enabled=True)):
                 ht = aligned_hidden(model, pb.teacher)
             hs = aligned_hidden(model, pb.student)
-            _, _, _, weighted = chunked_distill_loss(hs, ht, head, head, pb.mask.to(device), pb.targets.to(device),
-                                                     LossConfig())
+            weighted = chunked_distill_loss(hs, head, TeacherSide(ht, head), pb.mask.to(device),
+                                            pb.targets.to(device), LossConfig()).weighted
         weighted.backward()
         opt.step()
         sync(device)

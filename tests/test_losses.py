@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from rcsd_cli.configs.groups import LossConfig
-from rcsd_cli.train.losses import LOSSES, chunked_distill_loss, distill_token_loss, sampled_token_reverse_kl, token_loss
+from rcsd_cli.train.chunked_loss import TeacherSide, chunked_distill_loss
+from rcsd_cli.train.losses import LOSSES, distill_token_loss, sampled_token_reverse_kl, token_loss
 
 
 def kl(p, q):
@@ -101,10 +102,10 @@ def test_chunked_equals_unchunked_in_value_and_gradient(kind):
     for chunk in (T, 4, 1):
         h_s = torch.randn(B, T, H, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
         head_s.zero_grad()
-        _, kl_sum, agree, loss = chunked_distill_loss(h_s, h_t, head_s, head_t, mask, targets, LOSS_CONFIGS[kind],
-                                                      chunk_size=chunk)
-        loss.backward()
-        results.append((loss.item(), kl_sum.item(), h_s.grad.clone(), head_s.weight.grad.clone()))
+        sums = chunked_distill_loss(h_s, head_s, TeacherSide(h_t, head_t), mask, targets, LOSS_CONFIGS[kind],
+                                    chunk_size=chunk)
+        sums.weighted.backward()
+        results.append((sums.weighted.item(), sums.kl.item(), h_s.grad.clone(), head_s.weight.grad.clone()))
     for other in results[1:]:
         assert other[0] == pytest.approx(results[0][0], rel=1e-5)
         assert other[1] == pytest.approx(results[0][1], rel=1e-5)
@@ -123,9 +124,10 @@ def test_row_weights_weigh_each_sequence():
     targets = torch.randint(0, V, (B, T))
     with torch.no_grad():
         per_tok = distill_token_loss(head_s(h_s), head_t(h_t), top_k=5, temperature=1.2) * mask
-        plain, _, _, weighted = chunked_distill_loss(h_s, h_t, head_s, head_t, mask, targets,
-                                                     LossConfig(top_k=5, temperature=1.2, clip=None), chunk_size=2,
-                                                     row_weights=torch.tensor([1 / 2, 1 / 5]))
+        sums = chunked_distill_loss(h_s, head_s, TeacherSide(h_t, head_t), mask, targets,
+                                    LossConfig(top_k=5, temperature=1.2, clip=None), chunk_size=2,
+                                    row_weights=torch.tensor([1 / 2, 1 / 5]))
+    plain, weighted = sums.loss, sums.weighted
     assert plain.item() == pytest.approx(per_tok.sum().item(), rel=1e-6)
     # weights 1/n_i: the sum of per-sequence means
     assert weighted.item() == pytest.approx(per_tok[0].sum().item() / 2 + per_tok[1].sum().item() / 5, rel=1e-6)
@@ -222,10 +224,9 @@ def test_chunked_health_sums_count_each_token_once_when_recomputed():
     h_t = torch.randn(2, 6, 8)
     mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]])
     targets = torch.randint(0, 11, (2, 6))
-    health: dict = {}
-    *_, weighted = chunked_distill_loss(h_s, h_t, head_s, head_t, mask, targets, LossConfig(), chunk_size=2,
-                                        health=health)
-    weighted.backward()
+    sums = chunked_distill_loss(h_s, head_s, TeacherSide(h_t, head_t), mask, targets, LossConfig(), chunk_size=2)
+    sums.weighted.backward()
+    health = {name: value.item() for name, value in sums.health.items()}
     expected = (entropy(head_s(h_s).detach()) * mask).sum().item()
     assert health["student_entropy"] == pytest.approx(expected, rel=1e-5)
     assert health["teacher_entropy"] == pytest.approx((entropy(head_t(h_t)) * mask).sum().item(), rel=1e-5)
@@ -243,8 +244,7 @@ def test_contrast_logits_by_hand_and_inside_the_chunked_loss():
     h_s, h_t, h_c = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     mask, targets = torch.ones(2, 5), torch.randint(0, 13, (2, 5))
     cfg = LossConfig(top_k=4)
-    got, *_ = chunked_distill_loss(h_s, h_t, head_s, head_t, mask, targets, cfg, chunk_size=2, control_hidden=h_c,
-                                   contrast_weight=0.5)
+    got = chunked_distill_loss(h_s, head_s, TeacherSide(h_t, head_t, h_c, 0.5), mask, targets, cfg, chunk_size=2).loss
     expected = token_loss(head_s(h_s), contrast_logits(head_t(h_t), head_t(h_c), 0.5), targets, cfg).loss.sum()
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)  # top-k taken after the contrast
 
@@ -269,9 +269,9 @@ def test_the_loss_reads_fp32_logits_under_bf16_autocast(kind):
         s_head.zero_grad()
         h = h_s.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss, kl, _, weighted = chunked_distill_loss(h, h_t, s_head, t_head, mask, targets, cfg, chunk_size=16)
-        weighted.backward()
-        out[autocast] = (loss.item(), torch.cat([h.grad.reshape(-1), s_head.weight.grad.reshape(-1)]))
+            sums = chunked_distill_loss(h, s_head, TeacherSide(h_t, t_head), mask, targets, cfg, chunk_size=16)
+        sums.weighted.backward()
+        out[autocast] = (sums.loss.item(), torch.cat([h.grad.reshape(-1), s_head.weight.grad.reshape(-1)]))
     (l32, g32), (l16, g16) = out[False], out[True]
     assert l32 != 0 and l16 == pytest.approx(l32, rel=1e-4)
     assert F.cosine_similarity(g32, g16, dim=0) > 0.9999

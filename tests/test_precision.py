@@ -15,7 +15,7 @@ from rcsd_cli.modeling import precision
 from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch
 from rcsd_cli.models import load_model
 from rcsd_cli.train.checkpoints import prune_checkpoints
-from rcsd_cli.train.losses import chunked_distill_loss
+from rcsd_cli.train.chunked_loss import TeacherSide, chunked_distill_loss
 from rcsd_cli.train.trainer import train
 from tests.test_trainer import assert_resumes_exactly, config, rubric_rows
 
@@ -107,9 +107,10 @@ def test_bf16_mixed_matches_fp32_loss_and_gradient(tiny_model):
     for choice in ("fp32", "bf16-mixed"):
         lm.model.zero_grad()
         with precision.compute(choice, "cpu"):
-            loss, _, _, weighted = chunked_distill_loss(aligned_hidden(lm.model, pb.student), t_hidden, head_s, head_t,
-                                                        pb.mask, pb.targets, LossConfig(clip=None))
-        weighted.backward()
+            sums = chunked_distill_loss(aligned_hidden(lm.model, pb.student), head_s, TeacherSide(t_hidden, head_t),
+                                        pb.mask, pb.targets, LossConfig(clip=None))
+        loss = sums.loss
+        sums.weighted.backward()
         grad = torch.cat([p.grad.reshape(-1) for p in lm.model.parameters()])
         assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in lm.model.parameters())
         results[choice] = (loss.item(), grad)

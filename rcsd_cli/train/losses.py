@@ -17,11 +17,9 @@ the caller masks prompt and padding positions and normalises by the token count 
   pure function of (student logits, teacher logits, sampled ids, ``LossConfig``) returning the
   per-token loss and its clip share. ``token_loss`` is what ``train`` backpropagates and what
   ``diagnose`` and ``explain`` report: one definition, so they cannot disagree.
-- ``chunked_distill_loss``: evaluates the above over completion positions in chunks, so
-  [batch, time, vocab] logits never exist at once; each chunk's logits are recomputed in
-  the backward pass (activation checkpointing) instead of kept — unless there is only one chunk,
-  where recomputing would save nothing. The teacher's logits are taken under no-grad outside the
-  recomputed part, and the forward-KL loss and its unclipped diagnostic share their terms.
+- ``group_advantages``, ``clipped_policy_loss``, ``k3_kl``: GRPO's pieces; ``stored_topk_distill_loss``: the
+  offline round's forward KL on stored teacher top-k. The chunk loop that applies these over a batch
+  without [batch, time, vocab] logits is ``chunked_loss.py``.
 """
 
 from __future__ import annotations
@@ -32,9 +30,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from rcsd_cli.modeling.logprobs import contrast_logits, fp32_logits, upcast
+from rcsd_cli.modeling.logprobs import upcast
 
 if TYPE_CHECKING:
     from rcsd_cli.configs.groups import LossConfig
@@ -197,97 +194,6 @@ def distinct_n(sequences: list[list[int]], n: int = 2) -> tuple[int, int]:
 def restricts_to_teacher_topk(cfg: LossConfig) -> bool:
     """The loss reads only the teacher's top-k entries (the reference loss), so only their logits are needed."""
     return cfg.kind == "topk_kl" and bool(cfg.top_k) and not cfg.tail_bucket
-
-
-def chunked_distill_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head, teacher_head,
-                         mask: torch.Tensor, targets: torch.Tensor, loss: LossConfig, *, chunk_size: int = 128,
-                         row_weights: torch.Tensor | None = None, health: dict | None = None,
-                         control_hidden: torch.Tensor | None = None, contrast_weight: float = 1.0):
-    """Sums of masked per-token losses over [B, T] completion positions, chunked over T.
-
-    ``student_hidden``/``teacher_hidden``: final hidden states aligned so position t predicts
-    ``targets[:, t]``. Returns (loss_sum, kl_sum, agree_sum, weighted_sum): plain sums over
-    tokens, and the loss with each row's tokens weighted by ``row_weights`` [B] (the reduction;
-    this is the one to backpropagate). Peak logits memory is O(B * chunk_size * V), not O(B * T * V).
-    ``health``: a dict that receives token sums of the student's and the teacher's entropy and of
-    the share of loss terms at the clip (for the step's health metrics). ``control_hidden``: the
-    teacher under a control context, aligned the same way; the teacher's logits become
-    ``contrast_logits(rubric, control, contrast_weight)`` before the loss (and its top-k).
-
-    Precision: the heads run in the compute precision (bf16 under autocast) only to pick the teacher's
-    top-k and for the diagnostics; the logits the loss reads are computed in fp32 (``fp32_logits``),
-    for the reference loss at the k chosen entries only, so the loss and its gradient do not depend on
-    bf16 rounding of the logits or on the CPU's bf16 kernels.
-    """
-    mask = mask.float()
-    weights = torch.ones(mask.shape[0], device=mask.device) if row_weights is None else row_weights.float()
-    loss_sum = student_hidden.new_zeros(())
-    weighted_sum = student_hidden.new_zeros(())
-    kl_sum = student_hidden.new_zeros((), dtype=torch.float32)  # sums stay on the device: no host sync per chunk
-    agree_sum = student_hidden.new_zeros((), dtype=torch.float32)
-    topk = restricts_to_teacher_topk(loss)
-    sums: dict = {}
-
-    def add_health(name, value, m):
-        if health is not None:
-            sums[name] = sums.get(name, 0.0) + (value.detach().float() * m).sum()
-
-    counted: set[int] = set()  # a chunk recomputed in backward must not count twice
-
-    def chunk_loss(h_s, t_logits, index, m, y, w, start):
-        s_logits = fp32_logits(student_head, h_s, index)
-        terms = token_loss(s_logits, t_logits, y, loss)
-        restricted = index is not None
-        with torch.no_grad():
-            kl = terms.forward_kl
-            if kl is None:
-                kl = divergence_terms(s_logits.detach(), t_logits, top_k=loss.top_k,
-                                      temperature=loss.temperature).sum(-1)
-            agree = None if restricted else (s_logits.argmax(-1) == t_logits.argmax(-1)).float()
-        if start not in counted:
-            counted.add(start)
-            add_health("clip_share", terms.clip_share, m)
-            if not restricted:
-                add_health("student_entropy", entropy(s_logits.detach()), m)
-        per_tok = terms.loss
-        agree_part = torch.zeros((), device=m.device) if agree is None else (agree * m).sum()
-        return (per_tok * m).sum(), (per_tok * m * w.unsqueeze(-1)).sum(), (kl * m).sum(), agree_part
-
-    # One chunk holds all the logits anyway: recomputing it in backward would buy no memory.
-    recompute = student_hidden.shape[1] > chunk_size
-    for start in range(0, student_hidden.shape[1], chunk_size):
-        sl = slice(start, start + chunk_size)
-        m = mask[:, sl]  # a chunk with no token in the loss adds zeros: asking would cost a host sync
-        with torch.no_grad():  # the teacher's logits need no graph, and are not recomputed in backward
-            h_t = teacher_hidden[:, sl].detach()
-            h_c = None if control_hidden is None else control_hidden[:, sl].detach()
-            fast = teacher_head(h_t)  # compute precision: picks the top-k
-            if h_c is not None:
-                fast = contrast_logits(fast, teacher_head(h_c), contrast_weight)
-            index = fast.topk(loss.top_k, dim=-1).indices if topk and loss.top_k < fast.shape[-1] else None
-            t_logits = fp32_logits(teacher_head, h_t, index)
-            if h_c is not None:
-                t_logits = contrast_logits(t_logits, fp32_logits(teacher_head, h_c, index), contrast_weight)
-            add_health("teacher_entropy", entropy(fast if index is not None else t_logits), m)
-            if index is not None:  # agreement, entropy: the student's whole distribution (no grad, compute dtype)
-                s_fast = student_head(student_hidden[:, sl].detach())
-                agree_sum += ((s_fast.argmax(-1) == fast.argmax(-1)).float() * m).sum()
-                add_health("student_entropy", entropy(s_fast), m)
-                del s_fast
-            del fast
-        args = (student_hidden[:, sl], t_logits, index, m, targets[:, sl], weights, start)
-        if recompute and torch.is_grad_enabled() and student_hidden.requires_grad:
-            chunk_sum, weighted, kl, agree = checkpoint(chunk_loss, *args, use_reentrant=False)
-        else:
-            chunk_sum, weighted, kl, agree = chunk_loss(*args)
-        del t_logits
-        loss_sum = loss_sum + chunk_sum.detach()
-        weighted_sum = weighted_sum + weighted
-        kl_sum += kl.detach()
-        agree_sum += agree.detach()
-    for name, value in sums.items():  # device tensors: the step reads its figures once, at its end
-        health[name] = health.get(name, 0.0) + value
-    return loss_sum, kl_sum, agree_sum, weighted_sum
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:

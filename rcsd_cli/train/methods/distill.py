@@ -10,7 +10,7 @@ from rcsd_cli.data.rows import Rubric
 from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch
 from rcsd_cli.modeling.generation import item_seed
 from rcsd_cli.rubrics.views import PromptView
-from rcsd_cli.train.losses import chunked_distill_loss
+from rcsd_cli.train.chunked_loss import TeacherSide, chunked_distill_loss
 from rcsd_cli.train.methods.rollouts import rollout_health, rollout_reward, rollouts
 from rcsd_cli.train.step import StepContext, StepResult, accumulate, reduction_weights
 
@@ -78,11 +78,12 @@ def backward(ctx: StepContext, s_prompts, t_prompts, completions, c_prompts=None
         with ctx.clock("student"), ctx.compute():
             s_hidden = aligned_hidden(ctx.student, pb.student)
             dev = s_hidden.device
-            loss_sum, kl_sum, agree_sum, weighted = chunked_distill_loss(
-                s_hidden, t_hidden, s_head, ctx.teacher_head, pb.mask.to(dev), pb.targets.to(dev), cfg.loss,
-                chunk_size=cfg.chunk_size, row_weights=torch.tensor(weights[sl], device=dev), health=health,
-                control_hidden=c_hidden, contrast_weight=cfg.teacher.contrast_weight)
-        return weighted, {"loss": loss_sum, "kl": kl_sum, "agree": agree_sum}
+            teacher = TeacherSide(t_hidden, ctx.teacher_head, c_hidden, cfg.teacher.contrast_weight)
+            sums = chunked_distill_loss(s_hidden, s_head, teacher, pb.mask.to(dev), pb.targets.to(dev), cfg.loss,
+                                        chunk_size=cfg.chunk_size, row_weights=torch.tensor(weights[sl], device=dev))
+        for name, value in sums.health.items():  # device tensors: the step reads its figures once, at its end
+            health[name] = health.get(name, 0.0) + value
+        return sums.weighted, {"loss": sums.loss, "kl": sums.kl, "agree": sums.agree}
 
     objective, sums = accumulate(ctx, len(completions), micro_step)
     return StepResult(loss_sum=sums.get("loss", 0.0), tokens=total, kl_sum=sums.get("kl", 0.0),

@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch
-from rcsd_cli.train.losses import stored_topk_distill_loss
+from rcsd_cli.train.chunked_loss import chunked_stored_topk_loss
 from rcsd_cli.train.step import StepContext, StepResult, accumulate, reduction_weights
 
 
@@ -44,21 +43,10 @@ def step(ctx: StepContext, items: list[OfflineItem]) -> StepResult:
             for i, it in enumerate(part):
                 t_ids[i, : len(it.teacher_ids)] = torch.tensor(it.teacher_ids)
                 t_lp[i, : len(it.teacher_logprobs)] = torch.tensor(it.teacher_logprobs)
-            mask = pb.mask.to(dev).float()
-
-            w = torch.tensor(weights[rows], device=dev).unsqueeze(-1)
-
-            def chunk(h, ids, lp, m):
-                per_tok = stored_topk_distill_loss(head(h), ids, lp, temperature=cfg.loss.temperature,
-                                                   clip=cfg.loss.clip)
-                return torch.stack([(per_tok * m).sum(), (per_tok * m * w).sum()])
-
-            sums = hidden.new_zeros(2)
-            for start in range(0, hidden.shape[1], cfg.chunk_size):
-                sl = slice(start, start + cfg.chunk_size)
-                sums = sums + checkpoint(chunk, hidden[:, sl], t_ids[:, sl].to(dev), t_lp[:, sl].to(dev),
-                                         mask[:, sl], use_reentrant=False)
-        return sums[1], {"loss": sums[0].detach()}
+            sums = chunked_stored_topk_loss(hidden, head, t_ids, t_lp, pb.mask.to(dev), cfg.loss,
+                                            chunk_size=cfg.chunk_size,
+                                            row_weights=torch.tensor(weights[rows], device=dev))
+        return sums.weighted, {"loss": sums.loss}
 
     objective, sums = accumulate(ctx, len(items), micro_step)
     return StepResult(loss_sum=sums.get("loss", 0.0), tokens=total, objective=objective)

@@ -1,0 +1,170 @@
+"""The distillation loss over a batch's completion positions, chunk by chunk, so [batch, time, vocab]
+logits never exist at once. Three parts, each with one job:
+
+- ``teacher_targets``: one chunk's teacher side, without gradient: its logits in the compute precision pick
+  the top-k (after ``--teacher-contrast``'s contrast), and the logits the loss reads are computed in fp32 at
+  those k entries only (the whole vocabulary for the other losses);
+- ``losses.token_loss`` and ``losses.token_diagnostics`` (pure, per position): the loss, its clip share, the
+  unclipped forward KL and top-1 agreement — what diagnose and explain report too;
+- ``LossSums``: the masked sums of a whole batch, kept on the device (no host sync per chunk).
+
+Each chunk's student logits are recomputed in the backward pass (activation checkpointing) instead of
+kept, unless there is only one chunk, where recomputing would save nothing. The offline round's loss on
+stored teacher top-k goes through the same chunk loop (``chunked_stored_topk_loss``).
+
+Precision: the heads run in the compute precision (bf16 under autocast) only to pick the teacher's top-k
+and for the diagnostics; the logits the loss reads are computed in fp32 (``fp32_logits``), so the loss and
+its gradient do not depend on bf16 rounding of the logits or on the CPU's bf16 kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from rcsd_cli.configs.groups import LossConfig
+from rcsd_cli.modeling.logprobs import contrast_logits, fp32_logits
+from rcsd_cli.train.losses import (
+    entropy,
+    restricts_to_teacher_topk,
+    stored_topk_distill_loss,
+    token_diagnostics,
+    token_loss,
+)
+
+
+@dataclass
+class TeacherSide:
+    """The teacher's final hidden states [B, T, H] aligned with the student's, its output head, and for
+    ``--teacher-contrast`` the same teacher under its control context (subtracted with ``contrast_weight``)."""
+
+    hidden: torch.Tensor
+    head: torch.nn.Module
+    control_hidden: torch.Tensor | None = None
+    contrast_weight: float = 1.0
+
+
+@dataclass
+class TeacherTargets:
+    """One chunk's teacher: the logits the loss reads (fp32; at ``index`` when the loss reads the top-k only),
+    and the compute-precision logits over the whole vocabulary that picked them."""
+
+    logits: torch.Tensor
+    index: torch.Tensor | None
+    full: torch.Tensor
+
+
+@dataclass
+class LossSums:
+    """Masked sums over a batch's loss positions, on the device until the step's one read."""
+
+    loss: torch.Tensor  # per-token losses summed (no gradient)
+    weighted: torch.Tensor  # the same with each row's tokens weighted: what is backpropagated
+    kl: torch.Tensor  # unclipped top-k forward KL
+    agree: torch.Tensor  # teacher-student top-1 agreement
+    health: dict[str, torch.Tensor] = field(default_factory=dict)  # entropies, clip share (token sums)
+
+    @classmethod
+    def zeros(cls, like: torch.Tensor) -> LossSums:
+        return cls(like.new_zeros(()), like.new_zeros(()), like.new_zeros((), dtype=torch.float32),
+                   like.new_zeros((), dtype=torch.float32))
+
+    def add_health(self, name: str, value: torch.Tensor, mask: torch.Tensor) -> None:
+        self.health[name] = self.health.get(name, 0.0) + (value.detach().float() * mask).sum()
+
+
+def chunks(length: int, size: int) -> Iterator[slice]:
+    return (slice(start, start + size) for start in range(0, length, size))
+
+
+def teacher_targets(teacher: TeacherSide, sl: slice, loss: LossConfig) -> TeacherTargets:
+    """The teacher's side of chunk ``sl`` (call under ``torch.no_grad``)."""
+    h_t = teacher.hidden[:, sl].detach()
+    h_c = None if teacher.control_hidden is None else teacher.control_hidden[:, sl].detach()
+    full = teacher.head(h_t)  # compute precision: picks the top-k
+    if h_c is not None:
+        full = contrast_logits(full, teacher.head(h_c), teacher.contrast_weight)
+    topk = restricts_to_teacher_topk(loss) and loss.top_k < full.shape[-1]
+    index = full.topk(loss.top_k, dim=-1).indices if topk else None
+    logits = fp32_logits(teacher.head, h_t, index)
+    if h_c is not None:
+        logits = contrast_logits(logits, fp32_logits(teacher.head, h_c, index), teacher.contrast_weight)
+    return TeacherTargets(logits, index, full)
+
+
+def _checkpointed(fn: Callable, args: tuple, recompute: bool, needs_grad: bool):
+    if recompute and torch.is_grad_enabled() and needs_grad:
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def chunked_distill_loss(student_hidden: torch.Tensor, student_head: torch.nn.Module, teacher: TeacherSide,
+                         mask: torch.Tensor, targets: torch.Tensor, loss: LossConfig, *, chunk_size: int = 128,
+                         row_weights: torch.Tensor | None = None) -> LossSums:
+    """``loss`` over [B, T] completion positions, chunked over T: hidden states aligned so position t predicts
+    ``targets[:, t]``; ``row_weights`` [B] weigh each row's tokens in ``LossSums.weighted`` (the reduction).
+    Peak logits memory is O(B * chunk_size * V), not O(B * T * V)."""
+    mask = mask.float()
+    weights = torch.ones(mask.shape[0], device=mask.device) if row_weights is None else row_weights.float()
+    sums = LossSums.zeros(student_hidden)
+    counted: set[int] = set()  # a chunk recomputed in backward must not count its health twice
+
+    def chunk_loss(h_s, t_logits, index, m, y, w, start):
+        s_logits = fp32_logits(student_head, h_s, index)
+        terms = token_loss(s_logits, t_logits, y, loss)
+        restricted = index is not None
+        kl, agree = token_diagnostics(s_logits, t_logits, loss, terms)
+        if start not in counted:
+            counted.add(start)
+            sums.add_health("clip_share", terms.clip_share, m)
+            if not restricted:
+                sums.add_health("student_entropy", entropy(s_logits.detach()), m)
+        per_tok = terms.loss
+        agree_part = torch.zeros((), device=m.device) if restricted else (agree * m).sum()
+        return (per_tok * m).sum(), (per_tok * m * w.unsqueeze(-1)).sum(), (kl * m).sum(), agree_part
+
+    # One chunk holds all the logits anyway: recomputing it in backward would buy no memory.
+    recompute = student_hidden.shape[1] > chunk_size
+    for sl in chunks(student_hidden.shape[1], chunk_size):
+        m = mask[:, sl]  # a chunk with no token in the loss adds zeros: asking would cost a host sync
+        with torch.no_grad():  # the teacher's logits need no graph, and are not recomputed in backward
+            t = teacher_targets(teacher, sl, loss)
+            sums.add_health("teacher_entropy", entropy(t.full if t.index is not None else t.logits), m)
+            if t.index is not None:  # agreement, entropy: the student's whole distribution (no grad, compute dtype)
+                s_full = student_head(student_hidden[:, sl].detach())
+                sums.agree += ((s_full.argmax(-1) == t.full.argmax(-1)).float() * m).sum()
+                sums.add_health("student_entropy", entropy(s_full), m)
+                del s_full
+        args = (student_hidden[:, sl], t.logits, t.index, m, targets[:, sl], weights, sl.start)
+        chunk_sum, weighted, kl, agree = _checkpointed(chunk_loss, args, recompute, student_hidden.requires_grad)
+        del t
+        sums.loss = sums.loss + chunk_sum.detach()
+        sums.weighted = sums.weighted + weighted
+        sums.kl += kl.detach()
+        sums.agree += agree.detach()
+    return sums
+
+
+def chunked_stored_topk_loss(student_hidden: torch.Tensor, student_head: torch.nn.Module, teacher_ids: torch.Tensor,
+                             teacher_logprobs: torch.Tensor, mask: torch.Tensor, loss: LossConfig, *,
+                             chunk_size: int = 128, row_weights: torch.Tensor | None = None) -> LossSums:
+    """The offline round's loss: forward KL towards stored teacher top-k (ids, log-probs) [B, T, k], chunked
+    and recomputed in backward like ``chunked_distill_loss``."""
+    mask = mask.float()
+    w = (torch.ones(mask.shape[0], device=mask.device) if row_weights is None else row_weights.float()).unsqueeze(-1)
+
+    def chunk(h, ids, lp, m):
+        per_tok = stored_topk_distill_loss(student_head(h), ids, lp, temperature=loss.temperature, clip=loss.clip)
+        return torch.stack([(per_tok * m).sum(), (per_tok * m * w).sum()])
+
+    both = student_hidden.new_zeros(2)
+    dev = student_hidden.device
+    for sl in chunks(student_hidden.shape[1], chunk_size):
+        both = both + checkpoint(chunk, student_hidden[:, sl], teacher_ids[:, sl].to(dev),
+                                 teacher_logprobs[:, sl].to(dev), mask[:, sl], use_reentrant=False)
+    sums = LossSums.zeros(student_hidden)
+    sums.loss, sums.weighted = both[0].detach(), both[1]
+    return sums
