@@ -25,7 +25,7 @@ from pathlib import Path
 
 from rcsd_cli.configs.eval import EvalConfig
 from rcsd_cli.configs.groups import GenerationConfig
-from rcsd_cli.evaluation.benchmarks import load_bench, raw_records, select
+from rcsd_cli.evaluation.benchmarks import benchmark, select
 from rcsd_cli.models import resolve_model
 from rcsd_cli.stages.eval import run_eval
 
@@ -61,8 +61,8 @@ def lm_eval_tasks_dir(lm_eval: str) -> Path:
 
 
 def parity(bench: str, args, tasks_dir: Path, work: Path) -> dict:
-    items = select(load_bench(bench), args.seed, 0, args.limit)
-    raw = raw_records(bench)
+    items = select(benchmark(bench).load(None, args.seed), args.seed, 0, args.limit)
+    raw = benchmark(bench).raw()
     data = work / f"{bench}.jsonl"
     data.write_text("".join(json.dumps(raw[it.id]) + "\n" for it in items))
     include, extra = TASKS[bench]

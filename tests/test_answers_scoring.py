@@ -139,9 +139,9 @@ def test_pass_at_k_by_hand():
 
 
 def test_math_benchmarks_load_offline_with_boxed_gold():
-    from rcsd_cli.evaluation.benchmarks import load_bench
+    from rcsd_cli.evaluation.benchmarks import benchmark
 
-    math500, gsm8k = load_bench("math500"), load_bench("gsm8k")
+    math500, gsm8k = benchmark("math500").load(None, 0), benchmark("gsm8k").load(None, 0)
     assert len(math500) == 500 and len(gsm8k) == 1319
     assert math500[0].answer == "\\left( 3, \\frac{\\pi}{2} \\right)" and gsm8k[0].answer == "18"
     assert answers_match(extract_answer("So \\boxed{\\left(3,\\frac{\\pi}{2}\\right)}"), math500[0].answer)
@@ -162,7 +162,7 @@ def test_loglik_choice_scores_equal_a_plain_forward(tiny_model):
                         answer="B")]
     letters = Problem(id="m", question="Which is a gas?", choices=["Oxygen", "Iron", "Salt", "Wood"], answer="A",
                       metadata={"subject": "chemistry"})
-    for protocol, items in ((GENERIC, problems), (PROTOCOLS["mmlu-stem"], [letters, letters])):
+    for protocol, items in ((GENERIC, problems), (PROTOCOLS["mmlu_stem"], [letters, letters])):
         got = choice_logprobs(engine, items, protocol, batch_size=2)  # letters: one forward shared by 4 pairs
         assert [len(g) for g in got] == [len(p.choices) for p in items]
         for p, scores in zip(items, got, strict=True):
@@ -204,7 +204,9 @@ def test_loglik_protocols_are_lm_evals_own_tasks():
     """Contexts and continuations as lm-eval 0.4.13's task YAMLs render them (arc_easy, sciq, openbookqa,
     mmlu_college_physics with its description and first_n dev examples)."""
     from rcsd_cli.errors import RcsdError
-    from rcsd_cli.evaluation.loglik import PROTOCOLS, protocol_for
+    from rcsd_cli.evaluation.benchmarks import BENCHMARKS, benchmark
+
+    PROTOCOLS = {name: b.protocol for name, b in BENCHMARKS.items()}
 
     arc = Problem(id="a", question="Which is a gas?", choices=["Oxygen", "Iron"], answer="A")
     assert PROTOCOLS["arc-easy"].context(arc, []) == "Question: Which is a gas?\nAnswer:"
@@ -222,9 +224,12 @@ def test_loglik_protocols_are_lm_evals_own_tasks():
         "What is 2 + 2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer: B\n\n"
         "A lens has power 5 D. Its focal length is\nA. 20 cm\nB. 5 cm\nC. 2 cm\nD. 50 cm\nAnswer:")
     assert PROTOCOLS["mmlu-stem"].continuations(mmlu) == ["A", "B", "C", "D"]
-    assert protocol_for("gpqa").name == "rcsd-generic"
+    assert benchmark("gpqa").loglik_protocol().name == "rcsd-generic"
+    assert PROTOCOLS["mmlu-stem"].name == "mmlu_stem" and PROTOCOLS["arc-easy"].name == "arc_easy"
     with pytest.raises(RcsdError, match="sciq has no few-shot split"):
-        protocol_for("sciq", 5)
+        benchmark("sciq").loglik_protocol(5)
+    with pytest.raises(RcsdError, match="--bench: unknown benchmark 'nope'; choose from arc-challenge"):
+        benchmark("nope")
 
 
 def test_encode_pair_moves_trailing_spaces_to_the_continuation(tiny_model):

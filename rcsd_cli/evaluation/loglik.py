@@ -28,7 +28,6 @@ from typing import Callable
 
 from rcsd_cli.data.inputs import LETTERS
 from rcsd_cli.data.rows import Problem
-from rcsd_cli.errors import RcsdError
 
 
 def _arc(problem: Problem, shots: list[Problem]) -> str:
@@ -61,28 +60,19 @@ class Protocol:
     version: str                                       # that task's metadata version
     context: Callable[[Problem, list[Problem]], str]   # (problem, few-shot examples) -> context text
     letters: bool = False                              # continuations are the letters, not the choice texts
-    fewshot: bool = False                              # --num-fewshot draws from the bench's dev split
 
     def continuations(self, problem: Problem) -> list[str]:
         return list(LETTERS[: len(problem.choices)]) if self.letters else list(problem.choices)
 
 
-PROTOCOLS = {
-    "arc-easy": Protocol("arc_easy", "1.0", _arc),
-    "arc-challenge": Protocol("arc_challenge", "1.0", _arc),
-    "sciq": Protocol("sciq", "1.0", _sciq),
-    "openbookqa": Protocol("openbookqa", "1.0", _stem),
-    "mmlu-stem": Protocol("mmlu_stem", "mmlu 1.0, group 2", _mmlu, letters=True, fewshot=True),
-}
+PROTOCOLS = {p.name: p for p in (  # by the lm-eval task each equals; benchmarks.BENCHMARKS says which bench uses which
+    Protocol("arc_easy", "1.0", _arc),
+    Protocol("arc_challenge", "1.0", _arc),
+    Protocol("sciq", "1.0", _sciq),
+    Protocol("openbookqa", "1.0", _stem),
+    Protocol("mmlu_stem", "mmlu 1.0, group 2", _mmlu, letters=True),
+)}
 GENERIC = Protocol("rcsd-generic", "1", _arc)
-
-
-def protocol_for(bench: str, num_fewshot: int = 0) -> Protocol:
-    protocol = PROTOCOLS.get(bench, GENERIC)
-    if num_fewshot and not protocol.fewshot:
-        raise RcsdError(f"--num-fewshot: {bench} has no few-shot split in its lm-eval task; only "
-                        f"{', '.join(b for b, p in PROTOCOLS.items() if p.fewshot)} takes examples")
-    return protocol
 
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:

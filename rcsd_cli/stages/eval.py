@@ -13,12 +13,13 @@ from rich.table import Table
 from rcsd_cli.backends import open_backend
 from rcsd_cli.backends.resume import ResumableGenerator
 from rcsd_cli.configs.eval import EvalConfig
-from rcsd_cli.data.artifacts import ensure_writable, read_artifact, write_artifact
-from rcsd_cli.data.rows import EvalItem
+from rcsd_cli.data.artifacts import ensure_writable, write_artifact
+from rcsd_cli.data.rows import EvalItem, Rubric
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.evaluation.answers import RULES, STRICT_RULE, grade_texts
-from rcsd_cli.evaluation.benchmarks import ALL_BENCHES, load_bench, select
+from rcsd_cli.evaluation.benchmarks import Benchmark, benchmark, select
 from rcsd_cli.evaluation.judging import judge_and_score
+from rcsd_cli.evaluation.loglik import choice_logprobs, grade
 from rcsd_cli.evaluation.scoring import JUDGE_REPLY
 from rcsd_cli.evaluation.stats import mean_interval, pass_at_k, wilson_interval
 from rcsd_cli.rubrics.prompts import student_prompt
@@ -26,15 +27,10 @@ from rcsd_cli.rubrics.rubric_gen import reference_rubric
 from rcsd_cli.ui import progress, results
 
 
-def load_eval_items(bench: str, data: str | None, seed: int, offset: int, limit: int | None):
-    """(problem, rubric) pairs of a benchmark split."""
-    if bench == "rubric":
-        if not data:
-            raise RcsdError("--bench rubric needs --data rubrics.parquet")
-        rows, _ = read_artifact(data, "rubrics")
-        pairs = [(r, r.rubric) for r in rows]
-    else:
-        pairs = [(p, reference_rubric(p)) for p in load_bench(bench, data, seed)]
+def load_eval_items(bench: Benchmark, data: str | None, seed: int, offset: int, limit: int | None):
+    """(problem, rubric) pairs of a benchmark split: a rubrics file's items keep their own rubric, the others
+    get the reference rubric built from their gold answer."""
+    pairs = [(p, p.rubric if isinstance(p, Rubric) else reference_rubric(p)) for p in bench.load(data, seed)]
     return select(pairs, seed, offset, limit)
 
 
@@ -62,13 +58,11 @@ def summarise(items: list[EvalItem], n: int, seconds: float) -> dict:
 def run_loglik(cfg: EvalConfig, problems, output: Path, overwrite: bool, trust_remote_code: bool,
                show: bool) -> dict:
     """``--scoring loglik``: lm-eval's multiple-choice protocol, same item selection as generative eval."""
-    from rcsd_cli.evaluation.benchmarks import fewshot_examples
-    from rcsd_cli.evaluation.loglik import choice_logprobs, grade, protocol_for
-
     if any(not p.choices for p in problems):
         raise RcsdError(f"--scoring loglik needs multiple-choice items; {cfg.bench} has open answers")
-    protocol = protocol_for(cfg.bench, cfg.num_fewshot)
-    shots = fewshot_examples(cfg.bench, cfg.num_fewshot)
+    bench = benchmark(cfg.bench)
+    protocol = bench.loglik_protocol(cfg.num_fewshot)
+    shots = bench.shots(cfg.num_fewshot)
     t0 = time.perf_counter()
     engine = open_backend(cfg.backend, cfg.model, trust_remote_code)
     if not hasattr(engine, "continuation_logprobs"):
@@ -136,9 +130,7 @@ def run_eval(cfg: EvalConfig, output: Path, *, overwrite: bool = False, trust_re
     ensure_writable(output, overwrite)
     bench, data, model, n, limit, offset, seed = cfg.bench, cfg.data, cfg.model, cfg.n, cfg.limit, cfg.offset, cfg.seed
     judge_model, generation = cfg.judge_model, cfg.generation
-    if bench not in ALL_BENCHES:
-        raise RcsdError(f"--bench: unknown benchmark {bench!r}; choose from {', '.join(ALL_BENCHES)}")
-    pairs = load_eval_items(bench, data, seed, offset, limit)
+    pairs = load_eval_items(benchmark(bench), data, seed, offset, limit)
     if not pairs:
         raise RcsdError(f"{bench}: no items selected (offset {offset}, limit {limit})")
     if cfg.scoring == "loglik":

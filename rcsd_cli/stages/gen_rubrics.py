@@ -9,7 +9,7 @@ from rcsd_cli.data.artifacts import ensure_writable, write_artifact
 from rcsd_cli.data.inputs import InputRow, load_problems
 from rcsd_cli.data.rows import RejectedRubric, Rubric
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.evaluation.benchmarks import BENCHES, load_bench, select
+from rcsd_cli.evaluation.benchmarks import BENCHMARKS, select
 from rcsd_cli.rubrics.rubric_gen import RCSD_SCHEMA_REFUSED, InvalidRubric, parse_rubric_output, reference_rubric
 from rcsd_cli.ui import info, progress
 
@@ -17,8 +17,8 @@ from rcsd_cli.ui import info, progress
 def load_sources(cfg: GenRubricsConfig) -> list[InputRow]:
     """A problems file or folder, a bundled benchmark by name (seeded shuffle, then offset/limit), or a hub id."""
     data, limit, offset = cfg.data, cfg.limit, cfg.offset
-    if not Path(data).exists() and data in BENCHES:
-        problems = select(load_bench(data), cfg.seed, offset, limit)
+    if not Path(data).exists() and data in BENCHMARKS and BENCHMARKS[data].bundled:
+        problems = select(BENCHMARKS[data].load(None, cfg.seed), cfg.seed, offset, limit)
         return [InputRow(p, None) for p in problems]
     sources = {s.strip() for s in cfg.source_filter.split(",") if s.strip()} if cfg.source_filter else None
     rows = load_problems(data, split=cfg.split, subset=cfg.subset, sources=sources, sample_size=cfg.sample_size,

@@ -25,8 +25,8 @@ from rcsd_cli.data.inputs import question_key
 from rcsd_cli.data.rows import MetricsRow, Problem
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.evaluation.answers import STRICT_RULE, grade_texts
-from rcsd_cli.evaluation.benchmarks import load_bench, select
-from rcsd_cli.evaluation.loglik import choice_requests, grade, per_problem, protocol_for
+from rcsd_cli.evaluation.benchmarks import benchmark, select
+from rcsd_cli.evaluation.loglik import choice_requests, grade, per_problem
 from rcsd_cli.modeling.generation import generate
 from rcsd_cli.modeling.logprobs import continuation_sums
 from rcsd_cli.rubrics.prompts import student_prompt
@@ -37,7 +37,7 @@ LOWER_IS_BETTER = {"loss", "kl", "clip_share", "truncated_share"}
 def held_out_items(cfg: TrainConfig, rows: list) -> list[Problem]:
     """The bench's items for evaluation during training, refused if any is a training item."""
     m = cfg.monitor
-    items = select(load_bench(m.bench), cfg.seed, m.offset, m.limit)
+    items = select(benchmark(m.bench, "--eval-bench").load(None, cfg.seed), cfg.seed, m.offset, m.limit)
     if not items:
         raise RcsdError(f"--eval-bench {m.bench}: no items at --eval-offset {m.offset}")
     ids, questions = {r.id for r in rows}, {question_key(r.question) for r in rows}
@@ -59,7 +59,7 @@ def evaluate(student, tok, items: list[Problem], cfg: TrainConfig, compute=nullc
     try:
         with compute():
             if cfg.monitor.scoring == "loglik":
-                protocol = protocol_for(cfg.monitor.bench)
+                protocol = benchmark(cfg.monitor.bench).loglik_protocol()
                 sums = continuation_sums(student, choice_requests(tok, items, protocol), tok.pad_token_id,
                                          cfg.generation.batch_size)
                 graded = [grade(p, s, protocol) for p, s in zip(items, per_problem(sums, items), strict=True)]
