@@ -12,6 +12,7 @@ from rcsd_cli.commands import demo, export, inspect, plot, serve, stages
 from rcsd_cli.commands.common import example
 from rcsd_cli.commands.help_format import install as readable_help
 from rcsd_cli.errors import EXIT_BAD_INPUT, RcsdError
+from rcsd_cli.ui import quiet_libraries, set_verbosity
 
 readable_help()
 
@@ -62,8 +63,6 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
           quiet: bool = typer.Option(False, "-q", "--quiet", help="Only errors and results."),
           verbose: bool = typer.Option(False, "-v", "--verbose", help="Also the libraries' own logs.")):
     """Rubric-Conditioned Self-Distillation: every stage reads and writes Parquet."""
-    from rcsd_cli.ui import quiet_libraries, set_verbosity
-
     set_verbosity(quiet, verbose)
     quiet_libraries()
 

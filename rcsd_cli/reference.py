@@ -46,6 +46,7 @@ def _cell(text: str) -> str:
 def options_reference() -> str:
     from typer.main import get_command
 
+    # the CLI app is built only when the reference is written
     from rcsd_cli.cli import app
 
     group = get_command(app)

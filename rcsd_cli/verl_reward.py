@@ -33,6 +33,7 @@ def _judge():
     if not (url and model):
         return None
     if (url, model) not in _JUDGE:
+        # verl workers without a judge never import the HTTP client
         from rcsd_cli.backends.openai import OpenAIBackend
 
         _JUDGE[(url, model)] = OpenAIBackend(BackendConfig(kind="openai", base_url=url), model)

@@ -179,14 +179,14 @@ def test_a_lora_resume_loads_the_adapter_where_the_base_is(tiny_model, tmp_path,
     from peft import LoraConfig, get_peft_model
 
     from rcsd_cli.models import load_model
-    from rcsd_cli.train.trainer import _build_models
+    from rcsd_cli.train.student import build_models
 
     saved = get_peft_model(load_model(str(tiny_model), device=torch.device("cpu")).model,
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     saved.save_pretrained(tmp_path / "ckpt")
     for module in (peft.peft_model, peft.utils.save_and_load):
         monkeypatch.setattr(module, "infer_device", lambda: "meta")
-    student, _, _ = _build_models(cfg_of(tiny_model, lora_rank=4, lora_targets="q_proj,v_proj"), tmp_path / "ckpt",
+    student, _, _ = build_models(cfg_of(tiny_model, lora_rank=4, lora_targets="q_proj,v_proj"), tmp_path / "ckpt",
                                   trust_remote_code=False)
     expected = {k: v for k, v in saved.state_dict().items() if "lora_" in k}
     got = student.state_dict()

@@ -158,7 +158,7 @@ def test_top_k_top_p_filter_by_hand():
 
 
 def test_gradient_checkpointing_keeps_the_gradient(tiny_model):
-    from rcsd_cli.train.trainer import enable_gradient_checkpointing
+    from rcsd_cli.train.student import enable_gradient_checkpointing
 
     teacher = load_model(str(tiny_model), device=CPU).model
     with torch.no_grad():

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 from rcsd_cli.configs.groups import BackendConfig, GenerationConfig
-from rcsd_cli.modeling.generation import Generation
+from rcsd_cli.modeling.generation import Generation, generate
+from rcsd_cli.modeling.logprobs import continuation_sums, teacher_topk
+from rcsd_cli.models import load_model
 
 OnDone = Callable[[list[int], list[Generation]], None]  # (prompt indices, their generations)
 
@@ -32,24 +34,16 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, model_name: str, trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
-        from rcsd_cli.models import load_model
-
         loaded = load_model(model_name, trust_remote_code, attn_implementation=attn_implementation)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
 
     def generate(self, prompts, cfg, seed, on_done=None, seeds=None):
-        from rcsd_cli.modeling.generation import generate
-
         return generate(self.model, self.tokenizer, prompts, cfg, seed, on_done=on_done, seeds=seeds)
 
     def topk_logprobs(self, prompts, continuations, k):
-        from rcsd_cli.modeling.logprobs import teacher_topk
-
         return teacher_topk(self.model, self.tokenizer, prompts, continuations, k)
 
     def continuation_logprobs(self, pairs, batch_size: int, on_done=None):
-        from rcsd_cli.modeling.logprobs import continuation_sums
-
         return continuation_sums(self.model, pairs, self.tokenizer.pad_token_id, batch_size, on_done)
 
 
@@ -57,9 +51,11 @@ def open_backend(cfg: BackendConfig, model_name: str, trust_remote_code: bool = 
     if cfg.kind == "hf":
         return HFBackend(model_name, trust_remote_code, cfg.attn_implementation)
     if cfg.kind == "openai":
+        # only the backend asked for is imported (vllm is an optional extra)
         from rcsd_cli.backends.openai import OpenAIBackend
 
         return OpenAIBackend(cfg, model_name, trust_remote_code)
+    # only the backend asked for is imported (vllm is an optional extra)
     from rcsd_cli.backends.vllm import VLLMBackend
 
     return VLLMBackend(cfg, model_name, trust_remote_code)

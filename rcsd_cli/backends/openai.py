@@ -32,7 +32,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from rcsd_cli.configs.groups import BackendConfig, GenerationConfig
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.modeling.generation import Generation
+from rcsd_cli.modeling.generation import Generation, item_seed
+from rcsd_cli.models import load_tokenizer
 from rcsd_cli.ui import warn
 
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504}  # as the OpenAI and vLLM clients retry
@@ -97,8 +98,6 @@ def _network_reason(exc: Exception) -> str:
 
 class OpenAIBackend:
     def __init__(self, cfg: BackendConfig, model_name: str, trust_remote_code: bool = False):
-        from rcsd_cli.models import load_tokenizer
-
         if not cfg.base_url:
             raise RcsdError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
         self.cfg = cfg
@@ -175,8 +174,6 @@ class OpenAIBackend:
 
     def generate(self, prompts, cfg, seed, on_done=None, seeds=None):
         """One completion per prompt; failed ones come back as ``finish_reason="error"`` (see module doc)."""
-        from rcsd_cli.modeling.generation import item_seed
-
         seeds = seeds if seeds is not None else [item_seed(seed, i) for i in range(len(prompts))]
         results: list[Generation | None] = [None] * len(prompts)
         first, failed_here, answered = "", 0, 0

@@ -32,6 +32,7 @@ from rcsd_cli.configs.groups import GenerationConfig
 from rcsd_cli.configs.serve import ServeConfig
 from rcsd_cli.errors import describe_validation_error
 from rcsd_cli.modeling.generation import Generation, generate, item_seed
+from rcsd_cli.models import load_model
 
 DEFAULT_MAX_TOKENS = 256
 MAX_BODY_BYTES = 32 * 2**20
@@ -344,8 +345,6 @@ class Server(ThreadingHTTPServer):
 
 
 def serve(cfg: ServeConfig, trust_remote_code: bool = False) -> None:
-    from rcsd_cli.models import load_model
-
     loaded = load_model(cfg.model, trust_remote_code)
     state = ServerState(loaded.model, loaded.tokenizer, cfg)
     server = Server((cfg.host, cfg.port), make_handler(state))

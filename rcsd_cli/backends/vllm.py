@@ -19,7 +19,8 @@ from typing import Iterable
 
 from rcsd_cli.configs.groups import BackendConfig
 from rcsd_cli.errors import RcsdError
-from rcsd_cli.modeling.generation import Generation
+from rcsd_cli.modeling.generation import Generation, item_seed
+from rcsd_cli.models import adapter_base, load_tokenizer, resolve_model
 from rcsd_cli.ui import info
 
 
@@ -54,7 +55,6 @@ def _lora_engine(path: str) -> tuple[str, dict]:
         return path, {}
     from vllm.lora.request import LoRARequest
 
-    from rcsd_cli.models import adapter_base, resolve_model
 
     rank = int(json.loads((folder / "adapter_config.json").read_text()).get("r") or 8)
     settings = lora_engine_args(rank, str(folder))
@@ -99,7 +99,6 @@ class VLLMBackend:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
-        from rcsd_cli.models import load_tokenizer, resolve_model
 
         path = resolve_model(model_name)
         self.tokenizer = load_tokenizer(model_name, trust_remote_code)
@@ -173,7 +172,6 @@ class VLLMBackend:
         is being served (a LoRA run's frozen teacher)."""
         from vllm.inputs import TokensPrompt
 
-        from rcsd_cli.modeling.generation import item_seed
 
         seeds = seeds if seeds is not None else [item_seed(seed, i) for i in range(len(prompts))]
         chunk_size = max(cfg.batch_size, 64)

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 from pydantic import BaseModel
 
-from rcsd_cli.data.options import OptionSpec, option_specs, unwrap_optional
+from rcsd_cli.data.options import OptionSpec, build_config, option_specs, read_config_file, unwrap_optional
 from rcsd_cli.models import DEFAULT_MODEL
 
 Output = Annotated[Path, typer.Option("-o", "--output", help="Where to write the result.")]
@@ -97,8 +97,6 @@ def stage_command(config_model, run, *, output: str | None, doc: str, extra: tup
     command line. ``extra`` are invocation flags that are not part of the config (``--resume``).
     ``output=None``: a command that writes nothing (``serve``), called as ``run(config, **flags)``.
     """
-    from rcsd_cli.data.options import build_config, read_config_file
-
     options = typer_parameters(config_model)
     names = [p.name for p in options]
     writes = [_param("output", Annotated[Path, typer.Option("-o", "--output", help="Where to write the result.",

@@ -15,6 +15,7 @@ from rcsd_cli.configs.serve import ServeConfig
 
 
 def _serve(cfg: ServeConfig, *, trust_remote_code: bool = False):
+    # imported when the server starts: --help never loads torch
     from rcsd_cli.backends.server import serve
 
     serve(cfg, trust_remote_code)

@@ -32,6 +32,7 @@ def _print_dry_run(shown: dict) -> None:
 
 
 def _gen_rubrics(cfg, output, *, dry_run: bool = False, **flags):
+    # imported when the command runs: --help and option errors never load torch
     from rcsd_cli.stages.gen_rubrics import dry_run as show_dry_run
     from rcsd_cli.stages.gen_rubrics import run_gen_rubrics
 
@@ -42,42 +43,49 @@ def _gen_rubrics(cfg, output, *, dry_run: bool = False, **flags):
 
 
 def _sample(cfg, output, **flags):
+    # imported when the command runs: --help and option errors never load torch
     from rcsd_cli.stages.sample import run_sample
 
     run_sample(cfg, output, **flags)
 
 
 def _score(cfg, output, **flags):
+    # imported when the command runs: --help and option errors never load torch
     from rcsd_cli.stages.score import run_score
 
     run_score(cfg, output, **flags)
 
 
 def _eval(cfg, output, **flags):
+    # imported when the command runs: --help and option errors never load torch
     from rcsd_cli.stages.eval import run_eval
 
     run_eval(cfg, output, **flags)
 
 
 def _eval_rubrics(cfg, output, **flags):
+    # imported when the command runs: --help and option errors never load torch
     from rcsd_cli.stages.eval_rubrics import run_eval_rubrics
 
     run_eval_rubrics(cfg, output, **flags)
 
 
 def _diagnose(cfg, output, **flags):
+    # imported when the command runs: --help and option errors never load torch
     from rcsd_cli.stages.diagnose import run_diagnose
 
     run_diagnose(cfg, output, **flags)
 
 
 def _explain(cfg, output, *, show: bool = False, **flags):
+    # imported when the command runs: --help and option errors never load torch
     from rcsd_cli.stages.explain import run_explain
 
     run_explain(cfg, output, show=show, **flags)
 
 
 def _train(cfg, output, *, dry_run: bool = False, **flags):
+    # imported when the command runs: --help and option errors never load torch
     from rcsd_cli.stages.train import dry_run as show_dry_run
     from rcsd_cli.stages.train import run_train
 

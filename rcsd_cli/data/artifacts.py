@@ -25,8 +25,10 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
 
 from rcsd_cli import __version__
+from rcsd_cli.data.options import unwrap_optional
 from rcsd_cli.data.rows import ROW_MODELS
 from rcsd_cli.errors import RcsdError, describe_validation_error, where
+from rcsd_cli.models import DEFAULT_MODEL, cache_dir, resolve_model
 
 META_KEY = b"rcsd"
 M = TypeVar("M", bound=BaseModel)
@@ -49,8 +51,6 @@ def _sha256_once(path: str, size: int, mtime_ns: int) -> str:
 
 
 def _hash_cache() -> Path:
-    from rcsd_cli.models import cache_dir
-
     return cache_dir() / "weight-hashes.json"
 
 
@@ -82,8 +82,6 @@ def weights_sha256(folder: Path) -> str | None:
 
 def model_provenance(model_id: str) -> dict[str, Any]:
     """Where a model came from: its local folder and weights hash, or its hub id and revision when known."""
-    from rcsd_cli.models import DEFAULT_MODEL, resolve_model
-
     info: dict[str, Any] = {"id": model_id}
     try:
         resolved = Path(resolve_model(model_id))
@@ -148,8 +146,6 @@ def clear_own_folder(out: Path, own: Callable[[Path], bool], marker: Callable[[P
 
 
 def _dict_fields(model: type[BaseModel]) -> set[str]:
-    from rcsd_cli.data.options import unwrap_optional
-
     out = set()
     for name, info in model.model_fields.items():
         ann, _ = unwrap_optional(info.annotation)
@@ -160,8 +156,6 @@ def _dict_fields(model: type[BaseModel]) -> set[str]:
 
 def _arrow_type(annotation) -> pa.DataType:
     """The Arrow type of a Pydantic field: fixed per artifact, never guessed from the values."""
-    from rcsd_cli.data.options import unwrap_optional
-
     annotation, _ = unwrap_optional(annotation)
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal:

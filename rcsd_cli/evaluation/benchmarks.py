@@ -19,6 +19,7 @@ from rcsd_cli.data.artifacts import read_artifact
 from rcsd_cli.data.inputs import LETTERS, gpqa_problem, load_problems
 from rcsd_cli.data.rows import Problem, Rubric
 from rcsd_cli.errors import RcsdError
+from rcsd_cli.evaluation.answers import boxed_contents
 from rcsd_cli.evaluation.loglik import GENERIC, PROTOCOLS, Protocol
 
 MMLU_STEM = (
@@ -121,8 +122,6 @@ def _requests(task: str) -> list[dict]:
 
 
 def _math500() -> list[Problem]:
-    from rcsd_cli.evaluation.answers import boxed_contents
-
     out = []
     for i, doc in enumerate(_requests("minerva_math_500")):
         boxed = boxed_contents(doc["solution"])  # the request file's own answer field lost its \\left

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from rcsd_cli.configs.groups import GenerationConfig
 from rcsd_cli.data.rows import Check, Criterion, CriterionVerdict, Problem, Score
 from rcsd_cli.evaluation.answers import answers_match, extract_answer
+from rcsd_cli.rubrics.prompts import chat_prompt_ids, judge_message
 
 JUDGE_REPLY = GenerationConfig(temperature=0.0, max_new_tokens=192)  # how a judge answers (greedy, short JSON)
 
@@ -116,8 +117,6 @@ def run_judge(backend, requests: list[JudgeRequest], gen_cfg, retries: int, seed
     is unjudged at once with its reason. ``runner`` (a ``ResumableGenerator``) keeps finished
     replies across interruptions.
     """
-    from rcsd_cli.rubrics.prompts import chat_prompt_ids, judge_message
-
     tokenizer = backend.tokenizer
     attempts = retries + 1
     results = {r.key: (None, f"judge output malformed ({attempts} attempts)") for r in requests}

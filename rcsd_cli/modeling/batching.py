@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rcsd_cli.modeling.sharding import FinalHidden, compute_device
+
 
 def left_padded(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor,
                                                                            torch.Tensor]:
@@ -77,8 +79,6 @@ def build_pair_batch(student_prompts: list[list[int]], teacher_prompts: list[lis
 
 def aligned_hidden(model, side: SideBatch) -> torch.Tensor:
     """Final hidden states at the predicting positions: [B, C, H] (no vocabulary logits)."""
-    from rcsd_cli.modeling.sharding import FinalHidden, compute_device
-
     device = compute_device(model)
     inputs = dict(input_ids=side.input_ids.to(device), attention_mask=side.attention_mask.to(device),
                   position_ids=side.position_ids.to(device))

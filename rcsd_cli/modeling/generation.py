@@ -31,6 +31,7 @@ from rcsd_cli.modeling.batching import left_padded
 from rcsd_cli.modeling.continuous import DecodeStats
 from rcsd_cli.modeling.logprobs import contrast_logits
 from rcsd_cli.modeling.sampling import _filter, item_seed, next_tokens, stop_ids  # noqa: F401 (re-exported)
+from rcsd_cli.modeling.sharding import FinalHidden, compute_device, gathered
 
 STOP_CHECK_EVERY = 16  # static loop: tokens between two "have all rows stopped?" host syncs
 
@@ -88,8 +89,6 @@ def _finished(row: list[int], stops: set[int], tokenizer) -> Generation:
 def _decoding(model, tokenizer, cfg: GenerationConfig):
     """(causal LM, stop ids, pad id) to decode with, in eval mode: a sharded model is gathered once (no
     collectives per token); its inputs go to the mesh's device (``compute_device``)."""
-    from rcsd_cli.modeling.sharding import FinalHidden, compute_device, gathered
-
     device = compute_device(model)
     stop = torch.tensor([-1] if cfg.ignore_eos else sorted(stop_ids(tokenizer, model)) or [-1], device=device)
     was_training = model.training
@@ -160,8 +159,6 @@ def _compiled_step(model):
     """The model's forward compiled for fixed-shape decode steps (CUDA graphs on a GPU), once per module."""
     step = getattr(model, "_rcsd_decode_step", None)
     if step is None:
-        from rcsd_cli.modeling.sharding import compute_device
-
         cuda = compute_device(model).type == "cuda"
         step = torch.compile(model.forward, mode="reduce-overhead" if cuda else None, dynamic=False)
         model._rcsd_decode_step = step  # a plain attribute: not a parameter, not in the state dict
@@ -387,7 +384,6 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, 
     seeds = seeds if seeds is not None else [item_seed(seed, i) for i in range(len(prompts))]
     if not prompts:
         return []
-    from rcsd_cli.modeling.sharding import compute_device
 
     compiled = controls is None and use_compiled_decoding(cfg, compute_device(model))
     results: list[Generation | None] = [None] * len(prompts)

@@ -26,6 +26,7 @@ from typing import get_args
 import torch
 
 from rcsd_cli.configs.groups import Precision
+from rcsd_cli.modeling import distributed as dist
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -118,7 +119,6 @@ def moved_share(params, before: list[torch.Tensor]) -> float | None:
         got = _sampled(p.grad) != 0
         counted += int(got.sum())
         moved += int((got & (_sampled(p) != old)).sum())
-    from rcsd_cli.modeling import distributed as dist
 
     moved, counted = dist.reduce_sum(moved), dist.reduce_sum(counted)
     return moved / counted if counted else None

@@ -24,6 +24,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from rcsd_cli.errors import RcsdError
+
 SHARDINGS = ("replicate", "full-shard", "shard-grad-op")
 
 
@@ -202,8 +204,6 @@ def from_launcher_env(requested: str | None) -> tuple[str, str | None]:
     honours its sharding strategy / reshard-after-forward with its own FSDP2 wrapping. DeepSpeed
     is not integrated, so a DeepSpeed launch fails instead of silently running unsharded.
     """
-    from rcsd_cli.errors import RcsdError
-
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise RcsdError("rcsd train does not run DeepSpeed; launch without --use_deepspeed and pass --sharding "
                         "full-shard (ZeRO-3-like) or --sharding shard-grad-op (ZeRO-2-like) instead")

@@ -36,7 +36,7 @@ from rcsd_cli.evaluation.scoring import score_completion
 from rcsd_cli.evaluation.stats import mean_interval
 from rcsd_cli.modeling.generation import generate, item_seed
 from rcsd_cli.modeling.logprobs import continuation_logits, contrast_logits
-from rcsd_cli.models import load_model
+from rcsd_cli.models import load_model, load_tokenizer
 from rcsd_cli.rubrics.ablations import ablate
 from rcsd_cli.rubrics.prompts import text_ids
 from rcsd_cli.rubrics.views import PromptView
@@ -114,7 +114,6 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
     view = PromptView.for_diagnose(cfg)
     dropped = 0
     if cfg.max_teacher_prompt_tokens:  # as train's filter, on the rubric condition's exact ids
-        from rcsd_cli.models import load_tokenizer
 
         tok = load_tokenizer(cfg.model, trust_remote_code)
         rubrics, dropped = view.within_teacher_prompt_limit(rubrics, tok, cfg.max_teacher_prompt_tokens)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rcsd_cli.backends import open_backend
+from rcsd_cli.backends.resume import ResumableGenerator
 from rcsd_cli.configs.gen_rubrics import GenRubricsConfig
 from rcsd_cli.data.artifacts import ensure_writable, write_artifact
 from rcsd_cli.data.inputs import InputRow, load_problems
 from rcsd_cli.data.rows import RejectedRubric, Rubric
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.evaluation.benchmarks import BENCHMARKS, select
+from rcsd_cli.models import load_tokenizer
+from rcsd_cli.rubrics.prompts import chat_prompt_ids, rubric_designer_message
 from rcsd_cli.rubrics.rubric_gen import RCSD_SCHEMA_REFUSED, InvalidRubric, parse_rubric_output, reference_rubric
 from rcsd_cli.ui import info, progress
 
@@ -28,16 +32,12 @@ def load_sources(cfg: GenRubricsConfig) -> list[InputRow]:
 
 def designer_prompt(tok, problem, cfg: GenRubricsConfig) -> list[int]:
     """The token ids the rubric designer model is given for ``problem``."""
-    from rcsd_cli.rubrics.prompts import chat_prompt_ids, rubric_designer_message
-
     return chat_prompt_ids(tok, rubric_designer_message(problem, cfg.prompt_style), cfg.generation.enable_thinking)
 
 
 def dry_run(cfg: GenRubricsConfig, trust_remote_code: bool = False) -> dict:
     """The resolved config and the first problem's designer prompt, decoded from the ids the model would get;
     nothing is loaded but the tokenizer, nothing is written."""
-    from rcsd_cli.models import load_tokenizer
-
     rows = load_sources(cfg)
     shown: dict = {"config": cfg.model_dump(mode="json")}
     todo = [r for r in rows if cfg.regenerate or not r.rubric]
@@ -52,8 +52,6 @@ def dry_run(cfg: GenRubricsConfig, trust_remote_code: bool = False) -> dict:
 
 
 def _llm_rubrics(todo: list[InputRow], cfg: GenRubricsConfig, trust_remote_code: bool, runner_args: tuple):
-    from rcsd_cli.backends import open_backend
-    from rcsd_cli.backends.resume import ResumableGenerator
     engine = open_backend(cfg.backend, cfg.model, trust_remote_code)
     runner = ResumableGenerator(engine, *runner_args)
     accepted: dict[str, Rubric] = {}

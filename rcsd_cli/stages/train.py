@@ -4,16 +4,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rcsd_cli.backends.vllm import vllm_available
 from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.data.artifacts import read_artifact
 from rcsd_cli.data.options import with_options
 from rcsd_cli.data.samples import read_samples
 from rcsd_cli.errors import RcsdError, where
 from rcsd_cli.modeling import distributed as dist
+from rcsd_cli.modeling import precision
+from rcsd_cli.modeling.generation import check_static_attention, use_compiled_decoding
 from rcsd_cli.modeling.sharding import from_launcher_env
+from rcsd_cli.models import load_model_config, load_tokenizer, pick_device
+from rcsd_cli.rubrics.ablations import ablate
 from rcsd_cli.rubrics.views import PromptView, longest_lengths
 from rcsd_cli.train.checkpoints import check_output_folder
+from rcsd_cli.train.engine_sizing import check_engines, engine_sizes
+from rcsd_cli.train.memory import estimate, format_plan
 from rcsd_cli.train.methods.offline import OfflineItem
+from rcsd_cli.train.monitor import held_out_items
+from rcsd_cli.train.rehearsal import fits, format_rehearsal, rehearse
+from rcsd_cli.train.rollout_engines import separate_teacher_engine
 from rcsd_cli.train.trainer import train
 from rcsd_cli.ui import info
 
@@ -96,7 +106,6 @@ def filter_long_teacher_prompts(rows: list, cfg: TrainConfig, trust_remote_code:
     """``--max-teacher-prompt-tokens``: the rows kept, and what to record about the ones dropped."""
     if not cfg.max_teacher_prompt_tokens:
         return rows, {}
-    from rcsd_cli.models import load_tokenizer
 
     kept, dropped = PromptView.for_train(cfg).within_teacher_prompt_limit(
         rows, load_tokenizer(cfg.model, trust_remote_code), cfg.max_teacher_prompt_tokens)
@@ -130,23 +139,15 @@ def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume
         raise RcsdError("give --rubrics for online training, or --samples and --scores for an offline round")
     rows = rows[: cfg.limit] if cfg.limit else rows
     if cfg.rollout.backend == "vllm":
-        from rcsd_cli.backends.vllm import vllm_available
-
         if not vllm_available():  # before any folder is made or weight loaded
             raise RcsdError("--rollout-backend vllm needs vLLM: pip install 'rcsd[vllm]' (CPU: examples/test_vllm.sh)")
     if cfg.teacher.rubric_ablation:
-        from rcsd_cli.rubrics.ablations import ablate
-
         rows = ablate(rows, cfg.teacher.rubric_ablation, cfg.seed)
     rows, data_notes = filter_long_teacher_prompts(rows, cfg, trust_remote_code)
     if cfg.monitor.every:  # refuse held-out items that are training items before any folder is made
-        from rcsd_cli.train.monitor import held_out_items
 
         held_out_items(cfg, rows)
     if cfg.rollout.backend == "hf":  # before any weight is loaded
-        from rcsd_cli.modeling.generation import check_static_attention, use_compiled_decoding
-        from rcsd_cli.models import pick_device
-
         if use_compiled_decoding(cfg.generation, pick_device()):
             check_static_attention(cfg.attn_implementation)
     rank, world = dist.setup(always=cfg.distributed.sharding != "replicate")
@@ -187,11 +188,6 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
     the estimated peak memory per device (``memory``); and one step simulated at the run's full shapes under
     fake tensors (``rehearsal``), with the verdict under ``problem`` (None when it fits).
     """
-    from rcsd_cli.modeling import precision
-    from rcsd_cli.models import load_model_config, load_tokenizer
-    from rcsd_cli.train.memory import estimate, format_plan
-    from rcsd_cli.train.rehearsal import fits, format_rehearsal, rehearse
-
     device_type, device_gib = dry_run_target(cfg)
     cfg = resolve_sharding(cfg)
     cfg = cfg.model_copy(update={"precision": precision.resolve(cfg.precision, device_type)})
@@ -222,9 +218,6 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
     measured = rehearse(cfg, model_config, lengths=lengths, world=world)
     phases, problem = fits(cfg, measured, plan, device_gib, device_type == "cuda")
     if cfg.rollout.backend == "vllm":  # the engines as vLLM will check them at start
-        from rcsd_cli.train.engine_sizing import check_engines, engine_sizes
-        from rcsd_cli.train.rollout_engines import separate_teacher_engine
-
         gpu_gib = device_gib if device_type == "cuda" else None
         sizes = engine_sizes(cfg, model_config, lengths, n_params=measured["parameters"],
                              dtype_bytes=precision.frozen_dtype(cfg.precision).itemsize, device_gib=gpu_gib,
@@ -263,7 +256,6 @@ def _item_lengths(cfg: TrainConfig, tok, shown: dict, trust_remote_code: bool) -
     if not cfg.rubrics:
         return None
     rows, _ = read_artifact(cfg.rubrics, "rubrics")
-    from rcsd_cli.rubrics.ablations import ablate
 
     rows, notes = filter_long_teacher_prompts(ablate(rows, cfg.teacher.rubric_ablation, cfg.seed), cfg,
                                               trust_remote_code)

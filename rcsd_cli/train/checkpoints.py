@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from rcsd_cli.configs.train import TrainConfig
-from rcsd_cli.data.artifacts import clear_own_folder, write_artifact
+from rcsd_cli.data.artifacts import clear_own_folder, library_versions, model_provenance, sha256_file, write_artifact
 from rcsd_cli.data.rows import MetricsRow
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.modeling import distributed as dist
@@ -152,8 +152,6 @@ def _drop_private_config_keys(path: Path) -> None:
 def model_card(cfg: TrainConfig, metrics: list[MetricsRow], inputs: list[str], world: int,
                data_notes: dict | None = None) -> str:
     """``OUT/README.md``: what was trained from what, how, and how to load it."""
-    from rcsd_cli.data.artifacts import library_versions, model_provenance, sha256_file
-
     base = model_provenance(cfg.model)
     data = {str(p): sha256_file(p) for p in inputs if Path(p).is_file()}
     last = metrics[-1] if metrics else None

@@ -45,7 +45,9 @@ import torch
 from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.modeling import precision
 from rcsd_cli.modeling.generation import prompt_bucket, use_compiled_decoding
+from rcsd_cli.modeling.sharding import _decoder_layers
 from rcsd_cli.train.phases import current_rss_gib
+from rcsd_cli.train.student import lora_targets
 
 GIB = 2**30
 _BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -72,8 +74,6 @@ def meta_model(model_config):
 
 
 def _lora_parameters(model, cfg: TrainConfig) -> int:
-    from rcsd_cli.train.trainer import lora_targets
-
     targets = lora_targets(cfg.lora.targets)
     head = model.get_output_embeddings()
     count = 0
@@ -134,7 +134,6 @@ def estimate(cfg: TrainConfig, model_config, *, student_tokens: int, teacher_tok
     gathered_bytes = 2 if choice == "bf16-mixed" else w_bytes  # FSDP2 gathers bf16 under the mixed policy
     if shard > 1:  # the root unit (embeddings, head, final norm) stays gathered from forward to backward, and
         # its gradient exists unsharded until the reduce-scatter
-        from rcsd_cli.modeling.sharding import _decoder_layers
 
         n_root = n_params - sum(p.numel() for p in _decoder_layers(model).parameters())
         root_train = n_root if not cfg.lora.rank else 0

@@ -1,7 +1,7 @@
 """``rcsd train --dry-run``: one real training step at the run's full shapes, without weights or accelerators.
 
 A run that does not fit should fail here, in seconds on a laptop, not an hour into a job on eight GPUs. The step
-is rcsd's own: the model built from its ``config.json`` on the meta device (``trainer.student_and_teacher``: LoRA,
+is rcsd's own: the model built from its ``config.json`` on the meta device (``student.student_and_teacher``: LoRA,
 the teacher copy), the precision policy, FSDP2 sharding (``sharding.shard``) over a fake process group of the run's
 world size, the teacher's forward over the longest privileged prompt, the method's chunked loss and backward
 (each method's ``backward``), gradient clipping and AdamW. Completions of ``--max-new-tokens`` stand in for the
@@ -31,7 +31,9 @@ from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.modeling import precision, sharding
 from rcsd_cli.train.methods import distill, grpo, offline, sft
 from rcsd_cli.train.methods.offline import OfflineItem
+from rcsd_cli.train.rollout_engines import separate_teacher_engine
 from rcsd_cli.train.step import StepContext
+from rcsd_cli.train.student import enable_gradient_checkpointing, student_and_teacher, teacher_view
 
 GIB = 2**30
 
@@ -69,7 +71,6 @@ def _on_meta(cfg: TrainConfig, model_config, sharded: bool):
     """(student, teacher or None) on the meta device (no memory), built, wrapped and sharded as a run does."""
     from transformers import AutoModelForCausalLM
 
-    from rcsd_cli.train.trainer import student_and_teacher
 
     attn = "sdpa" if cfg.attn_implementation.startswith("flash") else cfg.attn_implementation  # CUDA-only kernels
     with torch.device("meta"):
@@ -86,8 +87,6 @@ def _on_meta(cfg: TrainConfig, model_config, sharded: bool):
 
 def _materialise(cfg: TrainConfig, student, teacher, sharded: bool):
     """Fake weights on the host (inside a fake tensor mode), the sharded roots settled, checkpointing on."""
-    from rcsd_cli.train.trainer import enable_gradient_checkpointing
-
     for module in (student, teacher):
         if module is not None:
             module.to_empty(device="cpu")  # one new tensor per module that holds a parameter: ties come undone
@@ -105,10 +104,8 @@ def _materialise(cfg: TrainConfig, student, teacher, sharded: bool):
 def _step(cfg: TrainConfig, student, teacher, optimizer, lengths: dict, sequences: int, pad: int):
     """The method's backward over ``sequences`` items of the given lengths, then clipping and AdamW (unless
     ``optimizer`` is None)."""
-    from rcsd_cli.train.trainer import _teacher_view
-
     compute = lambda: precision.compute(cfg.precision, "cpu")  # noqa: E731
-    hidden, head, _ = _teacher_view(cfg, student, teacher, compute)
+    hidden, head, _ = teacher_view(cfg, student, teacher, compute)
     ctx = StepContext(student, SimpleNamespace(pad_token_id=pad), hidden, head, cfg, 0, compute=compute)
     prompts = [[pad] * lengths["student_prompt"]] * sequences
     completions = [[pad] * lengths["completion"]] * sequences
@@ -295,8 +292,6 @@ def fits(cfg: TrainConfig, measured: dict, plan: dict[str, float], device_gib: f
     training state left after the step (weights, teacher, AdamW moments; gradients are freed) plus what
     generating needs, from the plan: the engines' whole share, or the KV cache, sampling logits and gathered
     weights of HF decoding."""
-    from rcsd_cli.train.rollout_engines import separate_teacher_engine
-
     resident = sum(measured["resident"].values())
     runtime = plan.get("runtime", 0.0)
     if cfg.rollout.backend == "vllm":

@@ -22,11 +22,13 @@ from typing import Callable, Iterator
 
 import torch
 
+from rcsd_cli.backends.vllm import VLLMBackend, lora_engine_args
 from rcsd_cli.configs.groups import BackendConfig, GenerationConfig
 from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.modeling import precision, sharding
 from rcsd_cli.modeling.generation import Generation, generate
 from rcsd_cli.modeling.logprobs import continuation_logprobs
+from rcsd_cli.train.engine_sizing import engine_sizes, require_engines_fit
 from rcsd_cli.train.phases import no_clock
 from rcsd_cli.ui import info
 
@@ -210,7 +212,6 @@ def build_rollouts(cfg: TrainConfig, student, teacher, tok, teacher_scope, compu
         t_module = teacher if teacher is not None else student
         return Rollouts(hf_generate(student, tok, compute=compute),
                         hf_generate(t_module, tok, teacher_scope, compute))
-    from rcsd_cli.train.engine_sizing import engine_sizes, require_engines_fit
 
     separate_teacher = separate_teacher_engine(cfg)
     dtype = str(precision.frozen_dtype(cfg.precision)).removeprefix("torch.")  # bf16 unless the run is fp32
@@ -229,15 +230,12 @@ def build_rollouts(cfg: TrainConfig, student, teacher, tok, teacher_scope, compu
         sizes = {size.role: size.engine_args() for size in found}
 
     def engine(role, sleep: bool = True, **engine_args):
-        from rcsd_cli.backends.vllm import VLLMBackend
-
         vllm = settings.model_copy(update={"sleep": settings.sleep and sleep})
         return VLLMBackend(BackendConfig.model_construct(kind="vllm", vllm=vllm), cfg.model, trust_remote_code,
                            dtype=dtype, in_process=True, role=role,
                            engine_args={**sizes.get(role, {}), **engine_args})
 
     if cfg.lora.rank:  # one engine: base weights once, the student's adapter pushed, the base for the teacher
-        from rcsd_cli.backends.vllm import lora_engine_args
 
         shared = engine("student engine", **lora_engine_args(cfg.lora.rank, "--lora-rank"))
         s_engine = AdapterRollouts(shared, follows=student)

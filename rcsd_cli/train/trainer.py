@@ -12,7 +12,6 @@ reproduces an uninterrupted one exactly on CPU. What goes to disk lives in ``che
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
@@ -22,13 +21,12 @@ from typing import Callable
 
 import torch
 
+from rcsd_cli.backends import open_backend
 from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.data.rows import MetricsRow
-from rcsd_cli.errors import RcsdError
 from rcsd_cli.modeling import distributed as dist
 from rcsd_cli.modeling import precision, sharding
-from rcsd_cli.modeling.batching import aligned_hidden
-from rcsd_cli.models import load_model, pick_device
+from rcsd_cli.models import pick_device
 from rcsd_cli.rubrics.ablations import control_rows
 from rcsd_cli.rubrics.views import PromptView, longest_lengths
 from rcsd_cli.train.checkpoints import (
@@ -47,6 +45,7 @@ from rcsd_cli.train.monitor import Monitor, best_folder, evaluate
 from rcsd_cli.train.phases import PhaseClock
 from rcsd_cli.train.rollout_engines import Rollouts, build_rollouts
 from rcsd_cli.train.step import StepContext, StepResult
+from rcsd_cli.train.student import build_models, ema_update, enable_gradient_checkpointing, teacher_view
 from rcsd_cli.train.tracking import Tracker, numeric, open_tracker
 from rcsd_cli.ui import info, progress, warn
 
@@ -75,104 +74,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     if cfg.lr_schedule == "linear":
         return max(0.0, 1.0 - progress_frac)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_frac)))
-
-
-def enable_gradient_checkpointing(student) -> None:
-    """Decoder-layer activation checkpointing (non-reentrant, so frozen inputs and LoRA work)."""
-    lm = sharding.unwrap(student)
-    lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    if not getattr(lm, "supports_gradient_checkpointing", False):
-        raise RcsdError(f"--gradient-checkpointing: {type(lm).__name__} does not support it")
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lm.config.use_cache = False
-
-
-def lora_targets(spec: str) -> str | list[str]:
-    """``--lora-targets``: ``all-linear`` or a comma-separated list of module names."""
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    if not names:
-        raise RcsdError("--lora-targets: give module names (e.g. q_proj,v_proj) or all-linear")
-    return "all-linear" if names == ["all-linear"] else names
-
-
-def _build_models(cfg: TrainConfig, ckpt: Path | None, trust_remote_code: bool, on_cpu: bool = False):
-    """(student, teacher module or None, tokenizer); the teacher is None when it is the student itself.
-
-    ``on_cpu``: load into host memory (in the compute dtype) so that sharding moves only each
-    process's shard to the GPU, instead of a full student and teacher per GPU.
-    """
-    where = dict(device=torch.device("cpu") if on_cpu else pick_device(),
-                 dtype=precision.base_dtype(cfg.precision, bool(cfg.lora.rank)),
-                 attn_implementation=cfg.attn_implementation)
-    loaded = load_model(cfg.model, trust_remote_code, **where)
-    base, tok = loaded.model, loaded.tokenizer
-    if cfg.lora.rank and ckpt is not None:
-        from peft import PeftModel
-
-        _refuse_ema_with_lora(cfg)
-        # the adapter's tensors go where the base is (a bare "cuda" would be GPU 0 on every rank)
-        student = PeftModel.from_pretrained(base, ckpt, is_trainable=True, torch_device=str(where["device"]))
-        return student, None, tok
-    student, teacher = student_and_teacher(cfg, base)
-    if ckpt is not None and not cfg.lora.rank:
-        student = load_model(str(ckpt), trust_remote_code, **where).model
-    if teacher is not None and cfg.teacher.kind == "ema" and ckpt is not None:
-        from safetensors.torch import load_file
-
-        teacher.load_state_dict(load_file(ckpt / "ema_teacher.safetensors"))
-    return student, teacher, tok
-
-
-def student_and_teacher(cfg: TrainConfig, base):
-    """(student, teacher module or None) from a freshly built base model: LoRA adapters on it (the teacher is
-    then the base with adapters disabled), or a teacher copy (``frozen``: in the frozen dtype, no grad)."""
-    if cfg.lora.rank:
-        from peft import LoraConfig, get_peft_model
-
-        _refuse_ema_with_lora(cfg)
-        student = get_peft_model(base, LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
-                                                  lora_dropout=cfg.lora.dropout,
-                                                  target_modules=lora_targets(cfg.lora.targets)))
-        student.peft_config["default"].base_model_name_or_path = cfg.model
-        return student, None
-    teacher = None if cfg.teacher.kind == "live" else copy.deepcopy(base)
-    if teacher is not None:
-        teacher.requires_grad_(False).eval()
-        if cfg.teacher.kind == "frozen":  # no gradients, no optimizer state: no master copy needed
-            teacher.to(precision.frozen_dtype(cfg.precision))
-    return base, teacher
-
-
-def _refuse_ema_with_lora(cfg: TrainConfig) -> None:
-    if cfg.teacher.kind == "ema":
-        raise RcsdError("--teacher ema is not supported with LoRA; use frozen or live")
-
-
-def _teacher_view(cfg: TrainConfig, student, teacher, compute):
-    """(hidden-state function, output head, scope) of the teacher; ``scope`` turns a LoRA student into its
-    frozen base (for HF generation too). ``compute``: the precision's autocast context."""
-    from contextlib import nullcontext
-
-    if teacher is not None:
-        module, head, scope = teacher, teacher.get_output_embeddings(), nullcontext
-    elif cfg.lora.rank and cfg.teacher.kind == "frozen":
-        module, head, scope = student, student.get_output_embeddings(), student.disable_adapter
-    else:
-        module, head, scope = student, student.get_output_embeddings(), nullcontext
-
-    def hidden(side):
-        with scope(), compute():
-            return aligned_hidden(module, side)
-
-    return hidden, head, scope
-
-
-@torch.no_grad()
-def _ema_update(teacher, student, decay: float) -> None:
-    sharding.reshard(teacher)  # sharded: both sides' parameters are then matching shards
-    sharding.reshard(student)
-    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
-        t.mul_(decay).add_(s.detach(), alpha=1 - decay)
 
 
 @dataclass
@@ -223,7 +124,7 @@ def setup(cfg: TrainConfig, out: Path, resume: bool, trust_remote_code: bool, ro
         start_step, metrics = load_trainer_state(ckpt)
         log(f"resuming from {ckpt} (step {start_step})")
     sharded = cfg.distributed.sharding != "replicate" and dist.is_initialized()
-    student, teacher, tok = _build_models(cfg, ckpt, trust_remote_code, on_cpu=sharded)
+    student, teacher, tok = build_models(cfg, ckpt, trust_remote_code, on_cpu=sharded)
     dist.broadcast_from_main(student)
     dist.broadcast_from_main(teacher)
     if sharded:  # fully_shard moves each shard to the device
@@ -242,7 +143,7 @@ def setup(cfg: TrainConfig, out: Path, resume: bool, trust_remote_code: bool, ro
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     if ckpt is not None:
         load_optimizer(ckpt, student, optimizer, scheduler)
-    teacher_hidden, teacher_head, teacher_scope = _teacher_view(cfg, student, teacher, compute)
+    teacher_hidden, teacher_head, teacher_scope = teacher_view(cfg, student, teacher, compute)
     lengths = None
     if cfg.rollout.backend == "vllm" and rows and not cfg.samples:
         view = PromptView.for_train(cfg)
@@ -253,8 +154,6 @@ def setup(cfg: TrainConfig, out: Path, resume: bool, trust_remote_code: bool, ro
         rollouts.after_update()
     judge = None
     if cfg.method == "grpo" and cfg.grpo.reward == "judge":
-        from rcsd_cli.backends import open_backend
-
         judge = open_backend(cfg.grpo.judge_backend_config(), cfg.grpo.judge_model, trust_remote_code)
     return Run(cfg, rank, world, sharded, student, teacher, tok, params, optimizer, scheduler, teacher_hidden,
                teacher_head, rollouts, compute, ckpt, start_step, metrics, judge)
@@ -280,7 +179,7 @@ def optimizer_step(run: Run, res: StepResult, step: int) -> tuple[StepResult, fl
     moved = precision.moved_share(run.params, before) if first else None
     run.scheduler.step()
     if cfg.teacher.kind == "ema" and run.teacher is not None:
-        _ema_update(run.teacher, run.student, cfg.teacher.ema_decay)
+        ema_update(run.teacher, run.student, cfg.teacher.ema_decay)
     return res, grad_norm, lr, moved
 
 
