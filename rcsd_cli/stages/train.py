@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rcsd_cli.backends.vllm import vllm_available
+from rcsd_cli.backends import vllm as vllm_backend
 from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.data.artifacts import read_artifact
 from rcsd_cli.data.options import with_options
@@ -139,7 +139,7 @@ def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume
         raise RcsdError("give --rubrics for online training, or --samples and --scores for an offline round")
     rows = rows[: cfg.limit] if cfg.limit else rows
     if cfg.rollout.backend == "vllm":
-        if not vllm_available():  # before any folder is made or weight loaded
+        if not vllm_backend.vllm_available():  # before any folder is made or weight loaded
             raise RcsdError("--rollout-backend vllm needs vLLM: pip install 'rcsd[vllm]' (CPU: examples/test_vllm.sh)")
     if cfg.teacher.rubric_ablation:
         rows = ablate(rows, cfg.teacher.rubric_ablation, cfg.seed)

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from rcsd_cli.backends.vllm import VLLMBackend, lora_engine_args
+from rcsd_cli.backends import vllm as vllm_backend
 from rcsd_cli.configs.groups import BackendConfig, GenerationConfig
 from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.modeling import precision, sharding
@@ -231,13 +231,13 @@ def build_rollouts(cfg: TrainConfig, student, teacher, tok, teacher_scope, compu
 
     def engine(role, sleep: bool = True, **engine_args):
         vllm = settings.model_copy(update={"sleep": settings.sleep and sleep})
-        return VLLMBackend(BackendConfig.model_construct(kind="vllm", vllm=vllm), cfg.model, trust_remote_code,
-                           dtype=dtype, in_process=True, role=role,
-                           engine_args={**sizes.get(role, {}), **engine_args})
+        return vllm_backend.VLLMBackend(BackendConfig.model_construct(kind="vllm", vllm=vllm), cfg.model,
+                                        trust_remote_code, dtype=dtype, in_process=True, role=role,
+                                        engine_args={**sizes.get(role, {}), **engine_args})
 
     if cfg.lora.rank:  # one engine: base weights once, the student's adapter pushed, the base for the teacher
 
-        shared = engine("student engine", **lora_engine_args(cfg.lora.rank, "--lora-rank"))
+        shared = engine("student engine", **vllm_backend.lora_engine_args(cfg.lora.rank, "--lora-rank"))
         s_engine = AdapterRollouts(shared, follows=student)
         frozen = EngineRollouts(shared, adapter=False).generate if cfg.teacher.kind == "frozen" else None
         return Rollouts(s_engine.generate, frozen or s_engine.generate, [s_engine])
