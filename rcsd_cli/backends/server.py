@@ -126,7 +126,7 @@ class ServerState:
         if req.n > self.cfg.max_n:
             raise BadRequest("n", f"at most {self.cfg.max_n} completions per request (--max-n), got {req.n}")
         tok = self.tokenizer
-        if chat:
+        if isinstance(req, ChatRequest):
             try:
                 text = tok.apply_chat_template([m.model_dump() for m in req.messages], tokenize=False,
                                                add_generation_prompt=True)
@@ -201,6 +201,7 @@ class Batcher:
         job.done.wait()
         if job.error is not None:
             raise job.error
+        assert job.result is not None  # the worker sets a result or an error before ``done``
         return job.result
 
     def _work(self) -> None:
@@ -247,6 +248,34 @@ def log_failure(what: str, exc: BaseException) -> None:
         traceback.print_exception(exc, file=sys.stderr)
 
 
+def completion_payload(name: str, ids: list[int], req: _Request, chat: bool, gens) -> dict:
+    """The OpenAI-shaped reply to one completion (or chat) request."""
+    choices = []
+    for i, g in enumerate(gens):
+        choice = {"index": i, "finish_reason": g.finish_reason}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": g.text}
+        else:
+            choice.update(text=g.text, logprobs=None)
+            if req.return_token_ids:
+                choice["token_ids"] = g.token_ids
+        choices.append(choice)
+    usage = {"prompt_tokens": len(ids), "completion_tokens": sum(len(g.token_ids) for g in gens)}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    return {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": name, "choices": choices, "usage": usage}
+
+
+def read_body(headers, rfile) -> bytes:
+    """A request's body, refused when its length is missing, malformed or over ``MAX_BODY_BYTES``."""
+    length = headers.get("Content-Length") or "0"
+    if not length.isdigit():
+        raise BadRequest(None, f"bad Content-Length {length[:20]!r}")
+    if int(length) > MAX_BODY_BYTES:
+        raise BadRequest(None, f"body of {length} bytes is over {MAX_BODY_BYTES}", status=413)
+    return rfile.read(int(length))
+
+
 def make_handler(state: ServerState):
     class Handler(BaseHTTPRequestHandler):
         timeout = READ_TIMEOUT_S  # a stalled body read ends the connection instead of holding a thread
@@ -278,18 +307,10 @@ def make_handler(state: ServerState):
                 return self._send(200, {"object": "list", "data": [{"id": state.name, "object": "model"}]})
             self._error(404, f"no route {self.path}")
 
-        def _body(self) -> bytes:
-            length = self.headers.get("Content-Length") or "0"
-            if not length.isdigit():
-                raise BadRequest(None, f"bad Content-Length {length[:20]!r}")
-            if int(length) > MAX_BODY_BYTES:
-                raise BadRequest(None, f"body of {length} bytes is over {MAX_BODY_BYTES}", status=413)
-            return self.rfile.read(int(length))
-
         def do_POST(self):
             path = self.path.rstrip("/")
             try:
-                body = self._body()
+                body = read_body(self.headers, self.rfile)
                 if path not in ("/v1/completions", "/v1/chat/completions"):
                     return self._error(404, f"no route {self.path}")
                 ids, req, chat = state.prompt_ids(path, body)
@@ -316,21 +337,7 @@ def make_handler(state: ServerState):
             with state.count_lock:
                 state.served += 1
                 served = state.served
-            choices = []
-            for i, g in enumerate(gens):
-                choice = {"index": i, "finish_reason": g.finish_reason}
-                if chat:
-                    choice["message"] = {"role": "assistant", "content": g.text}
-                else:
-                    choice.update(text=g.text, logprobs=None)
-                    if req.return_token_ids:
-                        choice["token_ids"] = g.token_ids
-                choices.append(choice)
-            usage = {"prompt_tokens": len(ids), "completion_tokens": sum(len(g.token_ids) for g in gens)}
-            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-            return {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion" if chat else
-                    "text_completion", "created": int(time.time()), "model": state.name, "choices": choices,
-                    "usage": usage}, served
+            return completion_payload(state.name, ids, req, chat, gens), served
 
     return Handler
 

@@ -114,7 +114,7 @@ def stage_command(config_model, run, *, output: str | None, doc: str, extra: tup
         run(cfg, **{k: v for k, v in kwargs.items() if k not in names})
 
     context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
-    command.__signature__ = inspect.Signature([context] + options + invocation)
+    setattr(command, "__signature__", inspect.Signature([context] + options + invocation))  # what Typer reads
     command.__doc__ = doc
     command.__name__ = config_model.__name__
     return command

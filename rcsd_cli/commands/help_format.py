@@ -59,6 +59,7 @@ def install() -> None:
     from typer import core, rich_utils
 
     if rich_utils.Table is not _OptionsTable:
-        rich_utils.Table = _OptionsTable
-        rich_utils.Columns = _lines
-        core.TyperOption.display_type_rich = _flag_type(core.TyperOption.display_type_rich)
+        # typer reads these names at render time: replacing them is the one adjustment point
+        setattr(rich_utils, "Table", _OptionsTable)
+        setattr(rich_utils, "Columns", _lines)
+        setattr(core.TyperOption, "display_type_rich", _flag_type(core.TyperOption.display_type_rich))

@@ -39,7 +39,7 @@ class TrainTeacherConfig(ContrastTeacherConfig):
                                                  "the student.")
     ema_decay: float = opt(0.99, gt=0.0, lt=1.0, panel="Teacher", flag="--ema-decay",
                            help="ema teacher: decay per step.")
-    context: Literal["rubric", "rubric+reference", "reason-first"] = opt(
+    context: Literal["rubric", "rubric+reference", "reason-first"] = opt(  # type: ignore[assignment]  # widened
         "rubric+reference", panel="Teacher", flag="--teacher-context", help="What the rcsd teacher sees besides "
         "the question. reason-first: the teacher first writes an analysis of the reference and rubric (its own "
         "sampled turn), then a transition text, then the student's rollout (the authors' published run).")

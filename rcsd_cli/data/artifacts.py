@@ -18,7 +18,7 @@ import os
 import shutil
 import typing
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Generic, Iterable, Sequence, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -207,7 +207,7 @@ def build_metadata(kind: str, stage: str, config: BaseModel | dict | None, model
     }
 
 
-def write_artifact(path: str | Path, kind: str, rows: list[BaseModel], *, stage: str,
+def write_artifact(path: str | Path, kind: str, rows: Sequence[BaseModel], *, stage: str,
                    config: BaseModel | dict | None = None, model_id: str | None = None,
                    inputs: Iterable[str | Path] = (), overwrite: bool = False, extra: dict | None = None) -> Path:
     """Validate ``rows`` as ``kind`` and write them atomically with provenance metadata."""
@@ -251,7 +251,7 @@ def read_metadata(path: str | Path) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
-def read_artifact(path: str | Path, kind: str, model: type[M] | None = None) -> tuple[list[M], dict]:
+def read_artifact(path: str | Path, kind: str, model: type[BaseModel] | None = None) -> tuple[list[Any], dict]:
     """Read and validate an rcsd Parquet file that must hold ``kind`` rows."""
     path = Path(path)
     meta = read_metadata(path)
@@ -259,21 +259,21 @@ def read_artifact(path: str | Path, kind: str, model: type[M] | None = None) -> 
         raise RcsdError(f"{path}: not an rcsd artifact (no rcsd metadata); expected a {kind} file")
     if meta.get("kind") != kind:
         raise RcsdError(f"{path}: holds {meta.get('kind')} rows, expected a {kind} file")
-    model = model or ROW_MODELS[kind]
-    dict_fields = _dict_fields(model)
+    row_model = model or ROW_MODELS[kind]
+    dict_fields = _dict_fields(row_model)
     rows = []
     for i, rec in enumerate(pq.read_table(path).to_pylist()):
         for name in dict_fields:
             if isinstance(rec.get(name), str):
                 rec[name] = json.loads(rec[name])
         try:
-            rows.append(model.model_validate(rec))
+            rows.append(row_model.model_validate(rec))
         except ValidationError as err:
             raise RcsdError(f"{where(path, i)}: {describe_validation_error(err)}") from err
     return rows, meta
 
 
-class PartialLog:
+class PartialLog(Generic[M]):
     """Finished rows of an interrupted stage, kept beside the output as JSON lines.
 
     The first line records a fingerprint of the run's config; a rerun with a different
@@ -296,7 +296,7 @@ class PartialLog:
         if lines[0] != self.fingerprint:
             raise RcsdError(f"{self.path}: partial results from a run with other settings; "
                             "rerun with the same settings or pass --overwrite to start afresh")
-        rows = []
+        rows: list[M] = []
         for line in lines[1:]:
             try:
                 rows.append(self.model.model_validate_json(line))

@@ -207,7 +207,7 @@ def gpqa_problem(rec: dict[str, Any], row: int, shuffle_seed: int = 0) -> Proble
     gold = LETTERS[order.index(0)]
     explanation = str(rec.get("Explanation") or "").strip()
     reference = f"{explanation}\n\nThe correct answer is {gold}) {options[0]}".strip()
-    meta = {"shuffle_seed": shuffle_seed}
+    meta: dict[str, Any] = {"shuffle_seed": shuffle_seed}
     for k in ("High-level domain", "Subdomain"):
         if rec.get(k):
             meta[k] = str(rec[k])
@@ -232,7 +232,7 @@ def normalise_record(rec: dict[str, Any], row: int, default_source: str, shuffle
     if len(question) > MAX_QUESTION_CHARS:
         raise ValueError(f"field 'question' is {len(question)} characters, over the {MAX_QUESTION_CHARS} limit")
     choices, labels = _choices_from(rec)
-    reward_model = rec.get("reward_model") if isinstance(rec.get("reward_model"), dict) else {}
+    reward_model: dict[str, Any] = rec["reward_model"] if isinstance(rec.get("reward_model"), dict) else {}
     answer = _first(rec, "answer", "answerKey", "correct_answer", "gold", "label", "final_answer")
     if answer is None:
         answer = _first(reward_model, "ground_truth")  # verl's layout
@@ -310,7 +310,7 @@ def load_problems(path: str | Path, limit: int | None = None, shuffle_seed: int 
     an equal share of what is still missing (at least one), until ``sample_size`` rows are taken.
     """
     if isinstance(path, str) and is_hub_dataset_id(path):
-        parts = [(Path(path), read_hub_records(path, subset, split))]
+        parts: list[tuple[Path, list[dict[str, Any]] | None]] = [(Path(path), read_hub_records(path, subset, split))]
     else:
         parts = [(f, None) for f in data_files(Path(path))]
     if sample_size:
@@ -340,7 +340,7 @@ def load_problems(path: str | Path, limit: int | None = None, shuffle_seed: int 
             seen[pid] = (file, i)
             out.append(item)
             taken += 1
-            if quota is not None and (taken >= quota or len(out) >= sample_size):
+            if quota is not None and (taken >= quota or len(out) >= (sample_size or 0)):
                 break
     if sources is not None and not out:
         raise RcsdError(f"{path}: no row's source is one of {', '.join(sorted(sources))}")

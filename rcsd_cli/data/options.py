@@ -29,7 +29,7 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 def opt(default: Any = ..., *, panel: str, help: str, flag: str | None = None, argument: bool = False,
         short: str | None = None, **field_kwargs) -> Any:
     """A config field that is also a command-line option (``flag`` defaults to ``--field-name``)."""
-    cli = {"panel": panel}
+    cli: dict[str, Any] = {"panel": panel}
     if flag:
         cli["flag"] = flag
     if argument:
@@ -37,8 +37,8 @@ def opt(default: Any = ..., *, panel: str, help: str, flag: str | None = None, a
     if short:
         cli["short"] = short
     if default is ... and "default_factory" in field_kwargs:
-        return Field(description=help, json_schema_extra={"cli": cli}, **field_kwargs)
-    return Field(default, description=help, json_schema_extra={"cli": cli}, **field_kwargs)
+        return Field(description=help, json_schema_extra=_cli_extra("cli", cli), **field_kwargs)
+    return Field(default, description=help, json_schema_extra=_cli_extra("cli", cli), **field_kwargs)
 
 
 def nested(factory, *, flags: dict[str, str] | None = None, hide: tuple[str, ...] = (), help: str = "") -> Any:
@@ -48,7 +48,12 @@ def nested(factory, *, flags: dict[str, str] | None = None, hide: tuple[str, ...
     ``hide`` keeps fields out of the command line (still settable in a config file).
     """
     return Field(default_factory=factory, description=help,
-                 json_schema_extra={"cli_nested": {"flags": flags or {}, "hide": list(hide)}})
+                 json_schema_extra=_cli_extra("cli_nested", {"flags": flags or {}, "hide": list(hide)}))
+
+
+def _cli_extra(key: str, value: dict[str, Any]) -> dict[str, Any]:
+    """How a field appears on the command line, kept in its JSON Schema extra (and so in ``schemas/``)."""
+    return {key: value}
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,8 @@ def option_specs(model: type[BaseModel], prefix: tuple[str, ...] = (), defaults:
         extra = _extra(field)
         if "cli_nested" in extra:
             sub = extra["cli_nested"]
-            specs += option_specs(field.annotation, prefix + (name,), _default(field), sub["flags"],
+            group = typing.cast(type[BaseModel], field.annotation)  # nested() fields hold an options model
+            specs += option_specs(group, prefix + (name,), _default(field), sub["flags"],
                                   tuple(sub["hide"]))
             continue
         cli = extra.get("cli")

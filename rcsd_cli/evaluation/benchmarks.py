@@ -17,7 +17,7 @@ from typing import Callable
 
 from rcsd_cli.data.artifacts import read_artifact
 from rcsd_cli.data.inputs import LETTERS, gpqa_problem, load_problems
-from rcsd_cli.data.rows import Problem, Rubric
+from rcsd_cli.data.rows import Problem
 from rcsd_cli.errors import RcsdError
 from rcsd_cli.evaluation.answers import boxed_contents
 from rcsd_cli.evaluation.loglik import GENERIC, PROTOCOLS, Protocol
@@ -176,7 +176,7 @@ def _gpqa(data: str | None, seed: int) -> list[Problem]:
     return [gpqa_problem(rec, i, seed) for i, rec in enumerate(ds)]
 
 
-def _rubric_file(data: str | None, seed: int) -> list[Rubric]:
+def _rubric_file(data: str | None, seed: int) -> list[Problem]:
     if not data:
         raise RcsdError("--bench rubric needs --data rubrics.parquet")
     return read_artifact(data, "rubrics")[0]

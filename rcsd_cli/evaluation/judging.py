@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from rcsd_cli.backends import open_backend
 from rcsd_cli.backends.resume import ResumableGenerator
 from rcsd_cli.configs.groups import BackendConfig, GenerationConfig
@@ -16,7 +18,7 @@ from rcsd_cli.ui import progress
 def judge_and_score(items: list[tuple[str, Problem, list[Criterion], str]], judge_model: str | None,
                     generation: GenerationConfig, retries: int = 2, seed: int = 0,
                     trust_remote_code: bool = False, backend: BackendConfig | None = None,
-                    resume: tuple[Path, object, bool] | None = None) -> list[Score]:
+                    resume: tuple[Path, BaseModel, bool] | None = None) -> list[Score]:
     """Score (sample id, problem, rubric, completion) tuples; criteria without checks go to the judge.
 
     ``resume`` = (output, config, fresh): judge replies are kept in ``output.judge.partial.jsonl``.

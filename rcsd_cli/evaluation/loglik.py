@@ -43,7 +43,7 @@ def _stem(problem: Problem, shots: list[Problem]) -> str:
 
 
 def _mmlu_question(problem: Problem) -> str:
-    listed = "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(problem.choices))
+    listed = "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(problem.choices or []))
     return f"{problem.question.strip()}{listed}\nAnswer:"
 
 
@@ -62,7 +62,8 @@ class Protocol:
     letters: bool = False                              # continuations are the letters, not the choice texts
 
     def continuations(self, problem: Problem) -> list[str]:
-        return list(LETTERS[: len(problem.choices)]) if self.letters else list(problem.choices)
+        choices = problem.choices or []  # loglik scores multiple-choice items only
+        return list(LETTERS[: len(choices)]) if self.letters else list(choices)
 
 
 PROTOCOLS = {p.name: p for p in (  # by the lm-eval task each equals; benchmarks.BENCHMARKS says which bench uses which
@@ -114,8 +115,9 @@ def per_problem(sums: list[float], problems: list[Problem]) -> list[list[float]]
     """Pair sums (in ``choice_requests`` order) regrouped as one list of choice scores per problem."""
     out, k = [], 0
     for p in problems:
-        out.append(sums[k: k + len(p.choices)])
-        k += len(p.choices)
+        n = len(p.choices or [])
+        out.append(sums[k: k + n])
+        k += n
     return out
 
 

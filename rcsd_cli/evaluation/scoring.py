@@ -81,16 +81,16 @@ def score_completion(sample_id: str, problem: Problem, rubric: list[Criterion], 
             verdicts.append(CriterionVerdict(criterion_id=c.id, weight=c.weight, met=met, method="check",
                                              explanation=why))
         elif c.id in judged and judged[c.id][0] is not None:
-            met, why = judged[c.id]
-            verdicts.append(CriterionVerdict(criterion_id=c.id, weight=c.weight, met=met, method="judge",
+            verdict, why = judged[c.id]
+            verdicts.append(CriterionVerdict(criterion_id=c.id, weight=c.weight, met=verdict, method="judge",
                                              explanation=why))
         else:
             verdicts.append(CriterionVerdict(criterion_id=c.id, weight=c.weight, met=None, method="unjudged",
                                              explanation=judged[c.id][1] if c.id in judged else "no judge"))
-    score, met, possible = rubric_score(verdicts)
+    score, points_met, possible = rubric_score(verdicts)
     pred = extract_answer(completion, problem.choices)
     correct = answers_match(pred, problem.answer, problem.choices) if problem.answer is not None else None
-    return Score(sample_id=sample_id, problem_id=problem.id, verdicts=verdicts, score=score, points_met=met,
+    return Score(sample_id=sample_id, problem_id=problem.id, verdicts=verdicts, score=score, points_met=points_met,
                  points_possible=possible, n_unjudged=sum(v.met is None for v in verdicts),
                  extracted_answer=pred, correct=correct)
 
@@ -119,7 +119,8 @@ def run_judge(backend, requests: list[JudgeRequest], gen_cfg, retries: int, seed
     """
     tokenizer = backend.tokenizer
     attempts = retries + 1
-    results = {r.key: (None, f"judge output malformed ({attempts} attempts)") for r in requests}
+    results: dict[tuple[str, str], tuple[bool | None, str]] = {
+        r.key: (None, f"judge output malformed ({attempts} attempts)") for r in requests}
     pending = list(requests)
     for attempt in range(retries + 1):
         if not pending:

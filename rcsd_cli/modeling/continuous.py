@@ -15,7 +15,7 @@ from its own generator, so its tokens do not depend on which items it shares a b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -23,6 +23,9 @@ from rcsd_cli.configs.groups import GenerationConfig
 from rcsd_cli.modeling.batching import left_padded
 from rcsd_cli.modeling.logprobs import contrast_logits
 from rcsd_cli.modeling.sampling import next_tokens
+
+if TYPE_CHECKING:
+    from transformers.cache_utils import DynamicCache
 
 OnDone = Callable[[list[int], list[list[int]]], None]  # (item indices, their token ids), as items stop
 
@@ -49,9 +52,14 @@ class _Live:
     items: list[int] = field(default_factory=list)
     generators: list[torch.Generator] = field(default_factory=list)
     tokens: list[list[int]] = field(default_factory=list)
-    cache: object = None
+    cache: DynamicCache | None = None  # None (and mask, position): no row in flight
     mask: torch.Tensor | None = None  # [cache rows, columns]
     position: torch.Tensor | None = None  # [cache rows, 1]: the position of each row's last token
+
+    def state(self) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """(cache, mask, position) of the rows in flight (there are some)."""
+        assert self.cache is not None and self.mask is not None and self.position is not None
+        return self.cache, self.mask, self.position
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -105,7 +113,8 @@ def _layers(cache) -> list:
 
 def _reshape(live: _Live, rows: torch.Tensor | None, columns: torch.Tensor | None) -> None:
     """Keep these cache rows and columns (``None``: all) of every layer and of the mask."""
-    for layer in _layers(live.cache):
+    cache, mask, _ = live.state()
+    for layer in _layers(cache):
         keys, values = layer.keys, layer.values
         if rows is not None:
             keys, values = keys.index_select(0, rows), values.index_select(0, rows)
@@ -113,9 +122,10 @@ def _reshape(live: _Live, rows: torch.Tensor | None, columns: torch.Tensor | Non
             keys, values = keys.index_select(2, columns), values.index_select(2, columns)
         _GrowingLayer.adopt(layer, keys, values)
     if rows is not None:
-        live.mask = live.mask.index_select(0, rows)
+        mask = mask.index_select(0, rows)
     if columns is not None:
-        live.mask = live.mask.index_select(1, columns)
+        mask = mask.index_select(1, columns)
+    live.mask = mask
 
 
 def _select(live: _Live, keep: list[int], rows_of) -> None:
@@ -127,9 +137,10 @@ def _select(live: _Live, keep: list[int], rows_of) -> None:
     if not rows:
         live.cache = live.mask = live.position = None
         return
-    index = torch.tensor(rows, device=live.mask.device)
-    live.position = live.position.index_select(0, index)
-    used = live.mask.index_select(0, index).any(0)
+    _, mask, position = live.state()
+    index = torch.tensor(rows, device=mask.device)
+    live.position = position.index_select(0, index)
+    used = mask.index_select(0, index).any(0)
     _reshape(live, index, None if bool(used.all()) else used.nonzero().squeeze(1))
 
 
@@ -140,7 +151,8 @@ def _join(live: _Live, new: _Live, halves: int) -> None:
         live.__dict__.update(new.__dict__)
         return
     old_n, new_n = len(live.items), len(new.items)
-    width = max(live.mask.shape[1], new.mask.shape[1])
+    (_, mask, _), (_, new_mask, _) = live.state(), new.state()
+    width = max(mask.shape[1], new_mask.shape[1])
 
     def merged(a, b, pad_dim: int | None = None):
         if pad_dim is not None:
@@ -178,7 +190,7 @@ def decode(model, prompts: list[list[int]], cfg: GenerationConfig, seeds: list[i
     def rows_of(items: list[int], n: int) -> list[int]:  # cache rows of the items at these positions
         return items + [n + j for j in items] if pairs else list(items)
 
-    results: list[list[int] | None] = [None] * len(prompts)
+    results: list[list[int]] = [[] for _ in prompts]  # each item's tokens, set when it finishes
     live, waiting = _Live(), 0
     logits = None  # [cache rows, vocab]: the next-token logits of every live row
     stats = stats if stats is not None else DecodeStats()
@@ -191,6 +203,7 @@ def decode(model, prompts: list[list[int]], cfg: GenerationConfig, seeds: list[i
             _join(live, new, 2 if pairs else 1)
             logits = new_logits if logits is None else _merge_logits(logits, new_logits, pairs)
         n = len(live.items)
+        assert logits is not None  # rows are in flight: the last step (or their prefill) left logits
         z = logits[:n]
         if pairs:
             z = contrast_logits(z.float(), logits[n:].float(), contrast_weight)
@@ -216,10 +229,11 @@ def decode(model, prompts: list[list[int]], cfg: GenerationConfig, seeds: list[i
             continue
         fed = torch.tensor([nxt[j] for j in fed_items], device=device)
         fed = torch.cat([fed, fed]) if pairs else fed
-        live.mask = torch.cat([live.mask, torch.ones_like(live.mask[:, :1])], dim=1)
-        live.position = live.position + 1
+        cache, mask, position = live.state()
+        live.mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        live.position = position + 1
         out = model(input_ids=fed.unsqueeze(-1), attention_mask=live.mask, position_ids=live.position,
-                    past_key_values=live.cache, use_cache=True)
+                    past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1, :]
         stats.steps += 1
         stats.live_row_steps += len(live.items)
@@ -244,6 +258,6 @@ def _prefill(model, prompts, controls, joining: list[int], seeds: list[int], pad
     new = _Live(items=list(joining), generators=[torch.Generator(device=device).manual_seed(seeds[i])
                                                  for i in joining],
                 tokens=[[] for _ in joining], cache=out.past_key_values, mask=mask, position=position[:, -1:])
-    for layer in new.cache.layers:
+    for layer in out.past_key_values.layers:
         _GrowingLayer.adopt(layer, layer.keys, layer.values)
     return new, out.logits[:, -1, :]

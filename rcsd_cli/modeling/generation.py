@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +33,9 @@ from rcsd_cli.modeling.continuous import DecodeStats
 from rcsd_cli.modeling.logprobs import contrast_logits
 from rcsd_cli.modeling.sampling import _filter, item_seed, next_tokens, stop_ids  # noqa: F401 (re-exported)
 from rcsd_cli.modeling.sharding import FinalHidden, compute_device, gathered
+
+if TYPE_CHECKING:
+    from transformers.cache_utils import DynamicCache
 
 STOP_CHECK_EVERY = 16  # static loop: tokens between two "have all rows stopped?" host syncs
 
@@ -66,13 +70,13 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], cfg: GenerationCo
         input_ids, attention, _ = left_padded(prompts + (controls or []), pad, device)
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         if controls is not None:
-            rows = _decode(lm, input_ids, attention, cfg, generators, stop, pad, contrast=contrast_weight)
+            decoded = _decode(lm, input_ids, attention, cfg, generators, stop, pad, contrast=contrast_weight)
         elif use_compiled_decoding(cfg, device):
-            rows = _decode_compiled(lm, prompts, cfg, seeds, stop, pad, rows=max(rows or 0, len(prompts)))
+            decoded = _decode_compiled(lm, prompts, cfg, seeds, stop, pad, rows=max(rows or 0, len(prompts)))
         else:
-            rows = _decode(lm, input_ids, attention, cfg, generators, stop, pad)
+            decoded = _decode(lm, input_ids, attention, cfg, generators, stop, pad)
         stops = set(stop.tolist())
-    return [_finished(row, stops, tokenizer) for row in rows]
+    return [_finished(row, stops, tokenizer) for row in decoded]
 
 
 def _finished(row: list[int], stops: set[int], tokenizer) -> Generation:
@@ -203,8 +207,8 @@ class _SlotCache:
 
     def __init__(self, rows: int, total: int, dtype: torch.dtype | None):
         self.rows, self.total, self.dtype = rows, total, dtype
-        self.cache = None  # a DynamicCache whose layers write per slot, built at the first prefill
-        self.write = None  # [rows]: the column each slot's next token goes to
+        self.cache: DynamicCache | None = None  # layers that write per slot, built at the first prefill
+        self.write: torch.Tensor | None = None  # [rows]: the column each slot's next token goes to
 
     def fill(self, slots: torch.Tensor, prefill) -> None:
         """Copy a prefill's keys and values (left-padded, [n, heads, width, dim]) into ``slots``' first columns."""
@@ -222,12 +226,14 @@ class _SlotCache:
                 layer.is_initialized, layer.dtype, layer.device = True, layer.keys.dtype, device
                 for t in (layer.keys, layer.values):  # written inside the graph: CUDA graphs need fixed addresses
                     torch._dynamo.mark_static_address(t)
-                layer.update = self._writer(layer)
+                setattr(layer, "update", self._writer(layer))  # this layer writes each slot at its own column
                 self.cache.layers.append(layer)
+        assert self.write is not None
         width = prefill.layers[0].keys.shape[2]
-        for layer, src in zip(self.cache.layers, prefill.layers, strict=True):
-            layer.keys[slots, :, :width] = src.keys.to(layer.keys.dtype)
-            layer.values[slots, :, :width] = src.values.to(layer.keys.dtype)
+        target: Any  # the DynamicLayers built above, their keys and values allocated
+        for target, src in zip(self.cache.layers, prefill.layers, strict=True):
+            target.keys[slots, :, :width] = src.keys.to(target.keys.dtype)
+            target.values[slots, :, :width] = src.values.to(target.keys.dtype)
         self.write[slots] = width
 
     def _writer(self, layer):
@@ -290,7 +296,7 @@ def _decode_static(model, prompts: list[list[int]], cfg: GenerationConfig, seeds
     idle = torch.Generator(device=device).manual_seed(0)
     generators, item_of = [idle] * rows, [-1] * rows  # the item each slot decodes, -1 when idle
     limits = limits or [new] * len(prompts)
-    results: list[list[int] | None] = [None] * len(prompts)
+    results: list[list[int]] = [[] for _ in prompts]  # each item's tokens, set when it finishes
     logits, waiting, pending, stats = None, 0, False, stats if stats is not None else DecodeStats()
 
     def forward():
@@ -333,6 +339,7 @@ def _decode_static(model, prompts: list[list[int]], cfg: GenerationConfig, seeds
                 return results
             left = {r: limits[item_of[r]] - (0 if r in free else counts[r]) for r in busy}
             window = min(STOP_CHECK_EVERY, min(left.values()))
+            assert logits is not None  # busy slots: the last forward or refill left their logits
             for k in range(window):
                 nxt = next_tokens(logits, cfg, generators)
                 fed = torch.where(done, torch.full_like(nxt, pad), nxt)
@@ -405,10 +412,11 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, 
                                   contrast_weight=contrast_weight, on_done=finished, stats=stats, limits=limits)
             except continuous.NotContinuous:  # e.g. sliding-window layers: fixed batches in order
                 pass
-    if any(r is None for r in results):
+    done = [r for r in results if r is not None]
+    if len(done) < len(results):
         return _cut(_static_batches(model, tokenizer, prompts, cfg, seeds, None if limits else on_done, controls,
                                     contrast_weight), limits, tokenizer, on_done)
-    return results
+    return done
 
 
 def _cut(results: list[Generation], limits: list[int] | None, tokenizer, on_done=None) -> list[Generation]:

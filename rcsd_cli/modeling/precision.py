@@ -20,7 +20,7 @@ Trainer + peft with ``bf16=True``) and only the adapters are fp32 master weights
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import get_args
 
 import torch
@@ -42,23 +42,24 @@ def resolve(precision: str | None, device_type: str) -> str:
     return "bf16-mixed" if device_type == "cuda" else "fp32"
 
 
-def param_dtype(precision: str) -> torch.dtype:
+def param_dtype(precision: str | None) -> torch.dtype:
     """The dtype trainable weights (and so AdamW's moments) are stored in."""
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def base_dtype(precision: str, lora: bool) -> torch.dtype:
+def base_dtype(precision: str | None, lora: bool) -> torch.dtype:
     """The dtype the model loads in: with LoRA the base is frozen (no master copy needed), so it is
     bf16 unless the run computes in fp32; peft keeps the adapters themselves in fp32."""
     return frozen_dtype(precision) if lora else param_dtype(precision)
 
 
-def frozen_dtype(precision: str) -> torch.dtype:
-    """A frozen copy (teacher) only runs forward: bf16 unless the run computes in fp32."""
-    return torch.float32 if precision == "fp32" else torch.bfloat16
+def frozen_dtype(precision: str | None) -> torch.dtype:
+    """A frozen copy (teacher) only runs forward: bf16 unless the run computes in fp32 (or precision is still
+    unset, which the dtype functions read as fp32: train resolves it first)."""
+    return torch.bfloat16 if precision in ("bf16-mixed", "bf16") else torch.float32
 
 
-def compute(precision: str, device_type: str):
+def compute(precision: str | None, device_type: str) -> AbstractContextManager:
     """The context forward passes run in: bf16 autocast for ``bf16-mixed``, else nothing."""
     if precision == "bf16-mixed":
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
@@ -112,7 +113,8 @@ def moved_share(params, before: list[torch.Tensor]) -> float | None:
     Entries without gradient (embedding rows of tokens the step never saw) are left out: no
     optimizer moves them in the first step, whatever the precision.
     """
-    moved = counted = 0
+    moved: float = 0
+    counted: float = 0
     for p, old in zip(params, before, strict=True):
         if p.grad is None:
             continue

@@ -19,6 +19,7 @@ keeps them gathered until backward ends (ZeRO-2-like: less communication, more m
 from __future__ import annotations
 
 import os
+import typing
 from contextlib import contextmanager
 
 import torch
@@ -31,6 +32,8 @@ SHARDINGS = ("replicate", "full-shard", "shard-grad-op")
 
 class FinalHidden(nn.Module):
     """Root FSDP module around a causal LM: ``forward`` gives the final hidden states [B, L, H]."""
+
+    compute_device: torch.device  # where its forward runs (set by ``shard``)
 
     def __init__(self, lm, reshard_after_forward: bool = True):
         super().__init__()
@@ -89,13 +92,13 @@ def shard(lm, reshard_after_forward: bool, device_type: str, mixed: bool = False
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    policies = dict(
-        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed
-        else MixedPrecisionPolicy(),
-        offload_policy=CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy())
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed \
+        else MixedPrecisionPolicy()
+    off = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     for layer in _decoder_layers(lm):
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, **policies)
-    root = fully_shard(FinalHidden(lm, reshard_after_forward), mesh=mesh, **policies)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp, offload_policy=off)
+    root = FinalHidden(lm, reshard_after_forward)
+    fully_shard(root, mesh=mesh, mp_policy=mp, offload_policy=off)  # in place: root is now also an FSDPModule
     for unit in _units(root):
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
@@ -163,7 +166,8 @@ def full_state_dict(module) -> dict[str, torch.Tensor]:
     lm = unwrap(module)
     if is_sharded(module):
         reshard(module)
-        state = get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = typing.cast(dict[str, torch.Tensor],  # full_state_dict: plain tensors, not DTensors
+                            get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
     else:
         state = {k: v.detach().cpu() for k, v in lm.state_dict().items()}
     # Tied weights (an output head sharing the embedding) are stored once, as save_pretrained does.

@@ -82,7 +82,8 @@ def summarise(rows: list[DiagnoseRow], conditions: list[str]) -> dict:
             "score_gain": _paired([(r.teacher_score, r.student_score) for r in rs
                                    if r.teacher_score is not None and r.student_score is not None]),
             "gold_logprob_gain": _paired([(r.gold_logprob_teacher, r.gold_logprob_student) for r in rs
-                                          if r.gold_logprob_teacher is not None]),
+                                          if r.gold_logprob_teacher is not None
+                                          and r.gold_logprob_student is not None]),
             "mean_loss": sum(r.mean_loss for r in rs) / len(rs),
             "clip_share": sum(r.clip_share for r in rs) / len(rs),
             "top1_agreement": sum(r.top1_agreement for r in rs) / len(rs),
@@ -161,7 +162,7 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
     s_logits = continuation_logits(model, s_prompts, conts, tok.pad_token_id)
     s_scores = [score_completion(r.id, r, r.rubric, g.text) for r, g in zip(items, rollouts, strict=True)]
     rows: list[DiagnoseRow] = []
-    kept = {}  # the rubric teacher's logits, when the contrast condition reuses them
+    kept: dict[str, list[torch.Tensor]] = {}  # the rubric teacher's logits, when the contrast condition reuses them
     for cond in conditions:
         if cond == "contrast" and "rubric" in kept:
             t_logits = kept["rubric"]
@@ -170,6 +171,7 @@ def run_diagnose(cfg: DiagnoseConfig, output: Path, *, overwrite: bool = False,
         if cond == "rubric" and "contrast" in conditions:
             kept["rubric"] = t_logits
         if cond == "contrast":
+            assert c_prompts is not None  # built whenever the contrast condition is asked for
             c_logits = continuation_logits(model, c_prompts, conts, tok.pad_token_id)
             t_logits = [contrast_logits(t, c, cfg.teacher.contrast_weight) for t, c in zip(t_logits, c_logits,
                                                                                           strict=True)]

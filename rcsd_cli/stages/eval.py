@@ -99,7 +99,7 @@ def strict_summary(items: list[EvalItem], strict_rule: str) -> dict:
     """How answers were found: accuracy counting only the format the prompt asked for (simple-evals and
     lighteval's strict reading), and how many answers each extraction rule produced."""
     graded = [it for it in items if it.accuracy is not None]
-    strict = [sum(bool(c) for c in it.strict_correct) / len(it.strict_correct) for it in graded]
+    strict = [sum(bool(c) for c in it.strict_correct) / len(it.strict_correct) for it in graded if it.strict_correct]
     counts = {rule: 0 for rule in RULES}
     for it in items:
         for rule in it.extraction_rules or []:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
@@ -105,7 +106,7 @@ def summarise(rows: list[RubricQualityRow], names: list[str]) -> dict:
     out: dict = {"items": len(rows), "judged": len(judged), "unjudged": len(rows) - len(judged), "metrics": {}}
     for metric in METRICS:
         wins, ties = win_counts(judged, names, metric)
-        entry = {"ties": ties, "tie_rate": ties / len(judged) if judged else None}
+        entry: dict[str, Any] = {"ties": ties, "tie_rate": ties / len(judged) if judged else None}
         for name in names:
             mean, lo, hi = mean_interval([s[name][metric] for s in judged]) if judged else (None, None, None)
             rate = wins[name] / len(judged) if judged else None

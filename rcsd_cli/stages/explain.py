@@ -86,8 +86,9 @@ def run_explain(cfg: ExplainConfig, output: Path, *, overwrite: bool = False, tr
     scale = max((c["loss"] for cs in credits for c in cs), default=0.0)
     entries = []
     for s, r, cs in zip(samples, rows, credits, strict=True):
-        pieces = [tok.decode([t]) for t in s.completion_token_ids]
-        spans = "".join(_span(p, c, scale, tok.decode([c["teacher_top"]])) for p, c in zip(pieces, cs, strict=True))
+        pieces = [str(tok.decode([t])) for t in s.completion_token_ids]
+        spans = "".join(_span(p, c, scale, str(tok.decode([c["teacher_top"]])))
+                        for p, c in zip(pieces, cs, strict=True))
         entries.append({"id": s.id, "question": r.question, "reference": r.reference_answer or r.answer,
                         "rubric": r.rubric, "spans": spans, "pieces": pieces, "credit": cs,
                         "mean_loss": sum(c["loss"] for c in cs) / len(cs)})

@@ -62,6 +62,7 @@ def run_score(cfg: ScoreConfig, output: Path, *, overwrite: bool = False,
         # The teacher prompt follows the samples' own style and thinking unless told otherwise.
         view = PromptView.for_samples(cfg.prompt_style, cfg.teacher.thinking, sample_cfg, method=cfg.teacher.method,
                                       context=cfg.teacher.context)
+        assert cfg.teacher.model is not None  # set above from the samples' model when not given
         scores = add_teacher_logprobs(scores, samples, by_id, cfg, cfg.teacher.model, trust_remote_code, view)
     write_artifact(output, "scores", scores, stage="score", config=cfg, model_id=cfg.judge_model,
                    inputs=[samples_path, rubrics_path], overwrite=overwrite)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from rcsd_cli.backends import vllm as vllm_backend
 from rcsd_cli.configs.train import TrainConfig
@@ -125,7 +126,7 @@ def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume
     if cfg.samples or cfg.scores:
         if not (cfg.samples and cfg.scores):
             raise RcsdError("an offline round needs both --samples and --scores")
-        rows = offline_items(cfg.samples, cfg.scores)
+        rows: list[Any] = offline_items(cfg.samples, cfg.scores)  # stored samples, or rubric rows below
         inputs = [cfg.samples, cfg.scores]
     elif cfg.rubrics:
         rows, _ = read_artifact(cfg.rubrics, "rubrics")

@@ -75,7 +75,7 @@ def engine_sizes(cfg: TrainConfig, model_config, lengths: dict[str, int], *, n_p
     sizes = []
     for role, length in lens.items():
         batched = max(length, MIN_BATCHED_TOKENS)
-        if share is None:
+        if share is None or device_gib is None:
             kv = settings.kv_cache_gib or 1.0  # the trainer's CPU default
         else:
             used = n_params * dtype_bytes + profiling_peak_bytes(model_config, batched, dtype_bytes)

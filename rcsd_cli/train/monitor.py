@@ -37,6 +37,7 @@ LOWER_IS_BETTER = {"loss", "kl", "clip_share", "truncated_share"}
 def held_out_items(cfg: TrainConfig, rows: list) -> list[Problem]:
     """The bench's items for evaluation during training, refused if any is a training item."""
     m = cfg.monitor
+    assert m.bench is not None  # MonitorConfig: --eval-every needs --eval-bench
     items = select(benchmark(m.bench, "--eval-bench").load(None, cfg.seed), cfg.seed, m.offset, m.limit)
     if not items:
         raise RcsdError(f"--eval-bench {m.bench}: no items at --eval-offset {m.offset}")
@@ -59,7 +60,7 @@ def evaluate(student, tok, items: list[Problem], cfg: TrainConfig, compute=nullc
     try:
         with compute():
             if cfg.monitor.scoring == "loglik":
-                protocol = benchmark(cfg.monitor.bench).loglik_protocol()
+                protocol = benchmark(cfg.monitor.bench or "").loglik_protocol()
                 sums = continuation_sums(student, choice_requests(tok, items, protocol), tok.pad_token_id,
                                          cfg.generation.batch_size)
                 graded = [grade(p, s, protocol) for p, s in zip(items, per_problem(sums, items), strict=True)]

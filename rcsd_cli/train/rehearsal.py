@@ -22,8 +22,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import typing
 from contextlib import contextmanager
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -47,6 +49,9 @@ _CATEGORIES = {
     "Activation": "activations",
     "Temp": "temporaries", "Other": "temporaries", "Inputs": "temporaries",
 }
+
+if typing.TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @contextmanager
@@ -106,7 +111,8 @@ def _step(cfg: TrainConfig, student, teacher, optimizer, lengths: dict, sequence
     ``optimizer`` is None)."""
     compute = lambda: precision.compute(cfg.precision, "cpu")  # noqa: E731
     hidden, head, _ = teacher_view(cfg, student, teacher, compute)
-    ctx = StepContext(student, SimpleNamespace(pad_token_id=pad), hidden, head, cfg, 0, compute=compute)
+    stand_in = typing.cast("PreTrainedTokenizerBase", SimpleNamespace(pad_token_id=pad))  # all backward reads
+    ctx = StepContext(student, stand_in, hidden, head, cfg, 0, compute=compute)
     prompts = [[pad] * lengths["student_prompt"]] * sequences
     completions = [[pad] * lengths["completion"]] * sequences
     if cfg.samples:  # an offline round: stored teacher top-k instead of a teacher forward
@@ -198,6 +204,13 @@ class _GlobalPeak:
     simulation's time at 36 layers), and refuse a top-level module entered twice in one step, as the teacher's and
     the student's forward through one LoRA model are. Here the per-module records start afresh on re-entry and
     the walk is skipped; the global peak and the current snapshot are the trackers' own."""
+
+    # the tracker's own state, set by the class this mixes into (torch's MemTracker or FSDPMemTracker)
+    memory_tracking: dict
+    _mod_tracker: Any
+    _curr_mem_snap: dict
+    _peak_mem: dict
+    _peak_mem_snap: dict
 
     def _forget_if_entered_again(self, module) -> None:
         if module in self.memory_tracking and not self._mod_tracker.is_bw:
@@ -307,7 +320,7 @@ def fits(cfg: TrainConfig, measured: dict, plan: dict[str, float], device_gib: f
         generation_fix = "--gen-batch-size"
     if phases["training"] > device_gib:
         peak = {k: v for k, v in measured["peak"].items() if k != "total"}
-        largest = max(peak, key=peak.get)
+        largest = max(peak, key=lambda k: peak[k])
         fix = {"activations": "--micro-batch-size or --gradient-checkpointing",
                "temporaries": "--micro-batch-size or --chunk-size"}.get(
             largest, "--sharding full-shard, more processes, or --lora-rank")

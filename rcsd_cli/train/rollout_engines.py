@@ -18,7 +18,7 @@ keeps its end-of-sequence token.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -153,7 +153,7 @@ class AdapterRollouts(EngineRollouts):
 class Rollouts:
     """The step's generation functions plus what must happen after each optimizer step."""
 
-    def __init__(self, student: Generate, teacher: Generate, engines: list[EngineRollouts] = ()):
+    def __init__(self, student: Generate, teacher: Generate, engines: Sequence[EngineRollouts] = ()):
         self.student, self.teacher, self.engines = student, teacher, list(engines)
 
     def after_update(self, clock=no_clock) -> None:
@@ -238,11 +238,11 @@ def build_rollouts(cfg: TrainConfig, student, teacher, tok, teacher_scope, compu
     if cfg.lora.rank:  # one engine: base weights once, the student's adapter pushed, the base for the teacher
 
         shared = engine("student engine", **vllm_backend.lora_engine_args(cfg.lora.rank, "--lora-rank"))
-        s_engine = AdapterRollouts(shared, follows=student)
+        adapter = AdapterRollouts(shared, follows=student)
         frozen = EngineRollouts(shared, adapter=False).generate if cfg.teacher.kind == "frozen" else None
-        return Rollouts(s_engine.generate, frozen or s_engine.generate, [s_engine])
+        return Rollouts(adapter.generate, frozen or adapter.generate, [adapter])
     s_engine = EngineRollouts(engine("student engine"), follows=student, dtype=getattr(torch, dtype))
-    engines = [s_engine]
+    engines: list[EngineRollouts] = [s_engine]
     t_gen = s_engine.generate
     if separate_teacher:  # vLLM's sleep mode serves one engine per process: the teacher's stays resident
         follows = teacher if cfg.teacher.kind == "ema" else None

@@ -21,7 +21,7 @@ from rcsd_cli.train.phases import no_clock
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from rcsd_cli.backends.base import Backend
+    from rcsd_cli.backends import Backend
     from rcsd_cli.data.rows import Rubric
     from rcsd_cli.modeling.generation import Generation
 
@@ -35,7 +35,7 @@ class StepResult:
     never asks the device for a value (no host sync inside the step); ``read`` fetches them all at once."""
 
     loss_sum: Number
-    tokens: int
+    tokens: float  # completion tokens of the whole step, all processes (a count; read() makes it an int)
     kl_sum: Number | None = None
     agree_sum: Number | None = None
     reward: float | None = None
@@ -69,7 +69,8 @@ class StepResult:
         reward = self.reward if combine is None else reward_total / count if reward_total is not None and count \
             else None
         return StepResult(tokens=int(self.tokens), reward=reward,
-                          health=dict(zip(health, got[len(names): -1], strict=True)), **out)
+                          health={k: v for k, v in zip(health, got[len(names): -1], strict=True) if v is not None},
+                          **out)
 
 
 @dataclass
@@ -148,9 +149,9 @@ def sequence_logprobs(ctx: StepContext, prompts, continuations, sl: slice,
     pb = build_pair_batch(prompts[sl], prompts[sl], continuations[sl], ctx.tokenizer.pad_token_id)
     hidden = aligned_hidden(ctx.student, pb.student)
     dev = hidden.device
-    entropies: dict | None = {} if health is not None else None
+    entropies: dict = {}
     logp = chunked_token_logprobs(hidden, ctx.student.get_output_embeddings(), pb.targets.to(dev),
-                                  ctx.cfg.chunk_size, entropies=entropies)
+                                  ctx.cfg.chunk_size, entropies=entropies if health is not None else None)
     mask = pb.mask.to(dev).float()
     if health is not None:
         ent = torch.cat([entropies[k] for k in sorted(entropies)], dim=1)

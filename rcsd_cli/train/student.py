@@ -5,6 +5,7 @@ LoRA student into its frozen base) and the EMA update."""
 from __future__ import annotations
 
 import copy
+import typing
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from rcsd_cli.errors import RcsdError
 from rcsd_cli.modeling import precision, sharding
 from rcsd_cli.modeling.batching import aligned_hidden
 from rcsd_cli.models import load_model, pick_device
+
+if typing.TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def enable_gradient_checkpointing(student) -> None:
@@ -41,21 +45,20 @@ def build_models(cfg: TrainConfig, ckpt: Path | None, trust_remote_code: bool, o
     ``on_cpu``: load into host memory (in the compute dtype) so that sharding moves only each
     process's shard to the GPU, instead of a full student and teacher per GPU.
     """
-    where = dict(device=torch.device("cpu") if on_cpu else pick_device(),
-                 dtype=precision.base_dtype(cfg.precision, bool(cfg.lora.rank)),
-                 attn_implementation=cfg.attn_implementation)
-    loaded = load_model(cfg.model, trust_remote_code, **where)
+    device = torch.device("cpu") if on_cpu else pick_device()
+    dtype = precision.base_dtype(cfg.precision, bool(cfg.lora.rank))
+    loaded = load_model(cfg.model, trust_remote_code, device, dtype, cfg.attn_implementation)
     base, tok = loaded.model, loaded.tokenizer
     if cfg.lora.rank and ckpt is not None:
         from peft import PeftModel
 
         _refuse_ema_with_lora(cfg)
         # the adapter's tensors go where the base is (a bare "cuda" would be GPU 0 on every rank)
-        student = PeftModel.from_pretrained(base, ckpt, is_trainable=True, torch_device=str(where["device"]))
-        return student, None, tok
+        adapted = PeftModel.from_pretrained(base, ckpt, is_trainable=True, torch_device=str(device))
+        return typing.cast("PreTrainedModel", adapted), None, tok  # peft forwards the model's attributes
     student, teacher = student_and_teacher(cfg, base)
     if ckpt is not None and not cfg.lora.rank:
-        student = load_model(str(ckpt), trust_remote_code, **where).model
+        student = load_model(str(ckpt), trust_remote_code, device, dtype, cfg.attn_implementation).model
     if teacher is not None and cfg.teacher.kind == "ema" and ckpt is not None:
         from safetensors.torch import load_file
 
@@ -70,9 +73,9 @@ def student_and_teacher(cfg: TrainConfig, base):
         from peft import LoraConfig, get_peft_model
 
         _refuse_ema_with_lora(cfg)
-        student = get_peft_model(base, LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
-                                                  lora_dropout=cfg.lora.dropout,
-                                                  target_modules=lora_targets(cfg.lora.targets)))
+        lora = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # any number
+                          lora_dropout=cfg.lora.dropout, target_modules=lora_targets(cfg.lora.targets))
+        student = get_peft_model(base, lora)
         student.peft_config["default"].base_model_name_or_path = cfg.model
         return student, None
     teacher = None if cfg.teacher.kind == "live" else copy.deepcopy(base)

@@ -15,17 +15,19 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from rcsd_cli.backends import open_backend
+from rcsd_cli.backends import Backend, open_backend
 from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.data.rows import MetricsRow
 from rcsd_cli.modeling import distributed as dist
 from rcsd_cli.modeling import precision, sharding
+from rcsd_cli.modeling.batching import SideBatch
 from rcsd_cli.models import pick_device
 from rcsd_cli.rubrics.ablations import control_rows
 from rcsd_cli.rubrics.views import PromptView, longest_lengths
@@ -49,10 +51,13 @@ from rcsd_cli.train.student import build_models, ema_update, enable_gradient_che
 from rcsd_cli.train.tracking import Tracker, numeric, open_tracker
 from rcsd_cli.ui import info, progress, warn
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 
 def batch_order(n_items: int, batch_size: int, step: int, seed: int) -> list[int]:
     """Item indices for ``step``: consecutive slices of per-epoch seeded permutations."""
-    out = []
+    out: list[int] = []
     pos = step * batch_size
     while len(out) < batch_size:
         epoch, offset = divmod(pos, n_items)
@@ -84,20 +89,20 @@ class Run:
     rank: int
     world: int
     sharded: bool
-    student: object
-    teacher: object | None
-    tok: object
-    params: list
+    student: PreTrainedModel  # or a peft/FSDP wrapper of one, which forwards its attributes
+    teacher: PreTrainedModel | None  # None: the student is its own teacher (live, or LoRA's frozen base)
+    tok: PreTrainedTokenizerBase
+    params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
-    scheduler: object
-    teacher_hidden: Callable
-    teacher_head: object
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    teacher_hidden: Callable[[SideBatch], torch.Tensor]
+    teacher_head: torch.nn.Module
     rollouts: Rollouts
-    compute: Callable
+    compute: Callable[[], AbstractContextManager]
     ckpt: Path | None
     start_step: int
     metrics: list[MetricsRow]
-    judge: object | None = None  # --reward judge: the judge backend
+    judge: Backend | None = None  # --reward judge: the judge backend
 
     @property
     def main(self) -> bool:
@@ -108,7 +113,7 @@ class Run:
             info(message)
 
 
-def setup(cfg: TrainConfig, out: Path, resume: bool, trust_remote_code: bool, rows: list = ()) -> Run:
+def setup(cfg: TrainConfig, out: Path, resume: bool, trust_remote_code: bool, rows: Sequence = ()) -> Run:
     """Models (sharded if asked), optimizer, schedule, teacher view and rollout engines (vLLM's sized for the
     longest of ``rows``); a resumed state."""
     rank, world = dist.setup()
@@ -117,7 +122,7 @@ def setup(cfg: TrainConfig, out: Path, resume: bool, trust_remote_code: bool, ro
     compute = lambda: precision.compute(cfg.precision, device_type)  # noqa: E731
     torch.manual_seed(cfg.seed)
     ckpt = latest_checkpoint(out) if resume else None
-    start_step, metrics = 0, []
+    start_step, metrics = 0, list[MetricsRow]()
     if resume and rank == 0:
         remove_partial_checkpoints(out)
     if ckpt is not None:
@@ -154,7 +159,7 @@ def setup(cfg: TrainConfig, out: Path, resume: bool, trust_remote_code: bool, ro
         rollouts.after_update()
     judge = None
     if cfg.method == "grpo" and cfg.grpo.reward == "judge":
-        judge = open_backend(cfg.grpo.judge_backend_config(), cfg.grpo.judge_model, trust_remote_code)
+        judge = open_backend(cfg.grpo.judge_backend_config(), cfg.grpo.judge_model or "", trust_remote_code)
     return Run(cfg, rank, world, sharded, student, teacher, tok, params, optimizer, scheduler, teacher_hidden,
                teacher_head, rollouts, compute, ckpt, start_step, metrics, judge)
 
@@ -171,12 +176,12 @@ def optimizer_step(run: Run, res: StepResult, step: int) -> tuple[StepResult, fl
     # the step's one read of its figures (after backward; the gradient norm below is the other)
     res = res.read(sharding.compute_device(run.student), dist.all_reduce_sum if run.world > 1 else None)
     grad_norm = sharding.grad_norm_value(torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm))
-    lr = run.scheduler.get_last_lr()[0]
+    lr = float(run.scheduler.get_last_lr()[0])
     first = step == 0  # once per run history: a resumed run's metrics equal an uninterrupted one's
     before = precision.snapshot(run.params) if first else None
     if math.isfinite(grad_norm):
         run.optimizer.step()
-    moved = precision.moved_share(run.params, before) if first else None
+    moved = precision.moved_share(run.params, before) if before is not None else None
     run.scheduler.step()
     if cfg.teacher.kind == "ema" and run.teacher is not None:
         ema_update(run.teacher, run.student, cfg.teacher.ema_decay)
@@ -258,7 +263,7 @@ def health_metrics(res: StepResult) -> dict:
 
 
 def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trust_remote_code: bool = False,
-          inputs: list[str] = (), data_notes: dict | None = None) -> list[MetricsRow]:
+          inputs: Sequence[str] = (), data_notes: dict | None = None) -> list[MetricsRow]:
     """Run the loop and leave a Hugging Face checkpoint plus metrics.parquet in ``out``.
 
     ``data_notes`` (what was done to the items before training, e.g. the teacher-prompt filter) goes

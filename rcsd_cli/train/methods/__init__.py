@@ -14,14 +14,14 @@ Every method weighs per-token losses by ``step.reduction_weights`` and backpropa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.train.methods import distill, grpo, offline, sft
 from rcsd_cli.train.step import StepContext, StepResult
 
-Step = Callable[[StepContext, Sequence[Any]], StepResult]
+Step = Callable[[StepContext, Any], StepResult]  # (context, this process's items: rubric rows or stored samples)
 
 METHODS: dict[str, Step] = {"rcsd": distill.step, "opsd": distill.step, "grpo": grpo.step, "sft": sft.step}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from rcsd_cli.data.rows import Rubric
+from rcsd_cli.data.rows import Criterion, Problem, Rubric
 from rcsd_cli.evaluation.scoring import JUDGE_REPLY, score_with_judge
 from rcsd_cli.modeling.generation import item_seed
 from rcsd_cli.modeling.logprobs import chunked_token_logprobs
@@ -24,7 +24,7 @@ def step(ctx: StepContext, rows: list[Rubric]) -> StepResult:
     prompts = [view.student_ids(tok, r) for r in group_rows]
     gens = rollouts(ctx, prompts, [(r.id, j % G) for j, r in enumerate(group_rows)])
     completions = [g.token_ids for g in gens]
-    judged = {}
+    judged: dict[str, int] = {}
     if cfg.grpo.reward == "judge":
         reward_list, judged = judged_rewards(ctx, group_rows, [g.text for g in gens])
     else:
@@ -68,13 +68,14 @@ def backward(ctx: StepContext, prompts, completions, reward_list: list[float], h
                       rollout_tokens=sum(len(c) for c in completions), objective=objective, health=health)
 
 
-def judged_rewards(ctx: StepContext, rows: list[Rubric], texts: list[str]) -> tuple[list[float], dict]:
+def judged_rewards(ctx: StepContext, rows: list[Rubric], texts: list[str]) -> tuple[list[float], dict[str, int]]:
     """``--reward judge``: each rollout's rubric score with unchecked criteria judged by the judge model.
 
     A rollout with no judged positive criterion has no score; it gets its group's mean (so its advantage is
     0) rather than a silent 0, and the step records how many criteria and rollouts that affected."""
     cfg, G = ctx.cfg, ctx.cfg.grpo.group_size
-    items = [(f"{r.id}:{j % G}", r, r.rubric, t) for j, (r, t) in enumerate(zip(rows, texts, strict=True))]
+    items: list[tuple[str, Problem, list[Criterion], str]] = [
+        (f"{r.id}:{j % G}", r, r.rubric, t) for j, (r, t) in enumerate(zip(rows, texts, strict=True))]
     with ctx.clock("reward"):
         scores = score_with_judge(ctx.judge, items, JUDGE_REPLY, cfg.grpo.judge_retries,
                                   item_seed(cfg.seed, "judge", ctx.step, ctx.rank))
