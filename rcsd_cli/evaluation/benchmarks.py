@@ -99,7 +99,7 @@ def _mmlu_dev(subject: str) -> list[Problem]:
 
 def _records(rel: str, key: Callable[[int, dict], str]) -> Callable[[], dict[str, dict]]:
     """Problem id -> the dataset's own record (its original fields), for handing the same items to another
-    harness (``examples/lm_eval_parity.py``)."""
+    harness (``benchmarks/lm_eval_parity.py``)."""
     return lambda: {key(i, rec): dict(rec) for i, rec in enumerate(_load(rel))}
 
 

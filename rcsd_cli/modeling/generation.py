@@ -135,7 +135,7 @@ def _decode(model, input_ids, attention, cfg, generators, stop, pad, contrast: f
 
 def use_compiled_decoding(cfg: GenerationConfig, device) -> bool:
     """``compile_decoding`` unset: the static compiled loop on CUDA, the plain loop elsewhere (where
-    it measured as fast or faster: examples/bench_decoding.py)."""
+    it measured as fast or faster: benchmarks/bench_decoding.py)."""
     return cfg.compile_decoding if cfg.compile_decoding is not None else device.type == "cuda"
 
 
