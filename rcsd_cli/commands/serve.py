@@ -1,10 +1,10 @@
-"""``rcsd serve``: a small OpenAI-compatible server around the Hugging Face backend.
+"""``rcsd serve``: an OpenAI-compatible server (FastAPI + uvicorn) around rcsd's own decoding.
 
-Serves ``/v1/completions`` (prompt as text or token ids, ``return_token_ids`` supported),
-``/v1/chat/completions`` (the model's chat template), ``/v1/models`` and ``/health``, so any
-stage's ``--backend openai`` — or another tool — can use a model loaded once, e.g. as a shared
-judge. Requests are validated, bounded, and those waiting are decoded together
-(``rcsd_cli/backends/server.py``): it is meant for judges, tests and small fleets, not as a
+Serves ``/v1/completions`` (text, token ids or a batch of prompts; ``n``, ``stop``, ``logprobs``, ``echo``,
+vLLM's ``prompt_logprobs``, ``stream``), ``/v1/chat/completions``, ``/v1/models``, ``/health`` and ``/ready``, so
+any stage's ``--backend openai``, the ``openai`` SDK or lm-eval's ``local-completions`` can use a model loaded once,
+e.g. as a shared judge. Requests are validated, bounded, and those waiting are decoded together
+(``rcsd_cli/backends/server.py``): it is meant for judges, evaluation, tests and small fleets, not as a
 replacement for vLLM's server.
 """
 
@@ -22,4 +22,4 @@ def _serve(cfg: ServeConfig, *, trust_remote_code: bool = False):
 
 
 command = stage_command(ServeConfig, _serve, output=None, doc="Serve a model over an OpenAI-compatible HTTP API "
-                        "(completions with token ids, chat, models), refusing bad requests with one-line 400s.")
+                        "(completions, chat, log-probs, streaming), refusing bad requests with one-line 400s.")

@@ -22,4 +22,8 @@ class ServeConfig(ConfigModel):
                          "with Retry-After instead of stalling.")
     batch_rows: int = opt(32, ge=1, panel="Server", help="Completions decoded at once: the requests waiting are "
                           "batched together (continuous batching; a finished row takes the next completion).")
+    max_logprobs: int = opt(20, ge=0, panel="Server", help="Most top entries a request may ask for per token "
+                            "(logprobs, top_logprobs, prompt_logprobs); above it: 400 (vLLM's --max-logprobs).")
+    api_key_env: str | None = opt(None, panel="Server", help="Environment variable holding the API key clients "
+                                  "must send (Authorization: Bearer KEY); unset: no key. The key is never printed.")
 

@@ -10,6 +10,8 @@ sync check (``continuation_logprobs``). Prompts and continuations are aligned by
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -188,3 +190,44 @@ def _context_then_continuations(lm, contexts: list[tuple], continuations: list[l
                                                                         cont_mask.to(device)], 1),
                   position_ids=position, past_key_values=cache, use_cache=True).last_hidden_state
     return torch.cat([last, hidden], 1)
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probabilities (temperature 1) at each position of a continuation: the token's own, its rank among
+    the vocabulary (1 = the most likely), and the ``k`` most likely tokens."""
+
+    logprob: list[float]
+    rank: list[int]
+    top_ids: list[list[int]]
+    top: list[list[float]]
+
+
+@torch.no_grad()
+def token_logprobs(model, prompts: list[list[int]], continuations: list[list[int]], k: int, pad_id: int,
+                   micro_batch_size: int = 8, chunk_size: int = 128) -> list[TokenLogprobs]:
+    """Per row, ``TokenLogprobs`` of each continuation token after its prompt (what an OpenAI-compatible
+    server returns as ``logprobs``, and with the prompt as the continuation, as prompt log-probs)."""
+    head = model.get_output_embeddings()
+    out = []
+    for j in range(0, len(prompts), micro_batch_size):
+        sl = slice(j, j + micro_batch_size)
+        pb = build_pair_batch(prompts[sl], prompts[sl], continuations[sl], pad_id)
+        hidden = aligned_hidden(model, pb.student)
+        targets = pb.targets.to(hidden.device)
+        own, rank, top_i, top_v = [], [], [], []
+        for start in range(0, hidden.shape[1], chunk_size):
+            logp = torch.log_softmax(head(hidden[:, start: start + chunk_size]).float(), -1)
+            chosen = logp.gather(-1, targets[:, start: start + chunk_size].unsqueeze(-1))
+            own.append(chosen.squeeze(-1))
+            rank.append((logp > chosen).sum(-1) + 1)
+            top = logp.topk(k, dim=-1)
+            top_i.append(top.indices)
+            top_v.append(top.values)
+        own_t, rank_t = torch.cat(own, 1).cpu(), torch.cat(rank, 1).cpu()
+        idx_t, val_t = torch.cat(top_i, 1).cpu(), torch.cat(top_v, 1).cpu()
+        for i, c in enumerate(continuations[sl]):
+            n = len(c)
+            out.append(TokenLogprobs(own_t[i, :n].tolist(), rank_t[i, :n].tolist(), idx_t[i, :n].tolist(),
+                                     val_t[i, :n].tolist()))
+    return out

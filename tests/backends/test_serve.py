@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from email.message import Message
 
 import pytest
 
@@ -22,14 +23,14 @@ from tests.backends.test_backends import start_server
 from tests.conftest import ROOT, shared, unshare
 
 
-def post(url: str, body, timeout: float = 60) -> tuple[int, dict, dict]:
+def post(url: str, body, timeout: float = 60) -> tuple[int, dict, Message]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read()), dict(resp.headers)
+            return resp.status, json.loads(resp.read()), resp.headers
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read()), dict(exc.headers)
+        return exc.code, json.loads(exc.read()), exc.headers  # header names match in any case
 
 
 SERVE_FLAGS = ("--max-tokens-limit", "64", "--max-n", "4")
@@ -54,10 +55,13 @@ BAD = [  # (endpoint, body, field named, words in the message)
     ("completions", {"prompt": "hi", "temperature": "hot"}, "temperature", "valid number"),
     ("completions", {"prompt": "hi", "top_p": 0}, "top_p", "greater than 0"),
     ("completions", {"prompt": "hi", "seed": "x"}, "seed", "valid integer"),
-    ("completions", {"prompt": "hi", "stream": True}, "stream", "not supported"),
-    ("completions", {"prompt": "hi", "stop": ["\n"]}, "stop", "not supported"),
+    ("completions", {"prompt": "hi", "stream": "yes"}, "stream", "valid boolean"),
+    ("completions", {"prompt": "hi", "echo": "yes"}, "echo", "valid boolean"),
+    ("completions", {"prompt": "hi", "logprobs": 21}, "logprobs", "at most 20 (--max-logprobs)"),
+    ("completions", {"prompt": "hi", "prompt_logprobs": -1}, "prompt_logprobs", "greater than or equal to 0"),
     ("completions", {"prompt": []}, "prompt", "non-empty"),
-    ("completions", {"prompt": ["a", "b"]}, "prompt", "one prompt per request"),
+    ("completions", {"prompt": ["a", ""]}, "prompt.1", "empty prompt"),
+    ("completions", {"prompt": [[1, 2], [3, 99999999]]}, "prompt.1.1", "outside the vocabulary"),
     ("completions", {"prompt": [1, 2.5]}, "prompt.1", "must be integers"),
     ("completions", {}, "prompt", "is missing"),
     ("completions", b"{not json", None, "not valid JSON"),
@@ -102,16 +106,33 @@ def test_server_stays_healthy_and_quiet_after_bad_requests(tiny_model):
     assert "Traceback" not in console, console
 
 
-def in_process_server(tiny_model, **cfg):
-    """The real handler on a thread, for cases that need generation held or broken on purpose."""
-    from rcsd_cli.backends.server import Server, ServerState, make_handler
-    from rcsd_cli.models import load_model
+class InProcess:
+    """The real app under uvicorn on a thread, for cases that need generation held or broken on purpose."""
 
-    loaded = load_model(str(tiny_model))
-    state = ServerState(loaded.model, loaded.tokenizer, ServeConfig(model=str(tiny_model), port=0, **cfg))
-    httpd = Server(("127.0.0.1", 0), make_handler(state))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    def __init__(self, tiny_model, **cfg):
+        from rcsd_cli.backends.server import ServerState, bound_socket, create_app, uvicorn_server
+        from rcsd_cli.models import load_model
+
+        loaded = load_model(str(tiny_model))
+        self.state = ServerState(loaded.model, loaded.tokenizer, ServeConfig(model=str(tiny_model), port=0, **cfg))
+        sock = bound_socket("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        self.server = uvicorn_server(create_app(self.state))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        for _ in range(300):
+            if self.server.started:
+                break
+            time.sleep(0.05)
+
+    def shutdown(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def in_process_server(tiny_model, **cfg):
+    server = InProcess(tiny_model, **cfg)
+    return server, server.url
 
 
 def test_full_queue_answers_503_with_retry_after(tiny_model, monkeypatch):
