@@ -1,5 +1,9 @@
 """Client for OpenAI-compatible ``/v1/completions`` endpoints, built to survive a flaky server.
 
+HTTP goes through the official ``openai`` SDK (connection pooling, timeouts, TLS, its error types); its own
+retries are off, because rcsd's policy below also retries malformed bodies, counts failures across a whole
+stage and stops every queued request at once when there are too many.
+
 Prompts are sent as token ids (the server must accept ``prompt`` as a list of integers, as vLLM
 and ``rcsd serve`` do) and ``return_token_ids`` asks for the completion's ids; a server that does
 not return them gets its text re-tokenised locally (noted in the Sample's ``backend`` field as
@@ -20,15 +24,14 @@ Faults, and what each costs (docs/scaling.md, "Serving and judges", has the test
 from __future__ import annotations
 
 import email.utils
-import http.client
 import json
 import os
 import random
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
+
+import openai
 
 from rcsd_cli.configs.groups import BackendConfig, GenerationConfig
 from rcsd_cli.errors import RcsdError
@@ -81,19 +84,18 @@ def parse_choice(body: bytes) -> dict:
     return choice
 
 
-def _http_error_detail(exc: urllib.error.HTTPError) -> str:
-    body = exc.read().decode(errors="replace")
-    try:
-        message = json.loads(body)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = body
+def _status_detail(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    message = body.get("message", body) if isinstance(body, dict) else (body or exc.response.text)
     return " ".join(str(message).split())[:200]
 
 
-def _network_reason(exc: Exception) -> str:
-    reason = getattr(exc, "reason", exc)
-    text = str(reason).strip()
-    return type(reason).__name__ + (f" ({text[:80]})" if text and type(reason).__name__ not in text else "")
+def _network_reason(exc: openai.APIConnectionError) -> str:
+    cause = exc.__cause__ or exc
+    if isinstance(exc, openai.APITimeoutError):
+        return "TimeoutError"
+    text = str(cause).strip()
+    return type(cause).__name__ + (f" ({text[:80]})" if text and type(cause).__name__ not in text else "")
 
 
 class OpenAIBackend:
@@ -104,37 +106,34 @@ class OpenAIBackend:
         self.name = "openai"
         self.served_model = cfg.served_model or model_name
         self.tokenizer = load_tokenizer(cfg.tokenizer or model_name, trust_remote_code)
-        self.api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
         self.url = cfg.base_url.rstrip("/") + "/completions"
+        # retries are rcsd's own (see the module doc); without a key the SDK still sends a placeholder one
+        self.client = openai.OpenAI(base_url=cfg.base_url, api_key=api_key or "none", max_retries=0,
+                                    timeout=cfg.timeout_s)
         self.failed = 0  # requests that failed for good, over this backend's life
         self._stop = threading.Event()
         self._count = threading.Lock()
 
     def _post(self, payload: dict) -> dict:
         """POST with retries; the first choice of the reply, or RequestFailed."""
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data = json.dumps(payload).encode()
         attempts = self.cfg.max_retries + 1
         for attempt in range(attempts):
             if self._stop.is_set():
                 raise _Aborted
             wait = None
             try:
-                req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
-                    body = resp.read()
-                return parse_choice(body)
-            except urllib.error.HTTPError as exc:
-                detail = _http_error_detail(exc)
-                if exc.code not in RETRYABLE:
-                    raise RequestFailed(f"HTTP {exc.code}: {detail} (not retried)") from None
-                last = f"HTTP {exc.code}: {detail}"
-                wait = retry_after_seconds(exc.headers.get("Retry-After") if exc.headers else None)
+                reply = self.client.completions.with_raw_response.create(**payload)
+                return parse_choice(reply.content)
+            except openai.APIStatusError as exc:
+                detail = _status_detail(exc)
+                if exc.status_code not in RETRYABLE:
+                    raise RequestFailed(f"HTTP {exc.status_code}: {detail} (not retried)") from None
+                last = f"HTTP {exc.status_code}: {detail}"
+                wait = retry_after_seconds(exc.response.headers.get("retry-after"))
             except ValueError as exc:  # a body that is not a completions reply (truncated, HTML, ...)
                 last = str(exc)
-            except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as exc:
+            except openai.APIConnectionError as exc:  # refused, reset, cut short, timed out
                 last = _network_reason(exc)
             if attempt + 1 < attempts:
                 delay = min(self.cfg.backoff_s * 2 ** attempt, MAX_BACKOFF_S) * (1 + 0.25 * random.random())
@@ -145,11 +144,11 @@ class OpenAIBackend:
         raise RequestFailed(f"{last} (after {attempts} attempts)")
 
     def _one(self, prompt: list[int], cfg: GenerationConfig, seed: int) -> Generation:
-        payload = {"model": self.served_model, "prompt": prompt, "max_tokens": cfg.max_new_tokens,
-                   "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": seed, "return_token_ids": True,
-                   "skip_special_tokens": True}
+        extra: dict = {"return_token_ids": True, "skip_special_tokens": True}
         if cfg.top_k:
-            payload["top_k"] = cfg.top_k
+            extra["top_k"] = cfg.top_k
+        payload = {"model": self.served_model, "prompt": prompt, "max_tokens": cfg.max_new_tokens,
+                   "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": seed, "extra_body": extra}
         choice = self._post(payload)
         text = choice.get("text", "")
         finish = "stop" if choice.get("finish_reason") == "stop" else "length"
