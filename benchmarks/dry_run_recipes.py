@@ -59,7 +59,7 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "examples" / "results" / "dry_run_recipes_cpu.md")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dry_run_recipes_cpu.md")
     args = parser.parse_args()
     rows, raw = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -112,7 +112,7 @@ def main() -> None:
     if not (torch.cuda.is_available() or args.allow_cpu):
         raise SystemExit("no CUDA device")
     if args.quick:
-        from examples.gpu_quick import quick
+        from benchmarks.gpu_quick import quick
 
         quick(args.out, args.scale)
         return

@@ -262,9 +262,10 @@ def sharded_worker(out: Path, device) -> dict:
         folder = out / f"sharded-{offload}"
         folder.mkdir(exist_ok=True)
         t0 = time.perf_counter()
+        worker = ROOT / "tests" / "train" / "sharded_worker.py"
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                               str(ROOT / "tests" / "sharded_worker.py"), str(tok_dir), str(rubrics), str(folder),
-                               offload], capture_output=True, text=True, env=env)
+                               str(worker), str(tok_dir), str(rubrics), str(folder), offload],
+                              capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             errors = [line for line in proc.stderr.splitlines() if "Error" in line and "ChildFailed" not in line]
             results[offload] = {"failed": errors[0] if errors else proc.stderr[-500:]}
