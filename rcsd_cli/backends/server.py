@@ -21,102 +21,32 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import os
 import queue
 import socket
 import sys
 import threading
-import time
 import traceback
-import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rcsd_cli.backends.serve_replies import build_reply, stream_events
+from rcsd_cli.backends.serve_requests import BadRequest, Parsed, RequestChecker, first_line
 from rcsd_cli.configs.groups import GenerationConfig
 from rcsd_cli.configs.serve import ServeConfig
-from rcsd_cli.errors import RcsdError, describe_validation_error
-from rcsd_cli.modeling.generation import Generation, generate, item_seed
-from rcsd_cli.modeling.logprobs import TokenLogprobs, token_logprobs
+from rcsd_cli.errors import RcsdError
+from rcsd_cli.modeling.generation import generate, item_seed
 from rcsd_cli.models import load_model
 
-DEFAULT_MAX_TOKENS = 256
 MAX_BODY_BYTES = 32 * 2**20
 EXIT_AFTER_ENV = "RCSD_SERVE_EXIT_AFTER"  # fault tests: die abruptly after N answers
-
-
-class _Request(BaseModel):
-    """Fields both endpoints share; unknown fields are ignored (as vLLM does), known ones checked strictly."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)  # -1 or 0: off (vLLM spells it -1)
-    n: int = Field(1, ge=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict[str, bool] | None = None
-    return_token_ids: bool = False
-    skip_special_tokens: bool = True
-
-    def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop or [] if s]
-
-
-class CompletionRequest(_Request):
-    prompt: Any = Field(description="A string, a list of token ids, or a batch of either.")
-    logprobs: int | None = Field(None, ge=0)
-    echo: bool = False
-    prompt_logprobs: int | None = Field(None, ge=0)  # vLLM's: the top entries at every prompt token
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str
-
-
-class ChatRequest(_Request):
-    messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0)
-
-
-class BadRequest(Exception):
-    """A request the server refuses: HTTP ``status`` with one line naming the field ``param``."""
-
-    def __init__(self, param: str | None, message: str, status: int = 400, *, line: str | None = None):
-        super().__init__(line or (f"field '{param}': {message}" if param else message))
-        self.param, self.status = param, status
-
-
-@dataclass
-class Parsed:
-    """A validated request: its prompts' token ids and what it asked for."""
-
-    prompts: list[list[int]]
-    req: CompletionRequest | ChatRequest
-    chat: bool
-
-    @property
-    def top(self) -> int | None:
-        """Top entries per generated token, when log-probs were asked for."""
-        if isinstance(self.req, ChatRequest):
-            return (self.req.top_logprobs or 0) if self.req.logprobs else None
-        return self.req.logprobs
 
 
 class ServerState:
@@ -125,8 +55,8 @@ class ServerState:
     def __init__(self, model, tokenizer, cfg: ServeConfig):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.name = cfg.served_name or cfg.model
-        self.vocab = model.get_input_embeddings().num_embeddings
-        self.context = getattr(model.config, "max_position_embeddings", None)
+        self.requests = RequestChecker(tokenizer, cfg, model.get_input_embeddings().num_embeddings,
+                                       getattr(model.config, "max_position_embeddings", None))
         self.batcher = Batcher(model, tokenizer, cfg.batch_rows)
         self.slots = threading.BoundedSemaphore(cfg.max_queue)
         self.exit_after = int(os.environ.get(EXIT_AFTER_ENV) or 0)
@@ -135,85 +65,12 @@ class ServerState:
         if cfg.api_key_env and not self.api_key:
             raise RcsdError(f"--api-key-env {cfg.api_key_env}: that environment variable is unset or empty")
 
-    def parse(self, body: bytes, chat: bool) -> Parsed:
-        """Validate a request body, or raise BadRequest."""
-        try:
-            raw = json.loads(body or b"{}")
-        except ValueError:
-            raise BadRequest(None, "body is not valid JSON") from None
-        if not isinstance(raw, dict):
-            raise BadRequest(None, "body must be a JSON object")
-        try:
-            req = (ChatRequest if chat else CompletionRequest).model_validate(raw)
-        except ValidationError as exc:
-            param = ".".join(map(str, exc.errors()[0]["loc"])) or None
-            raise BadRequest(param, "", line=describe_validation_error(exc)) from None
-        if req.n > self.cfg.max_n:
-            raise BadRequest("n", f"at most {self.cfg.max_n} completions per request (--max-n), got {req.n}")
-        for name in ("logprobs", "top_logprobs", "prompt_logprobs"):
-            asked = getattr(req, name, None)
-            if isinstance(asked, int) and not isinstance(asked, bool) and asked > self.cfg.max_logprobs:
-                raise BadRequest(name, f"at most {self.cfg.max_logprobs} (--max-logprobs), got {asked}")
-        if isinstance(req, ChatRequest):
-            prompts = [self._chat_prompt(req)]
-        else:
-            prompts = self._completion_prompts(req.prompt)
-        for i, ids in enumerate(prompts):
-            self._check_lengths(len(ids), req, "prompt" if len(prompts) == 1 else f"prompt.{i}")
-        return Parsed(prompts, req, chat)
-
-    def _chat_prompt(self, req: ChatRequest) -> list[int]:
-        tok = self.tokenizer
-        try:
-            text = tok.apply_chat_template([m.model_dump() for m in req.messages], tokenize=False,
-                                           add_generation_prompt=True)
-        except Exception as exc:  # the model's own template rejects the conversation
-            raise BadRequest("messages", f"the chat template refused them: {first_line(exc, 120)}") from None
-        return tok(text, add_special_tokens=False)["input_ids"]
-
-    def _completion_prompts(self, prompt) -> list[list[int]]:
-        """A prompt is a string or a list of token ids; a batch is a non-empty list of either."""
-        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-            return [self._one_prompt(p, f"prompt.{i}") for i, p in enumerate(prompt)]
-        return [self._one_prompt(prompt, "prompt")]
-
-    def _one_prompt(self, prompt, field: str) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise BadRequest(field, "empty prompt")
-            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        if not isinstance(prompt, list) or not prompt:
-            raise BadRequest(field, "must be a non-empty string or a non-empty list of token ids")
-        for i, t in enumerate(prompt):
-            if not isinstance(t, int) or isinstance(t, bool):
-                raise BadRequest(f"{field}.{i}", f"token ids must be integers, got {type(t).__name__}")
-            if not 0 <= t < self.vocab:
-                raise BadRequest(f"{field}.{i}", f"token id {t} is outside the vocabulary (0..{self.vocab - 1})")
-        return prompt
-
-    def _check_lengths(self, prompt_len: int, req: _Request, field: str) -> None:
-        limit = self.cfg.max_tokens_limit
-        asked = req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS
-        if limit is not None and asked > limit:
-            raise BadRequest("max_tokens", f"at most {limit} (--max-tokens-limit), got {asked}")
-        if self.context is None:
-            return
-        if prompt_len >= self.context:
-            raise BadRequest(field, f"{prompt_len} tokens; this model's context is {self.context} tokens")
-        if req.max_tokens is not None and prompt_len + asked > self.context:
-            raise BadRequest("max_tokens", f"this model's context is {self.context} tokens: the prompt has "
-                             f"{prompt_len} and max_tokens asks for {asked}")
-
-    def generation_config(self, prompt_len: int, req: _Request) -> GenerationConfig:
-        room = self.context - prompt_len if self.context else DEFAULT_MAX_TOKENS  # default max_tokens: what fits
-        return GenerationConfig(max_new_tokens=req.max_tokens or min(DEFAULT_MAX_TOKENS, room),
-                                temperature=req.temperature, top_p=req.top_p, top_k=max(0, req.top_k))
 
     async def answer(self, parsed: Parsed) -> dict:
         """Decode every prompt's ``n`` choices and build the OpenAI-shaped reply; both run on the batcher's
         worker (log-probs are a forward pass of the model it owns), the event loop only waits."""
         req = parsed.req
-        futures = [self.batcher.submit(ids, self.generation_config(len(ids), req), req.seed or 0, req.n)
+        futures = [self.batcher.submit(ids, self.requests.generation_config(len(ids), req), req.seed or 0, req.n)
                    for ids in parsed.prompts]
         per_prompt = [await asyncio.wrap_future(f) for f in futures]
         reply = await asyncio.wrap_future(self.batcher.call(build_reply, self, parsed, per_prompt))
@@ -297,144 +154,11 @@ class Batcher:
             start += job.n
 
 
-# ----------------------------------------------------------------------------- replies
-
-
-def apply_stop(gen: Generation, stops: list[str], tokenizer) -> Generation:
-    """``gen`` cut before the first stop sequence in its text (finish_reason "stop"); its token ids cut to the
-    shortest prefix whose text reaches that sequence's end, as an engine that stops there would have."""
-    found = [(gen.text.find(s), s) for s in stops if s in gen.text]
-    if not found:
-        return gen
-    at, stop = min(found)
-    end = at + len(stop)
-    ids = gen.token_ids
-    for k in range(1, len(ids) + 1):
-        if len(tokenizer.decode(ids[:k], skip_special_tokens=True)) >= end:
-            ids = ids[:k]
-            break
-    return Generation(ids, gen.text[:at], "stop")
-
-
-def _piece(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id])
-
-
-def completion_logprobs(tokenizer, ids: list[int], lp: list[float | None], tops: list[list[tuple[int, float]] | None],
-                        offset: int = 0) -> dict:
-    """The completions API's ``logprobs`` object over ``ids`` (tokens, their log-probs, top entries, offsets)."""
-    tokens = [_piece(tokenizer, t) for t in ids]
-    offsets, at = [], offset
-    for t in tokens:
-        offsets.append(at)
-        at += len(t)
-    return {"tokens": tokens, "token_logprobs": lp, "text_offset": offsets,
-            "top_logprobs": [None if top is None else {_piece(tokenizer, i): v for i, v in top} for top in tops]}
-
-
-def _scored(state: ServerState, prompt: list[int], completion: list[int], k: int) -> TokenLogprobs:
-    """Log-probs of every token after the first: the prompt's rest, then the completion."""
-    (out,) = token_logprobs(state.model, [prompt[:1]], [prompt[1:] + completion], k, state.tokenizer.pad_token_id)
-    return out
-
-
-def _choice(state: ServerState, parsed: Parsed, index: int, prompt: list[int], gen: Generation) -> dict:
-    req, tok = parsed.req, state.tokenizer
-    top = parsed.top
-    echo = isinstance(req, CompletionRequest) and req.echo
-    prompt_k = req.prompt_logprobs if isinstance(req, CompletionRequest) else None
-    scored = None
-    if top is not None or prompt_k is not None:
-        scored = _scored(state, prompt, gen.token_ids, max(top or 0, prompt_k or 0))
-    choice: dict[str, Any] = {"index": index, "finish_reason": gen.finish_reason}
-    n_prompt = len(prompt) - 1  # scored positions that are prompt tokens
-    if parsed.chat:
-        choice["message"] = {"role": "assistant", "content": gen.text}
-        if scored is not None and top is not None:
-            choice["logprobs"] = {"content": [
-                {"token": _piece(tok, t), "logprob": lp, "bytes": list(_piece(tok, t).encode()),
-                 "top_logprobs": [{"token": _piece(tok, i), "logprob": v, "bytes": list(_piece(tok, i).encode())}
-                                  for i, v in zip(ids[:top], vals[:top], strict=True)]}
-                for t, lp, ids, vals in zip(gen.token_ids, scored.logprob[n_prompt:], scored.top_ids[n_prompt:],
-                                            scored.top[n_prompt:], strict=True)]}
-        else:
-            choice["logprobs"] = None
-        return choice
-    prompt_text = tok.decode(prompt, skip_special_tokens=True) if echo else ""
-    choice["text"] = prompt_text + gen.text
-    choice["logprobs"] = None
-    if scored is not None and top is not None:
-        pairs = [list(zip(i[:top], v[:top], strict=True)) for i, v in zip(scored.top_ids, scored.top, strict=True)]
-        if echo:
-            ids = prompt + gen.token_ids
-            lps: list[float | None] = [None, *scored.logprob]
-            tops: list[Any] = [None, *pairs]
-        else:
-            ids, lps, tops = gen.token_ids, list(scored.logprob[n_prompt:]), pairs[n_prompt:]
-        choice["logprobs"] = completion_logprobs(tok, ids, lps, tops)
-    if scored is not None and prompt_k is not None:
-        choice["prompt_logprobs"] = [None] + [
-            {str(t): {"logprob": lp, "rank": rank, "decoded_token": _piece(tok, t)},
-             **{str(i): {"logprob": v, "rank": r + 1, "decoded_token": _piece(tok, i)}
-                for r, (i, v) in enumerate(zip(ids_[:prompt_k], vals[:prompt_k], strict=True))}}
-            for t, lp, rank, ids_, vals in zip(prompt[1:], scored.logprob, scored.rank, scored.top_ids, scored.top,
-                                               strict=False)]
-    if req.return_token_ids:
-        choice["token_ids"] = gen.token_ids
-        choice["prompt_token_ids"] = prompt
-    return choice
-
-
-def build_reply(state: ServerState, parsed: Parsed, per_prompt: list[list[Generation]]) -> dict:
-    """The OpenAI-shaped reply: choice ``p * n + i`` is prompt p's completion i."""
-    stops = parsed.req.stops()
-    choices = []
-    for p, (prompt, gens) in enumerate(zip(parsed.prompts, per_prompt, strict=True)):
-        for i, gen in enumerate(gens):
-            gen = apply_stop(gen, stops, state.tokenizer) if stops else gen
-            choices.append(_choice(state, parsed, p * parsed.req.n + i, prompt, gen))
-    completion_tokens = sum(len(g.token_ids) for gens in per_prompt for g in gens)
-    prompt_tokens = sum(len(p) for p in parsed.prompts)
-    return {"id": f"{'chatcmpl' if parsed.chat else 'cmpl'}-{uuid.uuid4().hex[:12]}",
-            "object": "chat.completion" if parsed.chat else "text_completion", "created": int(time.time()),
-            "model": state.name, "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
-
-
-def stream_events(reply: dict, parsed: Parsed):
-    """The reply as server-sent events: a chunk per choice (chat: the role first), its end, then ``[DONE]``.
-    A batch decodes on the device without a host look per token, so each choice's text comes whole."""
-    chat = parsed.chat
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    head = {"id": reply["id"], "object": kind, "created": reply["created"], "model": reply["model"]}
-
-    def event(choices: list[dict], **extra) -> str:
-        return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
-
-    for c in reply["choices"]:
-        if chat:
-            yield event([{"index": c["index"], "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            yield event([{"index": c["index"], "delta": {"content": c["message"]["content"]},
-                          "logprobs": c.get("logprobs"), "finish_reason": None}])
-            yield event([{"index": c["index"], "delta": {}, "finish_reason": c["finish_reason"]}])
-        else:
-            yield event([{**c, "finish_reason": None}])
-            yield event([{"index": c["index"], "text": "", "logprobs": None, "finish_reason": c["finish_reason"]}])
-    if (parsed.req.stream_options or {}).get("include_usage"):
-        yield event([], usage=reply["usage"])
-    yield "data: [DONE]\n\n"
-
-
 # ----------------------------------------------------------------------------- the app
 
 
 def _debug() -> bool:
     return bool(os.environ.get("RCSD_DEBUG"))
-
-
-def first_line(exc: BaseException, width: int = 160) -> str:
-    return (str(exc).splitlines() or [""])[0][:width]
 
 
 def log_failure(what: str, exc: BaseException) -> None:
@@ -509,7 +233,7 @@ async def handle(state: ServerState, request: Request, chat: bool) -> Response:
     if refused is not None:
         return refused
     try:
-        parsed = state.parse(await request.body(), chat)
+        parsed = state.requests.parse(await request.body(), chat)
     except BadRequest as exc:
         return error(exc.status, str(exc), exc.param)
     if not state.slots.acquire(blocking=False):
