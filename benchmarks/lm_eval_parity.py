@@ -1,8 +1,13 @@
 """Parity of ``rcsd eval --scoring loglik`` with lm-evaluation-harness's own tasks, bench by bench.
 
     python -m venv /tmp/lmeval
-    /tmp/lmeval/bin/pip install torch==2.13.0 lm-eval==0.4.13 "transformers<5.20" accelerate
+    /tmp/lmeval/bin/pip install torch==2.13.0 "lm-eval[api]==0.4.13" "transformers<5.20" accelerate
     python benchmarks/lm_eval_parity.py --lm-eval /tmp/lmeval/bin/lm_eval --limit 200
+    python benchmarks/lm_eval_parity.py --lm-eval /tmp/lmeval/bin/lm_eval --served --bench arc-easy
+
+``--served``: lm-eval's ``local-completions`` model scores the items through ``rcsd serve`` (started here on the
+same model; token ids, ``echo`` and ``logprobs``, the field's way of evaluating a served model) instead of loading
+the model itself.
 
 For each bench the items are rcsd's selection (seeded shuffle, ``--limit``), written with the dataset's
 own fields to a local JSONL. lm-eval runs offline in its own venv with a task file that ``include``s
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -60,6 +66,20 @@ def lm_eval_tasks_dir(lm_eval: str) -> Path:
     return Path(out) / "tasks"
 
 
+def start_server(model: str) -> tuple[subprocess.Popen, str]:
+    """``rcsd serve`` on ``model`` at a free port: (process, base URL)."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "rcsd_cli", "serve", "--model", model, "--port", "0"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        m = re.search(r"listening on (http://\S+/v1)", line)
+        if m:
+            return proc, m.group(1)
+    raise SystemExit("rcsd serve did not start")
+
+
 def parity(bench: str, args, tasks_dir: Path, work: Path) -> dict:
     items = select(benchmark(bench).load(None, args.seed), args.seed, 0, args.limit)
     raw = benchmark(bench).raw()
@@ -74,11 +94,21 @@ def parity(bench: str, args, tasks_dir: Path, work: Path) -> dict:
                     work / f"{bench}.parquet", show=False)
     rcsd_seconds = time.perf_counter() - t0
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    path = resolve_model(args.model)
+    model = ["--model", "hf", "--model_args", f"pretrained={path},dtype=float32"]
+    server = None
+    if args.served:
+        server, url = start_server(path)
+        model = ["--model", "local-completions", "--model_args",
+                 f"model={path},base_url={url}/completions,tokenizer={path},tokenized_requests=True,num_concurrent=4"]
     t0 = time.perf_counter()
-    proc = subprocess.run([args.lm_eval, "--model", "hf", "--model_args",
-                           f"pretrained={resolve_model(args.model)},dtype=float32", "--tasks", name,
-                           "--include_path", str(work), "--batch_size", str(args.batch_size), "--device", "cpu",
-                           "--output_path", str(work / "lm_eval" / bench)], capture_output=True, text=True, env=env)
+    try:
+        proc = subprocess.run([args.lm_eval, *model, "--tasks", name, "--include_path", str(work), "--batch_size",
+                               str(args.batch_size), "--device", "cpu", "--output_path", str(work / "lm_eval" / bench)],
+                              capture_output=True, text=True, env=env)
+    finally:
+        if server is not None:
+            server.kill()
     lm_seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"lm-eval failed on {bench}:\n{proc.stderr[-3000:]}")
@@ -98,11 +128,13 @@ def main() -> int:
     p.add_argument("--limit", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--served", action="store_true", help="lm-eval's local-completions against rcsd serve")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rcsd-parity-"))
     tasks_dir = lm_eval_tasks_dir(args.lm_eval)
     rows = [parity(bench, args, tasks_dir, work) for bench in args.bench]
-    print(f"{args.model}, fp32 CPU, rcsd's seed-{args.seed} selection, lm-eval 0.4.13's own task prompts\n")
+    how = "lm-eval's local-completions through rcsd serve" if args.served else "lm-eval's hf model"
+    print(f"{args.model}, fp32 CPU, rcsd's seed-{args.seed} selection, lm-eval 0.4.13's own task prompts, {how}\n")
     print("| bench (lm-eval task) | items | acc rcsd / lm-eval | acc_norm rcsd / lm-eval | difference (points) "
           "| seconds rcsd / lm-eval |")
     print("| --- | --- | --- | --- | --- | --- |")
