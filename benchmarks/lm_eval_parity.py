@@ -22,12 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from serve_concurrency import start as start_server  # this folder's own helper: rcsd serve at a free port
 
 from rcsd_cli.configs.eval import EvalConfig
 from rcsd_cli.configs.groups import GenerationConfig
@@ -64,20 +65,6 @@ def lm_eval_tasks_dir(lm_eval: str) -> Path:
     out = subprocess.run([str(python), "-c", "import lm_eval, os; print(os.path.dirname(lm_eval.__file__))"],
                          capture_output=True, text=True, check=True).stdout.strip()
     return Path(out) / "tasks"
-
-
-def start_server(model: str) -> tuple[subprocess.Popen, str]:
-    """``rcsd serve`` on ``model`` at a free port: (process, base URL)."""
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-m", "rcsd_cli", "serve", "--model", model, "--port", "0"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONPATH": str(root)})
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        m = re.search(r"listening on (http://\S+/v1)", line)
-        if m:
-            return proc, m.group(1)
-    raise SystemExit("rcsd serve did not start")
 
 
 def parity(bench: str, args, tasks_dir: Path, work: Path) -> dict:

@@ -25,6 +25,7 @@ PROMPTS = [f"Question {i}: name a gas that plants take in, and say why in one se
 
 
 def start(model: str) -> tuple[subprocess.Popen, str]:
+    """``rcsd serve`` on ``model`` at a free port: (process, base URL)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "rcsd_cli", "serve", "--model", model, "--port", "0"],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
