@@ -325,6 +325,7 @@ class TrainConfig(ConfigModel):
             why = "on an offline round (--samples/--scores: the teacher's log-probs are stored)"
             refuse_changed(self.teacher, tuple(TrainTeacherConfig.model_fields), why)
             refuse_changed(self.reason_first, reason_first, why)
+            self._loss_on_teacher_topk("an offline round (--samples/--scores)")
         if self.method != "grpo":
             refuse_changed(self.grpo, tuple(GRPOConfig.model_fields), f"with --method {self.method} (GRPO only)")
         if self.teacher.context != "reason-first":
@@ -336,4 +337,10 @@ class TrainConfig(ConfigModel):
             refuse_changed(self.rollout, ("backend",), "on an offline round or with --method sft (nothing is "
                            "generated)")
         return self
+
+    def _loss_on_teacher_topk(self, what: str) -> None:
+        """A teacher known by its top-k log-probs only serves a loss on those entries."""
+        if self.loss.kind != "topk_kl" or self.loss.tail_bucket:
+            raise ValueError(f"{what} knows the teacher's top-k log-probs only: it needs --loss topk_kl without "
+                             "--tail-bucket")
 

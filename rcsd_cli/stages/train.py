@@ -29,8 +29,9 @@ from rcsd_cli.train.trainer import train
 from rcsd_cli.ui import info
 
 
-def offline_items(samples_path: str, scores_path: str) -> list[OfflineItem]:
-    """Join samples with the teacher top-k stored by ``score --teacher-logprobs``."""
+def offline_items(samples_path: str, scores_path: str, top_k: int) -> list[OfflineItem]:
+    """Join samples with the teacher top-k stored by ``score --teacher-logprobs``, each token's entries cut to
+    the ``top_k`` most likely (``--loss-top-k``)."""
     samples, _ = read_samples(samples_path)
     scores, _ = read_artifact(scores_path, "scores")
     by_id = {s.sample_id: (i, s) for i, s in enumerate(scores)}
@@ -44,9 +45,19 @@ def offline_items(samples_path: str, scores_path: str) -> list[OfflineItem]:
         if len(sc.teacher_topk_ids) != len(s.completion_token_ids) or not s.completion_token_ids:
             raise RcsdError(f"{where(scores_path, i)}: teacher log-probs cover {len(sc.teacher_topk_ids)} tokens, "
                             f"the sample has {len(s.completion_token_ids)}")
-        items.append(OfflineItem(s.prompt_token_ids, s.completion_token_ids, sc.teacher_topk_ids,
-                                 sc.teacher_topk_logprobs))
+        stored = min(len(entries) for entries in sc.teacher_topk_ids)
+        if stored < top_k:
+            raise RcsdError(f"{where(scores_path, i)}: {stored} teacher log-probs stored per token, fewer than "
+                            f"--loss-top-k {top_k} (rcsd score --teacher-top-k {top_k} stores enough)")
+        ids, lps = zip(*(_most_likely(i_, lp, top_k) for i_, lp in zip(sc.teacher_topk_ids, sc.teacher_topk_logprobs,
+                                                                         strict=True)), strict=True)
+        items.append(OfflineItem(s.prompt_token_ids, s.completion_token_ids, list(ids), list(lps)))
     return items
+
+
+def _most_likely(ids: list[int], logprobs: list[float], k: int) -> tuple[list[int], list[float]]:
+    order = sorted(range(len(ids)), key=lambda j: -logprobs[j])[:k]
+    return [ids[j] for j in order], [logprobs[j] for j in order]
 
 
 def check_batch(cfg: TrainConfig, world: int) -> None:
@@ -126,7 +137,7 @@ def run_train(cfg: TrainConfig, output: Path, *, overwrite: bool = False, resume
     if cfg.samples or cfg.scores:
         if not (cfg.samples and cfg.scores):
             raise RcsdError("an offline round needs both --samples and --scores")
-        rows: list[Any] = offline_items(cfg.samples, cfg.scores)  # stored samples, or rubric rows below
+        rows: list[Any] = offline_items(cfg.samples, cfg.scores, cfg.loss.top_k)  # stored samples, or rubric rows below
         inputs = [cfg.samples, cfg.scores]
     elif cfg.rubrics:
         rows, _ = read_artifact(cfg.rubrics, "rubrics")
@@ -248,7 +259,7 @@ def _item_lengths(cfg: TrainConfig, tok, shown: dict, trust_remote_code: bool) -
     decoded into ``shown``; None without items to read."""
     new = cfg.generation.max_new_tokens
     if cfg.samples:
-        items = offline_items(cfg.samples, cfg.scores) if cfg.scores else []
+        items = offline_items(cfg.samples, cfg.scores, cfg.loss.top_k) if cfg.scores else []
         if not items:
             return None
         shown["student_prompt"] = tok.decode(items[0].prompt_ids)

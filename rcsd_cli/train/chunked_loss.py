@@ -9,8 +9,10 @@ logits never exist at once. Three parts, each with one job:
 - ``LossSums``: the masked sums of a whole batch, kept on the device (no host sync per chunk).
 
 Each chunk's student logits are recomputed in the backward pass (activation checkpointing) instead of
-kept, unless there is only one chunk, where recomputing would save nothing. The offline round's loss on
-stored teacher top-k goes through the same chunk loop (``chunked_stored_topk_loss``).
+kept, unless there is only one chunk, where recomputing would save nothing. A teacher known only by its
+top-k log-probs (``TeacherTopK``: stored by ``score --teacher-logprobs`` for an offline round, or answered by
+a teacher server) goes through the same loop: log-probs differ from logits by one constant per position,
+which the loss's renormalisation over the k entries removes, so the loss is the one the teacher's logits give.
 
 Precision: the heads run in the compute precision (bf16 under autocast) only to pick the teacher's top-k
 and for the diagnostics; the logits the loss reads are computed in fp32 (``fp32_logits``), so the loss and
@@ -30,7 +32,6 @@ from rcsd_cli.modeling.logprobs import contrast_logits, fp32_logits
 from rcsd_cli.train.losses import (
     entropy,
     restricts_to_teacher_topk,
-    stored_topk_distill_loss,
     token_diagnostics,
     token_loss,
 )
@@ -48,13 +49,29 @@ class TeacherSide:
 
 
 @dataclass
+class TeacherTopK:
+    """A teacher known by its top-k only: entry ids and their log-probs (at temperature 1) [B, T, k], aligned
+    with the student's completion positions (zeros where masked)."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+
+
+@dataclass
 class TeacherTargets:
     """One chunk's teacher: the logits the loss reads (fp32; at ``index`` when the loss reads the top-k only),
-    and the compute-precision logits over the whole vocabulary that picked them."""
+    and the compute-precision logits over the whole vocabulary that picked them (None: only the top-k is known)."""
 
     logits: torch.Tensor
     index: torch.Tensor | None
-    full: torch.Tensor
+    full: torch.Tensor | None
+
+    def top1(self) -> torch.Tensor:
+        """The teacher's most likely token id per position."""
+        if self.full is not None:
+            return self.full.argmax(-1)
+        assert self.index is not None
+        return self.index.gather(-1, self.logits.argmax(-1, keepdim=True)).squeeze(-1)
 
 
 @dataclass
@@ -80,8 +97,10 @@ def chunks(length: int, size: int) -> Iterator[slice]:
     return (slice(start, start + size) for start in range(0, length, size))
 
 
-def teacher_targets(teacher: TeacherSide, sl: slice, loss: LossConfig) -> TeacherTargets:
+def teacher_targets(teacher: TeacherSide | TeacherTopK, sl: slice, loss: LossConfig) -> TeacherTargets:
     """The teacher's side of chunk ``sl`` (call under ``torch.no_grad``)."""
+    if isinstance(teacher, TeacherTopK):  # the loss restricts to these k entries (TrainConfig refuses others)
+        return TeacherTargets(teacher.logprobs[:, sl].float(), teacher.ids[:, sl], None)
     h_t = teacher.hidden[:, sl].detach()
     h_c = None if teacher.control_hidden is None else teacher.control_hidden[:, sl].detach()
     full = teacher.head(h_t)  # compute precision: picks the top-k
@@ -101,7 +120,8 @@ def _checkpointed(fn: Callable, args: tuple, recompute: bool, needs_grad: bool):
     return fn(*args)
 
 
-def chunked_distill_loss(student_hidden: torch.Tensor, student_head: torch.nn.Module, teacher: TeacherSide,
+def chunked_distill_loss(student_hidden: torch.Tensor, student_head: torch.nn.Module,
+                         teacher: TeacherSide | TeacherTopK,
                          mask: torch.Tensor, targets: torch.Tensor, loss: LossConfig, *, chunk_size: int = 128,
                          row_weights: torch.Tensor | None = None) -> LossSums:
     """``loss`` over [B, T] completion positions, chunked over T: hidden states aligned so position t predicts
@@ -132,10 +152,11 @@ def chunked_distill_loss(student_hidden: torch.Tensor, student_head: torch.nn.Mo
         m = mask[:, sl]  # a chunk with no token in the loss adds zeros: asking would cost a host sync
         with torch.no_grad():  # the teacher's logits need no graph, and are not recomputed in backward
             t = teacher_targets(teacher, sl, loss)
-            sums.add_health("teacher_entropy", entropy(t.full if t.index is not None else t.logits), m)
+            if t.full is not None or t.index is None:  # a top-k-only teacher has no whole-vocabulary entropy
+                sums.add_health("teacher_entropy", entropy(t.full if t.full is not None else t.logits), m)
             if t.index is not None:  # agreement, entropy: the student's whole distribution (no grad, compute dtype)
                 s_full = student_head(student_hidden[:, sl].detach())
-                sums.agree += ((s_full.argmax(-1) == t.full.argmax(-1)).float() * m).sum()
+                sums.agree += ((s_full.argmax(-1) == t.top1()).float() * m).sum()
                 sums.add_health("student_entropy", entropy(s_full), m)
                 del s_full
         args = (student_hidden[:, sl], t.logits, t.index, m, targets[:, sl], weights, sl.start)
@@ -145,26 +166,4 @@ def chunked_distill_loss(student_hidden: torch.Tensor, student_head: torch.nn.Mo
         sums.weighted = sums.weighted + weighted
         sums.kl += kl.detach()
         sums.agree += agree.detach()
-    return sums
-
-
-def chunked_stored_topk_loss(student_hidden: torch.Tensor, student_head: torch.nn.Module, teacher_ids: torch.Tensor,
-                             teacher_logprobs: torch.Tensor, mask: torch.Tensor, loss: LossConfig, *,
-                             chunk_size: int = 128, row_weights: torch.Tensor | None = None) -> LossSums:
-    """The offline round's loss: forward KL towards stored teacher top-k (ids, log-probs) [B, T, k], chunked
-    and recomputed in backward like ``chunked_distill_loss``."""
-    mask = mask.float()
-    w = (torch.ones(mask.shape[0], device=mask.device) if row_weights is None else row_weights.float()).unsqueeze(-1)
-
-    def chunk(h, ids, lp, m):
-        per_tok = stored_topk_distill_loss(student_head(h), ids, lp, temperature=loss.temperature, clip=loss.clip)
-        return torch.stack([(per_tok * m).sum(), (per_tok * m * w).sum()])
-
-    both = student_hidden.new_zeros(2)
-    dev = student_hidden.device
-    for sl in chunks(student_hidden.shape[1], chunk_size):
-        both = both + checkpoint(chunk, student_hidden[:, sl], teacher_ids[:, sl].to(dev),
-                                 teacher_logprobs[:, sl].to(dev), mask[:, sl], use_reentrant=False)
-    sums = LossSums.zeros(student_hidden)
-    sums.loss, sums.weighted = both[0].detach(), both[1]
     return sums

@@ -17,9 +17,9 @@ the caller masks prompt and padding positions and normalises by the token count 
   pure function of (student logits, teacher logits, sampled ids, ``LossConfig``) returning the
   per-token loss and its clip share. ``token_loss`` is what ``train`` backpropagates and what
   ``diagnose`` and ``explain`` report: one definition, so they cannot disagree.
-- ``group_advantages``, ``clipped_policy_loss``, ``k3_kl``: GRPO's pieces; ``stored_topk_distill_loss``: the
-  offline round's forward KL on stored teacher top-k. The chunk loop that applies these over a batch
-  without [batch, time, vocab] logits is ``chunked_loss.py``.
+- ``group_advantages``, ``clipped_policy_loss``, ``k3_kl``: GRPO's pieces.
+
+The chunk loop that applies these over a batch without [batch, time, vocab] logits is ``chunked_loss.py``.
 """
 
 from __future__ import annotations
@@ -214,16 +214,3 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token unbiased, non-negative estimator of KL(policy || reference) on sampled tokens."""
     delta = ref_logp - logp
     return torch.exp(delta) - delta - 1
-
-
-def stored_topk_distill_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logp: torch.Tensor,
-                             *, temperature: float = 1.0, clip: float | None = None) -> torch.Tensor:
-    """Forward KL on a teacher's stored top-k (ids, log-probs), both renormalised over those k entries.
-
-    Dividing log-probs by T and renormalising over k entries equals doing so with the logits,
-    so top-k log-probs stored at T=1 serve any training temperature.
-    """
-    s = upcast(student_logits).gather(-1, teacher_ids) / temperature
-    log_s = F.log_softmax(s, dim=-1)
-    log_t = F.log_softmax(upcast(teacher_logp) / temperature, dim=-1)
-    return clipped_sum(kl_terms(log_t, log_s), clip)[0]

@@ -163,15 +163,37 @@ def test_clipped_policy_loss_and_k3():
         0.5 - math.log(0.5) - 1)
 
 
-def test_stored_topk_matches_online_topk():
-    from rcsd_cli.train.losses import stored_topk_distill_loss
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_teacher_topk_logprobs_give_the_logits_loss(beta):
+    """A teacher known by its top-k log-probs (stored offline, or from a server) gives the loss and the
+    diagnostics its logits give: log-probs are logits less one constant per position."""
+    from rcsd_cli.train.chunked_loss import TeacherTopK
 
     torch.manual_seed(0)
-    s, t = torch.randn(2, 3, 50, dtype=torch.float64), torch.randn(2, 3, 50, dtype=torch.float64)
-    top = torch.log_softmax(t, -1).topk(5, -1)
-    stored = stored_topk_distill_loss(s, top.indices, top.values, temperature=1.2, clip=0.05)
-    online = distill_token_loss(s, t, top_k=5, temperature=1.2, clip=0.05)
-    assert torch.allclose(stored, online, atol=1e-12)
+    head_s, head_t = torch.nn.Linear(8, 50, bias=False).double(), torch.nn.Linear(8, 50, bias=False).double()
+    h_s = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    h_t = torch.randn(2, 5, 8, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    targets = torch.randint(0, 50, (2, 5))
+    cfg = LossConfig(top_k=5, beta=beta)
+    top = torch.log_softmax(head_t(h_t), -1).topk(5, -1)
+    by_logits = chunked_distill_loss(h_s, head_s, TeacherSide(h_t, head_t), mask, targets, cfg, chunk_size=2)
+    by_topk = chunked_distill_loss(h_s, head_s, TeacherTopK(top.indices, top.values), mask, targets, cfg,
+                                   chunk_size=2)
+    # the loss reads fp32 logits (``fp32_logits``): equal to fp32 rounding
+    assert by_topk.loss.item() == pytest.approx(by_logits.loss.item(), abs=1e-6)
+    assert by_topk.kl.item() == pytest.approx(by_logits.kl.item(), abs=1e-6)
+    assert by_topk.agree.item() == by_logits.agree.item()
+    assert by_topk.health["clip_share"].item() == by_logits.health["clip_share"].item()
+    assert "teacher_entropy" not in by_topk.health  # the whole vocabulary's entropy is not known from k entries
+    (g_logits,) = torch.autograd.grad(by_logits.weighted, h_s)
+    (g_topk,) = torch.autograd.grad(by_topk.weighted, h_s)
+    assert torch.allclose(g_topk, g_logits, atol=1e-6)
+    # a loss top-k below the k entries known restricts to the best of them, as the logits would
+    fewer = cfg.model_copy(update={"top_k": 3})
+    assert chunked_distill_loss(h_s, head_s, TeacherTopK(top.indices, top.values), mask, targets, fewer).loss.item() \
+        == pytest.approx(chunked_distill_loss(h_s, head_s, TeacherSide(h_t, head_t), mask, targets, fewer).loss.item(),
+                         abs=1e-6)
 
 
 def test_chunked_token_logprobs_matches_full():

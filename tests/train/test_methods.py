@@ -152,9 +152,17 @@ def test_offline_round_through_the_cli(run_cli, tiny_model, tmp_path):
         assert sc.teacher_topk_ids == top.indices.tolist()
         assert torch.allclose(torch.tensor(sc.teacher_topk_logprobs), top.values, atol=1e-4)
     run_cli("train", "--samples", tmp_path / "s.parquet", "--scores", tmp_path / "sc.parquet", "-o",
-            tmp_path / "m", "--model", tiny_model, "--steps", "2", "--batch-size", "3", "--lr", "1e-3", check=True)
+            tmp_path / "m", "--model", tiny_model, "--steps", "2", "--batch-size", "3", "--lr", "1e-3",
+            "--loss-top-k", "4", check=True)
     metrics = read_artifact(tmp_path / "m" / "metrics.parquet", "metrics")[0]
-    assert len(metrics) == 2 and metrics[0].rollout_tokens == 0 and metrics[0].loss >= 0
+    assert len(metrics) == 2 and metrics[0].rollout_tokens == 0
+    assert metrics[0].kl is not None and metrics[0].kl >= 0  # the unclipped top-k KL, as an online run reports it
+    p = run_cli("train", "--samples", tmp_path / "s.parquet", "--scores", tmp_path / "sc.parquet", "-o",
+                tmp_path / "m3", "--model", tiny_model)  # --loss-top-k 20 from 4 stored entries: refused
+    assert p.returncode != 0 and "4 teacher log-probs stored per token, fewer than --loss-top-k 20" in p.stderr
+    p = run_cli("train", "--samples", tmp_path / "s.parquet", "--scores", tmp_path / "sc.parquet", "-o",
+                tmp_path / "m4", "--model", tiny_model, "--loss", "jsd")
+    assert p.returncode == 2 and "needs --loss topk_kl" in p.stderr
     p = run_cli("train", "--samples", tmp_path / "s.parquet", "--scores", tmp_path / "s.parquet", "-o",
                 tmp_path / "m2", "--model", tiny_model)
     assert p.returncode == 2 and "holds samples rows, expected a scores file" in p.stderr

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch
-from rcsd_cli.train.chunked_loss import chunked_stored_topk_loss
+from rcsd_cli.train.chunked_loss import TeacherTopK, chunked_distill_loss
 from rcsd_cli.train.step import StepContext, StepResult, accumulate, reduction_weights
 
 
@@ -43,10 +43,14 @@ def step(ctx: StepContext, items: list[OfflineItem]) -> StepResult:
             for i, it in enumerate(part):
                 t_ids[i, : len(it.teacher_ids)] = torch.tensor(it.teacher_ids)
                 t_lp[i, : len(it.teacher_logprobs)] = torch.tensor(it.teacher_logprobs)
-            sums = chunked_stored_topk_loss(hidden, head, t_ids, t_lp, pb.mask.to(dev), cfg.loss,
-                                            chunk_size=cfg.chunk_size,
-                                            row_weights=torch.tensor(weights[rows], device=dev))
-        return sums.weighted, {"loss": sums.loss}
+            sums = chunked_distill_loss(hidden, head, TeacherTopK(t_ids.to(dev), t_lp.to(dev)), pb.mask.to(dev),
+                                        pb.targets.to(dev), cfg.loss, chunk_size=cfg.chunk_size,
+                                        row_weights=torch.tensor(weights[rows], device=dev))
+        for name, value in sums.health.items():
+            health[name] = health.get(name, 0.0) + value
+        return sums.weighted, {"loss": sums.loss, "kl": sums.kl, "agree": sums.agree}
 
+    health: dict = {}
     objective, sums = accumulate(ctx, len(items), micro_step)
-    return StepResult(loss_sum=sums.get("loss", 0.0), tokens=total, objective=objective)
+    return StepResult(loss_sum=sums.get("loss", 0.0), tokens=total, kl_sum=sums.get("kl", 0.0),
+                      agree_sum=sums.get("agree", 0.0), objective=objective, health=health)
