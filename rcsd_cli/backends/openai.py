@@ -9,6 +9,11 @@ and ``rcsd serve`` do) and ``return_token_ids`` asks for the completion's ids; a
 not return them gets its text re-tokenised locally (noted in the Sample's ``backend`` field as
 ``openai-retokenised``). The API key is read from an environment variable and never printed.
 
+``topk_logprobs`` scores given tokens with vLLM's ``prompt_logprobs`` parameter (``vllm serve --max-logprobs K``,
+``rcsd serve``): the server's top-k (ids, log-probs) at every position of prompt + continuation, one request
+per pair with ``max_tokens`` 1. It is how a teacher on a server serves ``score --teacher-logprobs`` and
+``train --teacher-base-url``.
+
 Faults, and what each costs (docs/scaling.md, "Serving and judges", has the tested table):
 
 - connection refused/reset, timeouts, truncated or non-JSON bodies, 408/409/429/5xx: retried up to
@@ -29,7 +34,9 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any, TypeVar
 
 import openai
 
@@ -42,6 +49,7 @@ from rcsd_cli.ui import warn
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504}  # as the OpenAI and vLLM clients retry
 MAX_BACKOFF_S = 30.0
 MAX_RETRY_AFTER_S = 60.0
+T = TypeVar("T")
 
 
 class RequestFailed(Exception):
@@ -115,8 +123,9 @@ class OpenAIBackend:
         self._stop = threading.Event()
         self._count = threading.Lock()
 
-    def _post(self, payload: dict) -> dict:
-        """POST with retries; the first choice of the reply, or RequestFailed."""
+    def _post(self, payload: dict, read: Callable[[dict], Any] = lambda choice: choice) -> Any:
+        """POST with retries; ``read`` of the reply's first choice (its ValueError: a malformed reply, retried),
+        or RequestFailed."""
         attempts = self.cfg.max_retries + 1
         for attempt in range(attempts):
             if self._stop.is_set():
@@ -124,7 +133,7 @@ class OpenAIBackend:
             wait = None
             try:
                 reply = self.client.completions.with_raw_response.create(**payload)
-                return parse_choice(reply.content)
+                return read(parse_choice(reply.content))
             except openai.APIStatusError as exc:
                 detail = _status_detail(exc)
                 if exc.status_code not in RETRYABLE:
@@ -160,10 +169,11 @@ class OpenAIBackend:
             self.name = "openai-retokenised"
         return Generation(list(ids), text, finish)
 
-    def _counted(self, prompt: list[int], cfg: GenerationConfig, seed: int) -> Generation:
-        """``_one``, counting a failure in the worker itself so the next queued request already sees the stop."""
+    def _counted(self, request: Callable[..., T], *args) -> T:
+        """``request(*args)``, counting a failure in the worker itself so the next queued request already sees the
+        stop."""
         try:
-            return self._one(prompt, cfg, seed)
+            return request(*args)
         except RequestFailed:
             with self._count:
                 self.failed += 1
@@ -177,7 +187,8 @@ class OpenAIBackend:
         results: list[Generation | None] = [None] * len(prompts)
         first, failed_here, answered = "", 0, 0
         with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
-            futures = {pool.submit(self._counted, p, cfg, seeds[i] % 2**31): i for i, p in enumerate(prompts)}
+            futures = {pool.submit(self._counted, self._one, p, cfg, seeds[i] % 2**31): i
+                       for i, p in enumerate(prompts)}
             for fut in as_completed(futures):
                 i = futures[fut]
                 if fut.cancelled():
@@ -205,3 +216,48 @@ class OpenAIBackend:
             warn(f"{failed_here} of {len(prompts)} requests to {self.url} failed after retries (first: {first}); "
                  "recorded as errors (--max-failures)")
         return results
+
+    def topk_logprobs(self, prompts: list[list[int]], continuations: list[list[int]],
+                      k: int) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
+        """The server's top-k (ids, log-probs at temperature 1) at every continuation position, most likely first;
+        one request per pair, ``concurrency`` at once. A request that fails after its retries stops the call with
+        one ``RcsdError`` line: a continuation without its teacher cannot be used."""
+        def one(prompt: list[int], continuation: list[int]):
+            payload = {"model": self.served_model, "prompt": prompt + continuation, "max_tokens": 1,
+                       "temperature": 0.0, "extra_body": {"prompt_logprobs": k}}
+            return self._post(payload, lambda choice: prompt_topk(choice, len(prompt), len(continuation), k))
+
+        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
+            futures = [pool.submit(one, p, c) for p, c in zip(prompts, continuations, strict=True)]
+            try:
+                rows = [f.result() for f in futures]
+            except RequestFailed as exc:
+                self._stop.set()  # the queued requests give up at once
+                raise RcsdError(f"{self.url}: prompt log-probs (model {self.served_model!r}): {exc}") from None
+        return [ids for ids, _ in rows], [lps for _, lps in rows]
+
+
+def prompt_topk(choice: dict, start: int, length: int, k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """The top-k (ids, log-probs) of ``prompt_logprobs`` positions ``start .. start+length-1`` of a choice.
+
+    vLLM's format: one entry per prompt token (the first None), a dict {token id: {logprob, rank, ...}} of the top
+    entries plus the prompt's own token where it ranks lower; ranks pick the k (ties in log-prob included).
+    """
+    entries = choice.get("prompt_logprobs")
+    if not isinstance(entries, list) or len(entries) < start + length:
+        raise ValueError(f"malformed reply (prompt_logprobs: {len(entries) if isinstance(entries, list) else 'none'} "
+                         f"positions, expected {start + length}; does the server take prompt_logprobs?)")
+    ids, lps = [], []
+    for pos in range(start, start + length):
+        at = entries[pos]
+        if not isinstance(at, dict):
+            raise ValueError(f"malformed reply (prompt_logprobs[{pos}] is not an object)")
+        try:  # (rank, -log-prob, id): a server without ranks is ordered by log-prob alone
+            ranked = sorted((v.get("rank") or 0, -float(v["logprob"]), int(t)) for t, v in at.items())
+        except (TypeError, ValueError, KeyError, AttributeError):
+            raise ValueError(f"malformed reply (prompt_logprobs[{pos}] entries)") from None
+        if len(ranked) < k:
+            raise ValueError(f"malformed reply (prompt_logprobs[{pos}] has {len(ranked)} entries, fewer than {k})")
+        ids.append([t for _, _, t in ranked[:k]])
+        lps.append([-neg for _, neg, _ in ranked[:k]])
+    return ids, lps

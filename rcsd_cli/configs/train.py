@@ -49,14 +49,44 @@ class TrainTeacherConfig(ContrastTeacherConfig):
         "(criteria reordered, 30% of weights negated), reduced (a random half of the criteria). Rubrics from "
         "another generator: --rubrics from that file.")
 
+    base_url: str | None = opt(
+        None, panel="Teacher", flag="--teacher-base-url", help="Take the frozen teacher's top-k log-probs from an "
+        "OpenAI-compatible server with prompt log-probs (vllm serve --max-logprobs K, or rcsd serve) at this URL, "
+        "e.g. http://teacher:8000/v1, instead of a teacher copy in this process. The server's model must share the "
+        "student's tokenizer; rcsd builds the teacher's prompt and sends token ids.")
+    served_model: str | None = opt(None, panel="Teacher", flag="--teacher-served-model",
+                                   help="--teacher-base-url: the model name on the server (default --model).")
+    api_key_env: str = opt("OPENAI_API_KEY", panel="Teacher", flag="--teacher-api-key-env",
+                           help="--teacher-base-url: environment variable holding the server's API key (never "
+                           "logged).")
+    max_retries: int = opt(5, ge=0, panel="Teacher", flag="--teacher-max-retries", help="--teacher-base-url: retries "
+                           "per request (backoff, Retry-After honoured); a request that still fails stops the run in "
+                           "one line, and --resume continues from its last checkpoint (--save-every).")
+
     @model_validator(mode="after")
     def _no_silently_ignored_options(self) -> TrainTeacherConfig:
         if self.kind != "ema":
             refuse_changed(self, ("ema_decay",), f"with --teacher {self.kind}")
+        if not self.base_url:
+            refuse_changed(self, ("served_model", "api_key_env", "max_retries"), "without --teacher-base-url")
+        elif self.kind != "frozen":
+            raise ValueError(f"--teacher-base-url serves a frozen teacher: the server's weights do not follow the "
+                             f"student (--teacher {self.kind})")
+        elif self.context == "reason-first":
+            raise ValueError("--teacher-base-url is not available with --teacher-context reason-first (the teacher "
+                             "samples an analysis first)")
+        elif self.contrast != "none":
+            raise ValueError("--teacher-base-url is not available with --teacher-contrast (the contrast is taken "
+                             "over both contexts' whole logits, a server gives their top-k)")
         if self.contrast != "none" and self.context == "reason-first":
             raise ValueError("--teacher-contrast is not available with --teacher-context reason-first (the control "
                              "would need analyses of its own)")
         return self
+
+    def server_config(self) -> BackendConfig:
+        """``--teacher-base-url``'s client: retries, timeouts and failures as every served stage has them."""
+        return BackendConfig(kind="openai", base_url=self.base_url, served_model=self.served_model,
+                             api_key_env=self.api_key_env, max_retries=self.max_retries)
 
 
 class ReasonFirstConfig(ConfigModel):
@@ -321,6 +351,10 @@ class TrainConfig(ConfigModel):
         if offline or self.method in ("grpo", "sft"):
             refuse(("max_teacher_prompt_tokens",), "on an offline round or with --method grpo/sft (no teacher "
                    "prompt is built)")
+            if not offline:
+                refuse_changed(self.teacher, ("base_url",), f"with --method {self.method} (no distillation teacher)")
+        if self.teacher.base_url:
+            self._loss_on_teacher_topk("--teacher-base-url")
         if offline:
             why = "on an offline round (--samples/--scores: the teacher's log-probs are stored)"
             refuse_changed(self.teacher, tuple(TrainTeacherConfig.model_fields), why)

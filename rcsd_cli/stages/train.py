@@ -25,6 +25,7 @@ from rcsd_cli.train.methods.offline import OfflineItem
 from rcsd_cli.train.monitor import held_out_items
 from rcsd_cli.train.rehearsal import fits, format_rehearsal, rehearse
 from rcsd_cli.train.rollout_engines import separate_teacher_engine
+from rcsd_cli.train.served_teacher import placement
 from rcsd_cli.train.trainer import train
 from rcsd_cli.ui import info
 
@@ -197,6 +198,7 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
 
     Returns (and the command prints) the resolved config; the first item's student prompt, teacher prompt, and
     for reason-first the analysis prompt and transition, decoded from the very token ids training would use;
+    where the teacher runs (``teacher``: in this process, or a server's URL);
     the estimated peak memory per device (``memory``); and one step simulated at the run's full shapes under
     fake tensors (``rehearsal``), with the verdict under ``problem`` (None when it fits).
     """
@@ -219,6 +221,7 @@ def dry_run(cfg: TrainConfig, trust_remote_code: bool = False) -> dict:
     else:
         shown["lengths"] = (f"the longest item: student prompt {lengths['student_prompt']} tokens, teacher prompt "
                             f"{lengths['teacher_prompt']}, completion {new} (--max-new-tokens)")
+    shown["teacher"] = placement(cfg)
     world = cfg.dry_run.processes or dist.world()[1]
     check_batch(cfg, world)
     cfg = decoding_for(cfg, world > 1)

@@ -56,6 +56,21 @@ class TeacherTopK:
     ids: torch.Tensor
     logprobs: torch.Tensor
 
+    @classmethod
+    def from_rows(cls, ids: list[list[list[int]]], logprobs: list[list[list[float]]], width: int,
+                  k: int) -> TeacherTopK:
+        """Per-row lists of k entries per completion token, laid out [B, width, k] (zeros past each row's end)."""
+        t_ids = torch.zeros((len(ids), width, k), dtype=torch.long)
+        t_lp = torch.zeros((len(ids), width, k), dtype=torch.float32)
+        for i, (row_ids, row_lp) in enumerate(zip(ids, logprobs, strict=True)):
+            if row_ids:
+                t_ids[i, : len(row_ids)] = torch.tensor(row_ids)
+                t_lp[i, : len(row_lp)] = torch.tensor(row_lp)
+        return cls(t_ids, t_lp)
+
+    def to(self, device: torch.device) -> TeacherTopK:
+        return TeacherTopK(self.ids.to(device), self.logprobs.to(device))
+
 
 @dataclass
 class TeacherTargets:

@@ -7,13 +7,14 @@ its ``config.json`` (no weights read), so parameter counts are exact, LoRA inclu
 - weights in the precision's dtype, and the gradients and AdamW moments of what trains (all of
   it, or the LoRA adapters); divided by the number of processes under FSDP sharding;
 - the frozen (or EMA) teacher copy: bf16 under ``bf16-mixed``; none with LoRA (the base with
-  adapters disabled) or ``--teacher live``;
+  adapters disabled), ``--teacher live`` or a served teacher (``--teacher-base-url``);
 - activations of one student micro-batch kept for backward: per decoder layer and token about
   ``10 h + 4 i`` values (norms, q/k/v, attention output, residuals, the MLP's gate, up, product
   and activation), or only each layer's input with ``--gradient-checkpointing`` plus one layer
   recomputed; under ``bf16-mixed`` over fp32 weights the residual stream and norm outputs (4 h of
-  them) stay fp32; the teacher's final hidden states; one loss chunk of logits (student, teacher,
-  softmax and gradient: 4 x micro-batch x chunk x vocabulary in fp32);
+  them) stay fp32; the teacher's final hidden states (a served teacher's top-k instead: k ids and
+  log-probs per token); one loss chunk of logits (student, teacher, softmax and gradient: 4 x
+  micro-batch x chunk x vocabulary in fp32);
 - ``bf16-mixed`` without sharding: autocast's bf16 copy of every weight it casts, kept from the
   forward to the end of the autocast region (FSDP2's policy gathers bf16 weights instead); the
   compiled decoding loop holds the same copy while it decodes (cast once per call, not per token);
@@ -109,7 +110,8 @@ def estimate(cfg: TrainConfig, model_config, *, student_tokens: int, teacher_tok
             "gradients": n_train * train_bytes / shard,
             "adamw_moments": 2 * n_train * train_bytes / shard}
     teacher = 0.0
-    if not cfg.lora.rank and cfg.teacher.kind != "live":  # the trainer keeps a copy of the initial weights
+    # the trainer keeps a copy of the initial weights, unless the teacher is served (--teacher-base-url)
+    if not cfg.lora.rank and cfg.teacher.kind != "live" and not cfg.teacher.base_url:
         dtype = precision.frozen_dtype(choice) if cfg.teacher.kind == "frozen" else precision.param_dtype(choice)
         teacher = n_params * _BYTES[dtype] / shard
     plan["teacher_copy"] = teacher
@@ -120,7 +122,10 @@ def estimate(cfg: TrainConfig, model_config, *, student_tokens: int, teacher_tok
         plan["activations"] = tokens * (layers * h * (4 if fp32_stream else act_bytes) + per_layer_token)
     else:
         plan["activations"] = tokens * layers * per_layer_token
-    plan["activations"] += micro * teacher_tokens * h * act_bytes  # teacher hidden states kept for the loss
+    if cfg.teacher.base_url:  # a served teacher's top-k (int64 ids, fp32 log-probs) over the completion
+        plan["activations"] += micro * cfg.generation.max_new_tokens * cfg.loss.top_k * 12
+    else:
+        plan["activations"] += micro * teacher_tokens * h * act_bytes  # teacher hidden states kept for the loss
     plan["loss_chunk_logits"] = 4 * micro * min(cfg.chunk_size, cfg.generation.max_new_tokens) * vocab * 4
     plan["autocast_weight_copies"] = n_train * 2 if fp32_stream and shard == 1 and not cfg.lora.rank else 0.0
     new = cfg.generation.max_new_tokens

@@ -23,6 +23,7 @@ import dataclasses
 import math
 import time
 import typing
+from concurrent.futures import Future
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
@@ -31,6 +32,7 @@ import torch
 
 from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.modeling import precision, sharding
+from rcsd_cli.train.chunked_loss import TeacherTopK
 from rcsd_cli.train.methods import distill, grpo, offline, sft
 from rcsd_cli.train.methods.offline import OfflineItem
 from rcsd_cli.train.rollout_engines import separate_teacher_engine
@@ -106,6 +108,12 @@ def _materialise(cfg: TrainConfig, student, teacher, sharded: bool):
     return student, teacher
 
 
+def _answered(value):
+    done: Future = Future()
+    done.set_result(value)
+    return done
+
+
 def _step(cfg: TrainConfig, student, teacher, optimizer, lengths: dict, sequences: int, pad: int):
     """The method's backward over ``sequences`` items of the given lengths, then clipping and AdamW (unless
     ``optimizer`` is None)."""
@@ -121,6 +129,10 @@ def _step(cfg: TrainConfig, student, teacher, optimizer, lengths: dict, sequence
                                       [[0.0] * k] * lengths["completion"])
         res = offline.step(ctx, [item] * sequences)
     elif cfg.method in ("rcsd", "opsd"):
+        if cfg.teacher.base_url:  # a served teacher: its top-k arrives, no teacher forward here
+            k = cfg.loss.top_k
+            ctx.teacher_topk = lambda _prompts, part: _answered(TeacherTopK.from_rows(
+                [[[0] * k] * len(c) for c in part], [[[0.0] * k] * len(c) for c in part], max(len(c) for c in part), k))
         res = distill.backward(ctx, prompts, [[pad] * lengths["teacher_prompt"]] * sequences, completions)
     elif cfg.method == "grpo":  # whole groups of the sequences simulated, with rewards that differ within each
         group = math.gcd(sequences, cfg.grpo.group_size)

@@ -5,6 +5,7 @@ the student's log-probs of given tokens). The methods themselves live in ``train
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from rcsd_cli.backends import Backend
     from rcsd_cli.data.rows import Rubric
     from rcsd_cli.modeling.generation import Generation
+    from rcsd_cli.train.chunked_loss import TeacherTopK
 
 Number = float | torch.Tensor  # a 0-d device tensor until the step's one read (``StepResult.read``)
 Generate = Callable[[list[list[int]], Any, list[int]], list["Generation"]]  # (prompts, generation config, seeds)
@@ -90,6 +92,8 @@ class StepContext:
     compute: Callable[[], AbstractContextManager] = nullcontext  # forward passes run in it, backward outside it
     judge: Backend | None = None  # --reward judge: the judge backend, opened once per run
     controls: dict[str, Rubric] | None = None  # --teacher-contrast: item id -> the row of its control context
+    # --teacher-base-url: (teacher prompts, completions) -> a future of the server's top-k (served_teacher.py)
+    teacher_topk: Callable[[list[list[int]], list[list[int]]], Future[TeacherTopK]] | None = None
 
     def student_samples(self, prompts: list[list[int]], gen_cfg, seeds: list[int]) -> list[Generation]:
         if self.student_generate is not None:

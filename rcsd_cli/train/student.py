@@ -68,7 +68,8 @@ def build_models(cfg: TrainConfig, ckpt: Path | None, trust_remote_code: bool, o
 
 def student_and_teacher(cfg: TrainConfig, base):
     """(student, teacher module or None) from a freshly built base model: LoRA adapters on it (the teacher is
-    then the base with adapters disabled), or a teacher copy (``frozen``: in the frozen dtype, no grad)."""
+    then the base with adapters disabled), or a teacher copy (``frozen``: in the frozen dtype, no grad; none
+    when the teacher is served)."""
     if cfg.lora.rank:
         from peft import LoraConfig, get_peft_model
 
@@ -78,7 +79,8 @@ def student_and_teacher(cfg: TrainConfig, base):
         student = get_peft_model(base, lora)
         student.peft_config["default"].base_model_name_or_path = cfg.model
         return student, None
-    teacher = None if cfg.teacher.kind == "live" else copy.deepcopy(base)
+    # a served teacher (--teacher-base-url) runs elsewhere: no copy here
+    teacher = None if cfg.teacher.kind == "live" or cfg.teacher.base_url else copy.deepcopy(base)
     if teacher is not None:
         teacher.requires_grad_(False).eval()
         if cfg.teacher.kind == "frozen":  # no gradients, no optimizer state: no master copy needed

@@ -1,13 +1,13 @@
 """The training loop behind ``rcsd train``: set up, then step after step, then save.
 
-``setup`` loads the student and its teacher (``frozen`` keeps the initial weights — with LoRA the
-base model with adapters disabled, no copy; ``live`` is the current student under no-grad; ``ema``
-a moving average of the student), shards them under FSDP2 if asked, builds AdamW, its schedule and
-the rollout engines, and restores a checkpoint. Each step takes ``batch_size`` items in a seeded
-order (epoch after epoch), lets the method's step (``methods/``) accumulate gradients,
-then ``optimizer_step`` clips and steps; ``record_step`` turns the step into a metrics row, logs it
-and writes it. Sampling seeds and the data order are functions of (seed, step), so a resumed run
-reproduces an uninterrupted one exactly on CPU. What goes to disk lives in ``checkpoints.py``.
+``setup`` loads the student and its teacher (``frozen`` keeps the initial weights — with LoRA the base model
+with adapters disabled, no copy; ``live`` is the current student under no-grad; ``ema`` a moving average of
+the student; with ``--teacher-base-url`` a server answers for it), shards them under FSDP2 if asked, builds
+AdamW, its schedule and the rollout engines, and restores a checkpoint. Each step takes ``batch_size`` items
+in a seeded order (epoch after epoch), lets the method's step (``methods/``) accumulate gradients, then
+``optimizer_step`` clips and steps; ``record_step`` turns the step into a metrics row, logs it and writes it.
+Sampling seeds and the data order are functions of (seed, step), so a resumed run reproduces an uninterrupted
+one exactly on CPU. What goes to disk lives in ``checkpoints.py``.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from rcsd_cli.train.methods import Step, step_for
 from rcsd_cli.train.monitor import Monitor, best_folder, evaluate
 from rcsd_cli.train.phases import PhaseClock
 from rcsd_cli.train.rollout_engines import Rollouts, build_rollouts
+from rcsd_cli.train.served_teacher import ServedTeacher, placement
 from rcsd_cli.train.step import StepContext, StepResult
 from rcsd_cli.train.student import build_models, ema_update, enable_gradient_checkpointing, teacher_view
 from rcsd_cli.train.tracking import Tracker, numeric, open_tracker
@@ -103,6 +104,7 @@ class Run:
     start_step: int
     metrics: list[MetricsRow]
     judge: Backend | None = None  # --reward judge: the judge backend
+    served_teacher: ServedTeacher | None = None  # --teacher-base-url
 
     @property
     def main(self) -> bool:
@@ -128,6 +130,8 @@ def setup(cfg: TrainConfig, out: Path, resume: bool, trust_remote_code: bool, ro
     if ckpt is not None:
         start_step, metrics = load_trainer_state(ckpt)
         log(f"resuming from {ckpt} (step {start_step})")
+    log(f"teacher: {placement(cfg)}")
+    served = ServedTeacher.open(cfg, trust_remote_code) if cfg.teacher.base_url else None  # before loading weights
     sharded = cfg.distributed.sharding != "replicate" and dist.is_initialized()
     student, teacher, tok = build_models(cfg, ckpt, trust_remote_code, on_cpu=sharded)
     dist.broadcast_from_main(student)
@@ -161,7 +165,7 @@ def setup(cfg: TrainConfig, out: Path, resume: bool, trust_remote_code: bool, ro
     if cfg.method == "grpo" and cfg.grpo.reward == "judge":
         judge = open_backend(cfg.grpo.judge_backend_config(), cfg.grpo.judge_model or "", trust_remote_code)
     return Run(cfg, rank, world, sharded, student, teacher, tok, params, optimizer, scheduler, teacher_hidden,
-               teacher_head, rollouts, compute, ckpt, start_step, metrics, judge)
+               teacher_head, rollouts, compute, ckpt, start_step, metrics, judge, served)
 
 
 def optimizer_step(run: Run, res: StepResult, step: int) -> tuple[StepResult, float, float, float | None]:
@@ -195,7 +199,8 @@ def run_step(run: Run, method_step: Step, rows: list, step: int, clock=None, con
     batch = [rows[i] for i in batch_order(len(rows), cfg.batch_size, step, cfg.seed)[run.rank::run.world]]
     ctx = StepContext(run.student, run.tok, run.teacher_hidden, run.teacher_head, cfg, step,
                       run.rollouts.teacher, run.rank, student_generate=run.rollouts.student, clock=clock,
-                      compute=run.compute, judge=run.judge, controls=controls)
+                      compute=run.compute, judge=run.judge, controls=controls,
+                      teacher_topk=run.served_teacher.request if run.served_teacher is not None else None)
     run.optimizer.zero_grad(set_to_none=True)
     res = method_step(ctx, batch)
     if run.teacher is not None:  # a sharded teacher's root stays gathered after its forward: shard it again
@@ -318,6 +323,8 @@ def train(cfg: TrainConfig, rows: list, out: Path, *, resume: bool = False, trus
         write_final(out, run.student, run.tok, cfg, run.metrics, inputs, run.world, final_state, notes)
     dist.barrier()
     run.rollouts.close()
+    if run.served_teacher is not None:
+        run.served_teacher.close()
     return run.metrics
 
 

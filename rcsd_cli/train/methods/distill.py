@@ -10,7 +10,7 @@ from rcsd_cli.data.rows import Rubric
 from rcsd_cli.modeling.batching import aligned_hidden, build_pair_batch
 from rcsd_cli.modeling.generation import item_seed
 from rcsd_cli.rubrics.views import PromptView
-from rcsd_cli.train.chunked_loss import TeacherSide, chunked_distill_loss
+from rcsd_cli.train.chunked_loss import TeacherSide, TeacherTopK, chunked_distill_loss
 from rcsd_cli.train.methods.rollouts import rollout_health, rollout_reward, rollouts
 from rcsd_cli.train.step import StepContext, StepResult, accumulate, reduction_weights
 
@@ -66,19 +66,32 @@ def backward(ctx: StepContext, s_prompts, t_prompts, completions, c_prompts=None
     s_head = ctx.student.get_output_embeddings()
     health: dict = {}
 
+    served = {}  # a served teacher: every micro-batch's request goes out now, each is collected when needed
+    if ctx.teacher_topk is not None:
+        for j in range(0, len(completions), cfg.micro_batch_size):
+            sl = slice(j, j + cfg.micro_batch_size)
+            served[j] = ctx.teacher_topk(t_prompts[sl], completions[sl])
+
+    def teacher_side(sl, pb) -> TeacherSide | TeacherTopK:
+        if sl.start in served:  # waiting for the server is the teacher's phase
+            return served.pop(sl.start).result()
+        t_hidden = ctx.teacher_hidden(pb.teacher)
+        c_hidden = None
+        if c_prompts is not None:
+            pc = build_pair_batch(s_prompts[sl], c_prompts[sl], completions[sl], tok.pad_token_id,
+                                  cfg.skip_first_tokens)
+            c_hidden = ctx.teacher_hidden(pc.teacher)
+        return TeacherSide(t_hidden, ctx.teacher_head, c_hidden, cfg.teacher.contrast_weight)
+
     def micro_step(sl):
         pb = build_pair_batch(s_prompts[sl], t_prompts[sl], completions[sl], tok.pad_token_id, cfg.skip_first_tokens)
         with torch.no_grad(), ctx.clock("teacher"):
-            t_hidden = ctx.teacher_hidden(pb.teacher)
-            c_hidden = None
-            if c_prompts is not None:
-                pc = build_pair_batch(s_prompts[sl], c_prompts[sl], completions[sl], tok.pad_token_id,
-                                      cfg.skip_first_tokens)
-                c_hidden = ctx.teacher_hidden(pc.teacher)
+            teacher = teacher_side(sl, pb)
         with ctx.clock("student"), ctx.compute():
             s_hidden = aligned_hidden(ctx.student, pb.student)
             dev = s_hidden.device
-            teacher = TeacherSide(t_hidden, ctx.teacher_head, c_hidden, cfg.teacher.contrast_weight)
+            if isinstance(teacher, TeacherTopK):  # fetched into host memory
+                teacher = teacher.to(dev)
             sums = chunked_distill_loss(s_hidden, s_head, teacher, pb.mask.to(dev), pb.targets.to(dev), cfg.loss,
                                         chunk_size=cfg.chunk_size, row_weights=torch.tensor(weights[sl], device=dev))
         for name, value in sums.health.items():  # device tensors: the step reads its figures once, at its end

@@ -37,13 +37,9 @@ def step(ctx: StepContext, items: list[OfflineItem]) -> StepResult:
         with ctx.compute():
             hidden = aligned_hidden(ctx.student, pb.student)
             dev = hidden.device
-            k = len(part[0].teacher_ids[0])
-            t_ids = torch.zeros((len(part), hidden.shape[1], k), dtype=torch.long)
-            t_lp = torch.zeros((len(part), hidden.shape[1], k))
-            for i, it in enumerate(part):
-                t_ids[i, : len(it.teacher_ids)] = torch.tensor(it.teacher_ids)
-                t_lp[i, : len(it.teacher_logprobs)] = torch.tensor(it.teacher_logprobs)
-            sums = chunked_distill_loss(hidden, head, TeacherTopK(t_ids.to(dev), t_lp.to(dev)), pb.mask.to(dev),
+            teacher = TeacherTopK.from_rows([it.teacher_ids for it in part], [it.teacher_logprobs for it in part],
+                                            hidden.shape[1], len(part[0].teacher_ids[0])).to(dev)
+            sums = chunked_distill_loss(hidden, head, teacher, pb.mask.to(dev),
                                         pb.targets.to(dev), cfg.loss, chunk_size=cfg.chunk_size,
                                         row_weights=torch.tensor(weights[rows], device=dev))
         for name, value in sums.health.items():
