@@ -29,7 +29,8 @@ class Backend(Protocol):
 
 
 class ScoringBackend(Backend, Protocol):
-    """A backend that runs the model itself (hf, vllm) and so also scores given tokens."""
+    """A backend that also scores given tokens: hf and vllm run the model themselves, openai asks its server for
+    prompt log-probs (vLLM's ``prompt_logprobs``)."""
 
     def topk_logprobs(self, prompts: list[list[int]], continuations: list[list[int]],
                       k: int) -> tuple[list[list[list[int]]], list[list[list[float]]]]:

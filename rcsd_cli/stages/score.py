@@ -23,7 +23,8 @@ def add_teacher_logprobs(scores: list[Score], samples, by_id: dict, cfg: ScoreCo
     """Attach the teacher's top-k log-probs over each sample's own completion ids."""
     engine = open_backend(cfg.backend, model_name, trust_remote_code)
     if not hasattr(engine, "topk_logprobs"):
-        raise RcsdError(f"--teacher-logprobs needs a backend that scores given tokens (hf or vllm), not {engine.name}")
+        raise RcsdError(f"--teacher-logprobs needs a backend that scores given tokens (hf, vllm or openai), not "
+                       f"{engine.name}")
     tok = engine.tokenizer
     prompts = [view.teacher_ids(tok, by_id[s.problem_id]) for s in samples]
     ids, lps = [], []

@@ -9,9 +9,11 @@ import openai
 import pytest
 import torch
 
+from rcsd_cli.backends.openai import prompt_topk
+from rcsd_cli.data.artifacts import read_artifact
 from tests.backends.test_backends import start_server
 from tests.backends.test_serve import InProcess
-from tests.conftest import shared, unshare
+from tests.conftest import MC_ROWS, shared, unshare, write_jsonl
 
 KEY_ENV = "RCSD_TEST_SERVE_KEY"
 
@@ -132,6 +134,40 @@ def test_prompt_logprobs_as_vllm_returns_them(sdk, lm):
         assert entry[str(tok)]["rank"] == int((ref[t] > ref[t, tok]).sum()) + 1
         top = sorted((v for k, v in entry.items() if v["rank"] <= 2), key=lambda v: v["rank"])
         assert [v["logprob"] for v in top][:2] == pytest.approx(ref[t].topk(2).values.tolist(), abs=1e-4)
+
+
+def test_score_stores_a_served_teachers_topk_as_the_in_process_one(sdk, run_cli, tiny_model, tmp_path,
+                                                                    monkeypatch):
+    """``OpenAIBackend.topk_logprobs`` (vLLM's prompt_logprobs) behind ``score --teacher-logprobs --backend openai``."""
+    _, url, _ = sdk
+    monkeypatch.setenv(KEY_ENV, "secret-key")
+    data = write_jsonl(tmp_path / "d.jsonl", MC_ROWS)
+    run_cli("gen-rubrics", data, "-o", tmp_path / "r.parquet", "--generator", "reference", check=True)
+    run_cli("sample", tmp_path / "r.parquet", "-o", tmp_path / "s.parquet", "--model", tiny_model,
+            "--max-new-tokens", "6", check=True)
+    common = ("score", tmp_path / "s.parquet", "--rubrics", tmp_path / "r.parquet", "--teacher-logprobs",
+              "--teacher-top-k", "5")
+    run_cli(*common, "-o", tmp_path / "hf.parquet", check=True)
+    run_cli(*common, "-o", tmp_path / "served.parquet", "--backend", "openai", "--base-url", url, "--api-key-env",
+            KEY_ENV, check=True)
+    here = read_artifact(tmp_path / "hf.parquet", "scores")[0]
+    served = read_artifact(tmp_path / "served.parquet", "scores")[0]
+    for a, b in zip(here, served, strict=True):
+        assert b.teacher_topk_ids == a.teacher_topk_ids and len(a.teacher_topk_ids[0]) == 5
+        assert torch.allclose(torch.tensor(b.teacher_topk_logprobs), torch.tensor(a.teacher_topk_logprobs), atol=1e-4)
+
+
+def test_prompt_topk_reads_vllms_format():
+    # the prompt's own token (id 9) ranks 7th: present, but not among the top 2; a tie at rank 2 is ordered by rank
+    entry = {"4": {"logprob": -0.5, "rank": 1}, "9": {"logprob": -3.0, "rank": 7}, "2": {"logprob": -1.0, "rank": 2},
+             "8": {"logprob": -1.0, "rank": 3}}
+    assert prompt_topk({"prompt_logprobs": [None, entry, entry]}, 1, 2, 2) == ([[4, 2], [4, 2]], [[-0.5, -1.0]] * 2)
+    with pytest.raises(ValueError, match="2 positions, expected 3; does the server take prompt_logprobs"):
+        prompt_topk({"prompt_logprobs": [None, entry]}, 1, 2, 2)
+    with pytest.raises(ValueError, match="has 4 entries, fewer than 5"):
+        prompt_topk({"prompt_logprobs": [None, entry]}, 1, 1, 5)
+    with pytest.raises(ValueError, match="entries"):
+        prompt_topk({"prompt_logprobs": [None, {"x": {"logprob": -1}}]}, 1, 1, 1)
 
 
 def test_the_api_key_is_required_for_completions(sdk):
