@@ -52,8 +52,9 @@ class TrainTeacherConfig(ContrastTeacherConfig):
     base_url: str | None = opt(
         None, panel="Teacher", flag="--teacher-base-url", help="Take the frozen teacher's top-k log-probs from an "
         "OpenAI-compatible server with prompt log-probs (vllm serve --max-logprobs K, or rcsd serve) at this URL, "
-        "e.g. http://teacher:8000/v1, instead of a teacher copy in this process. The server's model must share the "
-        "student's tokenizer; rcsd builds the teacher's prompt and sends token ids.")
+        "e.g. http://teacher:8000/v1, instead of a teacher copy in this process (reason-first: the server samples the "
+        "analyses too). The server's model must share the student's tokenizer; rcsd builds the teacher's prompt and "
+        "sends token ids.")
     served_model: str | None = opt(None, panel="Teacher", flag="--teacher-served-model",
                                    help="--teacher-base-url: the model name on the server (default --model).")
     api_key_env: str = opt("OPENAI_API_KEY", panel="Teacher", flag="--teacher-api-key-env",
@@ -72,9 +73,6 @@ class TrainTeacherConfig(ContrastTeacherConfig):
         elif self.kind != "frozen":
             raise ValueError(f"--teacher-base-url serves a frozen teacher: the server's weights do not follow the "
                              f"student (--teacher {self.kind})")
-        elif self.context == "reason-first":
-            raise ValueError("--teacher-base-url is not available with --teacher-context reason-first (the teacher "
-                             "samples an analysis first)")
         elif self.contrast != "none":
             raise ValueError("--teacher-base-url is not available with --teacher-contrast (the contrast is taken "
                              "over both contexts' whole logits, a server gives their top-k)")

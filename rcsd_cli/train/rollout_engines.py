@@ -200,7 +200,8 @@ def separate_teacher_engine(cfg: TrainConfig) -> bool:
     LoRA the student's engine serves the frozen base too)."""
     needs_teacher = (cfg.teacher.context == "reason-first" and cfg.reason_first.by == "teacher"
                      and cfg.task == "reasoner" and cfg.method in ("rcsd", "opsd"))
-    return cfg.rollout.backend == "vllm" and needs_teacher and cfg.teacher.kind != "live" and not cfg.lora.rank
+    return (cfg.rollout.backend == "vllm" and needs_teacher and cfg.teacher.kind != "live" and not cfg.lora.rank
+            and not cfg.teacher.base_url)  # a served teacher samples its analyses on its server
 
 
 def build_rollouts(cfg: TrainConfig, student, teacher, tok, teacher_scope, compute=nullcontext, *,

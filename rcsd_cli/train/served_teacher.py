@@ -4,7 +4,8 @@ teacher copy in the training process.
 rcsd builds the teacher's privileged prompt as for an in-process teacher and sends prompt + the student's
 completion as token ids with vLLM's ``prompt_logprobs`` (``OpenAIBackend.topk_logprobs``); the top-k
 log-probs at the completion positions are a ``TeacherTopK``, which the chunked loss turns into exactly the
-loss the teacher's logits give (``chunked_loss``). So the teacher can be another (larger) model sharing the
+loss the teacher's logits give (``chunked_loss``). With ``--teacher-context reason-first`` the server also
+samples the teacher's analyses (``generate``). So the teacher can be another (larger) model sharing the
 student's tokenizer, run on GPUs of its own, be shared between runs, or be the frozen base kept out of
 training memory.
 
@@ -18,8 +19,10 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from rcsd_cli.backends.openai import OpenAIBackend
+from rcsd_cli.configs.groups import GenerationConfig
 from rcsd_cli.configs.train import TrainConfig
 from rcsd_cli.errors import RcsdError
+from rcsd_cli.modeling.generation import Generation
 from rcsd_cli.models import load_model_config
 from rcsd_cli.train.chunked_loss import TeacherTopK
 
@@ -70,6 +73,10 @@ class ServedTeacher:
             raise RcsdError(f"{self.where}: the server returned token id {top}, outside the student's vocabulary of "
                             f"{self.vocab_size}: the teacher must share the student's tokenizer")
         return topk
+
+    def generate(self, prompts: list[list[int]], gen_cfg: GenerationConfig, seeds: list[int]) -> list[Generation]:
+        """Reason-first: the teacher's analyses, sampled by the server (each item's seed sent with it)."""
+        return self.backend.generate(prompts, gen_cfg, 0, seeds=seeds)
 
     def request(self, prompts: list[list[int]], completions: list[list[int]]) -> Future[TeacherTopK]:
         """``fetch`` in the background: the step collects it when its micro-batch's loss needs it."""

