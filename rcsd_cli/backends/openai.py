@@ -234,19 +234,24 @@ class OpenAIBackend:
             except RequestFailed as exc:
                 self._stop.set()  # the queued requests give up at once
                 raise RcsdError(f"{self.url}: prompt log-probs (model {self.served_model!r}): {exc}") from None
+            except _Aborted:  # another call on this backend failed first and stopped it
+                raise RcsdError(f"{self.url}: prompt log-probs stopped: an earlier request failed") from None
         return [ids for ids, _ in rows], [lps for _, lps in rows]
 
 
 def prompt_topk(choice: dict, start: int, length: int, k: int) -> tuple[list[list[int]], list[list[float]]]:
-    """The top-k (ids, log-probs) of ``prompt_logprobs`` positions ``start .. start+length-1`` of a choice.
+    """The top-k (ids, log-probs) of ``prompt_logprobs`` positions ``start .. start+length-1`` of a choice;
+    ValueError for a malformed entry (retried), RequestFailed for a reply without enough of them (a server that
+    does not take the parameter, or gives fewer entries: asking again would not help).
 
     vLLM's format: one entry per prompt token (the first None), a dict {token id: {logprob, rank, ...}} of the top
     entries plus the prompt's own token where it ranks lower; ranks pick the k (ties in log-prob included).
     """
     entries = choice.get("prompt_logprobs")
-    if not isinstance(entries, list) or len(entries) < start + length:
-        raise ValueError(f"malformed reply (prompt_logprobs: {len(entries) if isinstance(entries, list) else 'none'} "
-                         f"positions, expected {start + length}; does the server take prompt_logprobs?)")
+    if not isinstance(entries, list) or len(entries) < start + length:  # a whole reply without them: not retried
+        raise RequestFailed(f"the reply has {len(entries) if isinstance(entries, list) else 'no'} prompt_logprobs "
+                            f"positions, expected {start + length}: the server must take vLLM's prompt_logprobs "
+                            "parameter (vllm serve, rcsd serve) (not retried)")
     ids, lps = [], []
     for pos in range(start, start + length):
         at = entries[pos]
@@ -257,7 +262,8 @@ def prompt_topk(choice: dict, start: int, length: int, k: int) -> tuple[list[lis
         except (TypeError, ValueError, KeyError, AttributeError):
             raise ValueError(f"malformed reply (prompt_logprobs[{pos}] entries)") from None
         if len(ranked) < k:
-            raise ValueError(f"malformed reply (prompt_logprobs[{pos}] has {len(ranked)} entries, fewer than {k})")
+            raise RequestFailed(f"prompt_logprobs[{pos}] has {len(ranked)} entries, fewer than the {k} asked "
+                                "(not retried)")
         ids.append([t for _, _, t in ranked[:k]])
         lps.append([-neg for _, neg, _ in ranked[:k]])
     return ids, lps

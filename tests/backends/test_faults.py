@@ -253,14 +253,17 @@ def test_eval_and_gen_rubrics_record_failed_requests(run_cli, fake, rubrics, tin
     assert server.requests == 1  # a failed request is not asked again by gen-rubrics' own retries
 
 
-def test_teacher_logprobs_need_a_backend_that_scores_tokens(run_cli, fake, rubrics, tiny_model, tmp_path):
+def test_teacher_logprobs_from_a_server_without_prompt_logprobs(run_cli, fake, rubrics, tiny_model, tmp_path):
+    """A server that answers but ignores vLLM's prompt_logprobs: one line, asked once (asking again would give the
+    same reply), nothing written."""
     run_cli("sample", rubrics, "-o", tmp_path / "s.parquet", "--model", tiny_model, "--max-new-tokens", "3",
             "--limit", "1", check=True)
     server = fake(["ok"])
     p = run_cli("score", tmp_path / "s.parquet", "--rubrics", rubrics, "-o", tmp_path / "sc.parquet",
                 "--teacher-logprobs", "--teacher-model", tiny_model, "--backend", "openai", "--base-url", server.url)
-    assert_one_line_error(p, "--teacher-logprobs needs a backend that scores given tokens (hf or vllm), not openai")
-    assert server.requests == 0 and not (tmp_path / "sc.parquet").exists()
+    assert_one_line_error(p, "prompt log-probs", "the reply has no prompt_logprobs positions",
+                          "the server must take vLLM's prompt_logprobs parameter", "(not retried)")
+    assert server.requests == 1 and not (tmp_path / "sc.parquet").exists()
 
 
 @pytest.mark.slow

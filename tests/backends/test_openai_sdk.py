@@ -9,7 +9,7 @@ import openai
 import pytest
 import torch
 
-from rcsd_cli.backends.openai import prompt_topk
+from rcsd_cli.backends.openai import RequestFailed, prompt_topk
 from rcsd_cli.data.artifacts import read_artifact
 from tests.backends.test_backends import start_server
 from tests.backends.test_serve import InProcess
@@ -162,9 +162,9 @@ def test_prompt_topk_reads_vllms_format():
     entry = {"4": {"logprob": -0.5, "rank": 1}, "9": {"logprob": -3.0, "rank": 7}, "2": {"logprob": -1.0, "rank": 2},
              "8": {"logprob": -1.0, "rank": 3}}
     assert prompt_topk({"prompt_logprobs": [None, entry, entry]}, 1, 2, 2) == ([[4, 2], [4, 2]], [[-0.5, -1.0]] * 2)
-    with pytest.raises(ValueError, match="2 positions, expected 3; does the server take prompt_logprobs"):
+    with pytest.raises(RequestFailed, match="2 prompt_logprobs positions, expected 3: the server must take"):
         prompt_topk({"prompt_logprobs": [None, entry]}, 1, 2, 2)
-    with pytest.raises(ValueError, match="has 4 entries, fewer than 5"):
+    with pytest.raises(RequestFailed, match="has 4 entries, fewer than the 5 asked"):
         prompt_topk({"prompt_logprobs": [None, entry]}, 1, 1, 5)
     with pytest.raises(ValueError, match="entries"):
         prompt_topk({"prompt_logprobs": [None, {"x": {"logprob": -1}}]}, 1, 1, 1)
