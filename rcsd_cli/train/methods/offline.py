@@ -28,6 +28,7 @@ def step(ctx: StepContext, items: list[OfflineItem]) -> StepResult:
     total = max(ctx.global_sum(sum(counts)), 1)
     weights = reduction_weights(ctx, counts)
     head = ctx.student.get_output_embeddings()
+    health: dict = {}
 
     def micro_step(rows):
         part = items[rows]
@@ -46,7 +47,6 @@ def step(ctx: StepContext, items: list[OfflineItem]) -> StepResult:
             health[name] = health.get(name, 0.0) + value
         return sums.weighted, {"loss": sums.loss, "kl": sums.kl, "agree": sums.agree}
 
-    health: dict = {}
     objective, sums = accumulate(ctx, len(items), micro_step)
     return StepResult(loss_sum=sums.get("loss", 0.0), tokens=total, kl_sum=sums.get("kl", 0.0),
                       agree_sum=sums.get("agree", 0.0), objective=objective, health=health)
